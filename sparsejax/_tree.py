@@ -1,0 +1,38 @@
+"""Small pytree helpers on the current ``jax.tree_util`` key-path API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+KeyPath = tuple[Any, ...]
+
+
+def key_name(key: Any) -> str:
+    """The plain name of one key-path entry (dict key, attribute name or index)."""
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def path_str(path: KeyPath) -> str:
+    """A key path as a slash-separated string, e.g. ``'Dense_0/kernel'``."""
+    return "/".join(key_name(k) for k in path)
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """The slash-separated path of every leaf of ``tree``, in flattening order."""
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def map_with_path(fn: Callable[[str, Any], Any], tree: Any, *rest: Any) -> Any:
+    """``tree_map`` whose function also receives the leaf's slash-separated path."""
+    return jax.tree_util.tree_map_with_path(lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest)

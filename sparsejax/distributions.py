@@ -1,0 +1,266 @@
+"""Sparsity distributions: how a total density is shared among the prunable leaves.
+
+:func:`layer_densities` returns one density per leaf (a tree of Python floats with the
+structure of the params; ``1.0`` for leaves that are not pruned). The densities are
+exact: each is ``k_l / n_l`` for an integer kept count ``k_l``, and the counts add up to
+``num_kept(density, total prunable size)``, so the weighted sum of the densities is the
+requested total and :func:`sparsejax.topk_mask` keeps exactly ``k_l`` in each leaf.
+
+Distributions:
+
+* ``uniform``: every prunable leaf gets the same density.
+* ``erdos_renyi``: density proportional to ``(n_in + n_out) / (n_in * n_out)`` from the
+  last two dimensions of the kernel (SET).
+* ``erk``: Erdos-Renyi-Kernel, proportional to ``sum(shape) / prod(shape)`` (RigL);
+  leaves that would exceed density 1 become dense and the rest is solved again.
+* ``global``: one threshold over all prunable leaves of a score tree (default
+  ``|params|``); the resulting per-leaf densities are returned.
+
+``overrides`` fixes the density of chosen leaves (by exact path or regular expression);
+the remaining budget is shared among the other leaves by the distribution.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax._tree import path_str
+from sparsejax.masks import Prunable, default_prunable
+from sparsejax.topk import num_kept, topk_mask
+from sparsejax.validation import check_density, check_same_structure
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "layer_densities",
+    "select_masks",
+    "erk_raw_density",
+    "erdos_renyi_raw_density",
+]
+
+DISTRIBUTIONS = ("uniform", "erdos_renyi", "erk", "global")
+
+
+def erdos_renyi_raw_density(shape: tuple[int, ...]) -> float:
+    """Unnormalised Erdos-Renyi density ``(n_in + n_out) / (n_in * n_out)``."""
+    n_in, n_out = shape[-2], shape[-1]
+    return (n_in + n_out) / (n_in * n_out)
+
+
+def erk_raw_density(shape: tuple[int, ...]) -> float:
+    """Unnormalised Erdos-Renyi-Kernel density ``sum(shape) / prod(shape)``."""
+    return sum(shape) / math.prod(shape)
+
+
+def _match_overrides(paths: list[str], prunable: list[bool],
+                     overrides: Mapping[str, float]) -> dict[int, float]:
+    """Index of each leaf an override names -> its density; errors for unknown names."""
+    fixed: dict[int, float] = {}
+    for pattern, density in overrides.items():
+        check_density(density, f"override density for {pattern!r}")
+        regex = re.compile(pattern)
+        hits = [i for i, p in enumerate(paths) if p == pattern or regex.fullmatch(p)]
+        if not hits:
+            raise ValueError(
+                f"override {pattern!r} names no leaf of the params; leaves are: {paths}"
+            )
+        for i in hits:
+            if not prunable[i]:
+                raise ValueError(
+                    f"override {pattern!r} names leaf '{paths[i]}', which the prunable "
+                    "filter does not prune; widen the filter to prune it"
+                )
+            fixed[i] = float(density)
+    return fixed
+
+
+def _solve_proportional(raw: dict[int, float], sizes: list[int], budget: float) -> dict[int, float]:
+    """Densities ``eps * raw_l`` (capped at 1) whose weighted sum is ``budget``."""
+    dense: set[int] = set()
+    while True:
+        free = [i for i in raw if i not in dense]
+        remaining = budget - sum(sizes[i] for i in dense)
+        denominator = sum(raw[i] * sizes[i] for i in free)
+        if not free or denominator <= 0:
+            return {i: 1.0 for i in raw}
+        eps = remaining / denominator
+        over = {i for i in free if eps * raw[i] > 1.0}
+        if not over:
+            result = {i: eps * raw[i] for i in free}
+            result.update({i: 1.0 for i in dense})
+            return result
+        dense |= over
+
+
+def _integer_counts(targets: dict[int, float], sizes: list[int], total: int) -> dict[int, int]:
+    """Integer kept counts near ``targets[i] * sizes[i]`` that add up to ``total``
+    (largest remainder first, ties to the earlier leaf)."""
+    exact = {i: min(max(targets[i], 0.0), 1.0) * sizes[i] for i in targets}
+    counts = {i: int(math.floor(v)) for i, v in exact.items()}
+    short = total - sum(counts.values())
+    by_remainder = sorted(targets, key=lambda i: (-(exact[i] - counts[i]), i))
+    while short > 0:
+        progressed = False
+        for i in by_remainder:
+            if short == 0:
+                break
+            if counts[i] < sizes[i]:
+                counts[i] += 1
+                short -= 1
+                progressed = True
+        if not progressed:
+            break
+    return counts
+
+
+class _Plan(NamedTuple):
+    """How a total density splits before the distribution is applied."""
+
+    treedef: Any
+    shapes: list[tuple[int, ...]]
+    sizes: list[int]
+    is_prunable: list[bool]
+    fixed_counts: dict[int, int]  # leaf index -> kept count, for overridden leaves
+    free: list[int]  # prunable leaves that share the remaining budget
+    budget: int  # kept count shared by the free leaves
+
+
+def _plan(params: Any, density: float, prunable: Prunable,
+          overrides: Mapping[str, float] | None) -> _Plan:
+    check_density(density)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [path_str(p) for p, _ in flat]
+    shapes = [tuple(np.shape(leaf)) for _, leaf in flat]
+    sizes = [math.prod(s) for s in shapes]
+    is_prunable = [bool(prunable(path, leaf)) for path, (_, leaf) in zip(paths, flat, strict=True)]
+    fixed = _match_overrides(paths, is_prunable, overrides or {})
+    total_prunable = sum(n for n, p in zip(sizes, is_prunable, strict=True) if p)
+    total_kept = num_kept(density, total_prunable)
+    fixed_counts = {i: num_kept(d, sizes[i]) for i, d in fixed.items()}
+    free = [i for i, p in enumerate(is_prunable) if p and i not in fixed]
+    budget = total_kept - sum(fixed_counts.values())
+    if budget < 0 or budget > sum(sizes[i] for i in free):
+        raise ValueError(
+            f"the overrides keep {sum(fixed_counts.values())} weights, which a total density "
+            f"of {density} over {total_prunable} prunable weights cannot hold"
+        )
+    return _Plan(treedef, shapes, sizes, is_prunable, fixed_counts, free, budget)
+
+
+def _check_distribution(distribution: str) -> None:
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"unknown sparsity distribution {distribution!r}; known: {', '.join(DISTRIBUTIONS)}"
+        )
+
+
+def layer_densities(
+    params: Any,
+    density: float,
+    distribution: str = "erk",
+    *,
+    prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None,
+    scores: Any | None = None,
+) -> Any:
+    """Per-leaf densities for a total ``density`` over the prunable leaves of ``params``.
+
+    Args:
+      params: the params pytree (arrays or ``jax.ShapeDtypeStruct`` leaves).
+      density: the fraction of prunable weights kept overall, in [0, 1].
+      distribution: one of ``DISTRIBUTIONS``.
+      prunable: the filter that says which leaves are pruned.
+      overrides: ``{path or regex: density}`` for leaves with a fixed density.
+      scores: for ``'global'`` only, the scores ranked jointly (default ``|params|``);
+        they must be concrete (use :func:`select_masks` under ``jit``).
+
+    Returns:
+      A tree of Python floats with the structure of ``params``.
+
+    >>> import jax.numpy as jnp
+    >>> p = {"a": jnp.zeros((100, 10)), "b": jnp.zeros((10, 10)), "bias": jnp.zeros(10)}
+    >>> layer_densities(p, 0.5, "uniform")
+    {'a': 0.5, 'b': 0.5, 'bias': 1.0}
+    >>> d = layer_densities(p, 0.2, "erk")
+    >>> round(d["a"] * 1000 + d["b"] * 100)  # kept weights add up exactly
+    220
+    """
+    _check_distribution(distribution)
+    plan = _plan(params, density, prunable, overrides)
+    counts = dict(plan.fixed_counts)
+    if plan.free:
+        if distribution == "global":
+            if scores is None:
+                scores = jax.tree_util.tree_map(jnp.abs, params)
+            check_same_structure(params, scores, other_name="scores")
+            leaves = jax.tree_util.tree_leaves(scores)
+            masks = _free_topk([leaves[i] for i in plan.free], plan.budget)
+            counts.update({i: int(jnp.sum(m)) for i, m in zip(plan.free, masks, strict=True)})
+        else:
+            counts.update(_proportional_counts(plan, distribution))
+    densities = [
+        counts[i] / plan.sizes[i] if i in counts and plan.sizes[i] else 1.0
+        for i in range(len(plan.sizes))
+    ]
+    return jax.tree_util.tree_unflatten(plan.treedef, densities)
+
+
+def _proportional_counts(plan: _Plan, distribution: str) -> dict[int, int]:
+    free_size = sum(plan.sizes[i] for i in plan.free)
+    if distribution == "uniform":
+        targets = {i: plan.budget / free_size for i in plan.free}
+    else:
+        raw_fn = erk_raw_density if distribution == "erk" else erdos_renyi_raw_density
+        raw = {i: raw_fn(plan.shapes[i]) for i in plan.free}
+        targets = _solve_proportional(raw, plan.sizes, plan.budget)
+    return _integer_counts(targets, plan.sizes, plan.budget)
+
+
+def _free_topk(scores: list[Any], budget: int) -> list[jax.Array]:
+    total = sum(int(np.size(s)) for s in scores)
+    return topk_mask(scores, budget / total if total else 1.0, scope="global")
+
+
+def select_masks(
+    scores: Any,
+    density: float,
+    distribution: str = "erk",
+    *,
+    prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None,
+) -> Any:
+    """Score, then keep the top fraction: the masks that keep the largest ``scores``.
+
+    The one selection step behind magnitude pruning, SNIP, GraSP, SynFlow and random
+    pruning. ``density`` is the total over prunable leaves, shared by ``distribution``
+    (for ``'global'`` by one threshold over all free prunable leaves); leaves that are
+    not prunable get all-``True`` masks. Works under ``jit`` (the split is computed from
+    shapes alone).
+
+    >>> import jax.numpy as jnp
+    >>> s = {"w": jnp.array([[0.1, 0.9], [0.4, 0.2]]), "b": jnp.array([0.0, 1.0])}
+    >>> select_masks(s, 0.5, "uniform")["w"]
+    Array([[False,  True],
+           [ True, False]], dtype=bool)
+    """
+    _check_distribution(distribution)
+    plan = _plan(scores, density, prunable, overrides)
+    leaves = jax.tree_util.tree_leaves(scores)
+    masks: list[Any] = [jnp.ones(np.shape(leaf), bool) for leaf in leaves]
+    for i, count in plan.fixed_counts.items():
+        masks[i] = topk_mask(leaves[i], count / plan.sizes[i])
+    if plan.free:
+        if distribution == "global":
+            chosen = _free_topk([leaves[i] for i in plan.free], plan.budget)
+        else:
+            counts = _proportional_counts(plan, distribution)
+            chosen = [topk_mask(leaves[i], counts[i] / plan.sizes[i]) for i in plan.free]
+        for i, mask in zip(plan.free, chosen, strict=True):
+            masks[i] = mask
+    return jax.tree_util.tree_unflatten(plan.treedef, masks)

@@ -1,0 +1,69 @@
+"""Sparse-training methods: one factory per method, all following :class:`Method`.
+
+``get_method(name, optimizer, **options)`` builds a registered method by name; later
+families register themselves with :func:`register_method`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from sparsejax.methods.base import (
+    Method,
+    SparseState,
+    apply_optimizer,
+    no_penalty,
+    step_key,
+)
+from sparsejax.methods.dense import dense
+from sparsejax.methods.fixed import fixed_mask, random_scores, static
+
+__all__ = [
+    "Method",
+    "SparseState",
+    "apply_optimizer",
+    "no_penalty",
+    "step_key",
+    "dense",
+    "fixed_mask",
+    "random_scores",
+    "static",
+    "METHODS",
+    "register_method",
+    "get_method",
+]
+
+MethodBuilder = Callable[..., Method]
+"""``builder(optimizer, **options) -> Method``."""
+
+METHODS: dict[str, MethodBuilder] = {}
+
+
+def register_method(name: str, builder: MethodBuilder) -> None:
+    """Make ``builder(optimizer, **options)`` available as ``get_method(name, ...)``."""
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+    METHODS[name] = builder
+
+
+def get_method(name: str, optimizer: optax.GradientTransformation, **options: Any) -> Method:
+    """Build the registered method ``name``.
+
+    >>> import optax
+    >>> get_method("dense", optax.sgd(0.1)).name
+    'dense'
+    >>> get_method("densest", optax.sgd(0.1))
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown method 'densest'; known methods: dense, static
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name](optimizer, **options)
+
+
+register_method("dense", lambda optimizer, **options: dense(optimizer, **options))
+register_method("static", static)

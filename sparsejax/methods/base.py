@@ -1,0 +1,148 @@
+"""The contract every sparse-training method follows.
+
+A method is a :class:`Method`: a NamedTuple of pure functions over a :class:`SparseState`
+(the way optax builds a ``GradientTransformation``). A train step is the same for every
+method::
+
+    def train_step(state, batch):
+        def objective(trainables):
+            params = method.materialize(state, trainables)
+            return loss_fn(params, batch) + method.penalty(state, trainables)
+        grads = jax.grad(objective)(method.trainables(state))
+        return method.update(state, grads)
+
+:func:`sparsejax.training.make_train_step` builds exactly this (with batch statistics,
+metrics and data-parallel gradient averaging).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from sparsejax.masks import dense_masks
+from sparsejax.validation import check_same_structure
+
+__all__ = ["SparseState", "Method", "step_key", "no_penalty", "apply_optimizer"]
+
+PyTree = Any
+
+
+class SparseState(struct.PyTreeNode):
+    """Everything a method carries from one step to the next.
+
+    Attributes:
+      step: int32 scalar, the number of updates applied so far.
+      params: the weights (frozen for strong-ticket methods).
+      masks: bool arrays with the structure and shapes of ``params``; leaves that are
+        not pruned are all ``True``.
+      scores: per-weight trainable variables of score-based methods (Edge-Popup scores,
+        gate parameters), else ``{}``.
+      opt_state: the optax state of whatever the method trains.
+      rng: a ``jax.random.PRNGKey``; per-step keys are ``fold_in(rng, step)``, so every
+        device makes the same random decision and a resumed run makes the same ones.
+      model_state: non-trainable model collections (batch statistics), never masked.
+      extra: method-specific state (for example a recorded rewind point), else ``{}``.
+    """
+
+    step: jax.Array
+    params: PyTree
+    masks: PyTree
+    scores: PyTree
+    opt_state: optax.OptState
+    rng: jax.Array
+    model_state: PyTree = struct.field(default_factory=dict)
+    extra: PyTree = struct.field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        params: PyTree,
+        rng: jax.Array,
+        opt_state: optax.OptState,
+        masks: PyTree | None = None,
+        scores: PyTree | None = None,
+        model_state: PyTree | None = None,
+        extra: PyTree | None = None,
+    ) -> SparseState:
+        """A state at step 0; ``masks`` default to dense, the others to ``{}``."""
+        masks = dense_masks(params) if masks is None else masks
+        check_same_structure(params, masks)
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            masks=masks,
+            scores={} if scores is None else scores,
+            opt_state=opt_state,
+            rng=jnp.asarray(rng),
+            model_state={} if model_state is None else model_state,
+            extra={} if extra is None else extra,
+        )
+
+
+InitFn = Callable[..., SparseState]
+"""``init(params, rng, model_state=None) -> SparseState``."""
+TrainablesFn = Callable[[SparseState], PyTree]
+MaterializeFn = Callable[[SparseState, PyTree], PyTree]
+UpdateFn = Callable[[SparseState, PyTree], SparseState]
+EffectiveParamsFn = Callable[[SparseState], PyTree]
+PenaltyFn = Callable[[SparseState, PyTree], jax.Array]
+
+
+def no_penalty(state: SparseState, trainables: PyTree) -> jax.Array:
+    """The penalty of methods without one: zero."""
+    del state, trainables
+    return jnp.zeros((), jnp.float32)
+
+
+class Method(NamedTuple):
+    """A sparse-training method as pure functions.
+
+    Attributes:
+      name: the registry name, e.g. ``'dense'``.
+      init: ``(params, rng, model_state=None) -> SparseState``.
+      trainables: what ``jax.grad`` differentiates (params, scores, or both).
+      materialize: ``(state, trainables) -> params`` the effective params used in the
+        training forward pass; differentiable in ``trainables``.
+      update: ``(state, grads) -> state``, pure; ``grads`` match ``trainables(state)``.
+        It increments ``state.step``.
+      effective_params: ``state -> params`` used for evaluation and export: the hard
+        binary mask applied to the weights, no noise.
+      penalty: ``(state, trainables) -> scalar`` added to the loss (e.g. an L0 penalty).
+    """
+
+    name: str
+    init: InitFn
+    trainables: TrainablesFn
+    materialize: MaterializeFn
+    update: UpdateFn
+    effective_params: EffectiveParamsFn
+    penalty: PenaltyFn = no_penalty
+
+
+def step_key(state: SparseState, salt: int = 0) -> jax.Array:
+    """The PRNG key of the current step, the same on every device and on resume."""
+    return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), salt)
+
+
+def apply_optimizer(
+    optimizer: optax.GradientTransformation,
+    grads: PyTree,
+    opt_state: optax.OptState,
+    values: PyTree,
+    **extra_args: Any,
+) -> tuple[PyTree, optax.OptState]:
+    """One optax step on ``values``: returns ``(new_values, new_opt_state)``.
+
+    Extra keyword arguments (e.g. ``masks=``) reach ``GradientTransformationExtraArgs``.
+    """
+    if extra_args and not isinstance(optimizer, optax.GradientTransformationExtraArgs):
+        optimizer = optax.with_extra_args_support(optimizer)
+    updates, opt_state = optimizer.update(grads, opt_state, values, **extra_args)
+    return optax.apply_updates(values, updates), opt_state

@@ -1,0 +1,87 @@
+"""Sparse training with a mask chosen once: the engine for static sparse training and for
+every "score, then keep the top fraction, then train the survivors" method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import optax
+
+from sparsejax.distributions import select_masks
+from sparsejax.masks import Prunable, default_prunable
+from sparsejax.methods.base import Method, SparseState, apply_optimizer
+from sparsejax.transforms import keep_pruned_zero, zero_masked
+from sparsejax.validation import check_same_structure, check_sparsity
+
+__all__ = ["fixed_mask", "static", "random_scores"]
+
+MaskFn = Callable[[Any, jax.Array], Any]
+"""``make_masks(params, rng) -> masks``."""
+
+
+def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
+               name: str = "fixed_mask") -> Method:
+    """Train the weights under masks from ``make_masks(params, rng)``, fixed for good.
+
+    Pruned weights are zeroed at init and stay exactly zero: ``keep_pruned_zero`` ends
+    the optimizer chain, so momentum and weight decay cannot revive them.
+    """
+    chained = optax.chain(optimizer, keep_pruned_zero())
+
+    def init(params: Any, rng: jax.Array, model_state: Any = None) -> SparseState:
+        masks = make_masks(params, jax.random.fold_in(rng, 0x6D61736B))
+        check_same_structure(params, masks)
+        params = zero_masked(params, masks)
+        return SparseState.create(params=params, masks=masks, rng=rng,
+                                  opt_state=chained.init(params), model_state=model_state)
+
+    def update(state: SparseState, grads: Any) -> SparseState:
+        params, opt_state = apply_optimizer(chained, grads, state.opt_state, state.params,
+                                            masks=state.masks)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+    return Method(
+        name=name,
+        init=init,
+        trainables=lambda state: state.params,
+        materialize=lambda state, params: zero_masked(params, state.masks),
+        update=update,
+        effective_params=lambda state: zero_masked(state.params, state.masks),
+    )
+
+
+def random_scores(params: Any, rng: jax.Array) -> Any:
+    """Uniform random scores with the structure of ``params`` (one key per leaf)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(rng, max(len(leaves), 1))
+    scores = [jax.random.uniform(k, jax.numpy.shape(p))
+              for k, p in zip(keys, leaves, strict=False)]
+    return jax.tree_util.tree_unflatten(treedef, scores)
+
+
+def static(
+    optimizer: optax.GradientTransformation,
+    sparsity: float,
+    distribution: str = "erk",
+    *,
+    prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None,
+) -> Method:
+    """Static sparse training: a random mask with the given distribution, never changed.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> method = static(optax.sgd(0.1), sparsity=0.75, distribution="uniform")
+    >>> state = method.init({"w": jnp.ones((4, 4))}, jax.random.PRNGKey(0))
+    >>> int(state.masks["w"].sum()), float(state.params["w"].sum())
+    (4, 4.0)
+    """
+    check_sparsity(sparsity)
+
+    def make_masks(params: Any, rng: jax.Array) -> Any:
+        return select_masks(random_scores(params, rng), 1.0 - sparsity, distribution,
+                            prunable=prunable, overrides=overrides)
+
+    return fixed_mask(optimizer, make_masks, name="static")

@@ -1,0 +1,108 @@
+"""Straight-through masks with ``jax.custom_vjp``.
+
+* :func:`supermask` is Edge-Popup's supermask: forward ``w * topk_mask(|scores|, density)``,
+  backward ``g * w * sign(scores)`` to the scores (the straight-through estimator through
+  the top-k, with the chain rule through ``abs``) and ``g * mask`` to the weights.
+* :func:`ste_mask` is ``w * mask`` whose backward pass sends the dense gradient ``g`` to
+  every weight, pruned or not: the growth signal of RigL and of straight-through pruning.
+
+Both take a single array or matching pytrees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sparsejax.topk import Scope, topk_mask
+from sparsejax.validation import check_same_structure
+
+__all__ = ["supermask", "ste_mask"]
+
+
+@jax.custom_vjp
+def _supermask_product(w: jax.Array, scores: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.where(mask, w, jnp.zeros((), w.dtype))
+
+
+def _supermask_fwd(w, scores, mask):
+    return _supermask_product(w, scores, mask), (w, scores, mask)
+
+
+def _supermask_bwd(residuals, g):
+    w, scores, mask = residuals
+    grad_w = jnp.where(mask, g, jnp.zeros((), g.dtype))
+    grad_scores = (g * w * jnp.sign(scores)).astype(scores.dtype)
+    return grad_w, grad_scores, None
+
+
+_supermask_product.defvjp(_supermask_fwd, _supermask_bwd)
+
+
+def supermask(
+    w: Any,
+    scores: Any,
+    density: Any,
+    *,
+    scope: Scope = "layer",
+    check_finite_scores: bool = True,
+) -> Any:
+    """Edge-Popup's supermask: keep the weights whose ``|score|`` is in the top ``density``.
+
+    Forward: ``w * topk_mask(|scores|, density)``. Backward: the scores receive
+    ``g * w * sign(scores)`` (straight through the top-k; the sign comes from ranking
+    ``|scores|``, and without it negative scores would learn backwards); the weights
+    receive ``g * mask``.
+
+    Args:
+      w: weights (an array or pytree).
+      scores: real-valued scores with the structure and shapes of ``w``.
+      density: fraction kept; one number or, with ``scope='layer'``, a tree of numbers.
+      scope: ``'layer'`` (per leaf top-k, the paper's default) or ``'global'``.
+      check_finite_scores: see :func:`sparsejax.topk_mask`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> w = jnp.array([1.0, 2.0, 3.0, 4.0])
+    >>> s = jnp.array([0.1, -0.9, 0.5, 0.2])
+    >>> supermask(w, s, 0.5)
+    Array([0., 2., 3., 0.], dtype=float32)
+    >>> jax.grad(lambda s: supermask(w, s, 0.5).sum())(s)
+    Array([ 1., -2.,  3.,  4.], dtype=float32)
+    """
+    check_same_structure(w, scores, reference_name="weights", other_name="scores")
+    abs_scores = jax.tree_util.tree_map(lambda s: lax.stop_gradient(jnp.abs(s)), scores)
+    masks = topk_mask(abs_scores, density, scope=scope, check_finite_scores=check_finite_scores)
+    return jax.tree_util.tree_map(_supermask_product, w, scores, masks)
+
+
+@jax.custom_vjp
+def _ste_product(w: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.where(mask, w, jnp.zeros((), w.dtype))
+
+
+def _ste_fwd(w, mask):
+    return _ste_product(w, mask), None
+
+
+def _ste_bwd(_, g):
+    return g, None
+
+
+_ste_product.defvjp(_ste_fwd, _ste_bwd)
+
+
+def ste_mask(w: Any, mask: Any) -> Any:
+    """``w * mask`` whose gradient is the dense gradient ``g`` for every weight.
+
+    >>> import jax, jax.numpy as jnp
+    >>> w, m = jnp.array([1.0, 2.0]), jnp.array([True, False])
+    >>> ste_mask(w, m)
+    Array([1., 0.], dtype=float32)
+    >>> jax.grad(lambda w: (ste_mask(w, m) * jnp.array([3.0, 5.0])).sum())(w)
+    Array([3., 5.], dtype=float32)
+    """
+    check_same_structure(w, mask)
+    return jax.tree_util.tree_map(_ste_product, w, mask)

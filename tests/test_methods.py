@@ -1,0 +1,151 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sparsejax
+from sparsejax import (
+    Method,
+    SparseState,
+    get_method,
+    keep_pruned_zero,
+    make_train_step,
+    stateless_loss,
+    topk_mask,
+)
+
+
+def mlp_params(key):
+    k1, k2 = jax.random.split(key)
+    return {"Dense_0": {"kernel": jax.random.normal(k1, (20, 16)) * 0.3, "bias": jnp.zeros(16)},
+            "Dense_1": {"kernel": jax.random.normal(k2, (16, 4)) * 0.3, "bias": jnp.zeros(4)}}
+
+
+def mlp_loss(params, batch):
+    x, y = batch
+    h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    logits = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def batches(n):
+    key = jax.random.PRNGKey(42)
+    x = jax.random.normal(key, (n, 32, 20))
+    y = jax.random.randint(jax.random.fold_in(key, 1), (n, 32), 0, 4)
+    return x, y
+
+
+def sgd_momentum_wd():
+    return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+
+
+def test_pruned_weights_stay_exactly_zero_after_100_jitted_steps():
+    params = mlp_params(jax.random.PRNGKey(0))
+    masks = jax.tree_util.tree_map(lambda p: topk_mask(jnp.abs(p), 0.3) if p.ndim > 1
+                                   else jnp.ones(p.shape, bool), params)
+    params = sparsejax.apply_masks(params, masks)
+    opt = optax.chain(sgd_momentum_wd(), keep_pruned_zero())
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        grads = jax.grad(mlp_loss)(params, batch)
+        updates, opt_state = opt.update(grads, opt_state, params, masks=masks)
+        return optax.apply_updates(params, updates), opt_state
+
+    xs, ys = batches(100)
+    start = params
+    for i in range(100):
+        params, opt_state = step(params, opt_state, (xs[i], ys[i]))
+    for p, m, p0 in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(masks),
+                        jax.tree_util.tree_leaves(start), strict=True):
+        p, m = np.asarray(p), np.asarray(m)
+        assert np.all(p[~m] == 0.0)  # exactly zero, not just small
+        assert np.all(p[m] != np.asarray(p0)[m]) or p.ndim == 1  # survivors trained
+
+
+def test_without_keep_pruned_zero_weight_decay_and_momentum_revive_weights():
+    # The control: the same chain without the transform moves pruned weights.
+    params = mlp_params(jax.random.PRNGKey(0))
+    masks = jax.tree_util.tree_map(lambda p: topk_mask(jnp.abs(p), 0.3), params)
+    params = sparsejax.apply_masks(params, masks)
+    opt = sgd_momentum_wd()
+    grads = jax.grad(mlp_loss)(params, (batches(1)[0][0], batches(1)[1][0]))
+    updates, _ = opt.update(grads, opt.init(params), params)
+    moved = optax.apply_updates(params, updates)
+    assert np.any(np.asarray(moved["Dense_0"]["kernel"])[~np.asarray(masks["Dense_0"]["kernel"])]
+                  != 0)
+
+
+@pytest.mark.parametrize("name", ["dense", "static"])
+def test_method_contract_train_step_under_jit(name):
+    options = {} if name == "dense" else {"sparsity": 0.8, "distribution": "erk"}
+    method = get_method(name, sgd_momentum_wd(), **options)
+    assert isinstance(method, Method)
+    state = method.init(mlp_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    assert isinstance(state, SparseState) and int(state.step) == 0
+    step = jax.jit(make_train_step(method, stateless_loss(mlp_loss)))
+    xs, ys = batches(100)
+    masks0 = state.masks
+    losses = []
+    for i in range(100):
+        state, metrics = step(state, (xs[i % 10], ys[i % 10]))
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 100
+    assert losses[-1] < losses[0]
+    # masks never change and pruned weights are exactly zero
+    for m0, m, p in zip(jax.tree_util.tree_leaves(masks0), jax.tree_util.tree_leaves(state.masks),
+                        jax.tree_util.tree_leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(m0), np.asarray(m))
+        assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
+    effective = method.effective_params(state)
+    report = sparsejax.sparsity_report(effective)
+    expected_sparsity = 0.0 if name == "dense" else 0.8
+    assert abs(report[-1].sparsity - expected_sparsity) < 1e-3
+
+
+def test_static_keeps_exact_erk_counts():
+    method = sparsejax.static(optax.sgd(0.1), sparsity=0.9, distribution="erk")
+    params = mlp_params(jax.random.PRNGKey(0))
+    state = jax.jit(method.init)(params, jax.random.PRNGKey(3))
+    d = sparsejax.layer_densities(params, 0.1, "erk")
+    for layer in ("Dense_0", "Dense_1"):
+        kept = int(state.masks[layer]["kernel"].sum())
+        assert kept == round(d[layer]["kernel"] * params[layer]["kernel"].size)
+    assert bool(state.masks["Dense_0"]["bias"].all())
+
+
+def test_train_step_under_pmap_averages_gradients():
+    n = jax.local_device_count()
+    if n < 2:
+        pytest.skip("needs simulated devices (XLA_FLAGS set in conftest)")
+    method = sparsejax.dense(optax.sgd(0.1))
+    state = method.init(mlp_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    xs, ys = batches(1)
+    x, y = xs[0], ys[0]
+    single = jax.jit(make_train_step(method, stateless_loss(mlp_loss)))
+    expected, _ = single(state, (x, y))
+    replicated = jax.tree_util.tree_map(lambda x: jnp.stack([x] * n), state)
+    if 32 % n:
+        pytest.skip("batch not divisible by device count")
+    per_device = (x.reshape(n, -1, 20), y.reshape(n, -1))
+    pstep = jax.pmap(make_train_step(method, stateless_loss(mlp_loss), axis_name="batch"),
+                     axis_name="batch")
+    result, _ = pstep(replicated, per_device)
+    for a, b in zip(jax.tree_util.tree_leaves(expected.params),
+                    jax.tree_util.tree_leaves(result.params), strict=True):
+        np.testing.assert_allclose(np.asarray(b[0]), np.asarray(a), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(b[0]), np.asarray(b[-1]))
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(ValueError, match="known methods: .*dense"):
+        get_method("rigl2", optax.sgd(0.1))
+
+
+def test_keep_pruned_zero_requires_masks():
+    opt = optax.chain(optax.sgd(0.1), keep_pruned_zero())
+    p = {"w": jnp.ones(2)}
+    with pytest.raises(ValueError, match="needs the masks"):
+        opt.update(p, opt.init(p), p)

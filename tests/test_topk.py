@@ -1,0 +1,109 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sparsejax
+from sparsejax.topk import kth_largest, num_kept, topk_mask
+
+
+def reference_topk(scores: np.ndarray, k: int) -> np.ndarray:
+    """Stable sort by descending score: ties keep the earlier index."""
+    flat = scores.ravel()
+    order = np.lexsort((np.arange(flat.size), -flat.astype(np.float64)))
+    mask = np.zeros(flat.size, bool)
+    mask[order[:k]] = True
+    return mask.reshape(scores.shape)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.013, 0.1, 0.5, 0.9, 1.0])
+def test_exact_count_and_same_set_as_sort(density):
+    scores = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (37, 53)))
+    mask = jax.jit(lambda s: topk_mask(s, density))(scores)
+    k = num_kept(density, scores.size)
+    assert mask.dtype == jnp.bool_
+    assert int(mask.sum()) == k
+    np.testing.assert_array_equal(np.asarray(mask), reference_topk(scores, k))
+
+
+def test_ties_keep_exact_count_and_first_entries():
+    # 10 entries, 6 of them tied at the threshold value 2.0; keep 5: 3.0, 3.0 and the
+    # first three 2.0s in row-major order.
+    scores = jnp.array([[2.0, 3.0, 2.0, 1.0, 2.0], [2.0, 3.0, 2.0, 2.0, 0.0]])
+    mask = jax.jit(lambda s: topk_mask(s, 0.5))(scores)
+    expected = np.array([[1, 1, 1, 0, 1], [0, 1, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(np.asarray(mask), expected)
+
+
+def test_all_equal_scores_and_signed_zeros():
+    assert int(topk_mask(jnp.zeros(1001), 0.3).sum()) == num_kept(0.3, 1001)
+    mask = topk_mask(jnp.array([-0.0, 0.0, -0.0, -1.0]), 0.5)
+    np.testing.assert_array_equal(np.asarray(mask), [True, True, False, False])
+
+
+def test_negative_and_extreme_values_rank_correctly():
+    scores = jnp.array([-3.0, -1e-30, 1e30, -1e30, 5e-39, 0.0, -5e-39])
+    for k in range(scores.size + 1):
+        mask = topk_mask(scores, k / scores.size)
+        np.testing.assert_array_equal(np.asarray(mask), reference_topk(np.asarray(scores), k))
+
+
+def test_kth_largest_matches_sort():
+    x = jax.random.normal(jax.random.PRNGKey(2), (1000,))
+    expected = np.sort(np.asarray(x))[::-1]
+    for k in (1, 17, 500, 1000):
+        assert float(kth_largest(x, k)) == expected[k - 1]
+
+
+def test_global_scope_counts_across_leaves_with_leaf_order_ties():
+    scores = {"a": jnp.ones((4,)), "b": jnp.ones((4,)) * 2.0, "c": jnp.ones((2,))}
+    masks = topk_mask(scores, 0.6, scope="global")  # keep 6 of 10
+    assert int(masks["b"].sum()) == 4  # the largest
+    np.testing.assert_array_equal(np.asarray(masks["a"]), [True, True, False, False])
+    assert int(masks["c"].sum()) == 0  # ties go to the earlier leaf
+
+
+def test_layer_scope_with_density_tree():
+    scores = {"a": jnp.arange(10.0), "b": jnp.arange(4.0)}
+    masks = jax.jit(lambda s: topk_mask(s, {"a": 0.3, "b": 0.5}))(scores)
+    np.testing.assert_array_equal(np.asarray(masks["a"]), np.arange(10) >= 7)
+    np.testing.assert_array_equal(np.asarray(masks["b"]), np.arange(4) >= 2)
+
+
+def test_traced_density_under_jit():
+    scores = jnp.arange(100.0)
+    mask = jax.jit(lambda s, d: topk_mask(s, d))(scores, jnp.float32(0.25))
+    assert int(mask.sum()) == 25
+
+
+def test_vmap_over_score_batches():
+    scores = jax.random.normal(jax.random.PRNGKey(3), (5, 40))
+    masks = jax.vmap(lambda s: topk_mask(s, 0.25))(scores)
+    assert masks.sum(axis=1).tolist() == [10] * 5
+
+
+@pytest.mark.parametrize("density", [-0.1, 1.01, float("nan")])
+def test_bad_density_is_rejected(density):
+    with pytest.raises(ValueError, match="density"):
+        topk_mask(jnp.ones(4), density)
+
+
+def test_non_finite_scores_are_rejected_eagerly_and_under_jit():
+    bad = jnp.array([1.0, jnp.nan, 2.0])
+    with pytest.raises(ValueError, match="non-finite"):
+        topk_mask(bad, 0.5)
+    with pytest.raises(Exception, match="non-finite"):
+        jax.jit(lambda s: topk_mask(s, 0.5))(bad).block_until_ready()
+    with pytest.raises(ValueError, match="non-finite"):
+        topk_mask({"w": jnp.array([jnp.inf, 1.0])}, 0.5)
+
+
+def test_unknown_scope_and_mismatched_density_tree():
+    with pytest.raises(ValueError, match="scope"):
+        topk_mask(jnp.ones(4), 0.5, scope="everywhere")
+    with pytest.raises(ValueError, match="densities do not match scores"):
+        topk_mask({"a": jnp.ones(4)}, {"b": 0.5})
+
+
+def test_public_name():
+    assert sparsejax.topk_mask is topk_mask
