@@ -65,5 +65,5 @@ def get_method(name: str, optimizer: optax.GradientTransformation, **options: An
     return METHODS[name](optimizer, **options)
 
 
-register_method("dense", lambda optimizer, **options: dense(optimizer, **options))
+register_method("dense", dense)
 register_method("static", static)

@@ -1,0 +1,118 @@
+"""The ``sparsejax`` command line: ``train`` and ``plot``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``key=value`` with a JSON value (numbers, true/false, lists), else a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sparsejax.data import DATASET_NAMES
+    from sparsejax.distributions import DISTRIBUTIONS
+    from sparsejax.methods import METHODS
+    from sparsejax.models import MODEL_NAMES
+    from sparsejax.training import LR_SCHEDULES, OPTIMIZERS
+
+    parser = argparse.ArgumentParser(prog="sparsejax", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train one model with one method")
+    train.add_argument("--method", default="dense", help=f"one of: {', '.join(sorted(METHODS))}")
+    train.add_argument("--model", default="lenet300", help=f"one of: {', '.join(MODEL_NAMES)}")
+    train.add_argument("--dataset", default="mnist1d",
+                       help=f"one of: {', '.join(DATASET_NAMES)} (mnist1d is generated locally)")
+    train.add_argument("--data-dir", default=None,
+                       help="folder with the dataset (MNIST IDX files, or a TFDS data dir)")
+    train.add_argument("--sparsity", type=float, default=None,
+                       help="fraction of prunable weights removed, in [0, 1)")
+    train.add_argument("--distribution", default=None,
+                       help=f"layer-wise sparsity: {', '.join(DISTRIBUTIONS)}")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None)
+    length.add_argument("--steps", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
+    train.add_argument("--lr", type=float, default=0.1)
+    train.add_argument("--momentum", type=float, default=0.9)
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--eval-every", type=int, default=0, help="steps; 0: once per epoch")
+    train.add_argument("--log-every", type=int, default=50, help="steps between metric lines")
+    train.add_argument("--checkpoint-every", type=int, default=0,
+                       help="steps; 0: once per epoch")
+    train.add_argument("--keep-checkpoints", type=int, default=3)
+    train.add_argument("--out", default=None, help="output folder (default: runs/<config>)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest good checkpoint in --out")
+    train.add_argument("--no-progress", dest="progress", action="store_false")
+    train.add_argument("--model-option", dest="model_options", type=_option, action="append",
+                       default=[], metavar="KEY=VALUE", help="e.g. use_bias=false")
+    train.add_argument("--method-option", dest="method_options", type=_option,
+                       action="append", default=[], metavar="KEY=VALUE")
+
+    plot = commands.add_parser("plot", help="accuracy-versus-sparsity PNG from result files")
+    plot.add_argument("results", nargs="+", help="result.json files or folders holding them")
+    plot.add_argument("--output", "-o", default="accuracy_vs_sparsity.png")
+    plot.add_argument("--title", default=None)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sparsejax.training.loop import TrainConfig, train
+
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["model_options"] = dict(args.model_options)
+    values["method_options"] = dict(args.method_options)
+    if values["epochs"] is None and values["steps"] is None:
+        values["epochs"] = 1
+    result = train(TrainConfig(**values))
+    print(
+        f"{result['method']} {result['model']} {result['dataset']}: "
+        f"test accuracy {100 * result['test_accuracy']:.2f}% at sparsity "
+        f"{100 * result['sparsity']:.2f}% after {result['steps']} steps "
+        f"({result['wall_seconds']:.1f} s); result in "
+        f"{TrainConfig(**values).out or TrainConfig(**values).default_out()}/result.json"
+    )
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from sparsejax.plotting import load_results, plot_accuracy_vs_sparsity
+
+    path = plot_accuracy_vs_sparsity(load_results(args.results), args.output, args.title)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sparsejax`` console script."""
+    args = build_parser().parse_args(argv)
+    handlers = {"train": _train, "plot": _plot}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        print(f"sparsejax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

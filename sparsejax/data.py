@@ -1,0 +1,492 @@
+"""Named classification datasets in host memory, with deterministic, resumable batching.
+
+Arrays are numpy: images ``float32``, normalised with per-dataset channel mean/std
+constants; labels ``int32``. Layouts:
+
+* ``mnist``, ``fashion_mnist``: ``(N, 28, 28, 1)`` (NHWC);
+* ``cifar10``, ``cifar100``: ``(N, 32, 32, 3)`` (NHWC);
+* ``mnist1d``: ``(N, 40, 1)`` (length, channels: ready for a 1-D convolution, an MLP
+  flattens it). The ``mnist1d`` package already standardises the whole dataset to mean 0
+  and standard deviation 1, so no further constants are applied.
+
+Batching is keyed only by ``(seed, epoch)`` (order) and ``(seed, epoch, batch)``
+(augmentation), so a run restarted at a :class:`DataPosition` sees exactly the batches an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import zlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100", "mnist1d")
+
+_NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "mnist1d": 10}
+
+# Channel mean and standard deviation of the training images, on the [0, 1] pixel scale.
+_IMAGE_MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+_AUGMENTED_BY_DEFAULT = frozenset({"cifar10", "cifar100"})
+
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+_IDX_UNSIGNED_BYTE = 0x08
+_IDX_DATASETS = frozenset({"mnist", "fashion_mnist"})
+_IDX_FILE_STEMS = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_IDX_IMAGE_SIZE = (28, 28)
+
+Batch = dict[str, np.ndarray]
+
+
+class Dataset(NamedTuple):
+    """A classification dataset held in host memory (see the module docstring for layouts)."""
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example, e.g. ``(28, 28, 1)`` for MNIST."""
+        return tuple(self.train_images.shape[1:])
+
+
+class DatasetNotAvailableError(FileNotFoundError):
+    """The dataset is not on this machine and could not be fetched."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_dataset(
+    name: str, data_dir: str | os.PathLike[str] | None = None, *, seed: int = 0,
+    download: bool = False,
+) -> Dataset:
+    """Loads dataset ``name`` (one of :data:`DATASET_NAMES`) fully into host memory.
+
+    * ``mnist1d`` is generated locally by the ``mnist1d`` package from ``seed``
+      (4000 train / 1000 test examples; the package's own default seed is 42); it
+      never reads ``data_dir`` or the network.
+    * ``mnist`` and ``fashion_mnist`` are read from the four original IDX files when
+      ``data_dir`` holds them (``train-images-idx3-ubyte[.gz]``, ...).
+    * Otherwise the dataset is read through TensorFlow Datasets' ``data_source``
+      (array_record files, no TensorFlow needed) from ``data_dir`` (``None``: the TFDS
+      default, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). TFDS downloads and
+      prepares it only when ``download`` is true: without network TFDS retries for
+      minutes before giving up, so it is never tried unasked.
+
+    Raises ``ValueError`` for an unknown name or a corrupt IDX file, and
+    :class:`DatasetNotAvailableError` when the data is neither present nor obtainable.
+
+    >>> data = load_dataset("mnist1d", seed=0)
+    >>> data.train_images.shape, data.test_images.shape, data.input_shape
+    ((4000, 40, 1), (1000, 40, 1), (40, 1))
+    >>> data.train_images.dtype, data.train_labels.dtype, data.num_classes
+    (dtype('float32'), dtype('int32'), 10)
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
+    if name == "mnist1d":
+        return _generate_mnist1d(seed)
+    if name in _IDX_DATASETS and data_dir is not None:
+        idx_paths = _find_idx_files(Path(data_dir))
+        if idx_paths is not None:
+            return _load_idx_dataset(name, idx_paths)
+    return _load_from_tfds(name, data_dir, download)
+
+
+def _generate_mnist1d(seed: int) -> Dataset:
+    # mnist1d.data pulls in matplotlib and requests; import it only when needed.
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed = seed
+    # make_dataset seeds and draws from the global `random` and `np.random` generators;
+    # restore them so that loading data does not change the caller's random streams.
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        generated = make_dataset(args)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    return Dataset(
+        name="mnist1d",
+        train_images=generated["x"].astype(np.float32)[..., None],
+        train_labels=generated["y"].astype(np.int32),
+        test_images=generated["x_test"].astype(np.float32)[..., None],
+        test_labels=generated["y_test"].astype(np.int32),
+        num_classes=_NUM_CLASSES["mnist1d"],
+    )
+
+
+def _normalise_images(images: np.ndarray, name: str) -> np.ndarray:
+    """uint8 NHWC images -> float32, scaled to [0, 1], then channel-standardised."""
+    mean, std = _IMAGE_MEAN_STD[name]
+    normalised = images.astype(np.float32)
+    normalised /= 255.0
+    normalised -= np.asarray(mean, np.float32)
+    normalised /= np.asarray(std, np.float32)
+    return normalised
+
+
+# --------------------------------------------------------------------------- IDX files
+
+
+def read_idx(path: str | os.PathLike[str], expected_magic: int) -> np.ndarray:
+    """Reads an unsigned-byte IDX file (raw or ``.gz``) into a uint8 array.
+
+    ``expected_magic`` is :data:`IDX_IMAGES_MAGIC` (2051) or :data:`IDX_LABELS_MAGIC`
+    (2049); a different magic number, a short header or a data size that does not match
+    the header raise a ``ValueError`` naming the file.
+
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "labels-idx1-ubyte"
+    >>> _ = path.write_bytes((2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes([7, 0, 9]))
+    >>> read_idx(path, IDX_LABELS_MAGIC)
+    array([7, 0, 9], dtype=uint8)
+    """
+    if expected_magic >> 8 != _IDX_UNSIGNED_BYTE:
+        raise ValueError(f"magic {expected_magic} is not an unsigned-byte IDX magic number")
+    path = Path(path)
+    content = _read_file_bytes(path)
+    if len(content) < 4:
+        raise ValueError(f"{path}: truncated IDX file ({len(content)} bytes, no magic number)")
+    magic = int.from_bytes(content[:4], "big")
+    if magic != expected_magic:
+        raise ValueError(f"{path}: IDX magic number is {magic}, expected {expected_magic}")
+    num_dims = magic & 0xFF
+    header_size = 4 + 4 * num_dims
+    if len(content) < header_size:
+        raise ValueError(f"{path}: truncated IDX header ({len(content)} of {header_size} bytes)")
+    shape = tuple(int(size) for size in np.frombuffer(content, ">u4", num_dims, offset=4))
+    expected_size = int(np.prod(shape))
+    data_size = len(content) - header_size
+    if data_size != expected_size:
+        raise ValueError(
+            f"{path}: IDX header announces shape {shape} ({expected_size} bytes of data) but "
+            f"the file holds {data_size} bytes of data (truncated or corrupt file)"
+        )
+    return np.frombuffer(content, np.uint8, offset=header_size).reshape(shape)
+
+
+def _read_file_bytes(path: Path) -> bytes:
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as compressed:
+            return compressed.read()
+    except (OSError, EOFError, zlib.error) as error:
+        raise ValueError(f"{path}: not a readable gzip file ({error})") from error
+
+
+def _find_idx_files(directory: Path) -> dict[str, Path] | None:
+    """Paths of the four IDX files in ``directory``; ``None`` when it holds none of them."""
+    found = {}
+    for role, stem in _IDX_FILE_STEMS.items():
+        for candidate in (directory / stem, directory / f"{stem}.gz"):
+            if candidate.is_file():
+                found[role] = candidate
+                break
+    if not found:
+        return None
+    missing = [stem for role, stem in _IDX_FILE_STEMS.items() if role not in found]
+    if missing:
+        raise DatasetNotAvailableError(
+            f"{directory} holds some of the IDX files but not {', '.join(missing)} "
+            "(raw or .gz)"
+        )
+    return found
+
+
+def _load_idx_dataset(name: str, idx_paths: Mapping[str, Path]) -> Dataset:
+    splits = {}
+    for split in ("train", "test"):
+        images_path, labels_path = idx_paths[f"{split}_images"], idx_paths[f"{split}_labels"]
+        images = read_idx(images_path, IDX_IMAGES_MAGIC)
+        labels = read_idx(labels_path, IDX_LABELS_MAGIC)
+        if images.shape[1:] != _IDX_IMAGE_SIZE:
+            raise ValueError(f"{images_path}: images are {images.shape[1:]}, expected 28x28")
+        if len(images) != len(labels):
+            raise ValueError(
+                f"{images_path} holds {len(images)} images but {labels_path} holds "
+                f"{len(labels)} labels"
+            )
+        if labels.size and labels.max() >= _NUM_CLASSES[name]:
+            raise ValueError(f"{labels_path}: label {labels.max()} is not a {name} class")
+        splits[split] = (_normalise_images(images[..., None], name), labels.astype(np.int32))
+    return Dataset(name, *splits["train"], *splits["test"], num_classes=_NUM_CLASSES[name])
+
+
+# --------------------------------------------------------------------------- TFDS
+
+
+def _load_from_tfds(name: str, data_dir: str | os.PathLike[str] | None, download: bool) -> Dataset:
+    import tensorflow_datasets as tfds
+
+    try:
+        train_source, test_source = tfds.data_source(
+            name, split=["train", "test"], data_dir=data_dir, download=download
+        )
+    # What TFDS raises for a missing dataset depends on the case: a NotImplementedError
+    # about the TFRecord format, a KeyError about empty splits (default data_dir absent),
+    # requests' ConnectionError after minutes of retries (download=True, no network), an
+    # ImportError from a missing optional dependency of its downloader.
+    except Exception as error:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+        if prepared and not isinstance(error, NotImplementedError):
+            raise
+        raise DatasetNotAvailableError(
+            _not_available_message(name, builder.data_dir, prepared, download, error)
+        ) from error
+    train_images, train_labels = _read_data_source(train_source)
+    test_images, test_labels = _read_data_source(test_source)
+    return Dataset(
+        name,
+        _normalise_images(train_images, name),
+        train_labels,
+        _normalise_images(test_images, name),
+        test_labels,
+        num_classes=_NUM_CLASSES[name],
+    )
+
+
+def _read_data_source(source: Any) -> tuple[np.ndarray, np.ndarray]:
+    # One record at a time: `__getitems__` would batch reads, but the data sources of
+    # `tfds.testing.mock_data` (tfds 4.9.10) do not implement it.
+    examples = list(source)
+    images = np.stack([example["image"] for example in examples])
+    labels = np.asarray([example["label"] for example in examples], np.int32)
+    return images, labels
+
+
+def _not_available_message(
+    name: str, location: str | os.PathLike[str], prepared: bool, download: bool,
+    error: Exception,
+) -> str:
+    reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    if prepared:
+        problem = (
+            f"dataset {name!r} is prepared in {location} but cannot be read without "
+            f"TensorFlow ({reason}); it was probably prepared in TFRecord format by "
+            "tfds.load. Prepare it again in array_record format in another data_dir."
+        )
+    elif download:
+        problem = (
+            f"dataset {name!r} could not be downloaded and prepared in {location} "
+            f"({reason})."
+        )
+    else:
+        problem = f"dataset {name!r} is not prepared in {location} and download=False."
+    how_to_provide = (
+        " To provide it, run once with network access and download=True "
+        "so that TFDS prepares it in data_dir (default $TFDS_DATA_DIR or "
+        "~/tensorflow_datasets)"
+    )
+    if name in _IDX_DATASETS:
+        how_to_provide += (
+            ", or pass data_dir (CLI: --data-dir) pointing at a folder with the four IDX "
+            f"files ({', '.join(stem + '[.gz]' for stem in _IDX_FILE_STEMS.values())})"
+        )
+    return problem + how_to_provide + "."
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class DataPosition(NamedTuple):
+    """Where a training data stream is: ``batch`` is the index of a batch within ``epoch``."""
+
+    epoch: int
+    batch: int
+
+    @classmethod
+    def from_step(cls, step: int, batches_per_epoch: int) -> DataPosition:
+        """The position of the ``step``-th batch (counting from 0) of a stream.
+
+        >>> DataPosition.from_step(7, batches_per_epoch=3)
+        DataPosition(epoch=2, batch=1)
+        """
+        return cls(*divmod(step, batches_per_epoch))
+
+    def advance(self, batches_per_epoch: int) -> DataPosition:
+        """The position of the batch after this one.
+
+        >>> DataPosition(0, 2).advance(batches_per_epoch=3)
+        DataPosition(epoch=1, batch=0)
+        """
+        return DataPosition.from_step(self.epoch * batches_per_epoch + self.batch + 1,
+                                      batches_per_epoch)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Number of full batches in an epoch (the last partial batch is dropped).
+
+    >>> steps_per_epoch(10, 4)
+    2
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return num_examples // batch_size
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The example order of ``epoch``, a function of ``(seed, epoch)`` only.
+
+    The generator is the ``epoch``-th child of ``SeedSequence(seed)`` (not
+    ``default_rng([seed, epoch])``: numpy ignores trailing zero words of the entropy, so
+    ``[seed, epoch, 0]`` would repeat the stream of ``[seed, epoch]``).
+
+    >>> order = epoch_permutation(seed=0, epoch=3, num_examples=5)
+    >>> sorted(order.tolist()), bool((order == epoch_permutation(0, 3, 5)).all())
+    ([0, 1, 2, 3, 4], True)
+    """
+    return _generator(seed, epoch).permutation(num_examples)
+
+
+def _generator(seed: int, *path: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=path))
+
+
+def random_crop_and_flip(
+    images: np.ndarray, rng: np.random.Generator, padding: int = 4
+) -> np.ndarray:
+    """Random ``padding``-pixel translation crop and horizontal flip of NHWC images.
+
+    Each image is padded with zeros (the dataset mean, after normalisation) on every
+    side, cropped back to its size at a random offset, and mirrored with probability 1/2.
+
+    >>> images = np.arange(2 * 3 * 3 * 1, dtype=np.float32).reshape(2, 3, 3, 1)
+    >>> random_crop_and_flip(images, np.random.default_rng(0), padding=1).shape
+    (2, 3, 3, 1)
+    """
+    count, height, width, _ = images.shape
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    top = rng.integers(0, 2 * padding + 1, count)
+    left = rng.integers(0, 2 * padding + 1, count)
+    flip = rng.random(count) < 0.5
+    rows = top[:, None] + np.arange(height)
+    columns = left[:, None] + np.arange(width)
+    columns = np.where(flip[:, None], columns[:, ::-1], columns)
+    return padded[np.arange(count)[:, None, None], rows[:, :, None], columns[:, None, :]]
+
+
+_STREAM_START = DataPosition(0, 0)
+
+
+def train_batches(
+    dataset: Dataset, batch_size: int, seed: int, start: DataPosition = _STREAM_START,
+    *, augment: bool | None = None,
+) -> Iterator[tuple[DataPosition, Batch]]:
+    """Endless shuffled training batches, ``(position of the batch, {"image", "label"})``.
+
+    Each epoch is a fresh permutation (:func:`epoch_permutation`); its last partial batch
+    is dropped. Starting at ``start`` yields exactly what an uninterrupted stream yields
+    from that position on. ``augment`` (``None``: on for CIFAR, off otherwise) applies
+    :func:`random_crop_and_flip` with a generator keyed by ``(seed, epoch, batch)``.
+
+    >>> tiny = Dataset("tiny", np.arange(10, dtype=np.float32)[:, None],
+    ...                np.arange(10, dtype=np.int32), np.zeros((3, 1), np.float32),
+    ...                np.zeros(3, np.int32), num_classes=10)
+    >>> stream = train_batches(tiny, batch_size=4, seed=0)
+    >>> [next(stream)[0] for _ in range(3)]
+    [DataPosition(epoch=0, batch=0), DataPosition(epoch=0, batch=1), DataPosition(epoch=1, batch=0)]
+    >>> _, batch = next(train_batches(tiny, 4, seed=0, start=DataPosition(1, 1)))
+    >>> _, same_batch = next(stream)
+    >>> bool((batch["label"] == same_batch["label"]).all()), batch["image"].shape
+    (True, (4, 1))
+    """
+    num_examples = len(dataset.train_labels)
+    batches_per_epoch = steps_per_epoch(num_examples, batch_size)
+    if batches_per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} training examples")
+    if start.epoch < 0 or not 0 <= start.batch < batches_per_epoch:
+        raise ValueError(f"{start} is outside epochs of {batches_per_epoch} batches")
+    if augment is None:
+        augment = dataset.name in _AUGMENTED_BY_DEFAULT
+    if augment and dataset.train_images.ndim != 4:
+        raise ValueError(f"augmentation needs NHWC images, {dataset.name} has shape "
+                         f"{dataset.input_shape}")
+    return _stream_train_batches(dataset, batch_size, seed, start, batches_per_epoch, augment)
+
+
+def _stream_train_batches(
+    dataset: Dataset, batch_size: int, seed: int, start: DataPosition, batches_per_epoch: int,
+    augment: bool,
+) -> Iterator[tuple[DataPosition, Batch]]:
+    epoch, first_batch = start
+    while True:
+        order = epoch_permutation(seed, epoch, len(dataset.train_labels))
+        for batch_index in range(first_batch, batches_per_epoch):
+            indices = order[batch_index * batch_size:(batch_index + 1) * batch_size]
+            images = dataset.train_images[indices]
+            if augment:
+                images = random_crop_and_flip(images, _generator(seed, epoch, batch_index))
+            position = DataPosition(epoch, batch_index)
+            yield position, {"image": images, "label": dataset.train_labels[indices]}
+        epoch, first_batch = epoch + 1, 0
+
+
+def test_batches(dataset: Dataset, batch_size: int) -> Iterator[Batch]:
+    """The test set in order, in batches of ``batch_size``; the last one may be smaller.
+
+    >>> tiny = Dataset("tiny", np.zeros((2, 1), np.float32), np.zeros(2, np.int32),
+    ...                np.arange(5, dtype=np.float32)[:, None], np.arange(5, dtype=np.int32),
+    ...                num_classes=5)
+    >>> [batch["label"].tolist() for batch in test_batches(tiny, batch_size=2)]
+    [[0, 1], [2, 3], [4]]
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    for begin in range(0, len(dataset.test_labels), batch_size):
+        yield {
+            "image": dataset.test_images[begin:begin + batch_size],
+            "label": dataset.test_labels[begin:begin + batch_size],
+        }
+
+
+test_batches.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
+def shard_for_process(
+    batch: Mapping[str, np.ndarray], process_index: int, process_count: int
+) -> Batch:
+    """This process's contiguous slice of a global batch (multi-host data parallelism).
+
+    >>> batch = {"image": np.arange(8).reshape(4, 2), "label": np.arange(4)}
+    >>> shard_for_process(batch, process_index=1, process_count=2)["label"]
+    array([2, 3])
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    leading_sizes = {key: len(value) for key, value in batch.items()}
+    if len(set(leading_sizes.values())) != 1:
+        raise ValueError(f"batch arrays must share one leading size, got {leading_sizes}")
+    global_size = next(iter(leading_sizes.values()))
+    if global_size % process_count:
+        raise ValueError(
+            f"global batch size {global_size} is not divisible by {process_count} processes"
+        )
+    per_process = global_size // process_count
+    begin = process_index * per_process
+    return {key: value[begin:begin + per_process] for key, value in batch.items()}

@@ -1,0 +1,45 @@
+"""LeNet-300-100, the fully connected network of the lottery-ticket experiments."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from sparsejax.models._layers import as_float, glorot_normal, scaled
+
+
+class LeNet300(nn.Module):
+    """LeNet-300-100: flatten, Dense 300, ReLU, Dense 100, ReLU, Dense ``num_classes``.
+
+    Submodules ``fc1``, ``fc2``, ``head``. Any input is flattened per example, so MNIST can be
+    given as ``(batch, 784)`` or ``(batch, 28, 28, 1)``. Kernels use Glorot-normal init.
+
+    >>> import jax, jax.numpy as jnp
+    >>> model = LeNet300(num_classes=10)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 784)))
+    >>> model.apply(variables, jnp.zeros((2, 28, 28, 1))).shape
+    (2, 10)
+    """
+
+    num_classes: int
+    use_bias: bool = True
+    width: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no train-time behaviour
+        x = as_float(x)
+        if x.ndim < 2:
+            raise ValueError(f"LeNet300 expects a batch (rank >= 2), got shape {x.shape}")
+        x = x.reshape((x.shape[0], -1))
+        for i, features in enumerate((300, 100), start=1):
+            x = nn.Dense(
+                scaled(features, self.width),
+                use_bias=self.use_bias,
+                kernel_init=glorot_normal,
+                name=f"fc{i}",
+            )(x)
+            x = nn.relu(x)
+        return nn.Dense(
+            self.num_classes, use_bias=self.use_bias, kernel_init=glorot_normal, name="head"
+        )(x)

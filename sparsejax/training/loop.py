@@ -1,0 +1,365 @@
+"""The training loop behind ``sparsejax train``: data, model, method, compiled steps,
+periodic evaluation, JSON-lines metrics, checkpoints and exact resume.
+
+Resume is exact: the checkpoint holds the whole :class:`~sparsejax.SparseState` (params,
+masks, scores, optimizer state, PRNG key, batch statistics) and the data stream is keyed
+by ``(seed, epoch)``, so a run killed at any moment and resumed with ``resume=True`` ends
+with parameters bitwise identical to an uninterrupted run of the same configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sparsejax.checkpoint import Checkpointer, NoValidCheckpointError
+from sparsejax.data import DataPosition, Dataset, load_dataset, steps_per_epoch, train_batches
+from sparsejax.masks import sparsity_report
+from sparsejax.methods import METHODS, Method, SparseState, get_method
+from sparsejax.models import apply_model, get_model, init_model
+from sparsejax.training.optim import make_optimizer
+from sparsejax.training.step import LossFn, make_train_step
+from sparsejax.validation import check_sparsity
+
+__all__ = [
+    "TrainConfig",
+    "Run",
+    "prepare",
+    "classification_loss",
+    "make_eval_step",
+    "evaluate",
+    "build_method",
+    "train",
+    "measured_sparsity",
+]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a training run (written in full to ``result.json``)."""
+
+    method: str = "dense"
+    model: str = "lenet300"
+    dataset: str = "mnist1d"
+    data_dir: str | None = None
+    sparsity: float | None = None
+    distribution: str | None = None
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    seed: int = 0
+    eval_every: int = 0  # steps between evaluations; 0: once per epoch
+    log_every: int = 50
+    checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch
+    keep_checkpoints: int = 3
+    out: str | None = None
+    resume: bool = False
+    progress: bool = True
+    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def default_out(self) -> str:
+        sparsity = "" if self.sparsity is None else f"_s{self.sparsity:g}"
+        return f"runs/{self.method}_{self.model}_{self.dataset}{sparsity}_seed{self.seed}"
+
+
+def classification_loss(model: Any) -> LossFn:
+    """Softmax cross-entropy of ``model`` on ``{"image", "label"}`` batches, with accuracy
+    as a metric and batch statistics threaded through ``model_state``."""
+
+    def loss_fn(params: Any, model_state: Any, batch: dict[str, jax.Array]):
+        logits, new_model_state = apply_model(model, params, model_state, batch["image"],
+                                              train=True)
+        labels = batch["label"]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return loss, (new_model_state, {"accuracy": accuracy})
+
+    return loss_fn
+
+
+def make_eval_step(method: Method, model: Any):
+    """``eval_step(state, batch) -> sums`` of correct predictions, loss and examples on the
+    method's effective (hard-masked, noise-free) params; ``batch["weight"]`` marks padding.
+    """
+
+    def eval_step(state: SparseState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        params = method.effective_params(state)
+        logits, _ = apply_model(model, params, state.model_state, batch["image"], train=False)
+        weight = batch["weight"]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        return {"correct": jnp.sum(correct * weight), "loss": jnp.sum(losses * weight),
+                "count": jnp.sum(weight)}
+
+    return eval_step
+
+
+def _padded_test_batches(dataset: Dataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Test batches of one fixed shape (so one compilation), padding marked by weight 0."""
+    images, labels = dataset.test_images, dataset.test_labels
+    for begin in range(0, len(labels), batch_size):
+        image, label = images[begin:begin + batch_size], labels[begin:begin + batch_size]
+        pad = batch_size - len(label)
+        weight = np.ones(len(label), np.float32)
+        if pad:
+            image = np.concatenate([image, np.zeros((pad, *image.shape[1:]), image.dtype)])
+            label = np.concatenate([label, np.zeros(pad, label.dtype)])
+            weight = np.concatenate([weight, np.zeros(pad, np.float32)])
+        yield {"image": image, "label": label, "weight": weight}
+
+
+def evaluate(eval_step: Any, state: SparseState, dataset: Dataset,
+             batch_size: int = 1000) -> dict[str, float]:
+    """Test accuracy (0 to 1) and mean loss over the whole test set."""
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    for batch in _padded_test_batches(dataset, batch_size):
+        sums = jax.device_get(eval_step(state, batch))
+        for key in totals:
+            totals[key] += float(sums[key])
+    return {"accuracy": totals["correct"] / totals["count"],
+            "loss": totals["loss"] / totals["count"]}
+
+
+def measured_sparsity(effective_params: Any) -> float:
+    """Fraction of prunable weights that are exactly zero in the effective model."""
+    return float(sparsity_report(jax.device_get(effective_params))[-1].sparsity)
+
+
+def build_method(config: TrainConfig, optimizer: optax.GradientTransformation) -> Method:
+    """The registered method of ``config``, given ``--sparsity``/``--distribution`` and
+    method options only where the method takes them."""
+    if config.method not in METHODS:
+        raise ValueError(
+            f"unknown method {config.method!r}; known methods: {', '.join(sorted(METHODS))}"
+        )
+    accepted = inspect.signature(METHODS[config.method]).parameters
+    options = dict(config.method_options)
+    for name in ("sparsity", "distribution"):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if name not in accepted:
+            raise ValueError(f"method {config.method!r} does not take --{name}")
+        options[name] = value
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise ValueError(
+            f"method {config.method!r} got unknown option(s) {unknown}; it takes: "
+            f"{', '.join(p for p in accepted if p != 'optimizer')}"
+        )
+    if "sparsity" in accepted and "sparsity" not in options and (
+        accepted["sparsity"].default is inspect.Parameter.empty
+    ):
+        raise ValueError(f"method {config.method!r} needs --sparsity")
+    return get_method(config.method, optimizer, **options)
+
+
+def _total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    if (config.epochs is None) == (config.steps is None):
+        raise ValueError("give exactly one of epochs or steps")
+    total = config.steps if config.steps is not None else config.epochs * batches_per_epoch
+    if total < 1:
+        raise ValueError(f"the run must have at least one step, got {total}")
+    return total
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class _MetricsLog:
+    """Append-only JSON lines; on resume, lines past the restored step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record, sort_keys=True) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Run(NamedTuple):
+    """The pieces of a training run that follow from its config alone."""
+
+    dataset: Dataset
+    model: Any
+    method: Method
+    state: SparseState  # the initial state
+    batches_per_epoch: int
+    total_steps: int
+
+
+def prepare(config: TrainConfig) -> Run:
+    """Load the data and build model, optimizer, method and initial state of ``config``."""
+    if config.sparsity is not None:
+        check_sparsity(config.sparsity)
+    dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+    batches_per_epoch = steps_per_epoch(len(dataset.train_labels), config.batch_size)
+    total_steps = _total_steps(config, batches_per_epoch)
+    model = get_model(config.model, dataset.num_classes, **config.model_options)
+    init_key, method_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    params, model_state = init_model(model, init_key, (1, *dataset.input_shape))
+    optimizer = make_optimizer(config.optimizer, config.lr, total_steps=total_steps,
+                               momentum=config.momentum, weight_decay=config.weight_decay,
+                               lr_schedule=config.lr_schedule)
+    method = build_method(config, optimizer)
+    state = jax.jit(method.init)(params, method_key, model_state)
+    return Run(dataset, model, method, state, batches_per_epoch, total_steps)
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run one training job and return (and write to ``OUT/result.json``) its result."""
+    started = time.time()
+    run = prepare(config)
+    dataset, model, method, state = run.dataset, run.model, run.method, run.state
+    batches_per_epoch, total_steps = run.batches_per_epoch, run.total_steps
+    out = Path(config.out or config.default_out())
+    out.mkdir(parents=True, exist_ok=True)
+    eval_every = config.eval_every or batches_per_epoch
+    checkpoint_every = config.checkpoint_every or batches_per_epoch
+
+    checkpointer = Checkpointer(out / "checkpoints", max_to_keep=config.keep_checkpoints)
+    start_step = 0
+    if config.resume:
+        try:
+            start_step, state, _ = checkpointer.restore(state)
+            print(f"resumed from step {start_step} in {checkpointer.directory}", file=sys.stderr)
+        except NoValidCheckpointError:
+            print(f"no checkpoint in {checkpointer.directory}; starting fresh", file=sys.stderr)
+    elif checkpointer.latest_step() is not None:
+        raise FileExistsError(
+            f"{out} already holds checkpoints of a run; pass --resume to continue it or "
+            "choose another --out"
+        )
+
+    # Donating the state halves its memory on accelerators; XLA's CPU backend ignores it.
+    donate = () if jax.default_backend() == "cpu" else (0,)
+    train_step = jax.jit(make_train_step(method, classification_loss(model)),
+                         donate_argnums=donate)
+    eval_step = jax.jit(make_eval_step(method, model))
+    log = _MetricsLog(out / "metrics.jsonl", start_step)
+    progress = _progress_bar(config.progress, total_steps, start_step)
+    stream = train_batches(dataset, config.batch_size, config.seed,
+                           DataPosition.from_step(start_step, batches_per_epoch))
+    pending: list[dict[str, jax.Array]] = []
+    window_start, step = time.time(), start_step
+    last_eval: dict[str, float] = {}
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            _, batch = next(stream)
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            if step % config.log_every == 0 or step == total_steps:
+                record = _summarise(pending, step, window_start)
+                pending, window_start = [], time.time()
+                if step % eval_every == 0 or step == total_steps:
+                    last_eval = evaluate(eval_step, state, dataset)
+                    record.update({"test_accuracy": last_eval["accuracy"],
+                                   "test_loss": last_eval["loss"],
+                                   "sparsity": measured_sparsity(method.effective_params(state))})
+                log.write(record)
+                progress.update(step, record)
+            elif step % eval_every == 0:
+                last_eval = evaluate(eval_step, state, dataset)
+                log.write({"step": step, "test_accuracy": last_eval["accuracy"],
+                           "test_loss": last_eval["loss"]})
+            if step % checkpoint_every == 0 or step == total_steps:
+                checkpointer.save(step, state, {
+                    "position": DataPosition.from_step(step, batches_per_epoch)._asdict(),
+                    "config": dataclasses.asdict(config)})
+    finally:
+        progress.close()
+        log.close()
+        checkpointer.close()
+
+    final_eval = last_eval or evaluate(eval_step, state, dataset)
+    result = {
+        "method": config.method,
+        "model": config.model,
+        "dataset": config.dataset,
+        "sparsity": measured_sparsity(method.effective_params(state)),
+        "test_accuracy": final_eval["accuracy"],
+        "test_loss": final_eval["loss"],
+        "steps": total_steps,
+        "resumed_from_step": start_step,
+        "wall_seconds": time.time() - started,
+        "backend": jax.default_backend(),
+        "config": dataclasses.asdict(config),
+    }
+    _write_json(out / "result.json", result)
+    return result
+
+
+def _summarise(pending: list[dict[str, jax.Array]], step: int,
+               window_start: float) -> dict[str, Any]:
+    """Mean of the pending per-step metrics; a non-finite loss is an error naming the step."""
+    host = jax.device_get(pending)
+    finite = [bool(m["finite"]) for m in host]
+    if not all(finite):
+        bad = step - len(finite) + 1 + finite.index(False)
+        raise FloatingPointError(
+            f"the training loss became NaN or inf at step {bad}; lower --lr or check the "
+            "data (the last good checkpoint is kept)"
+        )
+    record: dict[str, Any] = {"step": step}
+    for key in host[0]:
+        if key != "finite":
+            record[key] = float(np.mean([m[key] for m in host]))
+    record["steps_per_sec"] = len(host) / max(time.time() - window_start, 1e-9)
+    return record
+
+
+class _progress_bar:  # noqa: N801 - used like a function
+    """A tqdm bar of steps showing steps/s, loss, accuracy and sparsity (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                            mininterval=1.0, file=sys.stderr)
+        self.step = start
+
+    def update(self, step: int, record: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.step)
+        self.step = step
+        shown = {"loss": record.get("loss"), "acc": record.get("accuracy"),
+                 "test": record.get("test_accuracy"), "sparsity": record.get("sparsity")}
+        self.bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()
+                              if v is not None and not math.isnan(v)}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,118 @@
+"""The training harness: result files, exact resume after SIGKILL, checkpoint fallback."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from sparsejax.checkpoint import Checkpointer
+from sparsejax.cli import main
+from sparsejax.training.loop import TrainConfig, build_method, prepare, train
+
+FAST = dict(dataset="mnist1d", model="lenet300", batch_size=64, progress=False, log_every=10)
+
+
+def restore_final(config: TrainConfig):
+    step, state, _ = Checkpointer(Path(config.out) / "checkpoints").restore(prepare(config).state)
+    return step, state
+
+
+def assert_bitwise_equal(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_train_writes_result_with_measured_sparsity(tmp_path):
+    config = TrainConfig(method="static", sparsity=0.75, distribution="erk", steps=40,
+                         out=str(tmp_path / "run"), **FAST)
+    result = train(config)
+    on_disk = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    for key in ("method", "model", "dataset", "sparsity", "test_accuracy", "steps",
+                "wall_seconds", "config"):
+        assert key in result
+    assert abs(result["sparsity"] - 0.75) < 1e-3  # measured on the effective model
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["steps"] == 40
+    assert result["config"]["sparsity"] == 0.75
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [10, 20, 30, 40]
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
+    config = TrainConfig(method="dense", steps=5, out=str(tmp_path / "run"), **FAST)
+    train(config)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config)
+
+
+def test_method_option_errors():
+    optimizer = __import__("optax").sgd(0.1)
+    with pytest.raises(ValueError, match="does not take --sparsity"):
+        build_method(TrainConfig(method="dense", sparsity=0.5), optimizer)
+    with pytest.raises(ValueError, match="needs --sparsity"):
+        build_method(TrainConfig(method="static"), optimizer)
+    with pytest.raises(ValueError, match="unknown method 'rigl9'; known methods: dense"):
+        build_method(TrainConfig(method="rigl9"), optimizer)
+    with pytest.raises(ValueError, match="sparsity must lie in"):
+        prepare(TrainConfig(method="static", sparsity=1.0, steps=1, **FAST))
+
+
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
+    common = ["train", "--method", "static", "--sparsity", "0.8", "--steps", "300",
+              "--batch-size", "64", "--checkpoint-every", "20", "--log-every", "10",
+              "--no-progress", "--weight-decay", "5e-4"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sparsejax.cli", *common, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step_00000040").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "result.json").exists(), "killed too late to test anything"
+
+    assert main([*common, "--out", str(killed), "--resume"]) == 0
+    reference = tmp_path / "reference"
+    assert main([*common, "--out", str(reference)]) == 0
+
+    resumed_result = json.loads((killed / "result.json").read_text())
+    assert resumed_result["resumed_from_step"] >= 40
+    config = TrainConfig(method="static", sparsity=0.8, steps=300, batch_size=64,
+                         weight_decay=5e-4)
+    step_a, state_a = restore_final(TrainConfig(**{**config.__dict__, "out": str(killed)}))
+    step_b, state_b = restore_final(TrainConfig(**{**config.__dict__, "out": str(reference)}))
+    assert step_a == step_b == 300
+    assert_bitwise_equal(state_a, state_b)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    out = tmp_path / "run"
+    config = TrainConfig(method="dense", steps=30, checkpoint_every=10, out=str(out), **FAST)
+    train(config)
+    newest = out / "checkpoints" / "step_00000030"
+    victim = max((p for p in newest.rglob("*") if p.is_file() and p.name != "MANIFEST.json"),
+                 key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncate
+    with caplog.at_level("WARNING", logger="sparsejax.checkpoint"):
+        result = train(TrainConfig(**{**config.__dict__, "resume": True}))
+    assert result["resumed_from_step"] == 20
+    assert any("step_00000030" in r.getMessage() for r in caplog.records)
+    assert (out / "checkpoints" / "step_00000020").exists()  # nothing earlier lost
+
+
+def test_plot_command_writes_png(tmp_path):
+    for sparsity in (0.5, 0.9):
+        train(TrainConfig(method="static", sparsity=sparsity, steps=5,
+                          out=str(tmp_path / f"s{sparsity}"), **FAST))
+    png = tmp_path / "plot.png"
+    assert main(["plot", str(tmp_path), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
