@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["main", "build_parser"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+# Modules that add subcommands: each has ``add_commands(subparsers) -> {name: handler}``.
+_COMMAND_MODULES = ("sparsejax.lottery", "sparsejax.tickets")
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -23,7 +29,8 @@ def _option(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
+    """The argument parser and the handler of each subcommand."""
     from sparsejax.data import DATASET_NAMES
     from sparsejax.distributions import DISTRIBUTIONS
     from sparsejax.methods import METHODS
@@ -72,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("results", nargs="+", help="result.json files or folders holding them")
     plot.add_argument("--output", "-o", default="accuracy_vs_sparsity.png")
     plot.add_argument("--title", default=None)
-    return parser
+    handlers: dict[str, Handler] = {"train": _train, "plot": _plot}
+    for module in _COMMAND_MODULES:
+        handlers.update(importlib.import_module(module).add_commands(commands))
+    return parser, handlers
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -105,8 +115,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparsejax`` console script."""
-    args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "plot": _plot}
+    parser, handlers = build_parser()
+    args = parser.parse_args(argv)
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as e:

@@ -6,12 +6,8 @@ families register themselves with :func:`register_method`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-import optax
-
 from sparsejax.methods.base import (
+    InitContext,
     Method,
     SparseState,
     apply_optimizer,
@@ -20,8 +16,10 @@ from sparsejax.methods.base import (
 )
 from sparsejax.methods.dense import dense
 from sparsejax.methods.fixed import fixed_mask, random_scores, static
+from sparsejax.methods.registry import METHODS, MethodBuilder, get_method, register_method
 
 __all__ = [
+    "InitContext",
     "Method",
     "SparseState",
     "apply_optimizer",
@@ -32,38 +30,13 @@ __all__ = [
     "random_scores",
     "static",
     "METHODS",
+    "MethodBuilder",
     "register_method",
     "get_method",
 ]
 
-MethodBuilder = Callable[..., Method]
-"""``builder(optimizer, **options) -> Method``."""
-
-METHODS: dict[str, MethodBuilder] = {}
-
-
-def register_method(name: str, builder: MethodBuilder) -> None:
-    """Make ``builder(optimizer, **options)`` available as ``get_method(name, ...)``."""
-    if name in METHODS:
-        raise ValueError(f"method {name!r} is already registered")
-    METHODS[name] = builder
-
-
-def get_method(name: str, optimizer: optax.GradientTransformation, **options: Any) -> Method:
-    """Build the registered method ``name``.
-
-    >>> import optax
-    >>> get_method("dense", optax.sgd(0.1)).name
-    'dense'
-    >>> get_method("densest", optax.sgd(0.1))
-    Traceback (most recent call last):
-    ...
-    ValueError: unknown method 'densest'; known methods: dense, static
-    """
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name](optimizer, **options)
-
-
 register_method("dense", dense)
 register_method("static", static)
+
+# Each family module registers its methods when imported.
+from sparsejax.methods import dst, pruning, strong  # noqa: E402, F401

@@ -28,7 +28,14 @@ from flax import struct
 from sparsejax.masks import dense_masks
 from sparsejax.validation import check_same_structure
 
-__all__ = ["SparseState", "Method", "step_key", "no_penalty", "apply_optimizer"]
+__all__ = [
+    "SparseState",
+    "Method",
+    "InitContext",
+    "step_key",
+    "no_penalty",
+    "apply_optimizer",
+]
 
 PyTree = Any
 
@@ -86,8 +93,23 @@ class SparseState(struct.PyTreeNode):
         )
 
 
+class InitContext(NamedTuple):
+    """What a method may need from the task at init: pruning-at-initialisation methods
+    (SNIP, GraSP) score the weights with the loss on a few training batches.
+
+    Attributes:
+      loss_fn: ``(params, model_state, batch) -> (loss, (model_state, metrics))``.
+      batches: training batches to score on (the harness passes the first ones of the
+        run's own deterministic stream).
+    """
+
+    loss_fn: Callable[[Any, Any, Any], Any]
+    batches: tuple[Any, ...]
+
+
 InitFn = Callable[..., SparseState]
-"""``init(params, rng, model_state=None) -> SparseState``."""
+"""``init(params, rng, model_state=None, context=None) -> SparseState``; ``context`` is
+an :class:`InitContext` for methods that score weights on data, ignored by the others."""
 TrainablesFn = Callable[[SparseState], PyTree]
 MaterializeFn = Callable[[SparseState, PyTree], PyTree]
 UpdateFn = Callable[[SparseState, PyTree], SparseState]
@@ -106,7 +128,7 @@ class Method(NamedTuple):
 
     Attributes:
       name: the registry name, e.g. ``'dense'``.
-      init: ``(params, rng, model_state=None) -> SparseState``.
+      init: ``(params, rng, model_state=None, context=None) -> SparseState``.
       trainables: what ``jax.grad`` differentiates (params, scores, or both).
       materialize: ``(state, trainables) -> params`` the effective params used in the
         training forward pass; differentiable in ``trainables``.

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import optax
 
-from sparsejax.methods.base import Method, SparseState, apply_optimizer
+from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer
 
 __all__ = ["dense"]
 
@@ -24,7 +24,9 @@ def dense(optimizer: optax.GradientTransformation) -> Method:
     (Array([0.9, 1.1], dtype=float32), 1)
     """
 
-    def init(params: Any, rng: jax.Array, model_state: Any = None) -> SparseState:
+    def init(params: Any, rng: jax.Array, model_state: Any = None,
+             context: InitContext | None = None) -> SparseState:
+        del context
         return SparseState.create(params=params, rng=rng, opt_state=optimizer.init(params),
                                   model_state=model_state)
 

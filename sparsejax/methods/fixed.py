@@ -12,27 +12,30 @@ import optax
 
 from sparsejax.distributions import select_masks
 from sparsejax.masks import Prunable, default_prunable
-from sparsejax.methods.base import Method, SparseState, apply_optimizer
+from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer
 from sparsejax.transforms import keep_pruned_zero, zero_masked
 from sparsejax.validation import check_same_structure, check_sparsity
 
 __all__ = ["fixed_mask", "static", "random_scores"]
 
-MaskFn = Callable[[Any, jax.Array], Any]
-"""``make_masks(params, rng) -> masks``."""
+MaskFn = Callable[[Any, jax.Array, "InitContext | None"], Any]
+"""``make_masks(params, rng, context) -> masks``; ``context`` is the
+:class:`~sparsejax.methods.base.InitContext` given to ``init`` (``None`` without data)."""
 
 
 def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
                name: str = "fixed_mask") -> Method:
-    """Train the weights under masks from ``make_masks(params, rng)``, fixed for good.
+    """Train the weights under masks from ``make_masks(params, rng, context)``, fixed for
+    good.
 
     Pruned weights are zeroed at init and stay exactly zero: ``keep_pruned_zero`` ends
     the optimizer chain, so momentum and weight decay cannot revive them.
     """
     chained = optax.chain(optimizer, keep_pruned_zero())
 
-    def init(params: Any, rng: jax.Array, model_state: Any = None) -> SparseState:
-        masks = make_masks(params, jax.random.fold_in(rng, 0x6D61736B))
+    def init(params: Any, rng: jax.Array, model_state: Any = None,
+             context: InitContext | None = None) -> SparseState:
+        masks = make_masks(params, jax.random.fold_in(rng, 0x6D61736B), context)
         check_same_structure(params, masks)
         params = zero_masked(params, masks)
         return SparseState.create(params=params, masks=masks, rng=rng,
@@ -80,7 +83,8 @@ def static(
     """
     check_sparsity(sparsity)
 
-    def make_masks(params: Any, rng: jax.Array) -> Any:
+    def make_masks(params: Any, rng: jax.Array, context: InitContext | None) -> Any:
+        del context
         return select_masks(random_scores(params, rng), 1.0 - sparsity, distribution,
                             prunable=prunable, overrides=overrides)
 

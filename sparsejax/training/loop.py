@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import optax
 from sparsejax.checkpoint import Checkpointer, NoValidCheckpointError
 from sparsejax.data import DataPosition, Dataset, load_dataset, steps_per_epoch, train_batches
 from sparsejax.masks import sparsity_report
-from sparsejax.methods import METHODS, Method, SparseState, get_method
+from sparsejax.methods import METHODS, InitContext, Method, SparseState, get_method
 from sparsejax.models import apply_model, get_model, init_model
 from sparsejax.training.optim import make_optimizer
 from sparsejax.training.step import LossFn, make_train_step
@@ -70,6 +71,7 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch
     keep_checkpoints: int = 3
+    init_batches: int = 1  # training batches a method may score weights on at init
     out: str | None = None
     resume: bool = False
     progress: bool = True
@@ -232,7 +234,15 @@ def prepare(config: TrainConfig) -> Run:
                                momentum=config.momentum, weight_decay=config.weight_decay,
                                lr_schedule=config.lr_schedule)
     method = build_method(config, optimizer)
-    state = jax.jit(method.init)(params, method_key, model_state)
+    loss_fn = classification_loss(model)
+    stream = train_batches(dataset, config.batch_size, config.seed)
+    init_batches = tuple(batch for _, batch in itertools.islice(stream, config.init_batches))
+
+    @jax.jit
+    def init(params: Any, key: jax.Array, model_state: Any, batches: tuple[Any, ...]):
+        return method.init(params, key, model_state, InitContext(loss_fn, batches))
+
+    state = init(params, method_key, model_state, init_batches)
     return Run(dataset, model, method, state, batches_per_epoch, total_steps)
 
 
