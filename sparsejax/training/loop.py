@@ -146,9 +146,13 @@ def measured_sparsity(effective_params: Any) -> float:
     return float(sparsity_report(jax.device_get(effective_params))[-1].sparsity)
 
 
-def build_method(config: TrainConfig, optimizer: optax.GradientTransformation) -> Method:
+def build_method(config: TrainConfig, optimizer: optax.GradientTransformation, *,
+                 total_steps: int | None = None,
+                 batches_per_epoch: int | None = None) -> Method:
     """The registered method of ``config``, given ``--sparsity``/``--distribution`` and
-    method options only where the method takes them."""
+    method options only where the method takes them. Builders that take ``total_steps``
+    or ``batches_per_epoch`` (e.g. to place an end step or an update interval) get them
+    from the run."""
     if config.method not in METHODS:
         raise ValueError(
             f"unknown method {config.method!r}; known methods: {', '.join(sorted(METHODS))}"
@@ -162,11 +166,15 @@ def build_method(config: TrainConfig, optimizer: optax.GradientTransformation) -
         if name not in accepted:
             raise ValueError(f"method {config.method!r} does not take --{name}")
         options[name] = value
+    run_facts = {"total_steps": total_steps, "batches_per_epoch": batches_per_epoch}
+    for name, value in run_facts.items():
+        if name in accepted and value is not None and name not in options:
+            options[name] = value
     unknown = [k for k in options if k not in accepted]
     if unknown:
         raise ValueError(
             f"method {config.method!r} got unknown option(s) {unknown}; it takes: "
-            f"{', '.join(p for p in accepted if p != 'optimizer')}"
+            f"{', '.join(p for p in accepted if p not in ('optimizer', *run_facts))}"
         )
     if "sparsity" in accepted and "sparsity" not in options and (
         accepted["sparsity"].default is inspect.Parameter.empty
@@ -233,7 +241,8 @@ def prepare(config: TrainConfig) -> Run:
     optimizer = make_optimizer(config.optimizer, config.lr, total_steps=total_steps,
                                momentum=config.momentum, weight_decay=config.weight_decay,
                                lr_schedule=config.lr_schedule)
-    method = build_method(config, optimizer)
+    method = build_method(config, optimizer, total_steps=total_steps,
+                          batches_per_epoch=batches_per_epoch)
     loss_fn = classification_loss(model)
     stream = train_batches(dataset, config.batch_size, config.seed)
     init_batches = tuple(batch for _, batch in itertools.islice(stream, config.init_batches))
