@@ -1,0 +1,266 @@
+"""Data-parallel train steps on JAX's own runtime: ``jax.pmap`` or sharded ``jax.jit``.
+
+Both styles run the same :func:`~sparsejax.training.make_train_step`, so every method
+works in both:
+
+* ``pmap``: the state is replicated along a leading device axis and each device gets its
+  slice of the global batch; gradients, batch statistics and metrics are averaged with
+  ``lax.pmean`` over the named axis *before* the method's ``update`` sees them, so every
+  mask decision is made on the same numbers on every device.
+* ``sharded``: ``jax.jit`` over a device mesh; the batch is split along the ``data`` mesh
+  axis with ``NamedSharding``, the state is replicated (or, optionally, large kernels and
+  everything of their shape are split along a ``model`` axis). XLA inserts the
+  all-reduce; the program is the single-device program on the global batch.
+
+Random decisions (SET's regrowth, gate noise) are keyed by ``fold_in(rng, step)`` from
+the replicated state, so all devices draw the same numbers and masks never diverge.
+
+Multi-host: call :func:`initialize_distributed` first on every host; each host loads its
+own part of the global batch (``sparsejax.data.shard_for_process``), and
+:func:`ShardedTrainer.put_batch` assembles the global array from the per-host parts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sparsejax.methods.base import Method, SparseState
+from sparsejax.training.step import LossFn, make_train_step
+
+__all__ = [
+    "PARALLEL_MODES",
+    "ParallelMode",
+    "initialize_distributed",
+    "replicate",
+    "unreplicate",
+    "split_batch",
+    "PmapTrainer",
+    "ShardedTrainer",
+    "make_mesh",
+    "state_sharding",
+    "make_trainer",
+]
+
+PARALLEL_MODES = ("none", "pmap", "sharded")
+ParallelMode = Literal["none", "pmap", "sharded"]
+AXIS_NAME = "batch"
+
+Metrics = dict[str, jax.Array]
+
+
+def initialize_distributed(**kwargs: Any) -> bool:
+    """Start JAX's multi-host runtime when this process is one of several.
+
+    On TPU pods and SLURM/Open MPI clusters ``jax.distributed.initialize()`` finds its
+    peers by itself; elsewhere pass ``coordinator_address``, ``num_processes`` and
+    ``process_id`` (or set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``). Returns ``False`` (and does nothing) for a single process.
+    """
+    env = {
+        "coordinator_address": os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        "num_processes": os.environ.get("JAX_NUM_PROCESSES"),
+        "process_id": os.environ.get("JAX_PROCESS_ID"),
+    }
+    for key, value in env.items():
+        if value is not None and key not in kwargs:
+            kwargs[key] = int(value) if key != "coordinator_address" else value
+    if not kwargs and not os.environ.get("SLURM_JOB_ID") and "TPU_WORKER_ID" not in os.environ:
+        return False
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def replicate(tree: Any, num_devices: int | None = None) -> Any:
+    """Copies of ``tree`` stacked along a new leading axis, one per local device (pmap
+    places slice ``i`` on device ``i``)."""
+    n = num_devices or jax.local_device_count()
+    return jax.tree_util.tree_map(lambda x: jnp.stack([jnp.asarray(x)] * n), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first replica of a pmapped tree (all replicas are identical)."""
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def split_batch(batch: Any, num_devices: int) -> Any:
+    """Reshape the leading (global batch) axis into ``(num_devices, per_device, ...)``."""
+
+    def split(x: Any) -> Any:
+        x = np.asarray(x)
+        if x.shape[0] % num_devices:
+            raise ValueError(
+                f"global batch of {x.shape[0]} does not split evenly over {num_devices} "
+                "devices; choose a batch size divisible by the device count"
+            )
+        return x.reshape(num_devices, x.shape[0] // num_devices, *x.shape[1:])
+
+    return jax.tree_util.tree_map(split, batch)
+
+
+class PmapTrainer:
+    """``jax.pmap`` data parallelism over the local devices.
+
+    >>> import jax, jax.numpy as jnp, optax, sparsejax
+    >>> method = sparsejax.dense(optax.sgd(0.1))
+    >>> loss = sparsejax.stateless_loss(lambda p, b: jnp.mean((b @ p["w"]) ** 2))
+    >>> trainer = PmapTrainer(method, loss)
+    >>> state = trainer.put_state(method.init({"w": jnp.ones((3, 2))}, jax.random.PRNGKey(0)))
+    >>> n = jax.local_device_count()
+    >>> state, metrics = trainer.step(state, trainer.put_batch(jnp.ones((2 * n, 3))))
+    >>> int(trainer.get_state(state).step)
+    1
+    """
+
+    def __init__(self, method: Method, loss_fn: LossFn,
+                 devices: list[jax.Device] | None = None) -> None:
+        self.devices = devices or jax.local_devices()
+        self._step = jax.pmap(make_train_step(method, loss_fn, axis_name=AXIS_NAME),
+                              axis_name=AXIS_NAME, devices=self.devices)
+
+    def put_state(self, state: SparseState) -> SparseState:
+        return replicate(state, len(self.devices))
+
+    def put_batch(self, batch: Any) -> Any:
+        return split_batch(batch, len(self.devices))
+
+    def get_state(self, state: SparseState) -> SparseState:
+        return unreplicate(state)
+
+    def step(self, state: SparseState, batch: Any) -> tuple[SparseState, Metrics]:
+        state, metrics = self._step(state, batch)
+        return state, unreplicate(metrics)
+
+
+def make_mesh(num_model: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
+    """A ``(data, model)`` device mesh over all (global) devices; ``num_model`` devices
+    per model-parallel group (1: pure data parallelism)."""
+    devices = devices or jax.devices()
+    if len(devices) % num_model:
+        raise ValueError(f"{len(devices)} devices do not split into groups of {num_model}")
+    grid = np.asarray(devices).reshape(len(devices) // num_model, num_model)
+    return Mesh(grid, ("data", "model"))
+
+
+def state_sharding(state: Any, mesh: Mesh, *, shard_model_axis: bool = False,
+                   min_size: int = 2**18) -> Any:
+    """A ``NamedSharding`` per leaf: replicated, or (with ``shard_model_axis``) split along
+    the ``model`` axis on the last dimension for leaves with ``ndim >= 2``, at least
+    ``min_size`` entries and a last dimension divisible by the model axis. The rule
+    depends on the leaf's shape only, so a kernel, its mask, its scores and its optimizer
+    slots are always split the same way."""
+    model = mesh.shape["model"]
+
+    def spec(x: Any) -> NamedSharding:
+        shape = np.shape(x)
+        split = (shard_model_axis and model > 1 and len(shape) >= 2
+                 and int(np.prod(shape)) >= min_size and shape[-1] % model == 0)
+        if split:
+            return NamedSharding(mesh, PartitionSpec(*([None] * (len(shape) - 1)), "model"))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map(spec, state)
+
+
+class ShardedTrainer:
+    """``jax.jit`` over a device mesh: the batch split along ``data``, the state
+    replicated (optionally large kernels split along ``model``).
+
+    >>> import jax, jax.numpy as jnp, optax, sparsejax
+    >>> method = sparsejax.dense(optax.sgd(0.1))
+    >>> loss = sparsejax.stateless_loss(lambda p, b: jnp.mean((b @ p["w"]) ** 2))
+    >>> trainer = ShardedTrainer(method, loss)
+    >>> state = trainer.put_state(method.init({"w": jnp.ones((3, 2))}, jax.random.PRNGKey(0)))
+    >>> n = jax.device_count()
+    >>> state, metrics = trainer.step(state, trainer.put_batch(jnp.ones((2 * n, 3))))
+    >>> int(trainer.get_state(state).step)
+    1
+    """
+
+    def __init__(self, method: Method, loss_fn: LossFn, mesh: Mesh | None = None, *,
+                 shard_model_axis: bool = False, min_shard_size: int = 2**18) -> None:
+        self.mesh = mesh or make_mesh()
+        self.shard_model_axis = shard_model_axis
+        self.min_shard_size = min_shard_size
+        self._train_step = make_train_step(method, loss_fn)
+        self._compiled: dict[Any, Callable[..., Any]] = {}
+
+    def state_sharding(self, state: SparseState) -> Any:
+        return state_sharding(state, self.mesh, shard_model_axis=self.shard_model_axis,
+                              min_size=self.min_shard_size)
+
+    def put_state(self, state: SparseState) -> SparseState:
+        return jax.device_put(state, self.state_sharding(state))
+
+    def batch_sharding(self, batch: Any) -> Any:
+        return jax.tree_util.tree_map(
+            lambda x: NamedSharding(self.mesh, PartitionSpec("data")), batch)
+
+    def put_batch(self, batch: Any) -> Any:
+        """Place a batch: on one host the global batch; on several, this host's part
+        (its rows of the global batch, from ``shard_for_process``)."""
+        sharding = self.batch_sharding(batch)
+        if jax.process_count() == 1:
+            n = self.mesh.shape["data"]
+            for x in jax.tree_util.tree_leaves(batch):
+                if np.shape(x)[0] % n:
+                    raise ValueError(
+                        f"global batch of {np.shape(x)[0]} does not split evenly over {n} "
+                        "data-parallel devices"
+                    )
+            return jax.device_put(batch, sharding)
+        return jax.tree_util.tree_map(
+            lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)),
+            batch, sharding)
+
+    def get_state(self, state: SparseState) -> SparseState:
+        return state
+
+    def step(self, state: SparseState, batch: Any) -> tuple[SparseState, Metrics]:
+        key = jax.tree_util.tree_structure((state, batch))
+        if key not in self._compiled:
+            state_sh = self.state_sharding(state)
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            self._compiled[key] = jax.jit(
+                self._train_step,
+                in_shardings=(state_sh, self.batch_sharding(batch)),
+                out_shardings=(state_sh, replicated),
+            )
+        return self._compiled[key](state, batch)
+
+
+class SingleDeviceTrainer:
+    """The plain ``jax.jit`` step behind the same interface (``--parallel none``)."""
+
+    def __init__(self, method: Method, loss_fn: LossFn) -> None:
+        donate = () if jax.default_backend() == "cpu" else (0,)
+        self._step = jax.jit(make_train_step(method, loss_fn), donate_argnums=donate)
+
+    def put_state(self, state: SparseState) -> SparseState:
+        return state
+
+    def put_batch(self, batch: Any) -> Any:
+        return batch
+
+    def get_state(self, state: SparseState) -> SparseState:
+        return state
+
+    def step(self, state: SparseState, batch: Any) -> tuple[SparseState, Metrics]:
+        return self._step(state, batch)
+
+
+def make_trainer(mode: str, method: Method, loss_fn: LossFn, **options: Any):
+    """The trainer for ``--parallel none | pmap | sharded``."""
+    if mode == "none":
+        return SingleDeviceTrainer(method, loss_fn)
+    if mode == "pmap":
+        return PmapTrainer(method, loss_fn, **options)
+    if mode == "sharded":
+        return ShardedTrainer(method, loss_fn, **options)
+    raise ValueError(f"unknown parallel mode {mode!r}; known: {', '.join(PARALLEL_MODES)}")
