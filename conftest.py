@@ -1,4 +1,4 @@
-"""Test set-up: simulated CPU devices for the multi-device tests.
+"""Test set-up (tests and doctests): simulated CPU devices for the multi-device tests.
 
 The flag must be set before jax is imported anywhere, which is why it lives here.
 """
