@@ -149,3 +149,22 @@ def test_keep_pruned_zero_requires_masks():
     p = {"w": jnp.ones(2)}
     with pytest.raises(ValueError, match="needs the masks"):
         opt.update(p, opt.init(p), p)
+
+
+def test_nonfinite_step_is_flagged_and_can_be_skipped():
+    method = sparsejax.static(sgd_momentum_wd(), sparsity=0.5)
+    state = method.init(mlp_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    xs, ys = batches(1)
+    bad = (xs[0].at[0, 0].set(jnp.nan), ys[0])
+    flagged, metrics = jax.jit(make_train_step(method, stateless_loss(mlp_loss)))(state, bad)
+    assert not bool(metrics["finite"])
+    assert np.isnan(np.asarray(flagged.params["Dense_0"]["kernel"])).any()
+    skip = jax.jit(make_train_step(method, stateless_loss(mlp_loss), skip_nonfinite=True))
+    skipped, metrics = skip(state, bad)
+    assert not bool(metrics["finite"]) and int(skipped.step) == 1
+    for a, b in zip(jax.tree_util.tree_leaves((skipped.params, skipped.opt_state, skipped.masks)),
+                    jax.tree_util.tree_leaves((state.params, state.opt_state, state.masks)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    good, metrics = skip(skipped, (xs[0], ys[0]))
+    assert bool(metrics["finite"]) and int(good.step) == 2

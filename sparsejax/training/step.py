@@ -41,13 +41,19 @@ def stateless_loss(loss: Callable[[Any, Any], jax.Array]) -> LossFn:
 
 
 def make_train_step(
-    method: Method, loss_fn: LossFn, *, axis_name: str | None = None
+    method: Method, loss_fn: LossFn, *, axis_name: str | None = None,
+    skip_nonfinite: bool = False,
 ) -> Callable[[SparseState, Any], tuple[SparseState, dict[str, jax.Array]]]:
     """``train_step(state, batch) -> (state, metrics)`` for any method; jit or pmap it.
 
     Under ``jax.pmap(..., axis_name=axis_name)`` the gradients, batch statistics and
     metrics are averaged across devices with ``lax.pmean`` before the method sees them,
     so every mask decision is made on the same global gradient on every device.
+
+    ``metrics["finite"]`` is false when the loss or a gradient is NaN or inf. With
+    ``skip_nonfinite`` such a step changes nothing but the step counter (the batch is
+    consumed), so a NaN never reaches the weights, scores or masks; without it the
+    caller decides (the training loop stops with an error naming the step).
 
     >>> import jax, jax.numpy as jnp, optax, sparsejax
     >>> method = sparsejax.dense(optax.sgd(0.5))
@@ -74,7 +80,14 @@ def make_train_step(
         metrics = {**metrics, "loss": loss, "penalty": penalty}
         if axis_name is not None:
             grads, model_state, metrics = lax.pmean((grads, model_state, metrics), axis_name)
-        metrics["finite"] = jnp.isfinite(loss)
-        return method.update(state.replace(model_state=model_state), grads), metrics
+        finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.asarray(
+            [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)] or [True]))
+        new_state = method.update(state.replace(model_state=model_state), grads)
+        if skip_nonfinite:
+            skipped = state.replace(step=state.step + 1)
+            new_state = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(finite, new, old), new_state, skipped)
+        metrics["finite"] = finite
+        return new_state, metrics
 
     return train_step
