@@ -1,0 +1,131 @@
+"""Compiled train-step time of every method against the dense step of the same model.
+
+For each (method, model) the dense step and the method's step are compiled, warmed up,
+and then timed in alternation in this one process (blocks of ``--block`` steps, the
+median over ``--repeats`` blocks), so machine noise hits both alike. Methods that
+change masks every N steps are timed over blocks that are a multiple of N steps, so the
+update's cost is amortised exactly as in training.
+
+    python benchmarks/step_time.py --json benchmarks/results/step_time_cpu.json
+    python benchmarks/step_time.py --models lenet300 --methods dense static rigl
+
+Each JSON row: ``method``, ``model``, ``batch_size``, ``dense_ms``, ``method_ms``,
+``ratio``, ``backend``, ``update_interval`` (steps between mask updates, if any).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import sparsejax
+from sparsejax.models import get_model, init_model
+from sparsejax.training.loop import classification_loss
+from sparsejax.methods import InitContext
+
+# model -> (input shape, batch size); CIFAR-sized inputs for the conv nets
+MODELS = {"lenet300": ((28, 28, 1), 128), "conv6": ((32, 32, 3), 64),
+          "resnet18": ((32, 32, 3), 32)}
+
+# method -> options; update intervals are the papers' (RigL: 100 steps)
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "dense": {},
+    "static": {"sparsity": 0.9},
+    "magnitude": {"sparsity": 0.9},
+    "snip": {"sparsity": 0.9},
+    "set": {"sparsity": 0.9, "update_interval": 100},
+    "rigl": {"sparsity": 0.9, "update_interval": 100},
+    "snfs": {"sparsity": 0.9, "update_interval": 100},
+    "edge_popup": {"sparsity": 0.5},
+    "gates": {},
+    "biprop": {"sparsity": 0.5},
+}
+
+
+def build(name: str, total_steps: int) -> sparsejax.Method:
+    options = dict(METHOD_OPTIONS[name])
+    accepted = inspect.signature(sparsejax.METHODS[name]).parameters
+    if "total_steps" in accepted:
+        options["total_steps"] = total_steps
+    if "batches_per_epoch" in accepted:
+        options["batches_per_epoch"] = 100
+    options = {k: v for k, v in options.items() if k in accepted}
+    return sparsejax.get_method(name, optax.sgd(0.1, momentum=0.9), **options)
+
+
+def block_time(step, state, batch, steps: int):
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(state)
+    return (time.perf_counter() - start) / steps * 1e3, state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHOD_OPTIONS
+                                                         if m != "dense"])
+    parser.add_argument("--block", type=int, default=100, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    rows = []
+    backend = jax.default_backend()
+    for model_name in args.models:
+        shape, batch_size = MODELS[model_name]
+        model = get_model(model_name, 10)
+        params, model_state = init_model(model, jax.random.PRNGKey(0), (1, *shape))
+        rng = np.random.default_rng(0)
+        batch = {"image": jnp.asarray(rng.normal(size=(batch_size, *shape)), jnp.float32),
+                 "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
+        loss_fn = classification_loss(model)
+        context = InitContext(loss_fn, (batch,))
+        total = 10**6  # long enough that interval updates keep happening while timed
+
+        def compiled(method):
+            init = jax.jit(lambda p, k, ms, b: method.init(p, k, ms, InitContext(loss_fn, b)))
+            state = init(params, jax.random.PRNGKey(1), model_state, context.batches)
+            return jax.jit(sparsejax.make_train_step(method, loss_fn)), state
+
+        dense_step, dense_state = compiled(build("dense", total))
+        _, dense_state = block_time(dense_step, dense_state, batch, 3)
+        for name in args.methods:
+            if name not in sparsejax.METHODS:
+                print(f"skip {name}: not registered")
+                continue
+            step, state = compiled(build(name, total))
+            _, state = block_time(step, state, batch, 3)  # warm-up and compile
+            dense_ms, method_ms = [], []
+            for _ in range(args.repeats):
+                t, dense_state = block_time(dense_step, dense_state, batch, args.block)
+                dense_ms.append(t)
+                t, state = block_time(step, state, batch, args.block)
+                method_ms.append(t)
+            row = {"method": name, "model": model_name, "batch_size": batch_size,
+                   "dense_ms": round(statistics.median(dense_ms), 4),
+                   "method_ms": round(statistics.median(method_ms), 4),
+                   "update_interval": METHOD_OPTIONS[name].get("update_interval"),
+                   "backend": backend}
+            row["ratio"] = round(row["method_ms"] / row["dense_ms"], 3)
+            rows.append(row)
+            print(f"{backend} {model_name:9s} {name:18s} dense {row['dense_ms']:8.3f} ms  "
+                  f"method {row['method_ms']:8.3f} ms  ratio {row['ratio']:.3f}", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
