@@ -18,13 +18,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from step_time import METHOD_OPTIONS, MODELS, build, init_state  # same folder
 
 import sparsejax
-from sparsejax.methods import InitContext
 from sparsejax.models import get_model, init_model
 from sparsejax.training.loop import classification_loss
-
-from step_time import METHOD_OPTIONS, MODELS, build  # noqa: E402  (same folder)
 
 
 def tree_bytes(tree) -> int:
@@ -49,9 +47,7 @@ def main() -> None:
             if name not in sparsejax.METHODS:
                 continue
             method = build(name, 10**6)
-            state = jax.jit(lambda p, k, ms, b, m=method: m.init(
-                p, k, ms, InitContext(loss_fn, b)))(params, jax.random.PRNGKey(1),
-                                                     model_state, (batch,))
+            state = init_state(method, loss_fn, params, model_state, batch)
             compiled = jax.jit(sparsejax.make_train_step(method, loss_fn)).lower(
                 state, batch).compile()
             analysis = compiled.memory_analysis()

@@ -29,9 +29,9 @@ import numpy as np
 import optax
 
 import sparsejax
+from sparsejax.methods import InitContext
 from sparsejax.models import get_model, init_model
 from sparsejax.training.loop import classification_loss
-from sparsejax.methods import InitContext
 
 # model -> (input shape, batch size); CIFAR-sized inputs for the conv nets
 MODELS = {"lenet300": ((28, 28, 1), 128), "conv6": ((32, 32, 3), 64),
@@ -63,6 +63,18 @@ def build(name: str, total_steps: int) -> sparsejax.Method:
     return sparsejax.get_method(name, optax.sgd(0.1, momentum=0.9), **options)
 
 
+def init_state(method: sparsejax.Method, loss_fn: Any, params: Any, model_state: Any,
+               batch: Any) -> sparsejax.SparseState:
+    """The method's initial state, scored on ``batch`` where the method needs data."""
+
+    @jax.jit
+    def init(params: Any, model_state: Any, batch: Any) -> sparsejax.SparseState:
+        return method.init(params, jax.random.PRNGKey(1), model_state,
+                           InitContext(loss_fn, (batch,)))
+
+    return init(params, model_state, batch)
+
+
 def block_time(step, state, batch, steps: int):
     start = time.perf_counter()
     for _ in range(steps):
@@ -91,21 +103,18 @@ def main() -> None:
         batch = {"image": jnp.asarray(rng.normal(size=(batch_size, *shape)), jnp.float32),
                  "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
         loss_fn = classification_loss(model)
-        context = InitContext(loss_fn, (batch,))
         total = 10**6  # long enough that interval updates keep happening while timed
-
-        def compiled(method):
-            init = jax.jit(lambda p, k, ms, b: method.init(p, k, ms, InitContext(loss_fn, b)))
-            state = init(params, jax.random.PRNGKey(1), model_state, context.batches)
-            return jax.jit(sparsejax.make_train_step(method, loss_fn)), state
-
-        dense_step, dense_state = compiled(build("dense", total))
+        dense = build("dense", total)
+        dense_step = jax.jit(sparsejax.make_train_step(dense, loss_fn))
+        dense_state = init_state(dense, loss_fn, params, model_state, batch)
         _, dense_state = block_time(dense_step, dense_state, batch, 3)
         for name in args.methods:
             if name not in sparsejax.METHODS:
                 print(f"skip {name}: not registered")
                 continue
-            step, state = compiled(build(name, total))
+            method = build(name, total)
+            step = jax.jit(sparsejax.make_train_step(method, loss_fn))
+            state = init_state(method, loss_fn, params, model_state, batch)
             _, state = block_time(step, state, batch, 3)  # warm-up and compile
             dense_ms, method_ms = [], []
             for _ in range(args.repeats):

@@ -114,7 +114,7 @@ def main() -> None:
             if reference is not None and value != reference:
                 raise AssertionError(f"{name} gave {value}, expected {reference} at n={size}")
             repeats = 20 if size <= 1e6 else 5
-            ms = time_compiled(lambda fn=fn: fn(x), repeats)
+            ms = time_compiled(lambda fn=fn, x=x: fn(x), repeats)
             rows.append({"algorithm": name, "size": size, "k": k, "ms": round(ms, 4),
                          "ns_per_score": round(ms * 1e6 / size, 3), "backend": backend})
             print(f"{backend:4s} n={size:>10,d} {name:8s} {ms:10.3f} ms "
