@@ -36,6 +36,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     from sparsejax.methods import METHODS
     from sparsejax.models import MODEL_NAMES
     from sparsejax.training import LR_SCHEDULES, OPTIMIZERS
+    from sparsejax.training.parallel import PARALLEL_MODES
 
     parser = argparse.ArgumentParser(prog="sparsejax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +71,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest good checkpoint in --out")
     train.add_argument("--no-progress", dest="progress", action="store_false")
+    train.add_argument("--parallel", default="none", choices=PARALLEL_MODES,
+                       help="data parallelism: pmap or sharded jit over all devices")
+    train.add_argument("--nonfinite", default="error", choices=("error", "skip"),
+                       help="a NaN/inf loss or gradient stops the run (error) or the step "
+                            "is skipped and counted (skip)")
+    train.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                       help="do not write TensorBoard events (written where tensorboardX "
+                            "is installed)")
+    train.add_argument("--init-batches", type=int, default=1,
+                       help="training batches that SNIP/GraSP score on at init")
     train.add_argument("--model-option", dest="model_options", type=_option, action="append",
                        default=[], metavar="KEY=VALUE", help="e.g. use_bias=false")
     train.add_argument("--method-option", dest="method_options", type=_option,

@@ -20,16 +20,25 @@ from jax import lax
 from sparsejax.topk import Scope, topk_mask
 from sparsejax.validation import check_same_structure
 
-__all__ = ["supermask", "ste_mask"]
+__all__ = ["supermask", "supermask_product", "ste_mask"]
 
 
 @jax.custom_vjp
-def _supermask_product(w: jax.Array, scores: jax.Array, mask: jax.Array) -> jax.Array:
+def supermask_product(w: jax.Array, scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """The straight-through product behind :func:`supermask`, for a mask already chosen
+    (so a step that knows its mask does not run the top-k twice): forward ``w * mask``,
+    backward ``g * mask`` to ``w`` and ``g * w * sign(scores)`` to ``scores``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> w, s, m = jnp.array([2.0, 3.0]), jnp.array([-0.5, 0.1]), jnp.array([True, False])
+    >>> jax.grad(lambda s: supermask_product(w, s, m).sum())(s)
+    Array([-2.,  3.], dtype=float32)
+    """
     return jnp.where(mask, w, jnp.zeros((), w.dtype))
 
 
 def _supermask_fwd(w, scores, mask):
-    return _supermask_product(w, scores, mask), (w, scores, mask)
+    return supermask_product(w, scores, mask), (w, scores, mask)
 
 
 def _supermask_bwd(residuals, g):
@@ -39,7 +48,7 @@ def _supermask_bwd(residuals, g):
     return grad_w, grad_scores, None
 
 
-_supermask_product.defvjp(_supermask_fwd, _supermask_bwd)
+supermask_product.defvjp(_supermask_fwd, _supermask_bwd)
 
 
 def supermask(
@@ -75,7 +84,7 @@ def supermask(
     check_same_structure(w, scores, reference_name="weights", other_name="scores")
     abs_scores = jax.tree_util.tree_map(lambda s: lax.stop_gradient(jnp.abs(s)), scores)
     masks = topk_mask(abs_scores, density, scope=scope, check_finite_scores=check_finite_scores)
-    return jax.tree_util.tree_map(_supermask_product, w, scores, masks)
+    return jax.tree_util.tree_map(supermask_product, w, scores, masks)
 
 
 @jax.custom_vjp

@@ -1,4 +1,612 @@
 """Dynamic sparse training: SET, RigL and SNFS as one prune-and-regrow engine.
 
-Not implemented yet; methods register here with ``register_method``.
+The network is sparse from the first step to the last and the number of active weights
+is fixed. Every ``update_every`` steps (until ``end_step``) the engine
+
+1. drops, in each prunable leaf, the ``n_drop`` active weights with the smallest *drop
+   score* (a :data:`DropCountFn` turns the scheduled fraction into per-leaf counts);
+2. shares the dropped total among the leaves (a :data:`RedistributeFn`: the same leaf
+   for SET and RigL, by mean momentum for SNFS), never more than a leaf can hold;
+3. grows that many weights with the largest *grow score* among the weights that are not
+   active after the drop (so nothing regrows onto an active weight);
+4. sets grown weights to zero and zeroes their optimizer slots (through
+   ``optax.tree_utils.tree_map_params``, so any optax optimizer works); a weight that is
+   dropped and regrown in the same update keeps its value and slots.
+
+Between updates the optimizer is ``chain(mask_gradients(), optimizer,
+keep_pruned_zero())``: inactive weights stay exactly zero and their slots never
+accumulate. ``materialize`` uses :func:`sparsejax.ste_mask`, so the gradients that reach
+``update`` are dense: RigL grows by them and SNFS keeps their moving average.
+
+The methods differ only in their rules, which are small functions of :class:`Signals`:
+
+====== ===================== ===================== ============================
+method drop score             grow score            redistribution / drop count
+====== ===================== ===================== ============================
+SET    ``|w|``               uniform random        same leaf / round(f * active)
+RigL   ``|w|`` + tiny noise  ``|dense gradient|``  same leaf / round(f * active)
+SNFS   ``|w|``               ``|momentum|``        by mean momentum / ceil(p * active)
+====== ===================== ===================== ============================
+
+Static sparse training is :func:`sparsejax.static`; the dynamic methods start from its
+random mask.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from sparsejax._tree import leaf_paths
+from sparsejax.masks import Prunable, default_prunable
+from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer, step_key
+from sparsejax.methods.fixed import static
+from sparsejax.methods.registry import register_method
+from sparsejax.schedules import Schedule, constant, cosine_drop_fraction, is_update_step
+from sparsejax.ste import ste_mask
+from sparsejax.topk import num_kept, topk_mask
+from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
+from sparsejax.validation import check_density, check_sparsity
+
+__all__ = [
+    "Signals",
+    "RegrowRules",
+    "prune_and_regrow",
+    "regrow_masks",
+    "reset_slots",
+    "magnitude_drop",
+    "noisy_magnitude_drop",
+    "random_grow",
+    "gradient_grow",
+    "momentum_grow",
+    "round_fraction",
+    "ceil_fraction",
+    "same_leaf",
+    "momentum_redistribution",
+    "allocate",
+    "sparse_evolutionary",
+    "rigl",
+    "snfs",
+]
+
+PyTree = Any
+
+MOMENTUM_KEY = "grad_momentum"
+"""The key of the moving average of dense gradients in ``state.extra`` (SNFS)."""
+
+
+class Signals(NamedTuple):
+    """What the rules see at an update: lists over the *prunable* leaves, in leaf order.
+
+    Attributes:
+      params: the current weights (inactive ones are zero).
+      masks: the masks before the update.
+      grads: the dense gradient of this step.
+      momentum: the moving average of dense gradients, or ``None`` when not tracked.
+      key: this step's PRNG key (the same on every device and on resume).
+    """
+
+    params: list[jax.Array]
+    masks: list[jax.Array]
+    grads: list[jax.Array]
+    momentum: list[jax.Array] | None
+    key: jax.Array
+
+
+ScoreFn = Callable[[Signals], list[jax.Array]]
+"""``scores(signals) -> one array per prunable leaf``; larger means keep (drop score) or
+grow first (grow score)."""
+DropCountFn = Callable[[jax.Array, jax.Array], jax.Array]
+"""``drop_counts(fraction, n_active) -> n_drop``, int32 vectors over prunable leaves."""
+RedistributeFn = Callable[[Signals, jax.Array, jax.Array], jax.Array]
+"""``redistribute(signals, n_drop, capacity) -> n_grow``: int32 vectors over prunable
+leaves with ``sum(n_grow) == sum(n_drop)`` and ``n_grow <= capacity``."""
+
+
+class RegrowRules(NamedTuple):
+    """The four small functions that make a prune-and-regrow method."""
+
+    drop_scores: ScoreFn
+    grow_scores: ScoreFn
+    drop_counts: DropCountFn
+    redistribute: RedistributeFn
+
+
+# ---------------------------------------------------------------------------- rules
+
+def magnitude_drop(signals: Signals) -> list[jax.Array]:
+    """Drop score ``|w|``: the smallest active weights are dropped (SET, SNFS)."""
+    return [jnp.abs(p).astype(jnp.float32) for p in signals.params]
+
+
+def noisy_magnitude_drop(noise: float = 1e-6) -> ScoreFn:
+    """Drop score ``|w| + u``, ``u ~ U(0, noise)`` keyed by step: RigL's tie-breaking
+    (many weights sit at exactly zero right after they are grown)."""
+
+    def scores(signals: Signals) -> list[jax.Array]:
+        keys = jax.random.split(jax.random.fold_in(signals.key, 1), len(signals.params))
+        return [jnp.abs(p).astype(jnp.float32) + noise * jax.random.uniform(k, p.shape)
+                for k, p in zip(keys, signals.params, strict=True)]
+
+    return scores
+
+
+def random_grow(signals: Signals) -> list[jax.Array]:
+    """Grow score: uniform random, keyed by step (SET)."""
+    keys = jax.random.split(jax.random.fold_in(signals.key, 2), len(signals.params))
+    return [jax.random.uniform(k, p.shape) for k, p in zip(keys, signals.params, strict=True)]
+
+
+def gradient_grow(signals: Signals) -> list[jax.Array]:
+    """Grow score ``|dense gradient|`` of this step (RigL)."""
+    return [jnp.abs(g).astype(jnp.float32) for g in signals.grads]
+
+
+def momentum_grow(signals: Signals) -> list[jax.Array]:
+    """Grow score ``|momentum|``, the moving average of dense gradients (SNFS)."""
+    if signals.momentum is None:
+        raise ValueError("momentum_grow needs the engine to track momentum (momentum=beta)")
+    return [jnp.abs(m).astype(jnp.float32) for m in signals.momentum]
+
+
+def round_fraction(fraction: jax.Array, n_active: jax.Array) -> jax.Array:
+    """``floor(f * n_active + 0.5)`` per leaf: the library's rounding (as ``num_kept``).
+
+    >>> round_fraction(jnp.float32(0.3), jnp.array([10, 5]))
+    Array([3, 2], dtype=int32)
+    """
+    n = n_active.astype(jnp.float32)
+    return jnp.clip(jnp.floor(fraction * n + 0.5), 0, n).astype(jnp.int32)
+
+
+def ceil_fraction(fraction: jax.Array, n_active: jax.Array) -> jax.Array:
+    """``ceil(p * n_active)`` per leaf (SNFS).
+
+    >>> ceil_fraction(jnp.float32(0.3), jnp.array([10, 5]))
+    Array([3, 2], dtype=int32)
+    """
+    n = n_active.astype(jnp.float32)
+    return jnp.clip(jnp.ceil(fraction * n), 0, n).astype(jnp.int32)
+
+
+def same_leaf(signals: Signals, n_drop: jax.Array, capacity: jax.Array) -> jax.Array:
+    """Each leaf regrows what it dropped, so every leaf keeps its density (SET, RigL)."""
+    del signals, capacity
+    return n_drop
+
+
+def allocate(total: jax.Array, weights: jax.Array, capacity: jax.Array) -> jax.Array:
+    """Split the integer ``total`` among slots in proportion to ``weights``, never giving a
+    slot more than its ``capacity``; the parts add up to exactly ``total`` whenever the
+    capacities allow it.
+
+    A full slot's surplus is shared again among the others (at most one pass per slot);
+    the units left by rounding down go to the first slots with room. All-zero weights
+    share in proportion to the room left.
+
+    >>> allocate(jnp.int32(10), jnp.array([1.0, 1.0, 2.0]), jnp.array([100, 1, 100]))
+    Array([3, 1, 6], dtype=int32)
+    """
+    total = jnp.asarray(total, jnp.int32)
+    capacity = jnp.asarray(capacity, jnp.int32)
+    weights = jnp.maximum(jnp.asarray(weights, jnp.float32), 0.0)
+    alloc = jnp.zeros_like(capacity)
+    for _ in range(int(capacity.shape[0])):
+        remaining = total - jnp.sum(alloc)
+        room = capacity - alloc
+        w = jnp.where(room > 0, weights, 0.0)
+        w = jnp.where(jnp.sum(w) > 0, w, room.astype(jnp.float32))
+        share = w / jnp.maximum(jnp.sum(w), 1e-30)
+        add = jnp.minimum(jnp.floor(share * remaining.astype(jnp.float32)).astype(jnp.int32),
+                          room)
+        add = jnp.clip(remaining - (jnp.cumsum(add) - add), 0, add)
+        alloc = alloc + add
+    remaining = total - jnp.sum(alloc)
+    room = capacity - alloc
+    return alloc + jnp.clip(remaining - (jnp.cumsum(room) - room), 0, room)
+
+
+def momentum_redistribution(signals: Signals, n_drop: jax.Array,
+                            capacity: jax.Array) -> jax.Array:
+    """SNFS: each leaf's share of the regrowth is the mean ``|momentum|`` of its active
+    weights, normalised over leaves; capped by what each leaf can hold, exact in total."""
+    if signals.momentum is None:
+        raise ValueError("momentum_redistribution needs the engine to track momentum")
+    means = jnp.stack([
+        jnp.sum(jnp.where(m, jnp.abs(g), 0.0)) / jnp.maximum(jnp.sum(m), 1).astype(jnp.float32)
+        for m, g in zip(signals.masks, signals.momentum, strict=True)
+    ])
+    return allocate(jnp.sum(n_drop), means, capacity)
+
+
+# ---------------------------------------------------------------------------- engine
+
+def _density_for_count(count: jax.Array, size: int) -> jax.Array:
+    """A float32 density for which ``num_kept(density, size) == count`` exactly.
+
+    ``count / size`` can round to a neighbour of ``count`` for large leaves; a few
+    one-ulp nudges against :func:`num_kept` itself (the rule ``topk_mask`` applies) fix it.
+    """
+    count = jnp.asarray(count, jnp.int32)
+    density = count.astype(jnp.float32) / jnp.float32(max(size, 1))
+    for _ in range(4):
+        got = num_kept(density, size)
+        density = jnp.where(got < count, jnp.nextafter(density, jnp.float32(2)),
+                            jnp.where(got > count, jnp.nextafter(density, jnp.float32(-1)),
+                                      density))
+    return density
+
+
+MAX_LEAF_SIZE = 2**23
+"""Largest prunable leaf whose active count the engine keeps exact: ``topk_mask`` takes a
+float32 density, and float32 cannot name every count of a larger leaf."""
+
+
+def _check_leaf_sizes(params: Any, prunable: Prunable) -> None:
+    for path, p in zip(leaf_paths(params), jax.tree_util.tree_leaves(params), strict=True):
+        if prunable(path, p) and int(jnp.size(p)) > MAX_LEAF_SIZE:
+            raise ValueError(
+                f"prunable leaf '{path}' has {int(jnp.size(p))} entries; dynamic sparse "
+                f"training keeps counts exact only up to {MAX_LEAF_SIZE} entries per leaf "
+                "(float32 densities in topk_mask); leave it dense with the prunable filter"
+            )
+
+
+def _topk_count(scores: jax.Array, count: jax.Array) -> jax.Array:
+    return topk_mask(scores, _density_for_count(count, int(scores.size)),
+                     check_finite_scores=False)
+
+
+def regrow_masks(rules: RegrowRules, signals: Signals,
+                 fraction: jax.Array) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """One prune-and-regrow decision on the prunable leaves.
+
+    Returns ``(new_masks, n_drop, n_grow)``. Nothing grows onto a weight that stays
+    active, so ``sum(new) == sum(old) - n_drop + n_grow`` per leaf.
+
+    >>> import jax, jax.numpy as jnp
+    >>> s = Signals(params=[jnp.array([0.5, 0.1, 0.0, 0.0, 0.3])],
+    ...             masks=[jnp.array([True, True, False, False, True])],
+    ...             grads=[jnp.array([0.0, 0.0, 0.9, 0.2, 0.0])], momentum=None,
+    ...             key=jax.random.PRNGKey(0))
+    >>> rules = RegrowRules(magnitude_drop, gradient_grow, round_fraction, same_leaf)
+    >>> masks, n_drop, n_grow = regrow_masks(rules, s, jnp.float32(0.34))
+    >>> masks[0], int(n_drop[0]), int(n_grow[0])
+    (Array([ True, False,  True, False,  True], dtype=bool), 1, 1)
+    """
+    sizes = jnp.array([m.size for m in signals.masks], jnp.int32)
+    n_active = jnp.stack([jnp.sum(m, dtype=jnp.int32) for m in signals.masks])
+    n_drop = jnp.minimum(rules.drop_counts(fraction, n_active), n_active)
+    drop_scores = rules.drop_scores(signals)
+    kept = [_topk_count(jnp.where(m, s, -jnp.inf), n_active[i] - n_drop[i])
+            for i, (m, s) in enumerate(zip(signals.masks, drop_scores, strict=True))]
+    capacity = sizes - (n_active - n_drop)
+    n_grow = jnp.minimum(rules.redistribute(signals, n_drop, capacity), capacity)
+    grow_scores = rules.grow_scores(signals)
+    new_masks = [k | _topk_count(jnp.where(k, -jnp.inf, g), n_grow[i])
+                 for i, (k, g) in enumerate(zip(kept, grow_scores, strict=True))]
+    return new_masks, n_drop, n_grow
+
+
+def reset_slots(optimizer: optax.GradientTransformation, opt_state: optax.OptState,
+                keep: PyTree) -> optax.OptState:
+    """Zero every per-parameter optimizer slot where ``keep`` is False.
+
+    Works through ``optax.tree_utils.tree_map_params``, so any optax optimizer (chains,
+    ``inject_hyperparams`` wrappers) is handled; counts and hyperparameters are kept.
+
+    >>> import jax.numpy as jnp, optax
+    >>> opt = optax.sgd(0.1, momentum=0.9)
+    >>> state = opt.init({"w": jnp.ones(2)})
+    >>> state = opt.update({"w": jnp.ones(2)}, state)[1]
+    >>> reset_slots(opt, state, {"w": jnp.array([True, False])})[0].trace["w"]
+    Array([1., 0.], dtype=float32)
+    """
+    return optax.tree_utils.tree_map_params(
+        optimizer, lambda s, k: jnp.where(k, s, jnp.zeros((), jnp.result_type(s))),
+        opt_state, keep, transform_non_params=lambda x: x,
+    )
+
+
+def prune_and_regrow(
+    optimizer: optax.GradientTransformation,
+    rules: RegrowRules,
+    *,
+    sparsity: float,
+    distribution: str = "erk",
+    update_every: int,
+    drop_fraction: Schedule,
+    end_step: int | None = None,
+    skip_optimizer_on_update: bool = False,
+    momentum: float | None = None,
+    prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None,
+    name: str = "prune_and_regrow",
+) -> Method:
+    """The dynamic-sparse-training engine: a fixed budget of active weights, moved every
+    ``update_every`` steps by ``rules``.
+
+    Args:
+      optimizer: any optax optimizer.
+      rules: drop score, grow score, drop count and redistribution (:class:`RegrowRules`).
+      sparsity: fraction of prunable weights that are inactive, at every step.
+      distribution: how the initial budget is shared among leaves (``'erk'``, ...).
+      update_every: steps between mask updates (updates after steps ``j * update_every``).
+      drop_fraction: schedule of the fraction handed to ``rules.drop_counts``, evaluated
+        at the number of steps done (including the current one).
+      end_step: no mask updates from this step on (``None``: never stop).
+      skip_optimizer_on_update: on update steps, only move the mask (RigL's code);
+        otherwise the optimizer steps first and the mask moves after.
+      momentum: if set, keep ``m = beta * m + (1 - beta) * g`` of the dense gradients in
+        ``state.extra['grad_momentum']`` for the rules (SNFS).
+      prunable, overrides: which leaves are sparse, as in :func:`sparsejax.static`.
+      name: the method's name.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> rules = RegrowRules(magnitude_drop, random_grow, round_fraction, same_leaf)
+    >>> m = prune_and_regrow(optax.sgd(0.1), rules, sparsity=0.5, update_every=1,
+    ...                      drop_fraction=constant(0.5), distribution="uniform")
+    >>> state = m.init({"w": jnp.arange(1.0, 9.0).reshape(2, 4)}, jax.random.PRNGKey(0))
+    >>> state = m.update(state, {"w": jnp.ones((2, 4))})
+    >>> int(state.masks["w"].sum()), int(state.step)
+    (4, 1)
+    """
+    check_sparsity(sparsity)
+    if update_every < 1:
+        raise ValueError(f"update_every must be >= 1 step, got {update_every}")
+    if end_step is not None and end_step < 1:
+        raise ValueError(f"end_step must be >= 1, got {end_step}")
+    if momentum is not None and not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum (moving-average factor) must lie in [0, 1), got {momentum}")
+    chained = optax.chain(mask_gradients(), optimizer, keep_pruned_zero())
+    start = static(optimizer, sparsity, distribution, prunable=prunable, overrides=overrides)
+
+    def init(params: Any, rng: jax.Array, model_state: Any = None,
+             context: InitContext | None = None) -> SparseState:
+        del context
+        _check_leaf_sizes(params, prunable)
+        state = start.init(params, rng, model_state)
+        extra = {}
+        if momentum is not None:
+            extra[MOMENTUM_KEY] = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        return state.replace(opt_state=chained.init(state.params), extra=extra)
+
+    def regrow(state: SparseState, params: Any, opt_state: Any, grads: Any,
+               extra: Any) -> tuple[Any, Any, Any]:
+        paths = leaf_paths(params)
+        flat_params, treedef = jax.tree_util.tree_flatten(params)
+        flat_masks = jax.tree_util.tree_leaves(state.masks)
+        flat_grads = jax.tree_util.tree_leaves(grads)
+        chosen = [i for i, (path, p) in enumerate(zip(paths, flat_params, strict=True))
+                  if prunable(path, p)]
+        flat_momentum = (jax.tree_util.tree_leaves(extra[MOMENTUM_KEY])
+                         if momentum is not None else None)
+        signals = Signals(
+            params=[flat_params[i] for i in chosen],
+            masks=[flat_masks[i] for i in chosen],
+            grads=[flat_grads[i] for i in chosen],
+            momentum=None if flat_momentum is None else [flat_momentum[i] for i in chosen],
+            key=step_key(state, 0x44535421),
+        )
+        new_masks, _, _ = regrow_masks(rules, signals, drop_fraction(state.step + 1))
+        masks = list(flat_masks)
+        for i, mask in zip(chosen, new_masks, strict=True):
+            masks[i] = mask
+        masks = jax.tree_util.tree_unflatten(treedef, masks)
+        # Survivors (including weights dropped and regrown at once) keep value and slots;
+        # grown weights start at zero with zeroed slots.
+        survivors = jax.tree_util.tree_map(jnp.logical_and, state.masks, masks)
+        return (zero_masked(params, survivors), masks,
+                reset_slots(chained, opt_state, survivors))
+
+    def update(state: SparseState, grads: Any) -> SparseState:
+        extra = state.extra
+        if momentum is not None:
+            extra = {**extra, MOMENTUM_KEY: jax.tree_util.tree_map(
+                lambda m, g: momentum * m + (1.0 - momentum) * g, extra[MOMENTUM_KEY], grads)}
+        due = is_update_step(state.step + 1, update_every, end_step=end_step)
+
+        def optimizer_step() -> tuple[Any, Any]:
+            return apply_optimizer(chained, grads, state.opt_state, state.params,
+                                   masks=state.masks)
+
+        if skip_optimizer_on_update:
+            def move() -> tuple[Any, Any, Any]:
+                return regrow(state, state.params, state.opt_state, grads, extra)
+
+            def train() -> tuple[Any, Any, Any]:
+                params, opt_state = optimizer_step()
+                return params, state.masks, opt_state
+
+            params, masks, opt_state = lax.cond(due, move, train)
+        else:
+            params, opt_state = optimizer_step()
+            params, masks, opt_state = lax.cond(
+                due, lambda: regrow(state, params, opt_state, grads, extra),
+                lambda: (params, state.masks, opt_state))
+        return state.replace(step=state.step + 1, params=params, masks=masks,
+                             opt_state=opt_state, extra=extra)
+
+    return Method(
+        name=name,
+        init=init,
+        trainables=lambda state: state.params,
+        materialize=lambda state, params: ste_mask(params, state.masks),
+        update=update,
+        effective_params=lambda state: zero_masked(state.params, state.masks),
+    )
+
+
+# ---------------------------------------------------------------------------- methods
+
+def _epoch_interval(method: str, update_every: int | None,
+                    batches_per_epoch: int | None) -> int:
+    if update_every is not None:
+        return update_every
+    if batches_per_epoch is None:
+        raise ValueError(f"{method} updates the mask once per epoch by default: give "
+                         "batches_per_epoch (the harness does) or update_every")
+    return batches_per_epoch
+
+
+def _check_end_step(method: str, end_step: int, total_steps: int | None) -> None:
+    if total_steps is not None and end_step > total_steps:
+        raise ValueError(f"{method}: end_step {end_step} lies beyond the end of training "
+                         f"({total_steps} steps)")
+
+
+def sparse_evolutionary(
+    optimizer: optax.GradientTransformation,
+    *,
+    sparsity: float,
+    distribution: str = "erdos_renyi",
+    drop_fraction: float = 0.3,
+    update_every: int | None = None,
+    end_step: int | None = None,
+    batches_per_epoch: int | None = None,
+    total_steps: int | None = None,
+    prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None,
+) -> Method:
+    """SET (Mocanu et al. 2018): every epoch drop ``drop_fraction`` of each leaf's active
+    weights with the smallest ``|w|`` and regrow as many uniformly at random among the
+    inactive ones, at zero. Erdos-Renyi layer densities by default.
+
+    ``update_every`` defaults to ``batches_per_epoch``; ``end_step`` to ``total_steps``
+    (no update after the last step), else never.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> m = sparse_evolutionary(optax.sgd(0.1), sparsity=0.75, update_every=1)
+    >>> state = m.init({"w": jnp.ones((4, 4))}, jax.random.PRNGKey(0))
+    >>> int(m.update(state, {"w": jnp.ones((4, 4))}).masks["w"].sum())
+    4
+    """
+    check_density(drop_fraction, "drop_fraction")
+    interval = _epoch_interval("set", update_every, batches_per_epoch)
+    if end_step is None:
+        end_step = total_steps
+    else:
+        _check_end_step("set", end_step, total_steps)
+    rules = RegrowRules(magnitude_drop, random_grow, round_fraction, same_leaf)
+    return prune_and_regrow(optimizer, rules, sparsity=sparsity, distribution=distribution,
+                            update_every=interval, drop_fraction=constant(drop_fraction),
+                            end_step=end_step, prunable=prunable, overrides=overrides,
+                            name="set")
+
+
+def rigl(
+    optimizer: optax.GradientTransformation,
+    *,
+    sparsity: float,
+    distribution: str = "erk",
+    drop_fraction: float = 0.3,
+    update_every: int = 100,
+    end_step: int | None = None,
+    total_steps: int | None = None,
+    skip_optimizer_on_update: bool = True,
+    tie_noise: float = 1e-6,
+    prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None,
+) -> Method:
+    """RigL (Evci et al. 2020): every ``update_every`` steps until ``end_step`` drop
+    ``f_t = drop_fraction / 2 * (1 + cos(pi t / end_step))`` of each leaf's active weights
+    with the smallest ``|w|`` (plus ``U(0, tie_noise)`` to break ties) and grow as many
+    with the largest dense-gradient magnitude; grown weights and their optimizer slots
+    start at zero. ERK layer densities by default.
+
+    ``end_step`` defaults to 75% of ``total_steps``; one of the two is required. By
+    default the optimizer step is skipped on update steps, as in RigL's code.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> m = rigl(optax.sgd(0.1), sparsity=0.75, update_every=1, end_step=10)
+    >>> state = m.init({"w": jnp.ones((4, 4))}, jax.random.PRNGKey(0))
+    >>> grads = {"w": jnp.arange(16.0).reshape(4, 4)}
+    >>> new = m.update(state, grads).masks["w"]
+    >>> bool(new[3, 3]), int(new.sum())  # the largest gradient grows; count unchanged
+    (True, 4)
+    """
+    check_density(drop_fraction, "drop_fraction")
+    if tie_noise < 0:
+        raise ValueError(f"tie_noise must be >= 0, got {tie_noise}")
+    if end_step is None:
+        if total_steps is None:
+            raise ValueError("rigl needs end_step or total_steps (end_step defaults to 75% "
+                             "of training)")
+        end_step = max(1, int(0.75 * total_steps))
+    _check_end_step("rigl", end_step, total_steps)
+    drop = noisy_magnitude_drop(tie_noise) if tie_noise > 0 else magnitude_drop
+    rules = RegrowRules(drop, gradient_grow, round_fraction, same_leaf)
+    return prune_and_regrow(optimizer, rules, sparsity=sparsity, distribution=distribution,
+                            update_every=update_every,
+                            drop_fraction=cosine_drop_fraction(drop_fraction, end_step),
+                            end_step=end_step, skip_optimizer_on_update=skip_optimizer_on_update,
+                            prunable=prunable, overrides=overrides, name="rigl")
+
+
+def snfs(
+    optimizer: optax.GradientTransformation,
+    *,
+    sparsity: float,
+    distribution: str = "erk",
+    prune_rate: float = 0.5,
+    final_prune_rate: float = 0.005,
+    momentum: float = 0.9,
+    update_every: int | None = None,
+    end_step: int | None = None,
+    batches_per_epoch: int | None = None,
+    total_steps: int | None = None,
+    prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None,
+) -> Method:
+    """SNFS, sparse momentum (Dettmers & Zettlemoyer 2019): every epoch prune
+    ``ceil(p * active)`` smallest-``|w|`` weights of each leaf, with ``p`` cosine-annealed
+    from ``prune_rate`` to ``final_prune_rate`` over training; share the regrowth among
+    leaves by the mean ``|momentum|`` of their active weights and grow, in each leaf, the
+    inactive weights with the largest ``|momentum|``, at zero. The total number of active
+    weights is constant; per-leaf densities move.
+
+    Momentum is a moving average of the *dense* gradients kept in
+    ``state.extra['grad_momentum']`` (factor ``momentum``), not the optimizer's own
+    trace: the optimizer only sees masked gradients (so inactive weights accumulate no
+    slots) and need not have momentum at all (Adam works the same).
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> m = snfs(optax.sgd(0.1), sparsity=0.75, update_every=1, total_steps=10)
+    >>> p = {"a": jnp.ones((4, 4)), "b": jnp.ones((4, 4))}
+    >>> state = m.init(p, jax.random.PRNGKey(0))
+    >>> state = m.update(state, {"a": jnp.zeros((4, 4)), "b": jnp.ones((4, 4))})
+    >>> int(state.masks["a"].sum()) + int(state.masks["b"].sum())  # total is constant
+    8
+    """
+    check_density(prune_rate, "prune_rate")
+    check_density(final_prune_rate, "final_prune_rate")
+    if final_prune_rate > prune_rate:
+        raise ValueError(f"final_prune_rate ({final_prune_rate}) must not exceed prune_rate "
+                         f"({prune_rate})")
+    if total_steps is None:
+        raise ValueError("snfs needs total_steps: the prune rate is annealed over training")
+    interval = _epoch_interval("snfs", update_every, batches_per_epoch)
+    if end_step is None:
+        end_step = total_steps
+    else:
+        _check_end_step("snfs", end_step, total_steps)
+    anneal = cosine_drop_fraction(prune_rate - final_prune_rate, total_steps)
+
+    def rate(step: jax.Array | int) -> jax.Array:
+        return jnp.float32(final_prune_rate) + anneal(step)
+
+    rules = RegrowRules(magnitude_drop, momentum_grow, ceil_fraction, momentum_redistribution)
+    return prune_and_regrow(optimizer, rules, sparsity=sparsity, distribution=distribution,
+                            update_every=interval, drop_fraction=rate, end_step=end_step,
+                            momentum=momentum, prunable=prunable, overrides=overrides,
+                            name="snfs")
+
+
+register_method("set", sparse_evolutionary)
+register_method("rigl", rigl)
+register_method("snfs", snfs)

@@ -1,5 +1,391 @@
 """Continuously relaxed Bernoulli gates over frozen weights (Gaussian stochastic gates and
 hard-concrete L0 gates): strong lottery tickets without a straight-through estimator.
 
-Not implemented yet; methods register here with ``register_method``.
+Every prunable weight ``w`` gets one gate parameter ``g`` (kept in ``state.scores``); the
+weights never change. In training the forward pass uses ``w * z`` with a random gate
+``z = gate(g, noise)`` in [0, 1] drawn from :func:`~sparsejax.methods.base.step_key`, and
+the loss adds ``lam * mean(P(z > 0))``, the expected fraction of open gates (an expected-L0
+penalty, normalised by the number of gates so that ``lam`` means the same on every
+model). The gradient reaches ``g`` through the reparameterisation ``z(g, noise)`` by plain
+automatic differentiation (no ``custom_vjp``).
+
+Gate forms (see ``shared/REFERENCES.md``):
+
+* ``gaussian`` (stochastic gates, Yamada et al. 2020): ``z = clip(mu + eps, 0, 1)`` with
+  ``eps ~ N(0, sigma^2)``; ``P(z > 0) = Phi(mu / sigma)``; test gate ``clip(mu, 0, 1)``.
+* ``hard_concrete`` (Louizos et al. 2018): ``s = sigmoid((log u - log(1-u) + log_alpha) /
+  beta)``, ``z = clip(s * (zeta - gamma) + gamma, 0, 1)`` with ``u ~ U(0, 1)``;
+  ``P(z > 0) = sigmoid(log_alpha - beta * log(-gamma / zeta))``; test gate
+  ``clip(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``.
+
+Evaluation and export use ``effective_params = w * m`` with a hard binary mask ``m``
+(``state.masks``, refreshed after every update), derived by the ``binarize`` rule:
+
+* ``'open'``: ``m = test gate > 0`` (default without a target sparsity);
+* ``'half'``: ``m = test gate > 0.5``;
+* ``'topk'`` (default with a target sparsity): of the gates open at test time, those with
+  the largest parameters (``mu`` or ``log_alpha``, which order the test gate and
+  ``P(z > 0)`` alike) over all prunable leaves jointly, at most ``num_kept(1 - sparsity,
+  N)`` of them. A gate closed at test time is never switched on, so the mask's sparsity
+  is the target or, when the controller closed more gates than needed, a little above.
+
+A target ``sparsity`` is reached by a Lagrange-multiplier controller: the target density
+follows a cubic schedule from 1 to ``1 - sparsity`` over the first ``ramp`` of training,
+and after every step ``lam <- max(0, lam + lam_rate * (open density - target density))``
+(dual ascent on the constraint "density <= target"), kept in ``state.extra['lam']``. The
+controller measures the fraction of gates that are open at test time (test gate > 0), the
+mask that is kept at the end, rather than the expected density ``mean P(z > 0)``: closed
+gates keep a residual ``P(z > 0)``, so the expected density differs from the hard mask's
+density, and on LeNet-300-100 a controller on it left clearly too many or too few gates
+open (see docs/results_gates.md).
+
+``state.scores`` has the structure of ``params``; leaves without gates (biases, norms,
+whatever ``prunable`` rejects) hold an empty ``(0,)`` array there, and all-``True`` masks.
 """
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.scipy.special import ndtr
+
+from sparsejax.masks import Prunable, default_prunable, prunable_leaves
+from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer, step_key
+from sparsejax.methods.registry import register_method
+from sparsejax.methods.strong import WEIGHT_INITS, init_weights
+from sparsejax.schedules import cubic_sparsity
+from sparsejax.topk import topk_mask
+from sparsejax.transforms import zero_masked
+from sparsejax.validation import check_sparsity
+
+__all__ = [
+    "GateForm",
+    "GATE_FORMS",
+    "BINARIZE_RULES",
+    "gaussian_gate",
+    "hard_concrete_gate",
+    "gates",
+]
+
+PyTree = Any
+
+HC_BETA = 2.0 / 3.0
+HC_GAMMA = -0.1
+HC_ZETA = 1.1
+_UNIFORM_EPS = 1e-6  # u is drawn from [eps, 1 - eps] so that log u and log(1-u) are finite
+
+BINARIZE_RULES = ("open", "half", "topk")
+
+
+class GateForm(NamedTuple):
+    """One relaxed Bernoulli gate, as pure elementwise functions of the gate parameter.
+
+    Attributes:
+      name: ``'gaussian'`` or ``'hard_concrete'``.
+      init: ``(key, shape) -> gate parameters``.
+      noise: ``(key, shape) -> noise``, the parameter-free randomness (``eps`` or ``u``).
+      relax: ``(g, noise) -> z`` the training gate in [0, 1], differentiable in ``g``.
+      prob_open: ``g -> P(z > 0)``, whose mean is the expected-L0 penalty.
+      test_gate: ``g -> `` the deterministic gate in [0, 1] (no noise).
+    """
+
+    name: str
+    init: Callable[[jax.Array, tuple[int, ...]], jax.Array]
+    noise: Callable[[jax.Array, tuple[int, ...]], jax.Array]
+    relax: Callable[[jax.Array, jax.Array], jax.Array]
+    prob_open: Callable[[jax.Array], jax.Array]
+    test_gate: Callable[[jax.Array], jax.Array]
+
+    def sample(self, g: jax.Array, key: jax.Array) -> jax.Array:
+        """A training gate ``relax(g, noise(key))`` with fresh noise from ``key``."""
+        return self.relax(g, self.noise(key, jnp.shape(g)))
+
+
+def gaussian_gate(sigma: float = 0.5, mu_init: float = 0.5) -> GateForm:
+    """Gaussian stochastic gates: ``z = clip(mu + eps, 0, 1)``, ``eps ~ N(0, sigma^2)``.
+
+    >>> import jax.numpy as jnp
+    >>> form = gaussian_gate(sigma=0.5)
+    >>> [round(float(v), 4) for v in form.prob_open(jnp.array([0.0, 0.5]))]  # Phi(mu/sigma)
+    [0.5, 0.8413]
+    >>> form.test_gate(jnp.array([-0.2, 0.3, 1.7]))
+    Array([0. , 0.3, 1. ], dtype=float32)
+    """
+    if not sigma > 0 or not math.isfinite(sigma):
+        raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+    if not math.isfinite(mu_init):
+        raise ValueError(f"mu_init must be finite, got {mu_init!r}")
+
+    def init(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        del key
+        return jnp.full(shape, mu_init, jnp.float32)
+
+    def noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        return sigma * jax.random.normal(key, shape, jnp.float32)
+
+    return GateForm(
+        name="gaussian",
+        init=init,
+        noise=noise,
+        relax=lambda mu, eps: jnp.clip(mu + eps, 0.0, 1.0),
+        prob_open=lambda mu: ndtr(mu / sigma),
+        test_gate=lambda mu: jnp.clip(mu, 0.0, 1.0),
+    )
+
+
+def hard_concrete_gate(drop_init: float = 0.5, beta: float = HC_BETA, gamma: float = HC_GAMMA,
+                       zeta: float = HC_ZETA) -> GateForm:
+    """Hard-concrete L0 gates (Louizos et al. 2018) with parameters ``log_alpha``.
+
+    ``log_alpha`` starts at ``N(log((1 - p) / p), 0.01^2)`` with ``p = drop_init``.
+
+    >>> import jax.numpy as jnp
+    >>> form = hard_concrete_gate()
+    >>> round(float(form.prob_open(jnp.array(0.0))), 4)  # sigmoid(-beta log(-gamma/zeta))
+    0.8318
+    >>> round(float(form.test_gate(jnp.array(0.0))), 4)  # 0.5 * 1.2 - 0.1
+    0.5
+    """
+    if not 0.0 < drop_init < 1.0:
+        raise ValueError(f"drop_init must lie in (0, 1), got {drop_init!r}")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta!r}")
+    if not (gamma < 0.0 and zeta > 1.0):
+        raise ValueError(f"need gamma < 0 and zeta > 1 (a stretched interval), got "
+                         f"gamma={gamma!r}, zeta={zeta!r}")
+    mean = math.log((1.0 - drop_init) / drop_init)
+    shift = beta * math.log(-gamma / zeta)
+
+    def init(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        return mean + 0.01 * jax.random.normal(key, shape, jnp.float32)
+
+    def stretch(s: jax.Array) -> jax.Array:
+        return jnp.clip(s * (zeta - gamma) + gamma, 0.0, 1.0)
+
+    def noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        return jax.random.uniform(key, shape, jnp.float32, _UNIFORM_EPS, 1.0 - _UNIFORM_EPS)
+
+    def relax(log_alpha: jax.Array, u: jax.Array) -> jax.Array:
+        return stretch(jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + log_alpha) / beta))
+
+    return GateForm(
+        name="hard_concrete",
+        init=init,
+        noise=noise,
+        relax=relax,
+        prob_open=lambda log_alpha: jax.nn.sigmoid(log_alpha - shift),
+        test_gate=lambda log_alpha: stretch(jax.nn.sigmoid(log_alpha)),
+    )
+
+
+GATE_FORMS: dict[str, Callable[..., GateForm]] = {
+    "gaussian": gaussian_gate,
+    "hard_concrete": hard_concrete_gate,
+}
+
+
+def gates(
+    optimizer: optax.GradientTransformation,
+    *,
+    gate: str = "gaussian",
+    sparsity: float | None = None,
+    lam: float | None = None,
+    lam_rate: float = 0.05,
+    ramp: float = 0.5,
+    sigma: float = 0.5,
+    mu_init: float | None = None,
+    drop_init: float | None = None,
+    binarize: str | None = None,
+    score_bounds: tuple[float, float] | None = None,
+    weight_init: str = "signed_constant",
+    total_steps: int | None = None,
+    prunable: Prunable = default_prunable,
+) -> Method:
+    """Strong lottery tickets with relaxed Bernoulli gates over frozen weights.
+
+    Args:
+      optimizer: trains the gate parameters (``state.scores``).
+      gate: ``'gaussian'`` or ``'hard_concrete'`` (see the module docstring).
+      sparsity: target fraction of prunable weights removed. With it, ``lam`` is set by a
+        controller (``lam`` is then its starting value, default 0) and the default
+        ``binarize`` rule is ``'topk'``, so the final mask has at least this sparsity.
+        Without it, ``lam`` is a fixed penalty weight (default 1.0).
+      lam: weight of the penalty ``lam * mean over gates of P(z > 0)``.
+      lam_rate: step size of the controller (change of ``lam`` per step per unit of
+        density error).
+      ramp: fraction of ``total_steps`` over which the target density goes from 1 to
+        ``1 - sparsity`` (cubic); 0 (or no ``total_steps``) targets it from step 0.
+      sigma: noise scale of the Gaussian gate.
+      mu_init: initial ``mu`` of the Gaussian gate (default 0.5).
+      drop_init: initial drop probability ``p`` of the hard-concrete gate (default 0.5).
+      binarize: how the hard mask is derived: ``'open'``, ``'half'`` or ``'topk'``.
+      score_bounds: ``(low, high)``: after each update the gate parameters are clipped to
+        this interval (default: not clipped). A clipped gate gets no gradient once
+        ``mu + eps`` stays above 1 (or below 0), and its penalty gradient ``phi(mu /
+        sigma)`` vanishes, so without bounds gates that ran far above 1 can no longer be
+        closed by the controller; e.g. ``(-1.0, 1.5)`` for the Gaussian gate keeps every
+        gate within reach.
+      weight_init: one of :data:`sparsejax.methods.strong.WEIGHT_INITS` (default: signed
+        Kaiming constant, Edge-Popup's best), drawn once at init by
+        :func:`sparsejax.methods.strong.init_weights`; the ``scaled_*`` variants divide the
+        scale by ``sqrt(1 - sparsity)`` and need a target sparsity.
+      total_steps: the run's length (the harness passes it), for the ramp.
+      prunable: which leaves get gates; the others are used as they are.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> method = gates(optax.adam(0.1), gate="hard_concrete", sparsity=0.5)
+    >>> state = method.init({"w": jnp.ones((4, 4)), "b": jnp.zeros(4)}, jax.random.PRNGKey(0))
+    >>> state.scores["w"].shape, state.scores["b"].shape  # no gates on the bias
+    ((4, 4), (0,))
+    >>> int(state.masks["w"].sum()), bool(state.masks["b"].all())
+    (8, True)
+    >>> eff = method.effective_params(state)["w"]
+    >>> bool(jnp.all((eff == 0) | (eff == state.params["w"])))
+    True
+    """
+    if gate not in GATE_FORMS:
+        raise ValueError(f"unknown gate {gate!r}; known: {', '.join(GATE_FORMS)}")
+    if gate == "gaussian":
+        if drop_init is not None:
+            raise ValueError("drop_init belongs to gate='hard_concrete'; use mu_init")
+        form = gaussian_gate(sigma, 0.5 if mu_init is None else float(mu_init))
+    else:
+        if mu_init is not None:
+            raise ValueError("mu_init belongs to gate='gaussian'; use drop_init")
+        form = hard_concrete_gate(0.5 if drop_init is None else float(drop_init))
+    if sparsity is not None:
+        check_sparsity(sparsity)
+    binarize = binarize or ("topk" if sparsity is not None else "open")
+    if binarize not in BINARIZE_RULES:
+        raise ValueError(f"unknown binarize rule {binarize!r}; known: {', '.join(BINARIZE_RULES)}")
+    if binarize == "topk" and sparsity is None:
+        raise ValueError("binarize='topk' needs a target sparsity")
+    if lam is None:
+        lam = 0.0 if sparsity is not None else 1.0
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if not (math.isfinite(lam_rate) and lam_rate >= 0):
+        raise ValueError(f"lam_rate must be a finite number >= 0, got {lam_rate!r}")
+    if not 0.0 <= ramp <= 1.0:
+        raise ValueError(f"ramp must lie in [0, 1], got {ramp!r}")
+    if weight_init not in WEIGHT_INITS:
+        raise ValueError(f"unknown weight init {weight_init!r}; known: {', '.join(WEIGHT_INITS)}")
+    if weight_init.startswith("scaled_") and sparsity is None:
+        raise ValueError(f"weight_init={weight_init!r} needs a target sparsity")
+    if score_bounds is not None:
+        if len(score_bounds) != 2 or not float(score_bounds[0]) < float(score_bounds[1]):
+            raise ValueError(f"score_bounds must be (low, high) with low < high, got "
+                             f"{score_bounds!r}")
+        low, high = float(score_bounds[0]), float(score_bounds[1])
+    if total_steps is not None and total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    density = 1.0 if sparsity is None else 1.0 - sparsity
+    ramp_steps = int(ramp * total_steps) if total_steps is not None else 0
+    if sparsity is None:
+        target_density: Callable[[jax.Array], jax.Array] | None = None
+    elif ramp_steps > 0:
+        schedule = cubic_sparsity(sparsity, begin_step=0, end_step=ramp_steps)
+        target_density = lambda step: 1.0 - schedule(step)  # noqa: E731
+    else:
+        target_density = lambda step: jnp.float32(density)  # noqa: E731
+
+    def flags(params: PyTree) -> list[bool]:
+        return jax.tree_util.tree_leaves(prunable_leaves(params, prunable))
+
+    def gated(params: PyTree, scores: PyTree) -> list[jax.Array]:
+        """The gate parameters of the prunable leaves, in leaf order."""
+        return [s for s, f in zip(jax.tree_util.tree_leaves(scores), flags(params), strict=True)
+                if f]
+
+    def expected_density(params: PyTree, scores: PyTree) -> jax.Array:
+        leaves = gated(params, scores)
+        total = sum(int(s.size) for s in leaves)
+        if total == 0:
+            return jnp.float32(0.0)
+        return sum(jnp.sum(form.prob_open(s)) for s in leaves) / total
+
+    def open_density(params: PyTree, scores: PyTree) -> jax.Array:
+        leaves = gated(params, scores)
+        total = sum(int(s.size) for s in leaves)
+        if total == 0:
+            return jnp.float32(0.0)
+        return sum(jnp.sum(form.test_gate(s) > 0, dtype=jnp.int32) for s in leaves) / total
+
+    def binary_masks(params: PyTree, scores: PyTree) -> PyTree:
+        treedef = jax.tree_util.tree_structure(params)
+        is_gated = flags(params)
+        score_leaves = jax.tree_util.tree_leaves(scores)
+        if binarize == "topk":
+            chosen = iter(topk_mask([s for s, f in zip(score_leaves, is_gated, strict=True)
+                                     if f], density, scope="global",
+                                    check_finite_scores=False))
+        masks = []
+        for leaf, s, f in zip(treedef.flatten_up_to(params), score_leaves, is_gated,
+                              strict=True):
+            if not f:
+                masks.append(jnp.ones(jnp.shape(leaf), bool))
+            elif binarize == "topk":
+                masks.append(next(chosen) & (form.test_gate(s) > 0))
+            else:
+                masks.append(form.test_gate(s) > (0.0 if binarize == "open" else 0.5))
+        return jax.tree_util.tree_unflatten(treedef, masks)
+
+    def init(params: PyTree, rng: jax.Array, model_state: Any = None,
+             context: InitContext | None = None) -> SparseState:
+        del context
+        weight_key, gate_key = jax.random.split(jax.random.fold_in(rng, 0x67617465))
+        params = init_weights(params, weight_key, weight_init, density=density,
+                              prunable=prunable)
+        is_gated, treedef = jax.tree_util.tree_flatten(prunable_leaves(params, prunable))
+        leaves = treedef.flatten_up_to(params)
+        keys = jax.random.split(gate_key, max(len(leaves), 1))
+        scores = jax.tree_util.tree_unflatten(treedef, [
+            form.init(k, jnp.shape(p)) if f else jnp.zeros((0,), jnp.float32)
+            for k, p, f in zip(keys, leaves, is_gated, strict=True)])
+        return SparseState.create(
+            params=params, rng=rng, opt_state=optimizer.init(scores), scores=scores,
+            masks=binary_masks(params, scores), model_state=model_state,
+            extra={"lam": jnp.float32(lam)})
+
+    def materialize(state: SparseState, scores: PyTree) -> PyTree:
+        key = step_key(state, 0x7A)
+        is_gated, treedef = jax.tree_util.tree_flatten(prunable_leaves(state.params, prunable))
+        keys = jax.random.split(key, max(len(is_gated), 1))
+        out = [form.sample(s, k).astype(jnp.result_type(w)) * w if f else w
+               for w, s, k, f in zip(treedef.flatten_up_to(state.params),
+                                     jax.tree_util.tree_leaves(scores), keys, is_gated,
+                                     strict=True)]
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def penalty(state: SparseState, scores: PyTree) -> jax.Array:
+        return state.extra["lam"] * expected_density(state.params, scores)
+
+    def update(state: SparseState, grads: PyTree) -> SparseState:
+        scores, opt_state = apply_optimizer(optimizer, grads, state.opt_state, state.scores)
+        if score_bounds is not None:
+            scores = jax.tree_util.tree_map(lambda s: jnp.clip(s, low, high), scores)
+        lam_now = state.extra["lam"]
+        if target_density is not None:
+            error = open_density(state.params, scores) - target_density(state.step + 1)
+            lam_now = jnp.maximum(lam_now + lam_rate * error, 0.0).astype(jnp.float32)
+        return state.replace(step=state.step + 1, scores=scores, opt_state=opt_state,
+                             masks=binary_masks(state.params, scores),
+                             extra={**state.extra, "lam": lam_now})
+
+    return Method(
+        name="gates",
+        init=init,
+        trainables=lambda state: state.scores,
+        materialize=materialize,
+        update=update,
+        effective_params=lambda state: zero_masked(state.params, state.masks),
+        penalty=penalty,
+    )
+
+
+register_method("gates", gates)

@@ -1,5 +1,593 @@
 """Score, then keep the top fraction: magnitude, random, SNIP, GraSP, SynFlow, and
 gradual magnitude pruning.
 
-Not implemented yet; methods register here with ``register_method``.
+Every method here is a score function (pure, returning a pytree of scores shaped like the
+params) followed by the one selection step :func:`sparsejax.select_masks`, then training
+of the survivors under the fixed mask (:func:`sparsejax.fixed_mask`). Methods whose mask
+changes during training (gradual magnitude pruning, magnitude pruning after ``prune_step``
+steps) recompute it inside ``update`` under ``jit`` at the steps of a schedule.
+
+Scores of weights that are already pruned are set to ``-1`` before a new selection
+(every score here is non-negative), so a weight once pruned is never chosen again.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from sparsejax._tree import leaf_paths
+from sparsejax.distributions import _plan, layer_densities, select_masks
+from sparsejax.masks import Prunable, default_prunable
+from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer
+from sparsejax.methods.fixed import fixed_mask, random_scores
+from sparsejax.methods.registry import register_method
+from sparsejax.schedules import cubic_sparsity
+from sparsejax.topk import topk_mask
+from sparsejax.transforms import keep_pruned_zero, zero_masked
+from sparsejax.validation import check_sparsity
+
+__all__ = [
+    "ApplyFn",
+    "magnitude_scores",
+    "snip_scores",
+    "grasp_scores",
+    "synflow_scores",
+    "synflow_masks",
+    "exclude_pruned",
+    "masks_for_densities",
+    "magnitude",
+    "gradual_magnitude",
+    "random_prune",
+    "snip",
+    "grasp",
+    "synflow",
+    "scheduled_magnitude",
+]
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
+"""``apply_fn(params, model_state, inputs) -> outputs`` in evaluation mode (batch norm on
+its running statistics). The harness passes it to builders that take ``apply_fn``."""
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def magnitude_scores(params: PyTree) -> PyTree:
+    """``|w|`` for every leaf.
+
+    >>> import jax.numpy as jnp
+    >>> magnitude_scores({"w": jnp.array([-2.0, 1.0])})["w"]
+    Array([2., 1.], dtype=float32)
+    """
+    return jax.tree_util.tree_map(lambda w: jnp.abs(w).astype(jnp.float32), params)
+
+
+def exclude_pruned(scores: PyTree, masks: PyTree) -> PyTree:
+    """Scores with pruned entries set to ``-1``, below every non-negative score, so a new
+    selection never revives them.
+
+    >>> import jax.numpy as jnp
+    >>> exclude_pruned({"w": jnp.array([0.5, 0.7])}, {"w": jnp.array([True, False])})["w"]
+    Array([ 0.5, -1. ], dtype=float32)
+    """
+    return jax.tree_util.tree_map(
+        lambda s, m: jnp.where(m, s, jnp.float32(-1)).astype(jnp.float32), scores, masks)
+
+
+def _mean_grad(loss_fn: Callable[..., Any], params: PyTree, model_state: PyTree,
+               batches: Sequence[Any]) -> PyTree:
+    if not batches:
+        raise ValueError("this score needs training batches: give the method an InitContext "
+                         "with at least one batch (TrainConfig.init_batches >= 1)")
+
+    def loss_only(p: PyTree, batch: Any) -> jax.Array:
+        return loss_fn(p, model_state, batch)[0]
+
+    grads = [jax.grad(loss_only)(params, b) for b in batches]
+    return jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *grads)
+
+
+def _normalise(scores: PyTree, prunable: Prunable) -> PyTree:
+    paths = leaf_paths(scores)
+    leaves, treedef = jax.tree_util.tree_flatten(scores)
+    total = sum((jnp.sum(s) for p, s in zip(paths, leaves, strict=True) if prunable(p, s)),
+                jnp.float32(0))
+    total = jnp.where(total > 0, total, 1.0)
+    return jax.tree_util.tree_unflatten(treedef, [s / total for s in leaves])
+
+
+def snip_scores(loss_fn: Callable[..., Any], params: PyTree, model_state: PyTree,
+                batches: Sequence[Any], *, prunable: Prunable = default_prunable) -> PyTree:
+    """SNIP connection sensitivity ``|g * w|`` (``g`` the loss gradient averaged over
+    ``batches``), normalised to sum to 1 over the prunable leaves (Lee et al., 2019).
+
+    >>> import jax.numpy as jnp
+    >>> loss = lambda p, s, b: (jnp.sum(p["w"] * b), (s, {}))
+    >>> snip_scores(loss, {"w": jnp.array([[1.0, -3.0]])}, {}, [jnp.array([[2.0, 1.0]])])["w"]
+    Array([[0.4, 0.6]], dtype=float32)
+    """
+    grads = _mean_grad(loss_fn, params, model_state, batches)
+    raw = jax.tree_util.tree_map(lambda g, w: jnp.abs(g * w).astype(jnp.float32), grads, params)
+    return _normalise(raw, prunable)
+
+
+def _examples_per_class(batches: Sequence[Any], num_classes: int,
+                        per_class: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The first ``per_class`` examples of each class in ``batches`` (a fixed shape, so it
+    works under ``jit``): ``(images, labels, weights)``, weight 0 where a class has fewer."""
+    images = jnp.concatenate([jnp.asarray(b["image"]) for b in batches])
+    labels = jnp.concatenate([jnp.asarray(b["label"]) for b in batches])
+    picked = [jnp.nonzero(labels == c, size=per_class, fill_value=-1)[0]
+              for c in range(num_classes)]
+    index = jnp.concatenate(picked)
+    weight = (index >= 0).astype(jnp.float32)
+    index = jnp.maximum(index, 0)
+    return images[index], labels[index], weight
+
+
+def grasp_scores(
+    loss_fn: Callable[..., Any], params: PyTree, model_state: PyTree, batches: Sequence[Any],
+    *, apply_fn: ApplyFn | None = None, temperature: float = 200.0,
+    samples_per_class: int | None = 10,
+) -> PyTree:
+    """GraSP scores ``S = -w * (H g)`` (Wang et al., 2020); GraSP removes the LARGEST.
+
+    ``H g`` is a Hessian-vector product: the gradient of ``stopgrad(g) . g(w)``. With
+    ``apply_fn`` the loss is the cross-entropy of ``logits / temperature`` on the first
+    ``samples_per_class`` examples of each class found in ``batches`` (as the paper does);
+    without it, ``loss_fn`` on ``batches`` as given (no temperature).
+
+    >>> import jax.numpy as jnp
+    >>> loss = lambda p, s, b: (0.5 * jnp.sum(p["w"] ** 2 * b), (s, {}))
+    >>> grasp_scores(loss, {"w": jnp.array([1.0, 2.0])}, {}, [jnp.array([1.0, 1.0])])["w"]
+    Array([-1., -4.], dtype=float32)
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not batches:
+        raise ValueError("GraSP needs training batches (TrainConfig.init_batches >= 1)")
+    if apply_fn is not None:
+        first = batches[0]
+        num_classes = int(np.shape(apply_fn(params, model_state, jnp.asarray(first["image"][:1]))
+                                    )[-1])
+        if samples_per_class:
+            images, labels, weight = _examples_per_class(batches, num_classes, samples_per_class)
+        else:
+            images = jnp.concatenate([jnp.asarray(b["image"]) for b in batches])
+            labels = jnp.concatenate([jnp.asarray(b["label"]) for b in batches])
+            weight = jnp.ones(labels.shape, jnp.float32)
+
+        def objective(p: PyTree) -> jax.Array:
+            logits = apply_fn(p, model_state, images) / temperature
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            return jnp.sum(losses * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    else:
+        def objective(p: PyTree) -> jax.Array:
+            return sum(loss_fn(p, model_state, b)[0] for b in batches) / len(batches)
+
+    g = jax.lax.stop_gradient(jax.grad(objective)(params))
+
+    def g_dot_grad(p: PyTree) -> jax.Array:
+        grads = jax.grad(objective)(p)
+        return sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(g),
+                                                   jax.tree_util.tree_leaves(grads),
+                                                   strict=True))
+
+    hg = jax.grad(g_dot_grad)(params)
+    return jax.tree_util.tree_map(lambda w, h: (-w * h).astype(jnp.float32), params, hg)
+
+
+def synflow_scores(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
+                   input_shape: tuple[int, ...], masks: PyTree | None = None) -> PyTree:
+    """SynFlow scores ``|w * dR/dw|`` with ``R = sum(f(|w| * mask, ones))`` (Tanaka et al.,
+    2020): data-free, the network linearised by taking absolute values of every param.
+
+    ``apply_fn`` runs in evaluation mode, so batch norm is the fixed affine map of its
+    running statistics (mean 0, variance 1 at init), the linearisation of the paper.
+
+    >>> import jax.numpy as jnp
+    >>> f = lambda p, s, x: x @ p["a"] @ p["b"]
+    >>> p = {"a": jnp.array([[2.0, -1.0]]), "b": jnp.array([[3.0], [4.0]])}
+    >>> synflow_scores(f, p, {}, (1,))["a"]
+    Array([[6., 4.]], dtype=float32)
+    """
+    ones = jnp.ones((1, *input_shape), jnp.float32)
+    abs_params = jax.tree_util.tree_map(jnp.abs, params)
+    if masks is not None:
+        abs_params = zero_masked(abs_params, masks)
+
+    def flow(p: PyTree) -> jax.Array:
+        return jnp.sum(apply_fn(p, model_state, ones))
+
+    grads = jax.grad(flow)(abs_params)
+    return jax.tree_util.tree_map(lambda w, g: jnp.abs(w * g).astype(jnp.float32),
+                                  abs_params, grads)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def masks_for_densities(
+    params: PyTree, densities: Sequence[float], distribution: str = "global", *,
+    prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
+) -> Callable[[PyTree, jax.Array], PyTree]:
+    """``select(scores, index) -> masks`` keeping the total ``densities[index]``, where
+    ``index`` may be traced: the per-leaf split of each density is computed here once (on
+    the host, from shapes) and the selection under ``jit`` is :func:`sparsejax.topk_mask`
+    with a traced density. It is :func:`select_masks` for schedules of densities.
+
+    >>> import jax.numpy as jnp
+    >>> select = masks_for_densities({"w": jnp.zeros((2, 2))}, [0.75, 0.25], "uniform")
+    >>> select({"w": jnp.array([[4.0, 3.0], [2.0, 1.0]])}, jnp.int32(1))["w"]
+    Array([[ True, False],
+           [False, False]], dtype=bool)
+    """
+    if not densities:
+        raise ValueError("give at least one density")
+    paths = leaf_paths(params)
+    leaves = jax.tree_util.tree_leaves(params)
+    n = len(leaves)
+    is_prunable = [bool(prunable(p, leaf)) for p, leaf in zip(paths, leaves, strict=True)]
+    table = np.ones((len(densities), n), np.float32)
+    free: list[int] = []
+    for j, density in enumerate(densities):
+        if distribution == "global":
+            plan = _plan(params, float(density), prunable, overrides)
+            free = plan.free
+            free_size = sum(plan.sizes[i] for i in free)
+            for i, count in plan.fixed_counts.items():
+                table[j, i] = count / plan.sizes[i]
+            for i in free:
+                table[j, i] = plan.budget / free_size if free_size else 1.0
+        else:
+            row = jax.tree_util.tree_leaves(layer_densities(
+                params, float(density), distribution, prunable=prunable, overrides=overrides))
+            table[j] = np.asarray(row, np.float32)
+    table_arr = jnp.asarray(table)
+
+    def select(scores: PyTree, index: jax.Array) -> PyTree:
+        score_leaves, treedef = jax.tree_util.tree_flatten(scores)
+        row = table_arr[index]
+        masks: list[Any] = [jnp.ones(np.shape(s), bool) for s in score_leaves]
+        for i, s in enumerate(score_leaves):
+            if is_prunable[i] and i not in free:
+                masks[i] = topk_mask(s, row[i], check_finite_scores=False)
+        if free:
+            chosen = topk_mask([score_leaves[i] for i in free], row[free[0]],
+                               scope="global", check_finite_scores=False)
+            for i, m in zip(free, chosen, strict=True):
+                masks[i] = m
+        return jax.tree_util.tree_unflatten(treedef, masks)
+
+    return select
+
+
+def synflow_masks(
+    apply_fn: ApplyFn, params: PyTree, model_state: PyTree, input_shape: tuple[int, ...],
+    density: float, distribution: str = "global", *, iterations: int = 100,
+    prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
+) -> PyTree:
+    """Iterative SynFlow: ``iterations`` rounds of scoring and pruning, round ``k`` keeping
+    ``density ** (k / iterations)`` (an exponential schedule), pruned weights excluded.
+
+    >>> import jax.numpy as jnp
+    >>> f = lambda p, s, x: x @ p["a"] @ p["b"]
+    >>> p = {"a": jnp.array([[2.0, -1.0]]), "b": jnp.array([[3.0], [4.0]])}
+    >>> m = synflow_masks(f, p, {}, (1,), 0.5, iterations=4)
+    >>> int(m["a"].sum() + m["b"].sum())
+    2
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    schedule = [density ** (k / iterations) for k in range(1, iterations + 1)]
+    select = masks_for_densities(params, schedule, distribution, prunable=prunable,
+                                 overrides=overrides)
+    masks0 = jax.tree_util.tree_map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+
+    def body(k: jax.Array, masks: PyTree) -> PyTree:
+        scores = synflow_scores(apply_fn, params, model_state, input_shape, masks)
+        return select(exclude_pruned(scores, masks), k)
+
+    return lax.fori_loop(0, iterations, body, masks0)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _fixed_mask_with_state(
+    optimizer: optax.GradientTransformation,
+    make_masks: Callable[[PyTree, jax.Array, PyTree, InitContext | None], PyTree], name: str,
+) -> Method:
+    """:func:`fixed_mask` whose ``make_masks`` also sees the model state given to ``init``
+    (batch statistics, needed to score models with batch norm)."""
+    seen: dict[str, Any] = {}
+    inner = fixed_mask(optimizer, lambda p, r, c: make_masks(p, r, seen["state"], c), name)
+
+    def init(params: PyTree, rng: jax.Array, model_state: Any = None,
+             context: InitContext | None = None) -> SparseState:
+        seen["state"] = {} if model_state is None else model_state
+        return inner.init(params, rng, model_state, context)
+
+    return inner._replace(init=init)
+
+
+def _one_shot(optimizer: optax.GradientTransformation, name: str, sparsity: float,
+              distribution: str, score: Callable[[PyTree, jax.Array, PyTree, Any], PyTree], *,
+              prunable: Prunable, overrides: Mapping[str, float] | None,
+              invert: bool = False) -> Method:
+    check_sparsity(sparsity)
+
+    def make_masks(params: PyTree, rng: jax.Array, model_state: PyTree,
+                   context: InitContext | None) -> PyTree:
+        scores = score(params, rng, model_state, context)
+        if invert:
+            scores = jax.tree_util.tree_map(jnp.negative, scores)
+        return select_masks(scores, 1.0 - sparsity, distribution, prunable=prunable,
+                            overrides=overrides)
+
+    return _fixed_mask_with_state(optimizer, make_masks, name)
+
+
+def _needs_context(context: InitContext | None, name: str) -> InitContext:
+    if context is None or not context.batches:
+        raise ValueError(f"{name} scores weights on training data: call init with "
+                         "context=InitContext(loss_fn, batches) holding at least one batch")
+    return context
+
+
+def scheduled_magnitude(
+    optimizer: optax.GradientTransformation, steps: Sequence[int],
+    sparsities: Sequence[float], distribution: str = "uniform", *,
+    prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
+    name: str = "scheduled_magnitude",
+) -> Method:
+    """Magnitude pruning during training: after the update that reaches ``steps[j]`` the
+    masks keep the largest ``|w|`` at ``sparsities[j]`` (pruned weights never return), and
+    the newly pruned weights are set to exactly zero. Runs inside ``update`` under ``jit``.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> m = scheduled_magnitude(optax.sgd(0.0), [1], [0.5])
+    >>> s = m.init({"w": jnp.array([[1.0, -3.0], [2.0, 0.5]])}, jax.random.PRNGKey(0))
+    >>> s = m.update(s, {"w": jnp.zeros((2, 2))})
+    >>> s.params["w"]
+    Array([[ 0., -3.],
+           [ 2.,  0.]], dtype=float32)
+    """
+    if len(steps) != len(sparsities) or not steps:
+        raise ValueError("give one sparsity per pruning step (at least one)")
+    if sorted(set(steps)) != list(steps) or steps[0] < 1:
+        raise ValueError(f"pruning steps must be increasing and >= 1, got {list(steps)}")
+    for s in sparsities:
+        check_sparsity(s)
+    chained = optax.chain(optimizer, keep_pruned_zero())
+    steps_arr = jnp.asarray(np.asarray(steps, np.int32))
+    select_holder: dict[str, Any] = {}
+
+    def init(params: PyTree, rng: jax.Array, model_state: Any = None,
+             context: InitContext | None = None) -> SparseState:
+        del context
+        return SparseState.create(params=params, rng=rng, opt_state=chained.init(params),
+                                  model_state=model_state)
+
+    def selector(params: PyTree) -> Callable[[PyTree, jax.Array], PyTree]:
+        shapes = jax.tree_util.tree_map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
+                                        params)
+        key = str(shapes)  # the per-leaf split depends on the shapes only
+        if key not in select_holder:
+            select_holder[key] = masks_for_densities(
+                shapes, [1.0 - s for s in sparsities], distribution, prunable=prunable,
+                overrides=overrides)
+        return select_holder[key]
+
+    def update(state: SparseState, grads: PyTree) -> SparseState:
+        params, opt_state = apply_optimizer(chained, grads, state.opt_state, state.params,
+                                            masks=state.masks)
+        step = state.step + 1
+        hits = steps_arr == step
+        select = selector(params)
+
+        def prune(operand: tuple[PyTree, PyTree]) -> tuple[PyTree, PyTree]:
+            p, m = operand
+            scores = exclude_pruned(magnitude_scores(p), m)
+            new_masks = select(scores, jnp.argmax(hits))
+            return zero_masked(p, new_masks), new_masks
+
+        params, masks = lax.cond(jnp.any(hits), prune, lambda op: op, (params, state.masks))
+        return state.replace(step=step, params=params, masks=masks, opt_state=opt_state)
+
+    return Method(
+        name=name,
+        init=init,
+        trainables=lambda state: state.params,
+        materialize=lambda state, params: zero_masked(params, state.masks),
+        update=update,
+        effective_params=lambda state: zero_masked(state.params, state.masks),
+    )
+
+
+def magnitude(
+    optimizer: optax.GradientTransformation, *, sparsity: float, distribution: str = "global",
+    prune_step: int = 0, prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None,
+) -> Method:
+    """One-shot magnitude pruning: keep the largest ``|w|`` at init (``prune_step=0``) or
+    after ``prune_step`` steps of dense training, then train the survivors.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> m = magnitude(optax.sgd(0.1), sparsity=0.5)
+    >>> m.init({"w": jnp.array([[1.0, -3.0], [2.0, 0.5]])}, jax.random.PRNGKey(0)).masks["w"]
+    Array([[False,  True],
+           [ True, False]], dtype=bool)
+    """
+    check_sparsity(sparsity)
+    if prune_step < 0:
+        raise ValueError(f"prune_step must be >= 0, got {prune_step}")
+    if prune_step:
+        return scheduled_magnitude(optimizer, [prune_step], [sparsity], distribution,
+                                   prunable=prunable, overrides=overrides, name="magnitude")
+    return _one_shot(optimizer, "magnitude", sparsity, distribution,
+                     lambda params, rng, state, context: magnitude_scores(params),
+                     prunable=prunable, overrides=overrides)
+
+
+def gradual_magnitude(
+    optimizer: optax.GradientTransformation, *, sparsity: float, total_steps: int,
+    distribution: str = "uniform", initial_sparsity: float = 0.0, begin_step: int = 0,
+    end_step: int | None = None, frequency: int = 100, prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None,
+) -> Method:
+    """Gradual magnitude pruning on Zhu & Gupta's cubic schedule
+    (:func:`sparsejax.cubic_sparsity`): every ``frequency`` steps from ``begin_step`` to
+    ``end_step`` (default 75% of ``total_steps``) the smallest ``|w|`` are pruned up to the
+    scheduled sparsity, reaching ``sparsity`` at ``end_step``.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> m = gradual_magnitude(optax.sgd(0.0), sparsity=0.75, total_steps=4, end_step=2,
+    ...                       frequency=1)
+    >>> s = m.init({"w": jnp.arange(1.0, 9.0).reshape(2, 4)}, jax.random.PRNGKey(0))
+    >>> for _ in range(2):
+    ...     s = m.update(s, {"w": jnp.zeros((2, 4))})
+    ...     print(int(s.masks["w"].sum()))
+    3
+    2
+    """
+    check_sparsity(sparsity)
+    end = int(round(0.75 * total_steps)) if end_step is None else end_step
+    if not 0 <= begin_step < end <= total_steps:
+        raise ValueError(f"need 0 <= begin_step < end_step <= total_steps, got "
+                         f"{begin_step}, {end}, {total_steps}")
+    schedule = cubic_sparsity(sparsity, begin_step, end, initial_sparsity=initial_sparsity,
+                              frequency=frequency)
+    steps = [t for t in range(begin_step + frequency, end + 1, frequency)]
+    if not steps or steps[-1] != end:
+        steps.append(end)
+    steps = [t for t in steps if t >= 1]
+    sparsities = [float(schedule(t)) for t in steps]
+    sparsities[-1] = sparsity
+    return scheduled_magnitude(optimizer, steps, sparsities, distribution, prunable=prunable,
+                               overrides=overrides, name="gradual_magnitude")
+
+
+def random_prune(
+    optimizer: optax.GradientTransformation, *, sparsity: float, distribution: str = "global",
+    prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
+) -> Method:
+    """Random pruning at init (uniform random scores), then training the survivors.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> m = random_prune(optax.sgd(0.1), sparsity=0.75)
+    >>> int(m.init({"w": jnp.ones((4, 4))}, jax.random.PRNGKey(0)).masks["w"].sum())
+    4
+    """
+    return _one_shot(optimizer, "random_prune", sparsity, distribution,
+                     lambda params, rng, state, context: random_scores(params, rng),
+                     prunable=prunable, overrides=overrides)
+
+
+def snip(
+    optimizer: optax.GradientTransformation, *, sparsity: float, distribution: str = "global",
+    prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
+) -> Method:
+    """SNIP: keep the largest connection sensitivities ``|g * w|`` at init (scored on the
+    batches of the :class:`~sparsejax.InitContext`), then train the survivors.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from sparsejax.methods.base import InitContext
+    >>> loss = lambda p, s, b: (jnp.sum(p["w"] * b), (s, {}))
+    >>> m = snip(optax.sgd(0.1), sparsity=0.5)
+    >>> ctx = InitContext(loss, (jnp.array([[3.0, 1.0], [1.0, 1.0]]),))
+    >>> m.init({"w": jnp.array([[1.0, 2.0], [1.0, 1.0]])}, jax.random.PRNGKey(0),
+    ...        context=ctx).masks["w"]
+    Array([[ True,  True],
+           [False, False]], dtype=bool)
+    """
+
+    def score(params: PyTree, rng: jax.Array, model_state: PyTree,
+              context: InitContext | None) -> PyTree:
+        ctx = _needs_context(context, "snip")
+        return snip_scores(ctx.loss_fn, params, model_state, ctx.batches, prunable=prunable)
+
+    return _one_shot(optimizer, "snip", sparsity, distribution, score, prunable=prunable,
+                     overrides=overrides)
+
+
+def grasp(
+    optimizer: optax.GradientTransformation, *, sparsity: float, distribution: str = "global",
+    temperature: float = 200.0, samples_per_class: int = 10, apply_fn: ApplyFn | None = None,
+    prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
+) -> Method:
+    """GraSP: remove the weights with the largest ``-w * H g`` (keep the smallest) at init,
+    then train the survivors. With ``apply_fn`` (the harness gives it) logits are divided
+    by ``temperature`` and ``samples_per_class`` examples of each class are used.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from sparsejax.methods.base import InitContext
+    >>> loss = lambda p, s, b: (0.5 * jnp.sum(p["w"] ** 2 * b), (s, {}))
+    >>> m = grasp(optax.sgd(0.1), sparsity=0.5)
+    >>> ctx = InitContext(loss, (jnp.ones((2, 2)),))
+    >>> m.init({"w": jnp.array([[1.0, 3.0], [2.0, 0.5]])}, jax.random.PRNGKey(0),
+    ...        context=ctx).masks["w"]
+    Array([[False,  True],
+           [ True, False]], dtype=bool)
+    """
+
+    def score(params: PyTree, rng: jax.Array, model_state: PyTree,
+              context: InitContext | None) -> PyTree:
+        ctx = _needs_context(context, "grasp")
+        return grasp_scores(ctx.loss_fn, params, model_state, ctx.batches, apply_fn=apply_fn,
+                            temperature=temperature, samples_per_class=samples_per_class)
+
+    return _one_shot(optimizer, "grasp", sparsity, distribution, score, prunable=prunable,
+                     overrides=overrides, invert=True)
+
+
+def synflow(
+    optimizer: optax.GradientTransformation, *, sparsity: float, distribution: str = "global",
+    iterations: int = 100, apply_fn: ApplyFn | None = None,
+    input_shape: Sequence[int] | None = None, prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None,
+) -> Method:
+    """SynFlow: data-free iterative pruning at init (:func:`synflow_masks`), then training
+    the survivors. Needs ``apply_fn`` (the harness gives it) and the input shape of one
+    example (``input_shape``, else read off the first batch of the init context).
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> f = lambda p, s, x: x @ p["a"] @ p["b"]
+    >>> m = synflow(optax.sgd(0.1), sparsity=0.5, iterations=2, apply_fn=f, input_shape=(1,))
+    >>> s = m.init({"a": jnp.array([[2.0, -1.0]]), "b": jnp.array([[3.0], [4.0]])},
+    ...            jax.random.PRNGKey(0))
+    >>> int(s.masks["a"].sum() + s.masks["b"].sum())
+    2
+    """
+    check_sparsity(sparsity)
+    if apply_fn is None:
+        raise ValueError("synflow needs apply_fn(params, model_state, inputs) -> outputs")
+
+    def make_masks(params: PyTree, rng: jax.Array, model_state: PyTree,
+                   context: InitContext | None) -> PyTree:
+        shape = input_shape
+        if shape is None:
+            if context is None or not context.batches:
+                raise ValueError("synflow needs input_shape or an init context with a batch")
+            shape = np.shape(context.batches[0]["image"])[1:]
+        return synflow_masks(apply_fn, params, model_state, tuple(shape), 1.0 - sparsity,
+                             distribution, iterations=iterations, prunable=prunable,
+                             overrides=overrides)
+
+    return _fixed_mask_with_state(optimizer, make_masks, "synflow")
+
+
+register_method("magnitude", magnitude)
+register_method("gradual_magnitude", gradual_magnitude)
+register_method("random_prune", random_prune)
+register_method("snip", snip)
+register_method("grasp", grasp)
+register_method("synflow", synflow)

@@ -27,12 +27,20 @@ import numpy as np
 import optax
 
 from sparsejax.checkpoint import Checkpointer, NoValidCheckpointError
-from sparsejax.data import DataPosition, Dataset, load_dataset, steps_per_epoch, train_batches
+from sparsejax.data import (
+    DataPosition,
+    Dataset,
+    load_dataset,
+    shard_for_process,
+    steps_per_epoch,
+    train_batches,
+)
 from sparsejax.masks import sparsity_report
 from sparsejax.methods import METHODS, InitContext, Method, SparseState, get_method
 from sparsejax.models import apply_model, get_model, init_model
 from sparsejax.training.optim import make_optimizer
-from sparsejax.training.step import LossFn, make_train_step
+from sparsejax.training.parallel import PARALLEL_MODES, initialize_distributed, make_trainer
+from sparsejax.training.step import LossFn
 from sparsejax.validation import check_sparsity
 
 __all__ = [
@@ -43,6 +51,7 @@ __all__ = [
     "make_eval_step",
     "evaluate",
     "build_method",
+    "model_apply_fn",
     "train",
     "measured_sparsity",
 ]
@@ -72,6 +81,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch
     keep_checkpoints: int = 3
     init_batches: int = 1  # training batches a method may score weights on at init
+    parallel: str = "none"  # none | pmap | sharded (sparsejax.training.parallel)
+    nonfinite: str = "error"  # error | skip: what a NaN/inf loss or gradient does
+    tensorboard: bool = True  # also write TensorBoard events where tensorboardX is installed
     out: str | None = None
     resume: bool = False
     progress: bool = True
@@ -146,13 +158,25 @@ def measured_sparsity(effective_params: Any) -> float:
     return float(sparsity_report(jax.device_get(effective_params))[-1].sparsity)
 
 
+def model_apply_fn(model: Any) -> Any:
+    """``apply_fn(params, model_state, inputs) -> logits`` of ``model`` in evaluation mode
+    (batch norm on its running statistics), for methods that need the network's outputs."""
+
+    def apply_fn(params: Any, model_state: Any, inputs: jax.Array) -> jax.Array:
+        return apply_model(model, params, model_state, inputs, train=False)[0]
+
+    return apply_fn
+
+
 def build_method(config: TrainConfig, optimizer: optax.GradientTransformation, *,
                  total_steps: int | None = None,
-                 batches_per_epoch: int | None = None) -> Method:
+                 batches_per_epoch: int | None = None,
+                 apply_fn: Any = None) -> Method:
     """The registered method of ``config``, given ``--sparsity``/``--distribution`` and
     method options only where the method takes them. Builders that take ``total_steps``
     or ``batches_per_epoch`` (e.g. to place an end step or an update interval) get them
-    from the run."""
+    from the run, and builders that take ``apply_fn`` (``(params, model_state, inputs) ->
+    logits`` in evaluation mode, e.g. SynFlow and GraSP) get the model's."""
     if config.method not in METHODS:
         raise ValueError(
             f"unknown method {config.method!r}; known methods: {', '.join(sorted(METHODS))}"
@@ -166,7 +190,8 @@ def build_method(config: TrainConfig, optimizer: optax.GradientTransformation, *
         if name not in accepted:
             raise ValueError(f"method {config.method!r} does not take --{name}")
         options[name] = value
-    run_facts = {"total_steps": total_steps, "batches_per_epoch": batches_per_epoch}
+    run_facts = {"total_steps": total_steps, "batches_per_epoch": batches_per_epoch,
+                 "apply_fn": apply_fn}
     for name, value in run_facts.items():
         if name in accepted and value is not None and name not in options:
             options[name] = value
@@ -201,20 +226,36 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 class _MetricsLog:
     """Append-only JSON lines; on resume, lines past the restored step are dropped."""
 
-    def __init__(self, path: Path, resume_step: int) -> None:
+    def __init__(self, path: Path, resume_step: int, tensorboard: bool = True) -> None:
         self.path = path
         if path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         self.file = path.open("a")
+        self.writer = _tensorboard_writer(path.parent / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record, sort_keys=True) + "\n")
         self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_writer(directory: Path) -> Any:
+    """A TensorBoard event writer where ``tensorboardX`` is installed, else ``None``."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(directory))
 
 
 class Run(NamedTuple):
@@ -230,6 +271,11 @@ class Run(NamedTuple):
 
 def prepare(config: TrainConfig) -> Run:
     """Load the data and build model, optimizer, method and initial state of ``config``."""
+    if config.parallel not in PARALLEL_MODES:
+        raise ValueError(
+            f"unknown parallel mode {config.parallel!r}; known: {', '.join(PARALLEL_MODES)}")
+    if config.nonfinite not in ("error", "skip"):
+        raise ValueError(f"nonfinite must be 'error' or 'skip', got {config.nonfinite!r}")
     if config.sparsity is not None:
         check_sparsity(config.sparsity)
     dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
@@ -242,7 +288,8 @@ def prepare(config: TrainConfig) -> Run:
                                momentum=config.momentum, weight_decay=config.weight_decay,
                                lr_schedule=config.lr_schedule)
     method = build_method(config, optimizer, total_steps=total_steps,
-                          batches_per_epoch=batches_per_epoch)
+                          batches_per_epoch=batches_per_epoch,
+                          apply_fn=model_apply_fn(model))
     loss_fn = classification_loss(model)
     stream = train_batches(dataset, config.batch_size, config.seed)
     init_batches = tuple(batch for _, batch in itertools.islice(stream, config.init_batches))
@@ -258,6 +305,8 @@ def prepare(config: TrainConfig) -> Run:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run one training job and return (and write to ``OUT/result.json``) its result."""
     started = time.time()
+    if config.parallel != "none":
+        initialize_distributed()
     run = prepare(config)
     dataset, model, method, state = run.dataset, run.model, run.method, run.state
     batches_per_epoch, total_steps = run.batches_per_epoch, run.total_steps
@@ -280,39 +329,45 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "choose another --out"
         )
 
-    # Donating the state halves its memory on accelerators; XLA's CPU backend ignores it.
-    donate = () if jax.default_backend() == "cpu" else (0,)
-    train_step = jax.jit(make_train_step(method, classification_loss(model)),
-                         donate_argnums=donate)
+    trainer = make_trainer(config.parallel, method, classification_loss(model),
+                           skip_nonfinite=config.nonfinite == "skip")
+    state = trainer.put_state(state)
     eval_step = jax.jit(make_eval_step(method, model))
-    log = _MetricsLog(out / "metrics.jsonl", start_step)
+    log = _MetricsLog(out / "metrics.jsonl", start_step, tensorboard=config.tensorboard)
     progress = _progress_bar(config.progress, total_steps, start_step)
     stream = train_batches(dataset, config.batch_size, config.seed,
                            DataPosition.from_step(start_step, batches_per_epoch))
     pending: list[dict[str, jax.Array]] = []
-    window_start, step = time.time(), start_step
+    window_start, step, skipped = time.time(), start_step, 0
     last_eval: dict[str, float] = {}
     try:
         for step in range(start_step + 1, total_steps + 1):
             _, batch = next(stream)
-            state, metrics = train_step(state, batch)
+            if jax.process_count() > 1:
+                batch = shard_for_process(batch, jax.process_index(), jax.process_count())
+            state, metrics = trainer.step(state, trainer.put_batch(batch))
             pending.append(metrics)
-            if step % config.log_every == 0 or step == total_steps:
-                record = _summarise(pending, step, window_start)
-                pending, window_start = [], time.time()
-                if step % eval_every == 0 or step == total_steps:
-                    last_eval = evaluate(eval_step, state, dataset)
-                    record.update({"test_accuracy": last_eval["accuracy"],
-                                   "test_loss": last_eval["loss"],
-                                   "sparsity": measured_sparsity(method.effective_params(state))})
+            log_now = step % config.log_every == 0 or step == total_steps
+            eval_now = step % eval_every == 0 or step == total_steps
+            save_now = step % checkpoint_every == 0 or step == total_steps
+            if not (log_now or eval_now or save_now):
+                continue
+            # Every pending step is checked before anything is logged or saved, so a
+            # checkpoint never holds a state that a NaN has reached.
+            record = _summarise(pending, step, window_start, config.nonfinite)
+            skipped += record.pop("skipped", 0)
+            pending, window_start = [], time.time()
+            logical = trainer.get_state(state)
+            if eval_now:
+                last_eval = evaluate(eval_step, logical, dataset)
+                record.update({"test_accuracy": last_eval["accuracy"],
+                               "test_loss": last_eval["loss"],
+                               "sparsity": measured_sparsity(method.effective_params(logical))})
+            if log_now or eval_now:
                 log.write(record)
                 progress.update(step, record)
-            elif step % eval_every == 0:
-                last_eval = evaluate(eval_step, state, dataset)
-                log.write({"step": step, "test_accuracy": last_eval["accuracy"],
-                           "test_loss": last_eval["loss"]})
-            if step % checkpoint_every == 0 or step == total_steps:
-                checkpointer.save(step, state, {
+            if save_now:
+                checkpointer.save(step, logical, {
                     "position": DataPosition.from_step(step, batches_per_epoch)._asdict(),
                     "config": dataclasses.asdict(config)})
     finally:
@@ -320,6 +375,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         log.close()
         checkpointer.close()
 
+    state = trainer.get_state(state)
     final_eval = last_eval or evaluate(eval_step, state, dataset)
     result = {
         "method": config.method,
@@ -330,6 +386,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "test_loss": final_eval["loss"],
         "steps": total_steps,
         "resumed_from_step": start_step,
+        "skipped_nonfinite_steps": skipped,
+        "parallel": config.parallel,
+        "devices": jax.device_count() if config.parallel != "none" else 1,
         "wall_seconds": time.time() - started,
         "backend": jax.default_backend(),
         "config": dataclasses.asdict(config),
@@ -338,22 +397,27 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return result
 
 
-def _summarise(pending: list[dict[str, jax.Array]], step: int,
-               window_start: float) -> dict[str, Any]:
-    """Mean of the pending per-step metrics; a non-finite loss is an error naming the step."""
+def _summarise(pending: list[dict[str, jax.Array]], step: int, window_start: float,
+               nonfinite: str = "error") -> dict[str, Any]:
+    """Mean of the pending per-step metrics over the finite steps. A non-finite step is
+    an error naming the step, or (``nonfinite='skip'``, where the step left the state
+    untouched) counted in ``record['skipped']``."""
     host = jax.device_get(pending)
     finite = [bool(m["finite"]) for m in host]
-    if not all(finite):
+    if not all(finite) and nonfinite != "skip":
         bad = step - len(finite) + 1 + finite.index(False)
         raise FloatingPointError(
-            f"the training loss became NaN or inf at step {bad}; lower --lr or check the "
-            "data (the last good checkpoint is kept)"
+            f"the training loss or a gradient became NaN or inf at step {bad}; lower --lr, "
+            "check the data, or pass --nonfinite skip (the last good checkpoint is kept)"
         )
     record: dict[str, Any] = {"step": step}
+    good = [m for m, ok in zip(host, finite, strict=True) if ok]
     for key in host[0]:
-        if key != "finite":
-            record[key] = float(np.mean([m[key] for m in host]))
+        if key != "finite" and good:
+            record[key] = float(np.mean([m[key] for m in good]))
     record["steps_per_sec"] = len(host) / max(time.time() - window_start, 1e-9)
+    if not all(finite):
+        record["skipped"] = finite.count(False)
     return record
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "make_mesh",
     "state_sharding",
     "make_trainer",
+    "SingleDeviceTrainer",
 ]
 
 PARALLEL_MODES = ("none", "pmap", "sharded")
@@ -119,10 +120,12 @@ class PmapTrainer:
     """
 
     def __init__(self, method: Method, loss_fn: LossFn,
-                 devices: list[jax.Device] | None = None) -> None:
+                 devices: list[jax.Device] | None = None, *,
+                 skip_nonfinite: bool = False) -> None:
         self.devices = devices or jax.local_devices()
-        self._step = jax.pmap(make_train_step(method, loss_fn, axis_name=AXIS_NAME),
-                              axis_name=AXIS_NAME, devices=self.devices)
+        step = make_train_step(method, loss_fn, axis_name=AXIS_NAME,
+                               skip_nonfinite=skip_nonfinite)
+        self._step = jax.pmap(step, axis_name=AXIS_NAME, devices=self.devices)
 
     def put_state(self, state: SparseState) -> SparseState:
         return replicate(state, len(self.devices))
@@ -184,11 +187,12 @@ class ShardedTrainer:
     """
 
     def __init__(self, method: Method, loss_fn: LossFn, mesh: Mesh | None = None, *,
-                 shard_model_axis: bool = False, min_shard_size: int = 2**18) -> None:
+                 shard_model_axis: bool = False, min_shard_size: int = 2**18,
+                 skip_nonfinite: bool = False) -> None:
         self.mesh = mesh or make_mesh()
         self.shard_model_axis = shard_model_axis
         self.min_shard_size = min_shard_size
-        self._train_step = make_train_step(method, loss_fn)
+        self._train_step = make_train_step(method, loss_fn, skip_nonfinite=skip_nonfinite)
         self._compiled: dict[Any, Callable[..., Any]] = {}
 
     def state_sharding(self, state: SparseState) -> Any:
@@ -238,9 +242,11 @@ class ShardedTrainer:
 class SingleDeviceTrainer:
     """The plain ``jax.jit`` step behind the same interface (``--parallel none``)."""
 
-    def __init__(self, method: Method, loss_fn: LossFn) -> None:
+    def __init__(self, method: Method, loss_fn: LossFn, *, skip_nonfinite: bool = False) -> None:
+        # Donating the state halves its memory on accelerators; XLA's CPU backend ignores it.
         donate = () if jax.default_backend() == "cpu" else (0,)
-        self._step = jax.jit(make_train_step(method, loss_fn), donate_argnums=donate)
+        self._step = jax.jit(make_train_step(method, loss_fn, skip_nonfinite=skip_nonfinite),
+                             donate_argnums=donate)
 
     def put_state(self, state: SparseState) -> SparseState:
         return state
@@ -256,9 +262,10 @@ class SingleDeviceTrainer:
 
 
 def make_trainer(mode: str, method: Method, loss_fn: LossFn, **options: Any):
-    """The trainer for ``--parallel none | pmap | sharded``."""
+    """The trainer for ``--parallel none | pmap | sharded``; ``options`` go to its class
+    (e.g. ``skip_nonfinite``, a ``mesh``)."""
     if mode == "none":
-        return SingleDeviceTrainer(method, loss_fn)
+        return SingleDeviceTrainer(method, loss_fn, **options)
     if mode == "pmap":
         return PmapTrainer(method, loss_fn, **options)
     if mode == "sharded":

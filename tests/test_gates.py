@@ -1,0 +1,323 @@
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sparsejax import get_method, make_train_step, stateless_loss
+from sparsejax.methods.gates import gates, gaussian_gate, hard_concrete_gate
+from sparsejax.training.loop import TrainConfig, build_method
+
+
+def tiny_params(key=0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(key))
+    return {"Dense_0": {"kernel": jax.random.normal(k1, (12, 16)) * 0.4, "bias": jnp.zeros(16)},
+            "Dense_1": {"kernel": jax.random.normal(k2, (16, 3)) * 0.4, "bias": jnp.zeros(3)}}
+
+
+def tiny_loss(params, batch):
+    x, y = batch
+    h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    logits = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def tiny_batches(n, seed=3):
+    key = jax.random.PRNGKey(seed)
+    x = jax.random.normal(key, (n, 32, 12))
+    teacher = jax.random.normal(jax.random.fold_in(key, 1), (12, 3))
+    return x, jnp.argmax(x @ teacher, -1)
+
+
+@functools.cache
+def jitted_step(method):
+    return jax.jit(make_train_step(method, stateless_loss(tiny_loss)))
+
+
+def train(method, state, steps, seed=3):
+    step = jitted_step(method)
+    xs, ys = tiny_batches(steps, seed)
+    for i in range(steps):
+        state, _ = step(state, (xs[i], ys[i]))
+    return state
+
+
+def phi(x):
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# --- penalties against hand computation -------------------------------------------------
+
+def test_gaussian_penalty_is_lam_times_mean_phi_of_mu_over_sigma():
+    method = gates(optax.sgd(0.1), gate="gaussian", lam=2.0, sigma=0.5, weight_init="model")
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    state = method.init(params, jax.random.PRNGKey(0))
+    mu = {"w": jnp.array([[0.0, 0.5], [-0.5, 1.0]]), "b": state.scores["b"]}
+    expected = 2.0 * (phi(0.0) + phi(1.0) + phi(-1.0) + phi(2.0)) / 4  # bias has no gate
+    assert float(method.penalty(state, mu)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_hard_concrete_penalty_matches_louizos_formula():
+    method = gates(optax.sgd(0.1), gate="hard_concrete", lam=0.5, weight_init="model")
+    state = method.init({"w": jnp.ones((3,1))}, jax.random.PRNGKey(0))
+    log_alpha = {"w": jnp.array([[0.0], [1.0], [-2.0]])}
+    shift = (2 / 3) * math.log(0.1 / 1.1)  # beta * log(-gamma / zeta)
+    expected = 0.5 * sum(sigmoid(a - shift) for a in (0.0, 1.0, -2.0)) / 3
+    assert float(method.penalty(state, log_alpha)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_test_gates_match_the_formulas():
+    g = jnp.array([-3.0, -0.2, 0.0, 0.3, 0.9, 1.5])
+    np.testing.assert_allclose(gaussian_gate().test_gate(g), np.clip(np.asarray(g), 0, 1))
+    hc = hard_concrete_gate().test_gate(g)
+    want = [min(1.0, max(0.0, sigmoid(float(a)) * 1.2 - 0.1)) for a in g]
+    np.testing.assert_allclose(hc, want, rtol=1e-6, atol=1e-7)
+
+
+# --- samples ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", [gaussian_gate(sigma=0.5), hard_concrete_gate()])
+def test_samples_lie_in_unit_interval_and_hit_both_ends(form):
+    g = jnp.linspace(-4.0, 4.0, 4001)
+    z = form.sample(g, jax.random.PRNGKey(1))
+    assert bool(jnp.all((z >= 0) & (z <= 1)))
+    assert bool(jnp.any(z == 0)) and bool(jnp.any(z == 1))  # hard zeros and ones occur
+
+
+def test_hard_concrete_sample_matches_hand_computation_for_fixed_u():
+    form = hard_concrete_gate()
+    for log_alpha, u in [(0.5, 0.3), (-1.0, 0.9), (2.0, 0.05), (-3.0, 0.2)]:
+        s = sigmoid((math.log(u) - math.log(1 - u) + log_alpha) / (2 / 3))
+        want = min(1.0, max(0.0, s * 1.2 - 0.1))
+        got = float(form.relax(jnp.float32(log_alpha), jnp.float32(u)))
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_gaussian_sample_is_clipped_mu_plus_noise_with_std_sigma():
+    form = gaussian_gate(sigma=0.5)
+    eps = form.noise(jax.random.PRNGKey(0), (200_000,))
+    assert float(jnp.std(eps)) == pytest.approx(0.5, rel=0.01)
+    np.testing.assert_array_equal(form.relax(jnp.float32(0.2), eps),
+                                  np.clip(0.2 + np.asarray(eps), 0, 1))
+
+
+# --- gradients through the reparameterisation -------------------------------------------
+
+@pytest.mark.parametrize("gate", ["gaussian", "hard_concrete"])
+def test_gradient_reaches_gates_and_matches_finite_differences(gate):
+    # everything in float64 so that central differences are accurate
+    with jax.enable_x64():
+        method = gates(optax.sgd(0.1), gate=gate, weight_init="model", lam=0.3)
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), tiny_params())
+        state = method.init(params, jax.random.PRNGKey(0))
+        x, y = tiny_batches(1)
+        batch = (x[0].astype(jnp.float64), y[0])
+        # move the gates off their common init: some interior, some clipped
+        scores = jax.tree_util.tree_map(
+            lambda s: s.astype(jnp.float64) + jax.random.normal(jax.random.PRNGKey(5), s.shape),
+            state.scores)
+
+        def objective(s):
+            return tiny_loss(method.materialize(state, s), batch) + method.penalty(state, s)
+
+        grads = jax.grad(objective)(scores)
+        g0 = np.asarray(grads["Dense_0"]["kernel"])
+        assert (np.abs(g0) > 0).sum() > 10  # the gate parameters receive gradients
+        f = jax.jit(objective)
+        h = 1e-6
+        for idx in np.flatnonzero(g0)[:6]:
+            i, j = np.unravel_index(idx, g0.shape)
+            up = jax.tree_util.tree_map(lambda a: a, scores)
+            dn = jax.tree_util.tree_map(lambda a: a, scores)
+            up["Dense_0"]["kernel"] = up["Dense_0"]["kernel"].at[i, j].add(h)
+            dn["Dense_0"]["kernel"] = dn["Dense_0"]["kernel"].at[i, j].add(-h)
+            fd = (float(f(up)) - float(f(dn))) / (2 * h)
+            assert g0[i, j] == pytest.approx(fd, rel=1e-4, abs=1e-9)
+
+
+def test_gaussian_gate_gradient_is_hand_derived_value():
+    # d/dmu sum(w * clip(mu + eps, 0, 1)) = w where 0 < mu + eps < 1, else 0
+    form = gaussian_gate(sigma=0.5)
+    w = jnp.array([2.0, -3.0, 5.0])
+    mu = jnp.array([0.4, 0.4, 3.0])
+    eps = jnp.array([0.1, -0.2, 0.1])
+    grad = jax.grad(lambda m: jnp.sum(w * form.relax(m, eps)))(mu)
+    np.testing.assert_allclose(grad, [2.0, -3.0, 0.0])
+
+
+@pytest.mark.parametrize("gate", ["gaussian", "hard_concrete"])
+def test_no_custom_derivative_or_straight_through_in_the_gate_path(gate):
+    method = gates(optax.sgd(0.1), gate=gate, weight_init="model", lam=0.5)
+    state = method.init(tiny_params(), jax.random.PRNGKey(0))
+    probe = jax.tree_util.tree_map(lambda p: jnp.ones_like(p), state.params)
+
+    def loss(s):  # the gate path alone: weights -> gated weights, plus the penalty
+        gated = method.materialize(state, s)
+        dot = sum(jnp.sum(a * b) for a, b in zip(jax.tree_util.tree_leaves(gated),
+                                                  jax.tree_util.tree_leaves(probe), strict=True))
+        return dot + method.penalty(state, s)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(state.scores))
+    assert "custom_vjp" not in jaxpr and "custom_jvp" not in jaxpr
+    assert "stop_gradient" not in jaxpr
+
+
+# --- frozen weights, binary masks, determinism ------------------------------------------
+
+@pytest.mark.parametrize("gate", ["gaussian", "hard_concrete"])
+def test_weights_stay_bitwise_frozen_and_masks_are_binary(gate):
+    method = gates(optax.adam(0.05), gate=gate, sparsity=0.6, total_steps=30)
+    state0 = method.init(tiny_params(), jax.random.PRNGKey(0))
+    state = train(method, state0, 30)
+    assert int(state.step) == 30
+    for a, b in zip(jax.tree_util.tree_leaves(state0.params),
+                    jax.tree_util.tree_leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(state0.scores["Dense_0"]["kernel"],
+                              state.scores["Dense_0"]["kernel"])
+    eff = method.effective_params(state)
+    for leaf, w, m in zip(jax.tree_util.tree_leaves(eff), jax.tree_util.tree_leaves(state.params),
+                          jax.tree_util.tree_leaves(state.masks), strict=True):
+        assert m.dtype == jnp.bool_ and m.shape == w.shape
+        np.testing.assert_array_equal(np.asarray(leaf), np.where(m, w, 0.0))
+    assert bool(state.masks["Dense_0"]["bias"].all()) and bool(state.masks["Dense_1"]["bias"].all())
+    kept = int(state.masks["Dense_0"]["kernel"].sum() + state.masks["Dense_1"]["kernel"].sum())
+    assert kept <= round(0.4 * (12 * 16 + 16 * 3))  # topk: at most the target density
+
+
+def test_model_weight_init_keeps_the_given_weights_bitwise():
+    params = tiny_params()
+    state = gates(optax.sgd(0.1), weight_init="model").init(params, jax.random.PRNGKey(0))
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(state.params),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_signed_constant_weights_and_scaled_variant():
+    params = tiny_params()
+    state = gates(optax.sgd(0.1)).init(params, jax.random.PRNGKey(0))
+    k = np.asarray(state.params["Dense_0"]["kernel"])
+    np.testing.assert_allclose(np.abs(k), math.sqrt(2 / 12), rtol=1e-6)  # sqrt(2 / fan_in)
+    assert 0.3 < (k > 0).mean() < 0.7
+    np.testing.assert_array_equal(state.params["Dense_0"]["bias"], params["Dense_0"]["bias"])
+    scaled = gates(optax.sgd(0.1), sparsity=0.75, weight_init="scaled_signed_constant")
+    k2 = scaled.init(params, jax.random.PRNGKey(0)).params["Dense_0"]["kernel"]
+    np.testing.assert_allclose(np.asarray(k2), 2 * k, rtol=1e-6)  # divided by sqrt(0.25)
+
+
+@pytest.mark.parametrize("gate", ["gaussian", "hard_concrete"])
+def test_noise_is_a_function_of_the_step_key_and_same_under_jit(gate):
+    method = gates(optax.sgd(0.1), gate=gate, weight_init="model")
+    state = method.init(tiny_params(), jax.random.PRNGKey(0))
+    a = method.materialize(state, state.scores)
+    b = jax.jit(method.materialize)(state, state.scores)
+    np.testing.assert_allclose(a["Dense_0"]["kernel"], b["Dense_0"]["kernel"], atol=1e-6)
+    again = method.materialize(state, state.scores)
+    np.testing.assert_array_equal(a["Dense_0"]["kernel"], again["Dense_0"]["kernel"])
+    later = method.materialize(state.replace(step=state.step + 1), state.scores)
+    assert not np.array_equal(a["Dense_0"]["kernel"], later["Dense_0"]["kernel"])
+    # two identical runs give identical states
+    s1, s2 = train(method, state, 5), train(method, state, 5)
+    np.testing.assert_array_equal(s1.scores["Dense_0"]["kernel"], s2.scores["Dense_0"]["kernel"])
+
+
+def test_vmap_over_seeds():
+    method = gates(optax.adam(0.05), sparsity=0.5, total_steps=10)
+    states = jax.vmap(lambda k: method.init(tiny_params(), k))(
+        jax.random.split(jax.random.PRNGKey(0), 3))
+    gated = jax.jit(jax.vmap(method.materialize))(states, states.scores)
+    k = gated["Dense_0"]["kernel"]
+    assert k.shape == (3, 12, 16) and not np.array_equal(k[0], k[1])
+    new = jax.jit(jax.vmap(method.update))(states, states.scores)
+    assert new.step.shape == (3,) and new.masks["Dense_0"]["kernel"].dtype == jnp.bool_
+
+
+# --- reaching a target sparsity ---------------------------------------------------------
+
+@pytest.mark.parametrize("gate, lr", [("gaussian", 0.01), ("hard_concrete", 0.05)])
+def test_controller_reaches_target_density(gate, lr):
+    steps, n_gates = 400, 12 * 16 + 16 * 3
+    form = gaussian_gate() if gate == "gaussian" else hard_concrete_gate()
+    opened = {}
+    for rate in (0.05, 0.0):  # with the controller, and without it (lam stays 0)
+        method = gates(optax.adam(lr), gate=gate, sparsity=0.8, total_steps=steps, ramp=0.5,
+                       lam_rate=rate)
+        state = train(method, method.init(tiny_params(), jax.random.PRNGKey(0)), steps)
+        g = jnp.concatenate([state.scores["Dense_0"]["kernel"].ravel(),
+                             state.scores["Dense_1"]["kernel"].ravel()])
+        opened[rate] = int(jnp.sum(form.test_gate(g) > 0))
+        kept = int(state.masks["Dense_0"]["kernel"].sum() + state.masks["Dense_1"]["kernel"].sum())
+        assert kept == min(opened[rate], round(0.2 * n_gates))  # the final binary mask
+    assert opened[0.05] / n_gates == pytest.approx(0.2, abs=0.05)
+    assert opened[0.0] / n_gates > 0.35  # the loss alone does not reach the target
+
+
+def test_fixed_lam_penalty_prunes_more_with_larger_lam():
+    densities = []
+    for lam in (0.0, 3.0):
+        method = gates(optax.adam(0.05), lam=lam)  # binarize='open'
+        state = train(method, method.init(tiny_params(), jax.random.PRNGKey(0)), 100)
+        assert float(state.extra["lam"]) == lam  # no controller without a target
+        m = state.masks
+        densities.append(float(m["Dense_0"]["kernel"].mean()))
+    assert densities[1] < densities[0] - 0.2
+
+
+@pytest.mark.parametrize("rule, mu, want", [
+    ("open", [-0.1, 0.2, 0.7, 1.3], [False, True, True, True]),
+    ("half", [-0.1, 0.2, 0.7, 1.3], [False, False, True, True]),
+    ("topk", [-0.1, 0.2, 0.7, 1.3], [False, False, True, True]),
+    ("topk", [-0.1, -0.2, 0.7, -1.3], [False, False, True, False]),  # closed stays closed
+])
+def test_binarize_rules(rule, mu, want):
+    method = gates(optax.sgd(0.1), sparsity=0.5 if rule == "topk" else None, binarize=rule,
+                   weight_init="model", lam_rate=0.0)
+    state = method.init({"w": jnp.ones((1, 4))}, jax.random.PRNGKey(0))
+    mu = {"w": jnp.array([mu])}
+    new = method.update(state.replace(scores=mu), jax.tree_util.tree_map(jnp.zeros_like, mu))
+    np.testing.assert_array_equal(new.masks["w"][0], want)
+    np.testing.assert_array_equal(method.effective_params(new)["w"][0], np.asarray(want, float))
+
+
+def test_score_bounds_clip_the_gate_parameters_after_each_update():
+    method = gates(optax.sgd(1.0), weight_init="model", score_bounds=(-1.0, 1.5))
+    state = method.init({"w": jnp.ones((1, 3)), "b": jnp.ones(3)}, jax.random.PRNGKey(0))
+    grads = {"w": jnp.array([[-10.0, 10.0, 0.2]]), "b": jnp.zeros(0)}
+    new = method.update(state, grads)
+    np.testing.assert_allclose(new.scores["w"][0], [1.5, -1.0, 0.3], rtol=1e-6)
+
+
+# --- errors and registry ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"gate": "bernoulli"}, "unknown gate"),
+    ({"binarize": "topk"}, "needs a target sparsity"),
+    ({"gate": "hard_concrete", "mu_init": 0.3}, "mu_init belongs"),
+    ({"gate": "gaussian", "drop_init": 0.3}, "drop_init belongs"),
+    ({"sigma": 0.0}, "sigma must be"),
+    ({"lam": -1.0}, "lam must be"),
+    ({"sparsity": 1.0}, "sparsity must lie"),
+    ({"weight_init": "xavier"}, "unknown weight init"),
+    ({"weight_init": "scaled_signed_constant"}, "needs a target sparsity"),
+    ({"binarize": "round"}, "unknown binarize"),
+    ({"score_bounds": (1.0, -1.0)}, "score_bounds must be"),
+])
+def test_bad_options_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        gates(optax.sgd(0.1), **kwargs)
+
+
+def test_registered_and_options_map_from_the_harness():
+    assert get_method("gates", optax.sgd(0.1)).name == "gates"
+    config = TrainConfig(method="gates", sparsity=0.9,
+                         method_options={"gate": "hard_concrete", "lam_rate": 0.1})
+    method = build_method(config, optax.sgd(0.1), total_steps=100, batches_per_epoch=10)
+    state = method.init(tiny_params(), jax.random.PRNGKey(0))
+    assert state.scores["Dense_0"]["kernel"].shape == (12, 16)
