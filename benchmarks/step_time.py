@@ -43,9 +43,9 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "static": {"sparsity": 0.9},
     "magnitude": {"sparsity": 0.9},
     "snip": {"sparsity": 0.9},
-    "set": {"sparsity": 0.9, "update_interval": 100},
-    "rigl": {"sparsity": 0.9, "update_interval": 100},
-    "snfs": {"sparsity": 0.9, "update_interval": 100},
+    "set": {"sparsity": 0.9, "update_every": 100},
+    "rigl": {"sparsity": 0.9, "update_every": 100},
+    "snfs": {"sparsity": 0.9, "update_every": 100},
     "edge_popup": {"sparsity": 0.5},
     "gates": {},
     "biprop": {"sparsity": 0.5},
@@ -125,7 +125,7 @@ def main() -> None:
             row = {"method": name, "model": model_name, "batch_size": batch_size,
                    "dense_ms": round(statistics.median(dense_ms), 4),
                    "method_ms": round(statistics.median(method_ms), 4),
-                   "update_interval": METHOD_OPTIONS[name].get("update_interval"),
+                   "update_interval": METHOD_OPTIONS[name].get("update_every"),
                    "backend": backend}
             row["ratio"] = round(row["method_ms"] / row["dense_ms"], 3)
             rows.append(row)

@@ -1,4 +1,5 @@
-"""The ``sparsejax`` command line: ``train`` and ``plot``."""
+"""The ``sparsejax`` command line: train, plot, lottery, instability, export-ticket,
+evaluate-ticket."""
 
 from __future__ import annotations
 

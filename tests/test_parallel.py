@@ -32,8 +32,8 @@ GLOBAL_BATCH = 32
 METHOD_OPTIONS = {
     "dense": {},
     "static": {"sparsity": 0.8},
-    "set": {"sparsity": 0.8, "update_interval": 2},
-    "rigl": {"sparsity": 0.8, "update_interval": 2, "end_step": 8},
+    "set": {"sparsity": 0.8, "update_every": 2},
+    "rigl": {"sparsity": 0.8, "update_every": 2, "end_step": 8},
     "edge_popup": {"sparsity": 0.5},
     "gates": {},
 }

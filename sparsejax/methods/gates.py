@@ -37,7 +37,7 @@ controller measures the fraction of gates that are open at test time (test gate 
 mask that is kept at the end, rather than the expected density ``mean P(z > 0)``: closed
 gates keep a residual ``P(z > 0)``, so the expected density differs from the hard mask's
 density, and on LeNet-300-100 a controller on it left clearly too many or too few gates
-open (see docs/results_gates.md).
+open (see docs/results.md).
 
 ``state.scores`` has the structure of ``params``; leaves without gates (biases, norms,
 whatever ``prunable`` rejects) hold an empty ``(0,)`` array there, and all-``True`` masks.
