@@ -44,7 +44,13 @@ from sparsejax._tree import leaf_paths
 from sparsejax.checkpoint import Checkpointer
 from sparsejax.data import Dataset, epoch_permutation, load_dataset, steps_per_epoch
 from sparsejax.distributions import select_masks
-from sparsejax.masks import Prunable, default_prunable, format_sparsity_report, sparsity_report
+from sparsejax.masks import (
+    Prunable,
+    default_prunable,
+    dense_masks,
+    format_sparsity_report,
+    sparsity_report,
+)
 from sparsejax.methods.base import Method, SparseState
 from sparsejax.methods.fixed import fixed_mask, random_scores
 from sparsejax.methods.pruning import exclude_pruned, magnitude_scores
@@ -273,8 +279,9 @@ class Trainer:
                                    momentum=config.momentum,
                                    weight_decay=config.weight_decay,
                                    lr_schedule=config.lr_schedule)
-        self.method: Method = fixed_mask(optimizer, lambda p, r, c: jax.tree_util.tree_map(
-            lambda x: jnp.ones(jnp.shape(x), bool), p), name="lottery")
+        # Each round's masks replace these dense ones in the state (see imp_masks).
+        self.method: Method = fixed_mask(optimizer, lambda p, r, s, c: dense_masks(p),
+                                         name="lottery")
         self.train_images = jnp.asarray(self.dataset.train_images)
         self.train_labels = jnp.asarray(self.dataset.train_labels)
         step_fn = make_train_step(self.method, classification_loss(self.model))

@@ -80,7 +80,7 @@ def run(trainer, method, steps, state=None, first_batch=0):
     return state
 
 
-def assert_close(a, b, exact_masks=True):
+def assert_close(a, b):
     np.testing.assert_array_equal(int(a.step), int(b.step))
     for x, y in zip(jax.tree_util.tree_leaves(a.masks), jax.tree_util.tree_leaves(b.masks),
                     strict=True):

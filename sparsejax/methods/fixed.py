@@ -18,15 +18,17 @@ from sparsejax.validation import check_same_structure, check_sparsity
 
 __all__ = ["fixed_mask", "static", "random_scores"]
 
-MaskFn = Callable[[Any, jax.Array, "InitContext | None"], Any]
-"""``make_masks(params, rng, context) -> masks``; ``context`` is the
-:class:`~sparsejax.methods.base.InitContext` given to ``init`` (``None`` without data)."""
+MaskFn = Callable[[Any, jax.Array, Any, "InitContext | None"], Any]
+"""``make_masks(params, rng, model_state, context) -> masks``: ``model_state`` (batch
+statistics, ``{}`` without any) and ``context`` (the
+:class:`~sparsejax.methods.base.InitContext`, ``None`` without data) are those given to
+``init``, so scores can run the model as it is."""
 
 
 def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
                name: str = "fixed_mask") -> Method:
-    """Train the weights under masks from ``make_masks(params, rng, context)``, fixed for
-    good.
+    """Train the weights under masks from ``make_masks(params, rng, model_state, context)``,
+    fixed for good.
 
     Pruned weights are zeroed at init and stay exactly zero: ``keep_pruned_zero`` ends
     the optimizer chain, so momentum and weight decay cannot revive them.
@@ -35,7 +37,8 @@ def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
 
     def init(params: Any, rng: jax.Array, model_state: Any = None,
              context: InitContext | None = None) -> SparseState:
-        masks = make_masks(params, jax.random.fold_in(rng, 0x6D61736B), context)
+        model_state = {} if model_state is None else model_state
+        masks = make_masks(params, jax.random.fold_in(rng, 0x6D61736B), model_state, context)
         check_same_structure(params, masks)
         params = zero_masked(params, masks)
         return SparseState.create(params=params, masks=masks, rng=rng,
@@ -83,8 +86,9 @@ def static(
     """
     check_sparsity(sparsity)
 
-    def make_masks(params: Any, rng: jax.Array, context: InitContext | None) -> Any:
-        del context
+    def make_masks(params: Any, rng: jax.Array, model_state: Any,
+                   context: InitContext | None) -> Any:
+        del model_state, context
         return select_masks(random_scores(params, rng), 1.0 - sparsity, distribution,
                             prunable=prunable, overrides=overrides)
 

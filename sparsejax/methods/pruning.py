@@ -302,23 +302,6 @@ def synflow_masks(
 # --------------------------------------------------------------------------- methods
 
 
-def _fixed_mask_with_state(
-    optimizer: optax.GradientTransformation,
-    make_masks: Callable[[PyTree, jax.Array, PyTree, InitContext | None], PyTree], name: str,
-) -> Method:
-    """:func:`fixed_mask` whose ``make_masks`` also sees the model state given to ``init``
-    (batch statistics, needed to score models with batch norm)."""
-    seen: dict[str, Any] = {}
-    inner = fixed_mask(optimizer, lambda p, r, c: make_masks(p, r, seen["state"], c), name)
-
-    def init(params: PyTree, rng: jax.Array, model_state: Any = None,
-             context: InitContext | None = None) -> SparseState:
-        seen["state"] = {} if model_state is None else model_state
-        return inner.init(params, rng, model_state, context)
-
-    return inner._replace(init=init)
-
-
 def _one_shot(optimizer: optax.GradientTransformation, name: str, sparsity: float,
               distribution: str, score: Callable[[PyTree, jax.Array, PyTree, Any], PyTree], *,
               prunable: Prunable, overrides: Mapping[str, float] | None,
@@ -333,7 +316,7 @@ def _one_shot(optimizer: optax.GradientTransformation, name: str, sparsity: floa
         return select_masks(scores, 1.0 - sparsity, distribution, prunable=prunable,
                             overrides=overrides)
 
-    return _fixed_mask_with_state(optimizer, make_masks, name)
+    return fixed_mask(optimizer, make_masks, name)
 
 
 def _needs_context(context: InitContext | None, name: str) -> InitContext:
@@ -582,7 +565,7 @@ def synflow(
                              distribution, iterations=iterations, prunable=prunable,
                              overrides=overrides)
 
-    return _fixed_mask_with_state(optimizer, make_masks, "synflow")
+    return fixed_mask(optimizer, make_masks, "synflow")
 
 
 register_method("magnitude", magnitude)
