@@ -168,3 +168,14 @@ def test_nonfinite_step_is_flagged_and_can_be_skipped():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     good, metrics = skip(skipped, (xs[0], ys[0]))
     assert bool(metrics["finite"]) and int(good.step) == 2
+
+
+def test_fixed_mask_scores_with_the_model_state_given_to_init():
+    # make_masks sees init's model_state (batch statistics for batch-norm models)
+    method = sparsejax.fixed_mask(
+        optax.sgd(0.1), lambda p, rng, state, context: jax.tree_util.tree_map(
+            lambda w: w > state["threshold"], p))
+    params = {"w": jnp.arange(4.0).reshape(2, 2)}
+    state = jax.jit(method.init)(params, jax.random.PRNGKey(0), {"threshold": jnp.float32(1.5)})
+    np.testing.assert_array_equal(np.asarray(state.masks["w"]), [[False, False], [True, True]])
+    assert float(state.model_state["threshold"]) == 1.5
