@@ -14,6 +14,7 @@ from sparsejax import (
     stateless_loss,
     topk_mask,
 )
+from sparsejax.methods import InitContext
 
 
 def mlp_params(key):
@@ -179,3 +180,43 @@ def test_fixed_mask_scores_with_the_model_state_given_to_init():
     state = jax.jit(method.init)(params, jax.random.PRNGKey(0), {"threshold": jnp.float32(1.5)})
     np.testing.assert_array_equal(np.asarray(state.masks["w"]), [[False, False], [True, True]])
     assert float(state.model_state["threshold"]) == 1.5
+
+
+@pytest.mark.parametrize("name", ["static", "magnitude", "set", "gradual_magnitude"])
+def test_masked_methods_step_as_if_the_forward_pass_masked_the_weights(name):
+    """The forward pass uses ``state.params`` as they are (pruned weights are zero there),
+    and pruned weights get zero gradients before the optimizer: a step clipped by global
+    norm equals the step computed by hand on ``w * m``, whose gradient is masked. A
+    dense gradient reaching the clip would change the norm and every update."""
+    clip = 0.05
+    opt = optax.chain(optax.clip_by_global_norm(clip), optax.sgd(0.1))
+    options = {"sparsity": 0.7}
+    if name == "set":
+        options["update_every"] = 1000
+    if name == "gradual_magnitude":
+        options.update(total_steps=100, begin_step=1, end_step=2, frequency=1)
+    method = get_method(name, opt, **options)
+    params = mlp_params(jax.random.PRNGKey(0))
+    xs, ys = batches(1)
+    loss_fn = stateless_loss(mlp_loss)
+    state = method.init(params, jax.random.PRNGKey(1),
+                        context=InitContext(loss_fn, ((xs[0], ys[0]),)))
+    step = jax.jit(make_train_step(method, loss_fn))
+    if name == "gradual_magnitude":  # prunes after steps 1 and 2, then keeps its masks
+        for _ in range(2):
+            state, _ = step(state, (xs[0], ys[0]))
+    masks = state.masks
+    assert any(not bool(jnp.all(m)) for m in jax.tree_util.tree_leaves(masks))
+    new_state, _ = step(state, (xs[0], ys[0]))
+
+    grads = jax.grad(lambda p: mlp_loss(sparsejax.apply_masks(p, masks), (xs[0], ys[0])))(
+        state.params)
+    norm = optax.tree.norm(grads)
+    expected = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g * jnp.minimum(1.0, clip / norm),
+                                      state.params, grads)
+    for got, want in zip(jax.tree_util.tree_leaves(new_state.params),
+                         jax.tree_util.tree_leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert all(bool(jnp.all(jnp.where(m, True, p == 0)))
+               for p, m in zip(jax.tree_util.tree_leaves(new_state.params),
+                               jax.tree_util.tree_leaves(new_state.masks), strict=True))

@@ -117,6 +117,18 @@ EffectiveParamsFn = Callable[[SparseState], PyTree]
 PenaltyFn = Callable[[SparseState, PyTree], jax.Array]
 
 
+def params_as_they_are(state: SparseState, trainables: PyTree) -> PyTree:
+    """The ``materialize`` of methods whose params already are the effective weights: dense
+    training, and masked methods that keep pruned weights exactly zero in ``state.params``
+    (init zeroes them; ``chain(mask_gradients(), optimizer, keep_pruned_zero())`` keeps
+    them zero). Masking again in the forward pass would change nothing but the step time;
+    such a method gets masked gradients from ``mask_gradients`` (the gradients of
+    ``w * m``) or, for dynamic sparse training, wants the dense gradient anyway.
+    """
+    del state
+    return trainables
+
+
 def no_penalty(state: SparseState, trainables: PyTree) -> jax.Array:
     """The penalty of methods without one: zero."""
     del state, trainables

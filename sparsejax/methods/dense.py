@@ -7,7 +7,13 @@ from typing import Any
 import jax
 import optax
 
-from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer
+from sparsejax.methods.base import (
+    InitContext,
+    Method,
+    SparseState,
+    apply_optimizer,
+    params_as_they_are,
+)
 
 __all__ = ["dense"]
 
@@ -38,7 +44,7 @@ def dense(optimizer: optax.GradientTransformation) -> Method:
         name="dense",
         init=init,
         trainables=lambda state: state.params,
-        materialize=lambda state, params: params,
+        materialize=params_as_they_are,
         update=update,
         effective_params=lambda state: state.params,
     )

@@ -15,8 +15,10 @@ is fixed. Every ``update_every`` steps (until ``end_step``) the engine
 
 Between updates the optimizer is ``chain(mask_gradients(), optimizer,
 keep_pruned_zero())``: inactive weights stay exactly zero and their slots never
-accumulate. ``materialize`` uses :func:`sparsejax.ste_mask`, so the gradients that reach
-``update`` are dense: RigL grows by them and SNFS keeps their moving average.
+accumulate. Because inactive weights are zero in ``state.params``, the forward pass uses
+the params as they are (what :func:`sparsejax.ste_mask` computes, without its masking
+pass), so the gradients that reach ``update`` are dense: RigL grows by them and SNFS
+keeps their moving average.
 
 The methods differ only in their rules, which are small functions of :class:`Signals`:
 
@@ -44,11 +46,17 @@ from jax import lax
 
 from sparsejax._tree import leaf_paths
 from sparsejax.masks import Prunable, default_prunable
-from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer, step_key
+from sparsejax.methods.base import (
+    InitContext,
+    Method,
+    SparseState,
+    apply_optimizer,
+    params_as_they_are,
+    step_key,
+)
 from sparsejax.methods.fixed import static
 from sparsejax.methods.registry import register_method
 from sparsejax.schedules import Schedule, constant, cosine_drop_fraction, is_update_step
-from sparsejax.ste import ste_mask
 from sparsejax.topk import num_kept, topk_mask
 from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
 from sparsejax.validation import check_density, check_sparsity
@@ -436,7 +444,7 @@ def prune_and_regrow(
         name=name,
         init=init,
         trainables=lambda state: state.params,
-        materialize=lambda state, params: ste_mask(params, state.masks),
+        materialize=params_as_they_are,
         update=update,
         effective_params=lambda state: zero_masked(state.params, state.masks),
     )

@@ -12,8 +12,14 @@ import optax
 
 from sparsejax.distributions import select_masks
 from sparsejax.masks import Prunable, default_prunable
-from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer
-from sparsejax.transforms import keep_pruned_zero, zero_masked
+from sparsejax.methods.base import (
+    InitContext,
+    Method,
+    SparseState,
+    apply_optimizer,
+    params_as_they_are,
+)
+from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
 from sparsejax.validation import check_same_structure, check_sparsity
 
 __all__ = ["fixed_mask", "static", "random_scores"]
@@ -30,10 +36,13 @@ def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
     """Train the weights under masks from ``make_masks(params, rng, model_state, context)``,
     fixed for good.
 
-    Pruned weights are zeroed at init and stay exactly zero: ``keep_pruned_zero`` ends
-    the optimizer chain, so momentum and weight decay cannot revive them.
+    Pruned weights are zeroed at init and stay exactly zero: ``mask_gradients`` starts
+    the optimizer chain (pruned weights get zero gradients, the gradients of ``w * m``) and
+    ``keep_pruned_zero`` ends it, so momentum and weight decay cannot revive them. Because
+    ``state.params`` is zero wherever the mask is, the forward pass uses it as it is, with
+    no masking pass per step.
     """
-    chained = optax.chain(optimizer, keep_pruned_zero())
+    chained = optax.chain(mask_gradients(), optimizer, keep_pruned_zero())
 
     def init(params: Any, rng: jax.Array, model_state: Any = None,
              context: InitContext | None = None) -> SparseState:
@@ -53,7 +62,7 @@ def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
         name=name,
         init=init,
         trainables=lambda state: state.params,
-        materialize=lambda state, params: zero_masked(params, state.masks),
+        materialize=params_as_they_are,
         update=update,
         effective_params=lambda state: zero_masked(state.params, state.masks),
     )

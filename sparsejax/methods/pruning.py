@@ -25,12 +25,18 @@ from jax import lax
 from sparsejax._tree import leaf_paths
 from sparsejax.distributions import _plan, layer_densities, select_masks
 from sparsejax.masks import Prunable, default_prunable
-from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer
+from sparsejax.methods.base import (
+    InitContext,
+    Method,
+    SparseState,
+    apply_optimizer,
+    params_as_they_are,
+)
 from sparsejax.methods.fixed import fixed_mask, random_scores
 from sparsejax.methods.registry import register_method
 from sparsejax.schedules import cubic_sparsity
 from sparsejax.topk import topk_mask
-from sparsejax.transforms import keep_pruned_zero, zero_masked
+from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
 from sparsejax.validation import check_sparsity
 
 __all__ = [
@@ -350,7 +356,7 @@ def scheduled_magnitude(
         raise ValueError(f"pruning steps must be increasing and >= 1, got {list(steps)}")
     for s in sparsities:
         check_sparsity(s)
-    chained = optax.chain(optimizer, keep_pruned_zero())
+    chained = optax.chain(mask_gradients(), optimizer, keep_pruned_zero())
     steps_arr = jnp.asarray(np.asarray(steps, np.int32))
     select_holder: dict[str, Any] = {}
 
@@ -390,7 +396,7 @@ def scheduled_magnitude(
         name=name,
         init=init,
         trainables=lambda state: state.params,
-        materialize=lambda state, params: zero_masked(params, state.masks),
+        materialize=params_as_they_are,
         update=update,
         effective_params=lambda state: zero_masked(state.params, state.masks),
     )
