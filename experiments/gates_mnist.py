@@ -21,15 +21,20 @@ and ``measured_sparsity`` is counted on those parameters.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 from strong_common import MNIST, RESULTS, ROOT, epoch_curve, load, save  # noqa: E402
 
+import sparsejax.training.loop as loop  # noqa: E402
 from sparsejax.training.loop import TrainConfig, train  # noqa: E402
 
 OUTPUT = RESULTS / "gates_mnist.json"
@@ -62,9 +67,49 @@ SWEEP: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
+# Recipe changes for the gates, chosen on a validation split (never on the test set):
+# 50,000 training images to train on, the other 10,000 (a fixed random choice) scored in
+# place of the test set. Run name -> (training changes, method option changes) relative to
+# GATE_TRAINING / GATE_OPTIONS["gaussian"]; all at 50% sparsity, 20 epochs, seed 0.
+VALIDATION_SIZE = 10_000
+VALIDATION_SEED = 20_240_901
+TUNE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "base": ({}, {}),
+    "sigma0.25": ({}, {"sigma": 0.25, "score_bounds": [-0.5, 1.25]}),
+    "lr0.1": ({"lr": 0.1}, {}),
+    "lr0.02": ({"lr": 0.02}, {}),
+    "mu1.0": ({}, {"mu_init": 1.0}),
+    "ramp0.25": ({}, {"ramp": 0.25}),
+}
+
+
+@contextlib.contextmanager
+def validation_split() -> Iterator[None]:
+    """Within this block the harness trains on 50,000 of the MNIST training images and
+    reports its "test" accuracy on the other 10,000 (the real test set is not read)."""
+    original = loop.load_dataset
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        data = original(*args, **kwargs)
+        order = np.random.default_rng(VALIDATION_SEED).permutation(len(data.train_labels))
+        held, kept = np.sort(order[:VALIDATION_SIZE]), np.sort(order[VALIDATION_SIZE:])
+        return data._replace(train_images=data.train_images[kept],
+                             train_labels=data.train_labels[kept],
+                             test_images=data.train_images[held],
+                             test_labels=data.train_labels[held])
+
+    loop.load_dataset = load
+    try:
+        yield
+    finally:
+        loop.load_dataset = original
+
+
 def run(name: str, method: str, sparsity: float, epochs: int, training: dict[str, Any],
-        method_options: dict[str, Any], seed: int = 0) -> dict[str, Any]:
-    """One harness run (LeNet-300-100 without biases, real MNIST); resumes if killed."""
+        method_options: dict[str, Any], seed: int = 0,
+        validation: bool = False) -> dict[str, Any]:
+    """One harness run (LeNet-300-100 without biases, real MNIST); resumes if killed. With
+    ``validation``, trained on 50k training images and scored on the 10k held out."""
     out = RUNS / name
     config = TrainConfig(
         method=method, model="lenet300", dataset="mnist", data_dir=MNIST, sparsity=sparsity,
@@ -73,7 +118,8 @@ def run(name: str, method: str, sparsity: float, epochs: int, training: dict[str
         method_options=dict(method_options), **training)
     config.resume = out.exists() and any((out / "checkpoints").glob("step_*"))
     started = time.time()
-    result = train(config)
+    with validation_split() if validation else contextlib.nullcontext():
+        result = train(config)
     print(f"{name}: {100 * result['test_accuracy']:.2f}% at sparsity "
           f"{100 * result['sparsity']:.2f}% in {time.time() - started:.0f} s", flush=True)
     return {
@@ -82,14 +128,16 @@ def run(name: str, method: str, sparsity: float, epochs: int, training: dict[str
         "test_accuracy": result["test_accuracy"], "measured_sparsity": result["sparsity"],
         "wall_seconds": result["wall_seconds"], "steps": result["steps"],
         "test_accuracy_per_epoch": epoch_curve(out), "run_dir": str(out.relative_to(ROOT)),
+        "scored_on": "validation (10k held out of the training set)" if validation
+        else "test",
     }
 
 
 def merged(payload: dict[str, Any]) -> dict[str, Any]:
     """``payload`` with the runs other processes have written to the JSON file since."""
     on_disk = load(OUTPUT)
-    for group in ("curve", "sweep"):
-        payload[group] = {**on_disk.get(group, {}), **payload[group]}
+    for group in ("curve", "sweep", "tune"):
+        payload[group] = {**on_disk.get(group, {}), **payload.get(group, {})}
     for name in payload["sweep"]:  # runs of earlier settings live under "sweep" only
         payload["curve"].pop(name, None)
     return payload
@@ -99,9 +147,40 @@ def line_label(record: dict[str, Any]) -> str:
     return f"{record['label']}, {record['epochs']} epochs"
 
 
+def summary(payload: dict[str, Any]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n - 1) over seeds of every curve configuration
+    (label, epochs, target sparsity) run with more than one seed."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for record in payload["curve"].values():
+        groups.setdefault((line_label(record), record["target_sparsity"]), []).append(record)
+    out = {}
+    for (label, sparsity), records in sorted(groups.items()):
+        if len(records) < 2:
+            continue
+        records.sort(key=lambda r: r["seed"])
+        accs = [100 * r["test_accuracy"] for r in records]
+        out[f"{label}, sparsity {sparsity}"] = {
+            "label": label, "target_sparsity": sparsity,
+            "seeds": [r["seed"] for r in records], "test_accuracy_percent": accs,
+            "mean": statistics.mean(accs), "std": statistics.stdev(accs),
+            "measured_sparsity_mean": statistics.mean(r["measured_sparsity"] for r in records),
+        }
+    return out
+
+
 def series(payload: dict[str, Any], group: str, label: str) -> list[tuple[float, float]]:
-    return sorted((100 * r["measured_sparsity"], 100 * r["test_accuracy"])
-                  for r in payload[group].values() if line_label(r) == label)
+    """Points (mean measured sparsity, mean test accuracy, std or 0) over the seeds run of
+    each target sparsity of the line ``label``."""
+    by_target: dict[float, list[dict[str, Any]]] = {}
+    for r in payload[group].values():
+        if line_label(r) == label:
+            by_target.setdefault(r["target_sparsity"], []).append(r)
+    points = []
+    for records in by_target.values():
+        accs = [100 * r["test_accuracy"] for r in records]
+        points.append((100 * statistics.mean(r["measured_sparsity"] for r in records),
+                       statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0))
+    return sorted(points)
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
@@ -115,12 +194,13 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     for label, marker in zip(labels, "osd^v<>", strict=False):
         points = series(payload, "curve", label)
         if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker=marker, label=label)
+            xs, ys, errs = zip(*points, strict=True)
+            ax.errorbar(xs, ys, yerr=errs, marker=marker, capsize=3, label=label)
     ax.axhline(96.5, color="gray", linestyle=":", label="96.5%")
     ax.set_xlabel("sparsity of the binary mask (%)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Strong tickets over frozen weights, LeNet-300-100, MNIST")
+    ax.set_title("Strong tickets over frozen weights, LeNet-300-100, MNIST\n"
+                 "(mean ± std over seeds where more than one seed was run)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -130,52 +210,73 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--part", choices=("curve", "edge_popup", "sweep", "all"),
+    parser.add_argument("--part", choices=("curve", "edge_popup", "sweep", "tune", "all"),
                         default="all")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
     parser.add_argument("--gates", nargs="+", choices=GATES, default=list(GATES))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--tune", nargs="+", choices=[*TUNE, "edge_popup"],
+                        default=[*TUNE, "edge_popup"])
     args = parser.parse_args()
     payload = load(OUTPUT)
     payload.pop("runs", None)
     payload.setdefault("curve", {})
     payload.setdefault("sweep", {})
+    payload.setdefault("tune", {})
     payload["setup"] = (
-        "LeNet-300-100 without biases, real MNIST, one seed. Gates: weights frozen at the "
+        "LeNet-300-100 without biases, real MNIST, seed per record. Gates: weights frozen at the "
         f"signed Kaiming constant, training {GATE_TRAINING}, a density controller to the "
         "target sparsity, final mask = top-k of the gate parameters at the target density. "
         f"Edge-Popup: the paper's MNIST setup {EDGE_POPUP_TRAINING}, signed Kaiming "
         "constant, per-layer top-k. Accuracy on the binary mask over the frozen weights.")
-    jobs: list[tuple[str, str, str, str, float, int, dict, dict]] = []
-    e, s = args.epochs, args.seed
+    jobs: list[tuple[str, str, str, str, float, int, dict, dict, int]] = []
+    e = args.epochs
     if args.part in ("sweep", "all"):
         for name, (training, options) in SWEEP.items():
             jobs.append(("sweep", name, name, "gates", 0.9, 10, {**GATE_TRAINING, **training},
-                         options))
-    for sparsity in args.sparsities:
-        if args.part in ("curve", "all"):
-            for gate in args.gates:
-                jobs.append(("curve", f"gates_{gate}_{GATE_TAGS[gate]}_s{sparsity}_e{e}_s{s}",
-                             f"gates ({gate})",
-                             "gates", sparsity, e, GATE_TRAINING, GATE_OPTIONS[gate]))
-        if args.part in ("edge_popup", "all"):
-            jobs.append(("curve", f"edge_popup_s{sparsity}_e{e}_s{s}",
-                         "Edge-Popup (signed constant)", "edge_popup", sparsity, e,
-                         EDGE_POPUP_TRAINING, {"weight_init": "signed_constant"}))
+                         options, 0))
+    if args.part == "tune":
+        for tag, (training, options) in TUNE.items():
+            if tag in args.tune:
+                jobs.append(("tune", f"val_gates_gaussian_{tag}_s0.5_e{e}_s0",
+                             f"gates (gaussian) {tag}, validation", "gates", 0.5, e,
+                             {**GATE_TRAINING, **training},
+                             {**GATE_OPTIONS["gaussian"], **options}, 0))
+        if "edge_popup" in args.tune:  # the reference point on the same validation split
+            jobs.append(("tune", f"val_edge_popup_s0.5_e{e}_s0",
+                         "Edge-Popup (signed constant), validation", "edge_popup", 0.5, e,
+                         EDGE_POPUP_TRAINING, {"weight_init": "signed_constant"}, 0))
+    for s in args.seeds:
+        for sparsity in args.sparsities if args.part != "tune" else ():
+            if args.part in ("curve", "all"):
+                for gate in args.gates:
+                    jobs.append(("curve",
+                                 f"gates_{gate}_{GATE_TAGS[gate]}_s{sparsity}_e{e}_s{s}",
+                                 f"gates ({gate})", "gates", sparsity, e, GATE_TRAINING,
+                                 GATE_OPTIONS[gate], s))
+            if args.part in ("edge_popup", "all"):
+                jobs.append(("curve", f"edge_popup_s{sparsity}_e{e}_s{s}",
+                             "Edge-Popup (signed constant)", "edge_popup", sparsity, e,
+                             EDGE_POPUP_TRAINING, {"weight_init": "signed_constant"}, s))
     save(OUTPUT, merged(payload))
-    for group, name, label, method, sparsity, epochs, training, options in jobs:
+    for group, name, label, method, sparsity, epochs, training, options, s in jobs:
         if name in merged(payload)[group]:
             continue
         entry = {"label": label, **run(name, method, sparsity, epochs, training, options,
-                                       seed=s)}
+                                       seed=s, validation=group == "tune")}
         payload = merged(payload)
         payload[group][name] = entry
+        payload["summary"] = summary(payload)
         save(OUTPUT, payload)
         plot(payload, OUTPUT.with_suffix(".png"))
     payload = merged(payload)
+    payload["summary"] = summary(payload)
+    save(OUTPUT, payload)
     plot(payload, OUTPUT.with_suffix(".png"))
-    for group in ("sweep", "curve"):
+    for name, r in payload["summary"].items():
+        print(f"{name:60s} {r['mean']:6.2f} ± {r['std']:.2f}  seeds {r['seeds']}")
+    for group in ("sweep", "tune", "curve"):
         for name, r in sorted(payload[group].items()):
             print(f"{name:45s} {100 * r['test_accuracy']:6.2f}%  sparsity "
                   f"{100 * r['measured_sparsity']:6.2f}%  {r['wall_seconds']:.0f} s")
