@@ -2,8 +2,11 @@
 
 For n scores and k = n / 10 each candidate returns the exact k-th largest score:
 
+* ``sampled``   what ``sparsejax.topk_mask`` uses above 2048 scores: cuts seeded by a
+                strided sample, then placed by interpolating counts, a few counting
+                passes in all (plus one pass here that turns the cut into the value);
 * ``bitwise``   32 compare-and-count passes over an order-preserving uint32 key
-                (what ``sparsejax.topk_mask`` uses);
+                (what ``sparsejax.topk_mask`` uses for small groups);
 * ``radix8``    4 passes, each a 256-bin histogram of one byte of the key among the
                 entries that match the prefix found so far;
 * ``sort``      ``jnp.sort`` and index;
@@ -13,7 +16,7 @@ For n scores and k = n / 10 each candidate returns the exact k-th largest score:
 Every timing is the median of several calls of the compiled function after warm-up,
 and every candidate is checked against ``sort``. ``--json FILE`` writes one row per
 (algorithm, size) with ``ms``, ``ns_per_score`` and ``backend``; the per-size
-``ns_per_score`` of ``bitwise`` is the scaling check (flat = linear).
+``ns_per_score`` of ``sampled`` and ``bitwise`` is the scaling check (flat = linear).
 
     python benchmarks/topk.py --json benchmarks/results/topk_cpu.json
     python benchmarks/topk.py --sizes 1e4 1e5 1e6 1e7 1e8
@@ -32,13 +35,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sparsejax.topk import _order_key, kth_largest
+from sparsejax.topk import _key_value, _order_key, _sampled_cut, kth_largest
 
 
-def _key_to_float(key: jax.Array) -> jax.Array:
-    negative = (key & jnp.uint32(0x80000000)) == 0
-    bits = jnp.where(negative, ~key, key & jnp.uint32(0x7FFFFFFF))
-    return lax.bitcast_convert_type(bits, jnp.float32)
+def sampled(x: jax.Array, k: int) -> jax.Array:
+    cut, is_cut = _sampled_cut([x], k)
+    return jnp.where(is_cut, jnp.min(jnp.where(x >= cut, x, jnp.inf)), cut)
 
 
 def bitwise(x: jax.Array, k: int) -> jax.Array:
@@ -60,7 +62,7 @@ def radix8(x: jax.Array, k: int) -> jax.Array:
         chosen = jnp.max(jnp.where(above >= remaining, jnp.arange(256), -1))
         remaining = remaining - jnp.where(chosen < 255, above[jnp.minimum(chosen + 1, 255)], 0)
         prefix = prefix | (chosen.astype(jnp.uint32) << shift)
-    return _key_to_float(prefix)
+    return _key_value(prefix)
 
 
 def sort(x: jax.Array, k: int) -> jax.Array:
@@ -76,7 +78,8 @@ def approx(x: jax.Array, k: int) -> jax.Array:
 
 
 CANDIDATES: dict[str, Callable[[jax.Array, int], jax.Array]] = {
-    "bitwise": bitwise, "radix8": radix8, "sort": sort, "top_k": top_k, "approx": approx,
+    "sampled": sampled, "bitwise": bitwise, "radix8": radix8, "sort": sort, "top_k": top_k,
+    "approx": approx,
 }
 
 
@@ -107,7 +110,7 @@ def main() -> None:
         k = max(1, int(args.density * size))
         reference = float(jnp.sort(x)[size - k]) if size <= args.max_slow_size else None
         for name in args.algorithms:
-            if name != "bitwise" and name != "radix8" and size > args.max_slow_size:
+            if name not in ("sampled", "bitwise", "radix8") and size > args.max_slow_size:
                 continue
             fn = jax.jit(lambda v, f=CANDIDATES[name], k=k: f(v, k))
             value = float(fn(x))

@@ -1,16 +1,30 @@
 """Exact top-k masks without sorting.
 
 ``topk_mask`` keeps exactly ``num_kept(density, size)`` entries with the largest scores,
-per leaf or jointly across leaves. It finds the k-th largest score exactly by a bitwise
-binary search over an order-preserving integer image of the float32 scores: 32 passes
-that each count the scores above a candidate, which is linear in the number of scores
-and much faster than ``jnp.sort`` or ``lax.top_k`` on CPU (see docs/design.md). Ties at
-the threshold are broken deterministically: the entries that come first (in leaf order,
-then row-major order) are kept.
+per leaf or jointly across leaves. Scores are ranked through an order-preserving uint32
+image of their float32 values (the *keys*), and the mask is ``key >= t`` for a cut ``t``
+found by counting, never by sorting: each pass over the scores counts the keys at or
+above a few candidate cuts, which is linear in the number of scores and much faster than
+``jnp.sort`` or ``lax.top_k`` on CPU (see docs/design.md and benchmarks/topk.py).
+
+* Small groups (at most ``_SAMPLE_SIZE`` scores) use a bitwise binary search: 32
+  passes, one bit of the k-th largest key per pass.
+* Larger groups start from a strided sample of ``_SAMPLE_SIZE`` keys, whose order
+  statistics bracket the cut, then interpolate: each pass counts at a few cuts placed by
+  the counts of the current bracket, and stops as soon as one cut keeps exactly ``k``.
+  A pass usually shrinks the number of scores left in the bracket from ``U`` to about
+  ``sqrt(U)``, so a few passes replace the 32 of the bitwise search. After
+  ``_INTERPOLATION_ROUNDS`` passes it bisects the bracket, so adversarial scores (mass
+  ties, spikes) cost at most 32 more passes. Whatever the data, the result is exact: a
+  pass only ever narrows a bracket that provably holds the k-th largest key.
+
+Ties at the k-th largest score are broken deterministically: the entries that come first
+(in leaf order, then row-major order) are kept.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -26,6 +40,19 @@ __all__ = ["num_kept", "topk_mask", "kth_largest"]
 Scope = Literal["layer", "global"]
 
 _SIGN_BIT = 0x80000000
+_SAMPLE_SIZE = 2048
+"""Groups up to this size are searched bitwise; larger ones seed their search with a
+strided sample of about this many keys."""
+_SAMPLE_SPREADS = 2.0
+"""The first two cuts sit this many binomial spreads either side of the sample's estimate
+of the k-th largest entry (both fall on one side about 5% of the time)."""
+_CUT_SPREADS = 1.0
+"""Later cuts sit this many spreads either side of the interpolated cut."""
+_ENDGAME = 3
+"""When at most this many entries are left in the bracket, one pass finds its lowest and
+highest entries and the next counts just above the lowest and at the highest."""
+_INTERPOLATION_ROUNDS = 8
+"""Passes that place cuts by interpolation before the search falls back to bisection."""
 
 
 def num_kept(density: Any, size: int) -> Any:
@@ -79,7 +106,8 @@ def _kth_largest_keys(groups: Sequence[Sequence[jax.Array]], ks: Sequence[Any]) 
 
 def _masks_at_threshold(keys: Sequence[jax.Array], threshold: jax.Array,
                         k: Any) -> list[jax.Array]:
-    """Masks keeping exactly ``k`` of ``keys`` given their exact k-th largest value."""
+    """Masks keeping exactly ``k`` of ``keys`` (order keys, or float32 values, which
+    compare alike) given their exact k-th largest value."""
     above = [key > threshold for key in keys]
     n_above = sum((jnp.sum(a, dtype=jnp.int32) for a in above), jnp.int32(0))
     ties = [key == threshold for key in keys]
@@ -104,14 +132,153 @@ def _masks_at_threshold(keys: Sequence[jax.Array], threshold: jax.Array,
     return [jnp.where(keep_none, False, m) for m in masks]
 
 
+def _count_at_least(values: Sequence[jax.Array], cut: jax.Array) -> jax.Array:
+    return sum((jnp.sum(v >= cut, dtype=jnp.int32) for v in values), jnp.int32(0))
+
+
+def _strided_sample(values: Sequence[jax.Array], size: int) -> jax.Array:
+    """Every ``stride``-th entry of each leaf (one stride for the group), about ``size``
+    in all: a systematic sample whose order statistics track the group's."""
+    stride = max(1, sum(int(v.size) for v in values) // size)
+    return jnp.concatenate([v.ravel()[::stride] for v in values])
+
+
+def _above(x: jax.Array) -> jax.Array:
+    return jnp.nextafter(x, jnp.float32(jnp.inf))
+
+
+def _below(x: jax.Array) -> jax.Array:
+    return jnp.nextafter(x, jnp.float32(-jnp.inf))
+
+
+def _sampled_cut(values: Sequence[jax.Array], k: Any) -> tuple[jax.Array, jax.Array]:
+    """``(cut, is_cut)`` for a large group of float32 leaves: with ``is_cut`` exactly
+    ``k`` entries are ``>= cut``; otherwise (a tie straddles the k-th largest entry)
+    ``cut`` is the exact k-th largest entry.
+
+    The loop keeps a bracket ``lo <= (k-th largest) <= hi`` with its counts
+    ``c_lo = #(x >= lo) >= k`` and ``c_above = #(x > hi) < k``, and every pass only
+    narrows it, so it can only end exact. A pass either counts at two cuts, or (once at
+    most ``_ENDGAME`` entries are left in the bracket) finds the bracket's extreme
+    entries, after which cuts just above the lowest and at the highest settle it.
+    """
+    n = sum(int(v.size) for v in values)
+    k = jnp.asarray(k, jnp.int32)
+    kf = k.astype(jnp.float32)
+    sample = _strided_sample(values, _SAMPLE_SIZE)
+    share = jnp.clip(kf / n, 0.0, 1.0)
+    expected_rank = kf * sample.size / n
+    spread = jnp.sqrt(sample.size * share * (1.0 - share)) + 1.0
+    ranks = [jnp.clip(jnp.round(expected_rank + z * spread), 1, sample.size).astype(jnp.int32)
+             for z in (-_SAMPLE_SPREADS, _SAMPLE_SPREADS)]
+    first_cuts = _key_value(jnp.stack(_kth_largest_keys([[_order_key(sample)]] * 2, ranks)))
+
+    def interpolated_cuts(lo, hi, c_lo, c_above):
+        # Model the bracket's entries as uniform in value between lo and hi. The cut lies
+        # above the ``c_lo - k`` lowest of its ``inside`` entries, expected at
+        # ``(c_lo - k + 1/2) / (inside + 1)`` of the way up, with the spread of that order
+        # statistic: one cut a spread below, one a spread above.
+        inside = jnp.maximum(c_lo - c_above, 1).astype(jnp.float32)
+        center = jnp.clip((c_lo - kf + 0.5) / (inside + 1.0), 0.0, 1.0)
+        spread = _CUT_SPREADS * jnp.sqrt(center * (1.0 - center) / (inside + 2.0))
+        shares = jnp.clip(jnp.stack([center - spread, center + spread]), 0.0, 1.0)
+        cuts = jnp.clip(lo + (hi - lo) * shares, _above(lo), hi)
+        # Infinite bracket ends give no usable value: bisect the keys instead.
+        return jnp.where(jnp.isfinite(cuts), cuts, bisected_cuts(lo, hi))
+
+    def bisected_cuts(lo, hi):
+        lo_key, hi_key = _order_key(lo), _order_key(hi)
+        third = (hi_key - lo_key) // jnp.uint32(3)
+        keys = jnp.stack([lo_key + third + jnp.uint32(1), lo_key + 2 * third + jnp.uint32(1)])
+        return _key_value(jnp.minimum(keys, hi_key))
+
+    def count_pass(carry):
+        lo, hi, c_lo, c_above, hit, cut, cuts = carry
+        for j in range(2):
+            t = cuts[j]
+            count = _count_at_least(values, t)
+            exact = (count == k) & ~hit
+            cut = jnp.where(exact, t, cut)
+            hit = hit | exact
+            raise_lo = (count > k) & (t > lo)
+            lo, c_lo = jnp.where(raise_lo, t, lo), jnp.where(raise_lo, count, c_lo)
+            lower_hi = (count < k) & (_below(t) < hi)
+            hi, c_above = jnp.where(lower_hi, _below(t), hi), jnp.where(lower_hi, count, c_above)
+        return lo, hi, c_lo, c_above, hit, cut, cuts
+
+    def extremes_pass(carry):
+        lo, hi, c_lo, c_above, hit, cut, _ = carry
+        # No entry lies in [lo, bottom) or (top, hi]: the counts stay valid.
+        top = functools.reduce(jnp.maximum, [jnp.max(jnp.where(v <= hi, v, -jnp.inf))
+                                             for v in values])
+        bottom = functools.reduce(jnp.minimum, [jnp.min(jnp.where(v >= lo, v, jnp.inf))
+                                                for v in values])
+        return bottom, top, c_lo, c_above, hit, cut, jnp.stack([_above(bottom), top])
+
+    def not_done(carry):
+        rounds, _, lo, hi, _, _, hit, _, _ = carry
+        return (~hit) & (lo < hi) & (rounds < _INTERPOLATION_ROUNDS + 40)
+
+    def body(carry):
+        rounds, tight, *state = carry
+        lo, hi, c_lo, c_above = state[:4]
+        # The extremes pass closes an open bracket end (the sample's cuts all fell on one
+        # side) and settles a bracket of at most _ENDGAME entries.
+        few = c_lo - c_above <= _ENDGAME
+        extremes = ~tight & (few | jnp.isinf(lo) | jnp.isinf(hi))
+        state = lax.cond(extremes, extremes_pass, count_pass, tuple(state))
+        lo, hi, c_lo, c_above, hit, cut, cuts = state
+        rounds = rounds + 1
+        placed = lax.cond(rounds < _INTERPOLATION_ROUNDS,
+                          lambda: interpolated_cuts(lo, hi, c_lo, c_above),
+                          lambda: bisected_cuts(lo, hi))
+        # After an extremes pass on few entries, count just above the lowest and at the
+        # highest (the cuts it returned).
+        cuts = jnp.where(extremes & few, cuts, placed)
+        return rounds, extremes, lo, hi, c_lo, c_above, hit, cut, cuts
+
+    # Start "tight" so that the first pass counts at the sample's cuts.
+    start = (jnp.int32(0), jnp.asarray(True), jnp.float32(-jnp.inf), jnp.float32(jnp.inf),
+             jnp.int32(n), jnp.int32(0), jnp.asarray(False), jnp.float32(0), first_cuts)
+    _, _, lo, _, c_lo, _, hit, cut, _ = lax.while_loop(not_done, body, start)
+    # A bracket closed on an entry that exactly k entries reach is a cut too.
+    return jnp.where(hit, cut, lo), hit | (c_lo == k)
+
+
+def _key_value(key: jax.Array) -> jax.Array:
+    """The float32 whose order key is ``key`` (the inverse of ``_order_key``)."""
+    negative = (key & jnp.uint32(_SIGN_BIT)) == 0
+    bits = jnp.where(negative, ~key, key & jnp.uint32(~_SIGN_BIT & 0xFFFFFFFF))
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _grouped_topk(groups: Sequence[Sequence[jax.Array]],
                   ks: Sequence[Any]) -> list[list[jax.Array]]:
     """For each group of leaves, masks keeping exactly ``ks[g]`` of its largest entries
-    jointly (one group per leaf: per-layer top-k; one group of all leaves: global)."""
-    keys = [[_order_key(leaf) for leaf in group] for group in groups]
-    thresholds = _kth_largest_keys(keys, ks)
-    return [_masks_at_threshold(group_keys, threshold, k)
-            for group_keys, threshold, k in zip(keys, thresholds, ks, strict=True)]
+    jointly (one group per leaf: per-layer top-k; one group of all leaves: global).
+
+    Small groups share one bitwise search (one loop for all of them, so XLA fuses their
+    counts); each large group runs its own sampled search on float32 values (which
+    compare like their keys, and count faster on CPU).
+    """
+    small = [g for g, group in enumerate(groups)
+             if sum(int(jnp.size(leaf)) for leaf in group) <= _SAMPLE_SIZE]
+    masks: list[list[jax.Array]] = [[] for _ in groups]
+    if small:
+        keys = [[_order_key(leaf) for leaf in groups[g]] for g in small]
+        thresholds = _kth_largest_keys(keys, [ks[g] for g in small])
+        for g, group_keys, threshold in zip(small, keys, thresholds, strict=True):
+            masks[g] = _masks_at_threshold(group_keys, threshold, ks[g])
+    for g, group in enumerate(groups):
+        if g in small:
+            continue
+        values = [jnp.asarray(leaf).astype(jnp.float32) for leaf in group]
+        cut, is_cut = _sampled_cut(values, ks[g])
+        masks[g] = lax.cond(
+            is_cut,
+            lambda v=values, c=cut: [x >= c for x in v],
+            lambda v=values, c=cut, k=ks[g]: _masks_at_threshold(v, c, k))
+    return masks
 
 
 def kth_largest(scores: jax.Array, k: Any) -> jax.Array:
@@ -121,10 +288,7 @@ def kth_largest(scores: jax.Array, k: Any) -> jax.Array:
     >>> float(kth_largest(jnp.array([0.3, -1.0, 2.0, 0.5]), 2))
     0.5
     """
-    key = _kth_largest_keys([[_order_key(scores)]], [k])[0]
-    negative = (key & jnp.uint32(_SIGN_BIT)) == 0
-    bits = jnp.where(negative, ~key, key & jnp.uint32(~_SIGN_BIT & 0xFFFFFFFF))
-    return lax.bitcast_convert_type(bits, jnp.float32)
+    return _key_value(_kth_largest_keys([[_order_key(scores)]], [k])[0])
 
 
 def topk_mask(

@@ -107,3 +107,66 @@ def test_unknown_scope_and_mismatched_density_tree():
 
 def test_public_name():
     assert sparsejax.topk_mask is topk_mask
+
+
+# Groups above sparsejax.topk._SAMPLE_SIZE entries take the sampled search; these data
+# attack its interpolation (mass ties, spikes over 60 decades, infinities, sorted runs).
+def _large_cases(n: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(n)
+    spikes = rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-30, 30, n)
+    mostly_zero = np.where(rng.random(n) < 0.97, 0.0, rng.normal(size=n))
+    signed_zeros_and_inf = rng.choice([-0.0, 0.0, 1.0, -np.inf, np.inf, 2.0], n)
+    return {
+        "normal": rng.normal(size=n),
+        "abs_uniform": np.abs(rng.uniform(-1, 1, n)),
+        "ten_values": rng.integers(0, 10, n).astype(float),
+        "all_equal": np.full(n, 0.25),
+        "mostly_zero": mostly_zero,
+        "ascending": np.sort(rng.normal(size=n)),
+        "descending": -np.sort(rng.normal(size=n)),
+        "spikes": spikes,
+        "signed_zeros_and_inf": signed_zeros_and_inf,
+        "near_ties_and_outlier": np.concatenate([1.0 + 1e-7 * rng.integers(0, 3, n - 1),
+                                                 [1e38]]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_large_cases(8)))
+def test_sampled_search_is_exact_on_hard_data(case):
+    n = 5003
+    scores = _large_cases(n)[case].astype(np.float32)
+    select = jax.jit(lambda s, d: topk_mask(s, d, check_finite_scores=False))
+    for k in (0, 1, 2, 5, 500, 2501, 4502, n - 1, n):
+        mask = np.asarray(select(scores, k / n))
+        assert num_kept(k / n, n) == k
+        np.testing.assert_array_equal(mask, reference_topk(scores, k), err_msg=f"k={k}")
+
+
+def test_sampled_search_matches_sort_on_large_leaves_and_low_precision():
+    rng = np.random.default_rng(3)
+    scores = {"a": rng.normal(size=(300, 400)).astype(np.float32),
+              "b": rng.normal(size=(70_001,)).astype(jnp.bfloat16)}
+    for density in (0.001, 0.05, 0.5, 0.97):
+        masks = jax.jit(lambda s, d=density: topk_mask(s, d))(scores)
+        for name, leaf in scores.items():
+            k = num_kept(density, leaf.size)
+            np.testing.assert_array_equal(
+                np.asarray(masks[name]), reference_topk(np.asarray(leaf, np.float32), k))
+
+
+def test_sampled_global_search_breaks_ties_across_leaves_in_leaf_order():
+    # 3 leaves of 3000 entries, every entry 0 or 1: the cut always lands in a tie.
+    rng = np.random.default_rng(4)
+    leaves = [rng.integers(0, 2, 3000).astype(np.float32) for _ in range(3)]
+    flat = np.concatenate(leaves)
+    for k in (1, 1500, 4500, 8999):
+        masks = jax.jit(lambda s, d=k / flat.size: topk_mask(s, d, scope="global"))(leaves)
+        np.testing.assert_array_equal(np.concatenate([np.asarray(m) for m in masks]),
+                                      reference_topk(flat, k), err_msg=f"k={k}")
+
+
+def test_sampled_search_under_vmap():
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (4, 6000)))
+    masks = jax.jit(jax.vmap(lambda s: topk_mask(s, 0.3)))(x)
+    for row, mask in zip(x, np.asarray(masks), strict=True):
+        np.testing.assert_array_equal(mask, reference_topk(row, num_kept(0.3, 6000)))
