@@ -208,12 +208,24 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any) -> tuple[jax.Array, jax.Ar
 
     def extremes_pass(carry):
         lo, hi, c_lo, c_above, hit, cut, _ = carry
-        # No entry lies in [lo, bottom) or (top, hi]: the counts stay valid.
-        top = functools.reduce(jnp.maximum, [jnp.max(jnp.where(v <= hi, v, -jnp.inf))
-                                             for v in values])
-        bottom = functools.reduce(jnp.minimum, [jnp.min(jnp.where(v >= lo, v, jnp.inf))
-                                                for v in values])
-        return bottom, top, c_lo, c_above, hit, cut, jnp.stack([_above(bottom), top])
+        # The bracket's lowest and highest finite entries, and the counts at them. No
+        # entry lies in [lo, bottom) or (top, hi] but infinities, which are the k-th
+        # largest entry only when the counts say so (masked scores of -inf, say).
+        top = functools.reduce(jnp.maximum, [
+            jnp.max(jnp.where((v <= hi) & (v < jnp.inf), v, -jnp.inf)) for v in values])
+        bottom = functools.reduce(jnp.minimum, [
+            jnp.min(jnp.where((v >= lo) & (v > -jnp.inf), v, jnp.inf)) for v in values])
+        c_bottom = _count_at_least(values, bottom)
+        c_over_top = _count_at_least(values, _above(top))
+        minus_inf = c_bottom < k  # only -inf entries below bottom: the answer is -inf
+        plus_inf = c_over_top >= k  # only +inf entries above top: the answer is +inf
+        new_lo = jnp.where(minus_inf, lo, jnp.where(plus_inf, jnp.inf, jnp.maximum(lo, bottom)))
+        new_hi = jnp.where(plus_inf, hi, jnp.where(minus_inf, -jnp.inf, jnp.minimum(hi, top)))
+        # #(x >= +inf) is c_over_top and #(x > -inf) is c_bottom.
+        c_lo = jnp.where(minus_inf, c_lo, jnp.where(plus_inf, c_over_top, c_bottom))
+        c_above = jnp.where(minus_inf, c_bottom, jnp.where(plus_inf, c_above, c_over_top))
+        return (new_lo, new_hi, c_lo, c_above, hit, cut,
+                jnp.stack([_above(new_lo), new_hi]))
 
     def not_done(carry):
         rounds, _, lo, hi, _, _, hit, _, _ = carry

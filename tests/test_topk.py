@@ -126,6 +126,8 @@ def _large_cases(n: int) -> dict[str, np.ndarray]:
         "descending": -np.sort(rng.normal(size=n)),
         "spikes": spikes,
         "signed_zeros_and_inf": signed_zeros_and_inf,
+        "masked_to_minus_inf": np.where(rng.random(n) < 0.9, -np.inf, rng.normal(size=n)),
+        "masked_to_plus_inf": np.where(rng.random(n) < 0.9, np.inf, rng.normal(size=n)),
         "near_ties_and_outlier": np.concatenate([1.0 + 1e-7 * rng.integers(0, 3, n - 1),
                                                  [1e38]]),
     }
@@ -136,7 +138,7 @@ def test_sampled_search_is_exact_on_hard_data(case):
     n = 5003
     scores = _large_cases(n)[case].astype(np.float32)
     select = jax.jit(lambda s, d: topk_mask(s, d, check_finite_scores=False))
-    for k in (0, 1, 2, 5, 500, 2501, 4502, n - 1, n):
+    for k in (0, 1, 2, 5, 400, 500, 600, 2501, 4502, n - 1, n):
         mask = np.asarray(select(scores, k / n))
         assert num_kept(k / n, n) == k
         np.testing.assert_array_equal(mask, reference_topk(scores, k), err_msg=f"k={k}")
