@@ -305,18 +305,25 @@ def kth_largest(scores: jax.Array, k: Any) -> jax.Array:
 
 def topk_mask(
     scores: Any,
-    density: Any,
+    density: Any = None,
     *,
+    count: Any = None,
     scope: Scope = "layer",
     check_finite_scores: bool = True,
 ) -> Any:
-    """Boolean mask(s) keeping exactly ``num_kept(density, size)`` of the largest scores.
+    """Boolean mask(s) keeping exactly ``num_kept(density, size)`` (or ``count``) of the
+    largest scores.
 
     Args:
       scores: an array or a pytree of arrays (any real dtype; ranked as float32).
       density: the fraction to keep, in [0, 1]. With ``scope='layer'`` either one number
         for every leaf or a pytree of numbers with the structure of ``scores``; with
         ``scope='global'`` one number for all leaves together.
+      count: instead of ``density``, how many entries to keep: an integer (or int array,
+        traced or not) per leaf, a tree of them, or one for all leaves with
+        ``scope='global'``. Exact for leaves of any size, where a float32 density cannot
+        name every count above 2**24 entries. Concrete counts outside [0, size] are an
+        error; traced ones are clipped to [0, size].
       scope: ``'layer'`` keeps the top fraction of each leaf; ``'global'`` ranks all
         leaves jointly and keeps ``num_kept(density, total size)`` entries.
       check_finite_scores: raise ``ValueError`` for NaN or inf scores. Under ``jit`` the
@@ -331,9 +338,13 @@ def topk_mask(
     Array([False,  True, False,  True], dtype=bool)
     >>> topk_mask(jnp.array([1.0, 1.0, 1.0, 1.0]), 0.5)  # ties: first entries win
     Array([ True,  True, False, False], dtype=bool)
+    >>> topk_mask(jnp.array([0.1, 0.9, 0.5, 0.9]), count=3)
+    Array([False,  True,  True,  True], dtype=bool)
     """
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if (density is None) == (count is None):
+        raise ValueError("give exactly one of density and count")
     leaves, treedef = jax.tree_util.tree_flatten(scores)
     if not leaves:
         return scores
@@ -342,23 +353,40 @@ def topk_mask(
             raise TypeError(f"scores must be real numbers, got dtype {jnp.result_type(leaf)}")
     if check_finite_scores:
         check_finite(scores, "scores")
+    amount = density if count is None else count
 
     if scope == "global":
-        check_density(density)
-        if jnp.ndim(density) != 0:
-            raise ValueError("scope='global' takes one density for all leaves")
+        if jnp.ndim(amount) != 0:
+            raise ValueError("scope='global' takes one density or count for all leaves")
         total = sum(int(jnp.size(leaf)) for leaf in leaves)
-        masks = _grouped_topk([leaves], [num_kept(density, total)])[0]
+        masks = _grouped_topk([leaves], [_kept(density, count, total)])[0]
         return jax.tree_util.tree_unflatten(treedef, masks)
 
-    if isinstance(density, (int, float)) or (hasattr(density, "ndim") and density.ndim == 0):
-        densities = [density] * len(leaves)
+    if isinstance(amount, (int, float)) or (hasattr(amount, "ndim") and amount.ndim == 0):
+        amounts = [amount] * len(leaves)
     else:
-        check_same_structure(scores, density, reference_name="scores", other_name="densities",
+        check_same_structure(scores, amount, reference_name="scores",
+                             other_name="densities" if count is None else "counts",
                              check_shapes=False)
-        densities = jax.tree_util.tree_leaves(density)
-    for leaf_density in densities:
-        check_density(leaf_density)
-    ks = [num_kept(d, int(jnp.size(leaf))) for leaf, d in zip(leaves, densities, strict=True)]
+        amounts = jax.tree_util.tree_leaves(amount)
+    ks = [_kept(a, None, int(jnp.size(leaf))) if count is None
+          else _kept(None, a, int(jnp.size(leaf)))
+          for leaf, a in zip(leaves, amounts, strict=True)]
     masks = [group[0] for group in _grouped_topk([[leaf] for leaf in leaves], ks)]
     return jax.tree_util.tree_unflatten(treedef, masks)
+
+
+def _kept(density: Any, count: Any, size: int) -> Any:
+    """The number kept of ``size`` entries: ``num_kept(density, size)`` or a checked
+    ``count``."""
+    if count is None:
+        check_density(density)
+        return num_kept(density, size)
+    if is_concrete(count):
+        value = float(jnp.asarray(count))
+        if value != int(value) or not 0 <= value <= size:
+            raise ValueError(f"count must be an integer in [0, {size}], got {count!r}")
+        return int(value)
+    if not jnp.issubdtype(jnp.result_type(count), jnp.integer):
+        raise TypeError(f"count must be an integer, got dtype {jnp.result_type(count)}")
+    return jnp.clip(jnp.asarray(count, jnp.int32), 0, size)

@@ -134,7 +134,9 @@ def check_finite(tree: Any, name: str = "scores") -> None:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             continue
         if is_concrete(leaf):
-            if not bool(jnp.all(jnp.isfinite(leaf))):
+            # On the host with numpy: jnp here would be traced when a concrete array is
+            # closed over inside jit.
+            if not np.all(np.isfinite(np.asarray(leaf).astype(np.float32))):
                 raise ValueError(
                     f"{name} contain non-finite values (NaN or inf) in leaf '{path_str(path)}'"
                 )

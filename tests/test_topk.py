@@ -172,3 +172,29 @@ def test_sampled_search_under_vmap():
     masks = jax.jit(jax.vmap(lambda s: topk_mask(s, 0.3)))(x)
     for row, mask in zip(x, np.asarray(masks), strict=True):
         np.testing.assert_array_equal(mask, reference_topk(row, num_kept(0.3, 6000)))
+
+
+def test_count_keeps_exactly_that_many_per_leaf_globally_and_traced():
+    rng = np.random.default_rng(6)
+    scores = {"a": rng.normal(size=(60, 70)).astype(np.float32),
+              "b": rng.normal(size=(500,)).astype(np.float32)}
+    masks = topk_mask(scores, count={"a": 1234, "b": 7})
+    for name, k in (("a", 1234), ("b", 7)):
+        np.testing.assert_array_equal(np.asarray(masks[name]), reference_topk(scores[name], k))
+    flat = np.concatenate([scores["a"].ravel(), scores["b"]])
+    joint = jax.jit(lambda s, c: topk_mask(s, count=c, scope="global"))(scores, jnp.int32(999))
+    got = np.concatenate([np.asarray(joint["a"]).ravel(), np.asarray(joint["b"])])
+    np.testing.assert_array_equal(got, reference_topk(flat, 999))
+
+
+def test_bad_counts_are_rejected():
+    x = jnp.arange(10.0)
+    for bad in (-1, 11, 2.5):
+        with pytest.raises(ValueError, match="count must be an integer in \\[0, 10\\]"):
+            topk_mask(x, count=bad)
+    with pytest.raises(ValueError, match="exactly one of density and count"):
+        topk_mask(x, 0.5, count=3)
+    with pytest.raises(ValueError, match="exactly one of density and count"):
+        topk_mask(x)
+    with pytest.raises(TypeError, match="count must be an integer"):
+        jax.jit(lambda c: topk_mask(x, count=c))(jnp.float32(3.0))

@@ -57,7 +57,7 @@ from sparsejax.methods.base import (
 from sparsejax.methods.fixed import static
 from sparsejax.methods.registry import register_method
 from sparsejax.schedules import Schedule, constant, cosine_drop_fraction, is_update_step
-from sparsejax.topk import num_kept, topk_mask
+from sparsejax.topk import topk_mask
 from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
 from sparsejax.validation import check_density, check_sparsity
 
@@ -234,40 +234,8 @@ def momentum_redistribution(signals: Signals, n_drop: jax.Array,
 
 # ---------------------------------------------------------------------------- engine
 
-def _density_for_count(count: jax.Array, size: int) -> jax.Array:
-    """A float32 density for which ``num_kept(density, size) == count`` exactly.
-
-    ``count / size`` can round to a neighbour of ``count`` for large leaves; a few
-    one-ulp nudges against :func:`num_kept` itself (the rule ``topk_mask`` applies) fix it.
-    """
-    count = jnp.asarray(count, jnp.int32)
-    density = count.astype(jnp.float32) / jnp.float32(max(size, 1))
-    for _ in range(4):
-        got = num_kept(density, size)
-        density = jnp.where(got < count, jnp.nextafter(density, jnp.float32(2)),
-                            jnp.where(got > count, jnp.nextafter(density, jnp.float32(-1)),
-                                      density))
-    return density
-
-
-MAX_LEAF_SIZE = 2**23
-"""Largest prunable leaf whose active count the engine keeps exact: ``topk_mask`` takes a
-float32 density, and float32 cannot name every count of a larger leaf."""
-
-
-def _check_leaf_sizes(params: Any, prunable: Prunable) -> None:
-    for path, p in zip(leaf_paths(params), jax.tree_util.tree_leaves(params), strict=True):
-        if prunable(path, p) and int(jnp.size(p)) > MAX_LEAF_SIZE:
-            raise ValueError(
-                f"prunable leaf '{path}' has {int(jnp.size(p))} entries; dynamic sparse "
-                f"training keeps counts exact only up to {MAX_LEAF_SIZE} entries per leaf "
-                "(float32 densities in topk_mask); leave it dense with the prunable filter"
-            )
-
-
 def _topk_count(scores: jax.Array, count: jax.Array) -> jax.Array:
-    return topk_mask(scores, _density_for_count(count, int(scores.size)),
-                     check_finite_scores=False)
+    return topk_mask(scores, count=count, check_finite_scores=False)
 
 
 def regrow_masks(rules: RegrowRules, signals: Signals,
@@ -377,7 +345,6 @@ def prune_and_regrow(
     def init(params: Any, rng: jax.Array, model_state: Any = None,
              context: InitContext | None = None) -> SparseState:
         del context
-        _check_leaf_sizes(params, prunable)
         state = start.init(params, rng, model_state)
         extra = {}
         if momentum is not None:
