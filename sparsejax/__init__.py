@@ -10,8 +10,10 @@ Array([False, False,  True,  True], dtype=bool)
 
 from sparsejax.distributions import (
     DISTRIBUTIONS,
+    KeptCounts,
     erdos_renyi_raw_density,
     erk_raw_density,
+    kept_counts,
     layer_densities,
     select_masks,
 )
@@ -136,6 +138,8 @@ __all__ = [
     "is_update_step",
     "keep_pruned_zero",
     "kth_largest",
+    "KeptCounts",
+    "kept_counts",
     "layer_densities",
     "LayerSparsity",
     "leaf_densities",

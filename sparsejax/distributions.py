@@ -38,6 +38,8 @@ from sparsejax.validation import check_density, check_same_structure
 
 __all__ = [
     "DISTRIBUTIONS",
+    "KeptCounts",
+    "kept_counts",
     "layer_densities",
     "select_masks",
     "erk_raw_density",
@@ -200,7 +202,8 @@ def layer_densities(
                 scores = jax.tree_util.tree_map(jnp.abs, params)
             check_same_structure(params, scores, other_name="scores")
             leaves = jax.tree_util.tree_leaves(scores)
-            masks = _free_topk([leaves[i] for i in plan.free], plan.budget)
+            masks = topk_mask([leaves[i] for i in plan.free], count=plan.budget,
+                              scope="global")
             counts.update({i: int(jnp.sum(m)) for i, m in zip(plan.free, masks, strict=True)})
         else:
             counts.update(_proportional_counts(plan, distribution))
@@ -222,9 +225,50 @@ def _proportional_counts(plan: _Plan, distribution: str) -> dict[int, int]:
     return _integer_counts(targets, plan.sizes, plan.budget)
 
 
-def _free_topk(scores: list[Any], budget: int) -> list[jax.Array]:
-    total = sum(int(np.size(s)) for s in scores)
-    return topk_mask(scores, budget / total if total else 1.0, scope="global")
+class KeptCounts(NamedTuple):
+    """How many weights each leaf keeps for a total density, in integers.
+
+    Attributes:
+      per_leaf: for each leaf (in leaf order) its kept count, or ``None`` for leaves that
+        are not prunable (kept whole) and for the leaves in ``shared``.
+      shared: indices of the leaves ranked jointly (distribution ``'global'``), whose
+        split depends on the scores.
+      shared_count: how many weights the ``shared`` leaves keep together.
+    """
+
+    per_leaf: list[int | None]
+    shared: list[int]
+    shared_count: int
+
+
+def kept_counts(
+    params: Any,
+    density: float,
+    distribution: str = "erk",
+    *,
+    prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None,
+) -> KeptCounts:
+    """The exact kept counts behind :func:`select_masks`, from shapes alone.
+
+    >>> import jax.numpy as jnp
+    >>> p = {"a": jnp.zeros((100, 10)), "b": jnp.zeros((10, 10)), "bias": jnp.zeros(10)}
+    >>> kept_counts(p, 0.5, "uniform")
+    KeptCounts(per_leaf=[500, 50, None], shared=[], shared_count=0)
+    >>> kept_counts(p, 0.5, "global", overrides={"b": 1.0})
+    KeptCounts(per_leaf=[None, 100, None], shared=[0], shared_count=450)
+    """
+    _check_distribution(distribution)
+    plan = _plan(params, density, prunable, overrides)
+    counts: list[int | None] = [None] * len(plan.sizes)
+    for i, count in plan.fixed_counts.items():
+        counts[i] = count
+    if distribution == "global":
+        return KeptCounts(counts, list(plan.free), plan.budget if plan.free else 0)
+    if plan.free:
+        for i, count in _proportional_counts(plan, distribution).items():
+            counts[i] = count
+    return KeptCounts(counts, [], 0)
 
 
 def select_masks(
@@ -249,18 +293,15 @@ def select_masks(
     Array([[False,  True],
            [ True, False]], dtype=bool)
     """
-    _check_distribution(distribution)
-    plan = _plan(scores, density, prunable, overrides)
-    leaves = jax.tree_util.tree_leaves(scores)
-    masks: list[Any] = [jnp.ones(np.shape(leaf), bool) for leaf in leaves]
-    for i, count in plan.fixed_counts.items():
-        masks[i] = topk_mask(leaves[i], count / plan.sizes[i])
-    if plan.free:
-        if distribution == "global":
-            chosen = _free_topk([leaves[i] for i in plan.free], plan.budget)
-        else:
-            counts = _proportional_counts(plan, distribution)
-            chosen = [topk_mask(leaves[i], counts[i] / plan.sizes[i]) for i in plan.free]
-        for i, mask in zip(plan.free, chosen, strict=True):
+    counts = kept_counts(scores, density, distribution, prunable=prunable,
+                         overrides=overrides)
+    leaves, treedef = jax.tree_util.tree_flatten(scores)
+    masks: list[Any] = [jnp.ones(np.shape(leaf), bool) if count is None
+                        else topk_mask(leaf, count=count)
+                        for leaf, count in zip(leaves, counts.per_leaf, strict=True)]
+    if counts.shared:
+        chosen = topk_mask([leaves[i] for i in counts.shared], count=counts.shared_count,
+                           scope="global")
+        for i, mask in zip(counts.shared, chosen, strict=True):
             masks[i] = mask
-    return jax.tree_util.tree_unflatten(plan.treedef, masks)
+    return jax.tree_util.tree_unflatten(treedef, masks)

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from sparsejax.validation import check_density, check_finite, check_same_structure, is_concrete
@@ -383,7 +384,7 @@ def _kept(density: Any, count: Any, size: int) -> Any:
         check_density(density)
         return num_kept(density, size)
     if is_concrete(count):
-        value = float(jnp.asarray(count))
+        value = float(np.asarray(count))
         if value != int(value) or not 0 <= value <= size:
             raise ValueError(f"count must be an integer in [0, {size}], got {count!r}")
         return int(value)

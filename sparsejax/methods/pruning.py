@@ -23,7 +23,7 @@ import optax
 from jax import lax
 
 from sparsejax._tree import leaf_paths
-from sparsejax.distributions import _plan, layer_densities, select_masks
+from sparsejax.distributions import kept_counts, select_masks
 from sparsejax.masks import Prunable, default_prunable
 from sparsejax.methods.base import (
     InitContext,
@@ -238,38 +238,25 @@ def masks_for_densities(
     """
     if not densities:
         raise ValueError("give at least one density")
-    paths = leaf_paths(params)
-    leaves = jax.tree_util.tree_leaves(params)
-    n = len(leaves)
-    is_prunable = [bool(prunable(p, leaf)) for p, leaf in zip(paths, leaves, strict=True)]
-    table = np.ones((len(densities), n), np.float32)
-    free: list[int] = []
-    for j, density in enumerate(densities):
-        if distribution == "global":
-            plan = _plan(params, float(density), prunable, overrides)
-            free = plan.free
-            free_size = sum(plan.sizes[i] for i in free)
-            for i, count in plan.fixed_counts.items():
-                table[j, i] = count / plan.sizes[i]
-            for i in free:
-                table[j, i] = plan.budget / free_size if free_size else 1.0
-        else:
-            row = jax.tree_util.tree_leaves(layer_densities(
-                params, float(density), distribution, prunable=prunable, overrides=overrides))
-            table[j] = np.asarray(row, np.float32)
-    table_arr = jnp.asarray(table)
+    plans = [kept_counts(params, float(d), distribution, prunable=prunable,
+                         overrides=overrides) for d in densities]
+    shared = plans[0].shared  # shapes alone decide which leaves share a ranking
+    n = len(plans[0].per_leaf)
+    fixed = [i for i in range(n) if plans[0].per_leaf[i] is not None]
+    count_table = jnp.asarray(np.array([[p.per_leaf[i] for i in fixed] for p in plans],
+                                       np.int32).reshape(len(plans), len(fixed)))
+    shared_counts = jnp.asarray(np.array([p.shared_count for p in plans], np.int32))
 
     def select(scores: PyTree, index: jax.Array) -> PyTree:
         score_leaves, treedef = jax.tree_util.tree_flatten(scores)
-        row = table_arr[index]
         masks: list[Any] = [jnp.ones(np.shape(s), bool) for s in score_leaves]
-        for i, s in enumerate(score_leaves):
-            if is_prunable[i] and i not in free:
-                masks[i] = topk_mask(s, row[i], check_finite_scores=False)
-        if free:
-            chosen = topk_mask([score_leaves[i] for i in free], row[free[0]],
+        for column, i in enumerate(fixed):
+            masks[i] = topk_mask(score_leaves[i], count=count_table[index, column],
+                                 check_finite_scores=False)
+        if shared:
+            chosen = topk_mask([score_leaves[i] for i in shared], count=shared_counts[index],
                                scope="global", check_finite_scores=False)
-            for i, m in zip(free, chosen, strict=True):
+            for i, m in zip(shared, chosen, strict=True):
                 masks[i] = m
         return jax.tree_util.tree_unflatten(treedef, masks)
 
