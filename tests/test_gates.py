@@ -294,6 +294,23 @@ def test_score_bounds_clip_the_gate_parameters_after_each_update():
     np.testing.assert_allclose(new.scores["w"][0], [1.5, -1.0, 0.3], rtol=1e-6)
 
 
+def test_sigma_final_anneals_the_gaussian_noise_and_its_penalty():
+    total = 100
+    annealed = gates(optax.sgd(0.1), sigma=0.2, sigma_final=0.02, total_steps=total,
+                     weight_init="model", lam=1.0, mu_init=0.5)
+    constant = gates(optax.sgd(0.1), sigma=0.2, total_steps=total, weight_init="model",
+                     lam=1.0, mu_init=0.5)
+    params = {"w": jnp.ones((300, 300))}
+    for method, stds in ((annealed, (0.2, 0.11, 0.02)), (constant, (0.2, 0.2, 0.2))):
+        state = method.init(params, jax.random.PRNGKey(0))
+        for step, want in zip((0, total // 2, total), stds, strict=True):
+            at = state.replace(step=jnp.asarray(step, state.step.dtype))
+            z = method.materialize(at, at.scores)["w"]  # w = 1, so this is the gate
+            assert float(jnp.std(z)) == pytest.approx(want, rel=0.05)
+            mu = {"w": jnp.full((300, 300), 0.01)}
+            assert float(method.penalty(at, mu)) == pytest.approx(phi(0.01 / want), rel=1e-4)
+
+
 # --- errors and registry ----------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -308,6 +325,9 @@ def test_score_bounds_clip_the_gate_parameters_after_each_update():
     ({"weight_init": "scaled_signed_constant"}, "needs a target sparsity"),
     ({"binarize": "round"}, "unknown binarize"),
     ({"score_bounds": (1.0, -1.0)}, "score_bounds must be"),
+    ({"gate": "hard_concrete", "sigma_final": 0.1, "total_steps": 10}, "sigma_final belongs"),
+    ({"sigma_final": 0.1}, "sigma_final needs total_steps"),
+    ({"sigma_final": 0.0, "total_steps": 10}, "sigma_final must be"),
 ])
 def test_bad_options_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

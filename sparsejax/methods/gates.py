@@ -198,6 +198,7 @@ def gates(
     lam_rate: float = 0.05,
     ramp: float = 0.5,
     sigma: float = 0.5,
+    sigma_final: float | None = None,
     mu_init: float | None = None,
     drop_init: float | None = None,
     binarize: str | None = None,
@@ -221,6 +222,9 @@ def gates(
       ramp: fraction of ``total_steps`` over which the target density goes from 1 to
         ``1 - sparsity`` (cubic); 0 (or no ``total_steps``) targets it from step 0.
       sigma: noise scale of the Gaussian gate.
+      sigma_final: Gaussian gate only: the noise scale decays from ``sigma`` at step 0 to
+        ``sigma_final`` at ``total_steps`` (cosine; needs ``total_steps``); the penalty
+        ``Phi(mu / sigma_t)`` uses the current scale. Default: ``sigma`` throughout.
       mu_init: initial ``mu`` of the Gaussian gate (default 0.5).
       drop_init: initial drop probability ``p`` of the hard-concrete gate (default 0.5).
       binarize: how the hard mask is derived: ``'open'``, ``'half'`` or ``'topk'``.
@@ -258,6 +262,13 @@ def gates(
         if mu_init is not None:
             raise ValueError("mu_init belongs to gate='gaussian'; use drop_init")
         form = hard_concrete_gate(0.5 if drop_init is None else float(drop_init))
+    if sigma_final is not None:
+        if gate != "gaussian":
+            raise ValueError("sigma_final belongs to gate='gaussian'")
+        if not (sigma_final > 0 and math.isfinite(sigma_final)):
+            raise ValueError(f"sigma_final must be a positive number, got {sigma_final!r}")
+        if total_steps is None:
+            raise ValueError("sigma_final needs total_steps (the harness passes it)")
     if sparsity is not None:
         check_sparsity(sparsity)
     binarize = binarize or ("topk" if sparsity is not None else "open")
@@ -302,12 +313,24 @@ def gates(
         return [s for s, f in zip(jax.tree_util.tree_leaves(scores), flags(params), strict=True)
                 if f]
 
-    def expected_density(params: PyTree, scores: PyTree) -> jax.Array:
+    def noise_factor(step: jax.Array) -> jax.Array:
+        """``sigma_t / sigma`` at ``step`` (1 without ``sigma_final``)."""
+        if sigma_final is None:
+            return jnp.float32(1.0)
+        t = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
+        return 1.0 + (sigma_final / sigma - 1.0) * 0.5 * (1.0 - jnp.cos(jnp.pi * t))
+
+    def prob_open(s: jax.Array, step: jax.Array) -> jax.Array:
+        if sigma_final is None:
+            return form.prob_open(s)
+        return ndtr(s / (sigma * noise_factor(step)))
+
+    def expected_density(params: PyTree, scores: PyTree, step: jax.Array) -> jax.Array:
         leaves = gated(params, scores)
         total = sum(int(s.size) for s in leaves)
         if total == 0:
             return jnp.float32(0.0)
-        return sum(jnp.sum(form.prob_open(s)) for s in leaves) / total
+        return sum(jnp.sum(prob_open(s, step)) for s in leaves) / total
 
     def open_density(params: PyTree, scores: PyTree) -> jax.Array:
         leaves = gated(params, scores)
@@ -356,14 +379,21 @@ def gates(
         key = step_key(state, 0x7A)
         is_gated, treedef = jax.tree_util.tree_flatten(prunable_leaves(state.params, prunable))
         keys = jax.random.split(key, max(len(is_gated), 1))
-        out = [form.sample(s, k).astype(jnp.result_type(w)) * w if f else w
+        factor = noise_factor(state.step)
+
+        def sample(s: jax.Array, k: jax.Array) -> jax.Array:
+            if sigma_final is None:
+                return form.sample(s, k)
+            return form.relax(s, factor * form.noise(k, jnp.shape(s)))
+
+        out = [sample(s, k).astype(jnp.result_type(w)) * w if f else w
                for w, s, k, f in zip(treedef.flatten_up_to(state.params),
                                      jax.tree_util.tree_leaves(scores), keys, is_gated,
                                      strict=True)]
         return jax.tree_util.tree_unflatten(treedef, out)
 
     def penalty(state: SparseState, scores: PyTree) -> jax.Array:
-        return state.extra["lam"] * expected_density(state.params, scores)
+        return state.extra["lam"] * expected_density(state.params, scores, state.step)
 
     def update(state: SparseState, grads: PyTree) -> SparseState:
         scores, opt_state = apply_optimizer(optimizer, grads, state.opt_state, state.scores)
