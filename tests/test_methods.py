@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from toy_mlp import batches, mlp_loss, mlp_params
 
 import sparsejax
 from sparsejax import (
@@ -15,26 +16,6 @@ from sparsejax import (
     topk_mask,
 )
 from sparsejax.methods import InitContext
-
-
-def mlp_params(key):
-    k1, k2 = jax.random.split(key)
-    return {"Dense_0": {"kernel": jax.random.normal(k1, (20, 16)) * 0.3, "bias": jnp.zeros(16)},
-            "Dense_1": {"kernel": jax.random.normal(k2, (16, 4)) * 0.3, "bias": jnp.zeros(4)}}
-
-
-def mlp_loss(params, batch):
-    x, y = batch
-    h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
-    logits = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def batches(n):
-    key = jax.random.PRNGKey(42)
-    x = jax.random.normal(key, (n, 32, 20))
-    y = jax.random.randint(jax.random.fold_in(key, 1), (n, 32), 0, 4)
-    return x, y
 
 
 def sgd_momentum_wd():

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from toy_mlp import batches, mlp_loss, mlp_params
 
 from sparsejax import get_method, make_train_step, num_kept, stateless_loss
 from sparsejax.methods.strong import (
@@ -30,26 +31,6 @@ def lenet_params(key, bias=True):
         if bias:
             params[name]["bias"] = jnp.zeros(shape[-1])
     return params
-
-
-def small_params(key):
-    k1, k2 = jax.random.split(key)
-    return {"Dense_0": {"kernel": jax.random.normal(k1, (20, 16)), "bias": jnp.zeros(16)},
-            "Dense_1": {"kernel": jax.random.normal(k2, (16, 4)), "bias": jnp.zeros(4)}}
-
-
-def mlp_loss(params, batch):
-    x, y = batch
-    h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
-    logits = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def batches(n):
-    key = jax.random.PRNGKey(42)
-    x = jax.random.normal(key, (n, 32, 20))
-    y = jax.random.randint(jax.random.fold_in(key, 1), (n, 32), 0, 4)
-    return x, y
 
 
 def sgd_momentum_wd(lr=0.1):
@@ -122,7 +103,7 @@ def test_global_scope_keeps_exact_total_and_erk_follows_layer_densities():
 def test_masks_track_the_scores_after_every_update():
     method = edge_popup(sgd_momentum_wd(), sparsity=0.5)
     step = jax.jit(make_train_step(method, stateless_loss(mlp_loss)))
-    state = method.init(small_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    state = method.init(mlp_params(jax.random.PRNGKey(0), scale=1.0), jax.random.PRNGKey(1))
     xs, ys = batches(5)
     for i in range(5):
         state, _ = step(state, (xs[i], ys[i]))
@@ -141,7 +122,7 @@ def test_masks_track_the_scores_after_every_update():
 def test_weights_are_bitwise_frozen_after_many_jitted_steps(build):
     method = build(sgd_momentum_wd(), sparsity=0.5)
     step = jax.jit(make_train_step(method, stateless_loss(mlp_loss)))
-    state = method.init(small_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    state = method.init(mlp_params(jax.random.PRNGKey(0), scale=1.0), jax.random.PRNGKey(1))
     start = state
     xs, ys = batches(100)
     for i in range(100):
@@ -159,7 +140,7 @@ def test_weights_are_bitwise_frozen_after_many_jitted_steps(build):
 def test_effective_params_equal_the_training_forward_pass():
     for build in (edge_popup, biprop, supermask_weights):
         method = build(optax.sgd(0.1), sparsity=0.7)
-        state = method.init(small_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+        state = method.init(mlp_params(jax.random.PRNGKey(0), scale=1.0), jax.random.PRNGKey(1))
         forward = method.materialize(state, method.trainables(state))
         effective = method.effective_params(state)
         for a, b in zip(jax.tree_util.tree_leaves(forward),
@@ -331,7 +312,7 @@ def test_biprop_density_ramps_linearly_to_the_target():
 def test_supermask_weights_trains_only_kept_weights_through_the_mask():
     method = supermask_weights(optax.sgd(0.1), sparsity=0.5)
     step = jax.jit(make_train_step(method, stateless_loss(mlp_loss)))
-    state = method.init(small_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    state = method.init(mlp_params(jax.random.PRNGKey(0), scale=1.0), jax.random.PRNGKey(1))
     xs, ys = batches(1)
     new, _ = step(state, (xs[0], ys[0]))
     kernel, mask = state.params["Dense_0"]["kernel"], state.masks["Dense_0"]["kernel"]
@@ -348,7 +329,7 @@ def test_supermask_weights_trains_only_kept_weights_through_the_mask():
 def test_init_and_step_under_vmap():
     method = edge_popup(optax.sgd(0.1, momentum=0.9), sparsity=0.5)
     train_step = make_train_step(method, stateless_loss(mlp_loss))
-    params = small_params(jax.random.PRNGKey(0))
+    params = mlp_params(jax.random.PRNGKey(0), scale=1.0)
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
     states = jax.vmap(method.init, in_axes=(None, 0))(params, keys)
     xs, ys = batches(1)
@@ -360,7 +341,7 @@ def test_init_and_step_under_vmap():
 @pytest.mark.slow
 def test_pmap_step_matches_the_full_batch_step():
     method = edge_popup(optax.sgd(0.1, momentum=0.9), sparsity=0.5)
-    params = small_params(jax.random.PRNGKey(0))
+    params = mlp_params(jax.random.PRNGKey(0), scale=1.0)
     xs, ys = batches(1)
     n = 2
     pstep = jax.pmap(make_train_step(method, stateless_loss(mlp_loss), axis_name="d"),
