@@ -1,0 +1,82 @@
+"""Markdown tables for docs/benchmarks.md from the JSON rows of the benchmarks.
+
+    python benchmarks/report.py benchmarks/results/topk_cpu.json \
+        benchmarks/results/step_time_*_cpu.json benchmarks/results/memory_cpu.json
+
+Each file is recognised by its rows: ``algorithm`` (topk.py), ``ratio`` (step_time.py)
+or ``state_bytes`` (memory.py). Step-time rows of every file are gathered into one
+table with a column pair per model, with the issue's target beside each method.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TARGETS = {"static": "<= 1.05", "magnitude": "<= 1.05", "snip": "<= 1.05",
+           "set": "<= 1.10", "rigl": "<= 1.10", "snfs": "<= 1.10",
+           "edge_popup": "<= 1.3", "biprop": "<= 1.3", "gates": "<= 1.2"}
+
+
+def topk_table(rows: list[dict]) -> str:
+    algorithms = list(dict.fromkeys(r["algorithm"] for r in rows))
+    sizes = sorted({r["size"] for r in rows})
+    out = ["| n | " + " | ".join(algorithms) + " |", "| --- |" + " --- |" * len(algorithms)]
+    for size in sizes:
+        cells = []
+        for name in algorithms:
+            row = next((r for r in rows if r["size"] == size and r["algorithm"] == name), None)
+            cells.append("not run" if row is None
+                         else f"{row['ms']:.3f} ms ({row['ns_per_score']:.1f} ns)")
+        out.append(f"| {size:.0e} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def step_table(rows: list[dict]) -> str:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    head = "| method | target | " + " | ".join(
+        f"{m}: dense / method ms | ratio" for m in models) + " |"
+    out = [head, "| --- | --- |" + " --- | --- |" * len(models)]
+    for method in methods:
+        cells = []
+        for model in models:
+            row = next((r for r in rows if r["model"] == model and r["method"] == method), None)
+            if row is None:
+                cells += ["not run", ""]
+                continue
+            digits = 3 if row["dense_ms"] < 10 else 0
+            cells += [f"{row['dense_ms']:.{digits}f} / {row['method_ms']:.{digits}f}",
+                      f"{row['ratio']:.3f}"]
+        out.append(f"| {method} | {TARGETS.get(method, '')} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def memory_table(rows: list[dict]) -> str:
+    out = ["| model | method | state bytes | ratio | compiled step bytes | ratio |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['method']} | {r['state_bytes']:,} | "
+                   f"{r['state_ratio']} | {r['step_bytes']:,} | {r['step_ratio']} |")
+    return "\n".join(out)
+
+
+def main(paths: list[str]) -> None:
+    steps: list[dict] = []
+    for path in paths:
+        rows = json.loads(Path(path).read_text())
+        if not rows:
+            continue
+        if "algorithm" in rows[0]:
+            print(topk_table(rows), end="\n\n")
+        elif "state_bytes" in rows[0]:
+            print(memory_table(rows), end="\n\n")
+        elif "ratio" in rows[0]:
+            steps += rows
+    if steps:
+        print(step_table(steps))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
