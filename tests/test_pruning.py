@@ -62,6 +62,38 @@ def test_snip_method_uses_context_and_requires_it():
         method.init(HAND_PARAMS, jax.random.PRNGKey(0))
 
 
+def test_harness_snip_mask_is_global_topk_of_dense_init_saliency_on_first_batch():
+    # Issue #4: the mask `sparsejax train --method snip` builds must be the paper's: |g * w|
+    # with g the gradient of the mean loss on the run's first batch at the dense w_0 of the
+    # seed, one global top-k over the kernels, biases kept. Recomputed here from scratch.
+    from sparsejax.data import load_dataset, train_batches
+    from sparsejax.models import apply_model
+
+    config = TrainConfig(method="snip", dataset="mnist1d", model="lenet300", sparsity=0.95,
+                         steps=1, batch_size=100, init_batches=1, seed=3, progress=False)
+    run = prepare(config)
+    model = get_model("lenet300", 10)
+    init_key, _ = jax.random.split(jax.random.PRNGKey(3))
+    params, _ = init_model(model, init_key, (1, *run.dataset.input_shape))
+    _, batch = next(train_batches(load_dataset("mnist1d", seed=3), 100, 3))
+
+    def loss(p):
+        logits, _ = apply_model(model, p, {}, batch["image"], train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    grads = jax.grad(loss)(params)
+    names = ("fc1", "fc2", "head")
+    saliency = np.concatenate([np.abs(np.asarray(grads[n]["kernel"] * params[n]["kernel"])).ravel()
+                               for n in names])
+    kept = int(round(0.05 * saliency.size))
+    threshold = np.sort(saliency)[::-1][kept - 1]
+    for n in names:
+        expected = np.abs(np.asarray(grads[n]["kernel"] * params[n]["kernel"])) >= threshold
+        np.testing.assert_array_equal(np.asarray(run.state.masks[n]["kernel"]), expected)
+        assert np.asarray(run.state.masks[n]["bias"]).all()
+    assert sum(int(run.state.masks[n]["kernel"].sum()) for n in names) == kept
+
+
 def test_grasp_hessian_vector_product_matches_explicit_hessian():
     key = jax.random.PRNGKey(3)
     a = jax.random.normal(key, (5, 4))
