@@ -18,7 +18,8 @@ time is ``((N - 1) * step + update) / N`` for an update every N steps.
 
 Each JSON row: ``method``, ``model``, ``batch_size``, ``dense_ms``, ``method_ms``,
 ``ratio``, ``backend``, ``update_interval`` (steps between mask updates, if any),
-``amortize`` and, with ``separate``, ``step_ms`` and ``update_ms``.
+``amortize`` and, with ``separate``, ``step_ms`` and ``update_ms``; ``host_cpus`` (the
+cores the process may run on) and ``xla_flags``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -137,7 +139,8 @@ def main() -> None:
                    "dense_ms": round(statistics.median(dense_ms), 4),
                    "method_ms": round(statistics.median(method_ms), 4),
                    "update_interval": interval, "amortize": args.amortize,
-                   "backend": backend}
+                   "backend": backend, "host_cpus": len(os.sched_getaffinity(0)),
+                   "xla_flags": os.environ.get("XLA_FLAGS", "")}
             if interval and args.amortize == "separate":
                 if int(state.step) >= interval:  # an update fell inside a timed block
                     raise SystemExit("--amortize separate needs blocks free of updates: "
