@@ -80,6 +80,8 @@ TUNE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "lr0.02": ({"lr": 0.02}, {}),
     "mu1.0": ({}, {"mu_init": 1.0}),
     "ramp0.25": ({}, {"ramp": 0.25}),
+    "anneal0.05": ({}, {"sigma_final": 0.05}),
+    "sigma1.0": ({}, {"sigma": 1.0, "score_bounds": [-2.0, 2.0]}),
 }
 
 
@@ -216,6 +218,8 @@ def main() -> None:
     parser.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
     parser.add_argument("--gates", nargs="+", choices=GATES, default=list(GATES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--recipe", choices=list(TUNE)[1:], default=None,
+                        help="curve runs of the Gaussian gate with this recipe change")
     parser.add_argument("--tune", nargs="+", choices=[*TUNE, "edge_popup"],
                         default=[*TUNE, "edge_popup"])
     args = parser.parse_args()
@@ -249,7 +253,13 @@ def main() -> None:
                          EDGE_POPUP_TRAINING, {"weight_init": "signed_constant"}, 0))
     for s in args.seeds:
         for sparsity in args.sparsities if args.part != "tune" else ():
-            if args.part in ("curve", "all"):
+            if args.part in ("curve", "all") and args.recipe:
+                training, options = TUNE[args.recipe]
+                jobs.append(("curve", f"gates_gaussian_{args.recipe}_s{sparsity}_e{e}_s{s}",
+                             f"gates (gaussian) {args.recipe}", "gates", sparsity, e,
+                             {**GATE_TRAINING, **training},
+                             {**GATE_OPTIONS["gaussian"], **options}, s))
+            elif args.part in ("curve", "all"):
                 for gate in args.gates:
                     jobs.append(("curve",
                                  f"gates_{gate}_{GATE_TAGS[gate]}_s{sparsity}_e{e}_s{s}",
