@@ -49,6 +49,8 @@ _SAMPLE_SPREADS = 2.0
 of the k-th largest entry (both fall on one side about 5% of the time)."""
 _CUT_SPREADS = 1.0
 """Later cuts sit this many spreads either side of the interpolated cut."""
+_ROWS_PER_ROOT = 8
+"""An extraction pass views a leaf of ``n`` entries as about ``4 * sqrt(n)`` rows."""
 _ENDGAME = 3
 """When at most this many entries are left in the bracket, one pass finds its lowest and
 highest entries and the next counts just above the lowest and at the highest."""
@@ -121,12 +123,14 @@ def _masks_at_threshold(keys: Sequence[jax.Array], threshold: jax.Array,
     def keep_first_ties(_: None) -> list[jax.Array]:
         masks, offset = [], jnp.int32(0)
         for a, t in zip(above, ties, strict=True):
-            rank = jnp.cumsum(t.ravel(), dtype=jnp.int32).reshape(t.shape) + offset
+            # associative_scan: a quarter of jnp.cumsum's time on CPU (measured)
+            rank = lax.associative_scan(jnp.add, t.ravel().astype(jnp.int32))
+            rank = rank.reshape(t.shape) + offset
             masks.append(a | (t & (rank <= ties_needed)))
             offset = offset + jnp.sum(t, dtype=jnp.int32)
         return masks
 
-    # The cumulative sum that ranks ties costs as much as the search, so it runs only
+    # The cumulative sum that ranks ties costs several counting passes, so it runs only
     # when more entries tie at the threshold than may be kept.
     masks = lax.cond(n_ties > ties_needed, keep_first_ties, keep_all_ties, None)
     keep_none = jnp.asarray(k) <= 0
@@ -228,6 +232,34 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any) -> tuple[jax.Array, jax.Ar
         return (new_lo, new_hi, c_lo, c_above, hit, cut,
                 jnp.stack([_above(new_lo), new_hi]))
 
+    rows = _row_views(values)
+    extract_limit = _extraction_limit(rows)
+
+    def extraction_pass(carry):
+        lo, hi, c_lo, c_above, hit, cut, cuts = carry
+        if not rows:  # never chosen (extract_limit is 0)
+            return carry
+        # Every row's largest and smallest entry inside the bracket. When no row holds
+        # more than two of the bracket's entries, and no row two equal ones, these are
+        # all of them, and the k-th largest is found among them on the spot.
+        highs, lows, found = [], [], jnp.int32(0)
+        for v in rows:
+            inside = (v >= lo) & (v <= hi)
+            high = jnp.max(jnp.where(inside, v, -jnp.inf), axis=1)
+            low = jnp.min(jnp.where(inside, v, jnp.inf), axis=1)
+            has_high, has_low = high >= lo, low < high
+            highs.append(jnp.where(has_high, high, -jnp.inf))
+            lows.append(jnp.where(has_low, low, -jnp.inf))
+            found = found + jnp.sum(has_high, dtype=jnp.int32) + jnp.sum(has_low, dtype=jnp.int32)
+        entries = jnp.concatenate(highs + lows)
+        complete = found == c_lo - c_above
+        rank = jnp.clip(k - c_above, 1, entries.size)
+        value = _key_value(_kth_largest_keys([[_order_key(entries)]], [rank])[0])
+        # Entries at or above the answer: those above the bracket plus those extracted.
+        reached = c_above + jnp.sum(entries >= value, dtype=jnp.int32)
+        return (jnp.where(complete, value, lo), jnp.where(complete, value, hi),
+                jnp.where(complete, reached, c_lo), c_above, hit, cut, cuts)
+
     def not_done(carry):
         rounds, _, lo, hi, _, _, hit, _, _ = carry
         return (~hit) & (lo < hi) & (rounds < _INTERPOLATION_ROUNDS + 40)
@@ -235,20 +267,25 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any) -> tuple[jax.Array, jax.Ar
     def body(carry):
         rounds, tight, *state = carry
         lo, hi, c_lo, c_above = state[:4]
-        # The extremes pass closes an open bracket end (the sample's cuts all fell on one
-        # side) and settles a bracket of at most _ENDGAME entries.
-        few = c_lo - c_above <= _ENDGAME
-        extremes = ~tight & (few | jnp.isinf(lo) | jnp.isinf(hi))
-        state = lax.cond(extremes, extremes_pass, count_pass, tuple(state))
+        inside = c_lo - c_above
+        open_end = jnp.isinf(lo) | jnp.isinf(hi)
+        # Few entries left: extract them (when the rows allow it), or else find the
+        # bracket's extremes and count next to them. The extremes pass also closes an
+        # open bracket end (the sample's cuts all fell on one side).
+        extract = ~tight & ~open_end & (inside <= extract_limit)
+        few = ~extract & (inside <= _ENDGAME)
+        extremes = ~tight & (few | open_end)
+        branch = jnp.where(extract, 2, jnp.where(extremes, 1, 0))
+        state = lax.switch(branch, [count_pass, extremes_pass, extraction_pass], tuple(state))
         lo, hi, c_lo, c_above, hit, cut, cuts = state
         rounds = rounds + 1
         placed = lax.cond(rounds < _INTERPOLATION_ROUNDS,
                           lambda: interpolated_cuts(lo, hi, c_lo, c_above),
                           lambda: bisected_cuts(lo, hi))
         # After an extremes pass on few entries, count just above the lowest and at the
-        # highest (the cuts it returned).
+        # highest (the cuts it returned). A failed extraction is not retried at once.
         cuts = jnp.where(extremes & few, cuts, placed)
-        return rounds, extremes, lo, hi, c_lo, c_above, hit, cut, cuts
+        return rounds, extremes | extract, lo, hi, c_lo, c_above, hit, cut, cuts
 
     # Start "tight" so that the first pass counts at the sample's cuts.
     start = (jnp.int32(0), jnp.asarray(True), jnp.float32(-jnp.inf), jnp.float32(jnp.inf),
@@ -256,6 +293,31 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any) -> tuple[jax.Array, jax.Ar
     _, _, lo, _, c_lo, _, hit, cut, _ = lax.while_loop(not_done, body, start)
     # A bracket closed on an entry that exactly k entries reach is a cut too.
     return jnp.where(hit, cut, lo), hit | (c_lo == k)
+
+
+def _row_views(values: Sequence[jax.Array]) -> list[jax.Array]:
+    """Each leaf as a 2-D array of about ``_ROWS_PER_ROOT * sqrt(size)`` rows (the width
+    is the largest divisor of the size up to ``sqrt(size) / _ROWS_PER_ROOT``); a leaf
+    without a width of at least 8 leaves the group without rows views (``[]``)."""
+    views = []
+    for v in values:
+        n = int(v.size)
+        widest = max(1, math.isqrt(n) // _ROWS_PER_ROOT)
+        width = next((d for d in range(widest, 0, -1) if n % d == 0), 1)
+        if width < 8:
+            return []
+        views.append(v.reshape(n // width, width))
+    return views
+
+
+def _extraction_limit(rows: Sequence[jax.Array]) -> int:
+    """Most bracket entries for which an extraction pass is tried: with ``U`` entries
+    spread over ``R`` rows, some row holds three with probability about
+    ``C(U, 3) / R**2``; this keeps it near 2%."""
+    total_rows = sum(int(v.shape[0]) for v in rows)
+    if not total_rows:
+        return 0
+    return max(0, math.floor((0.12 * total_rows**2) ** (1 / 3)))
 
 
 def _key_value(key: jax.Array) -> jax.Array:

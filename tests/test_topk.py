@@ -130,15 +130,20 @@ def _large_cases(n: int) -> dict[str, np.ndarray]:
         "masked_to_plus_inf": np.where(rng.random(n) < 0.9, np.inf, rng.normal(size=n)),
         "near_ties_and_outlier": np.concatenate([1.0 + 1e-7 * rng.integers(0, 3, n - 1),
                                                  [1e38]]),
+        # a crowd of close values around the middle, and neighbours (same row of the
+        # extraction pass) that tie
+        "crowd": np.where(rng.random(n) < 0.3, 0.5 + 1e-6 * rng.normal(size=n),
+                          rng.uniform(0, 1, n)),
+        "neighbour_ties": np.repeat(rng.normal(size=(n + 1) // 2), 2)[:n],
     }
 
 
+@pytest.mark.parametrize("n", [5003, 6000])  # 5003 is prime: no rows to extract from
 @pytest.mark.parametrize("case", list(_large_cases(8)))
-def test_sampled_search_is_exact_on_hard_data(case):
-    n = 5003
+def test_sampled_search_is_exact_on_hard_data(case, n):
     scores = _large_cases(n)[case].astype(np.float32)
     select = jax.jit(lambda s, d: topk_mask(s, d, check_finite_scores=False))
-    for k in (0, 1, 2, 5, 400, 500, 600, 2501, 4502, n - 1, n):
+    for k in (0, 1, 2, 5, 400, 500, 600, n // 2, n // 2 + 1, 4502, n - 1, n):
         mask = np.asarray(select(scores, k / n))
         assert num_kept(k / n, n) == k
         np.testing.assert_array_equal(mask, reference_topk(scores, k), err_msg=f"k={k}")
