@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -119,7 +120,9 @@ def main() -> None:
             repeats = 20 if size <= 1e6 else 5
             ms = time_compiled(lambda fn=fn, x=x: fn(x), repeats)
             rows.append({"algorithm": name, "size": size, "k": k, "ms": round(ms, 4),
-                         "ns_per_score": round(ms * 1e6 / size, 3), "backend": backend})
+                         "ns_per_score": round(ms * 1e6 / size, 3), "backend": backend,
+                         "host_cpus": len(os.sched_getaffinity(0)),
+                         "xla_flags": os.environ.get("XLA_FLAGS", "")})
             print(f"{backend:4s} n={size:>10,d} {name:8s} {ms:10.3f} ms "
                   f"{ms * 1e6 / size:8.2f} ns/score", flush=True)
     if args.json:
