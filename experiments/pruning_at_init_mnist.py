@@ -168,7 +168,7 @@ def write(results: list[dict]) -> None:
     ax.set_ylim(90, 100)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Pruning at init, LeNet-300-100 MNIST (black: SNIP published)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(RESULTS / "pruning_at_init_mnist.png", dpi=120)
