@@ -3,11 +3,17 @@ accuracy versus sparsity of the final binary mask over the frozen weights, for t
 Gaussian and the hard-concrete gate, beside Edge-Popup run through the same harness with
 the same number of epochs.
 
-    .venv/bin/python experiments/gates_mnist.py [--part curve|edge_popup|sweep|all]
+    .venv/bin/python experiments/gates_mnist.py [--part curve|edge_popup|sweep|tune|all]
         [--epochs 10] [--sparsities 0.5 0.7 0.8 0.9 0.95] [--gates gaussian hard_concrete]
+        [--seeds 0 1 2] [--recipe TAG] [--tune TAG ...]
 
 The recorded results come from ``--epochs 10`` (all parts) plus
-``--part curve --gates gaussian --epochs 20``.
+``--part curve --gates gaussian --epochs 20``, then (issue #9, seeds 0-2 at 50%, 20 epochs for both
+methods): ``--epochs 20 --part all --gates gaussian --sparsities 0.5 --seeds 0 1 2``,
+``--epochs 20 --part tune`` (recipe changes scored on a
+validation split held out of the training set, seed 0, 50%), and ``--epochs 20 --part
+curve --recipe anneal0.05 --sparsities 0.5 --seeds 0 1 2`` for the change that scored
+best there. ``summary`` in the JSON file holds mean and std over seeds.
 
 Every configuration is one ``sparsejax.training.loop.train`` run (the code path of
 ``sparsejax train``) in ``runs/gates/<name>`` (ignored by git). Its summary goes into
