@@ -94,7 +94,7 @@ from sparsejax.schedules import (
     one_shot,
 )
 from sparsejax.ste import ste_mask, supermask, supermask_product
-from sparsejax.topk import kth_largest, num_kept, topk_mask
+from sparsejax.topk import kth_largest, num_kept, topk_mask, topk_mask_tracked
 from sparsejax.training import LossFn, make_train_step, stateless_loss
 from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
 from sparsejax.validation import check_density, check_same_structure, check_sparsity
@@ -184,6 +184,7 @@ __all__ = [
     "synflow_masks",
     "synflow_scores",
     "topk_mask",
+    "topk_mask_tracked",
     "WEIGHT_INITS",
     "zero_masked",
 ]

@@ -36,7 +36,7 @@ from jax import lax
 
 from sparsejax.validation import check_density, check_finite, check_same_structure, is_concrete
 
-__all__ = ["num_kept", "topk_mask", "kth_largest"]
+__all__ = ["num_kept", "topk_mask", "topk_mask_tracked", "kth_largest"]
 
 Scope = Literal["layer", "global"]
 
@@ -44,6 +44,11 @@ _SIGN_BIT = 0x80000000
 _SAMPLE_SIZE = 2048
 """Groups up to this size are searched bitwise; larger ones seed their search with a
 strided sample of about this many keys."""
+_HINT_SPREADS = 4.0
+"""With a hint, the first two cuts sit this many times the cut's last move either side of
+the previous cut."""
+_HINT_FLOOR = 2.0**-16
+"""... and at least this fraction of the previous cut away from it."""
 _SAMPLE_SPREADS = 2.0
 """The first two cuts sit this many binomial spreads either side of the sample's estimate
 of the k-th largest entry (both fall on one side about 5% of the time)."""
@@ -156,7 +161,8 @@ def _below(x: jax.Array) -> jax.Array:
     return jnp.nextafter(x, jnp.float32(-jnp.inf))
 
 
-def _sampled_cut(values: Sequence[jax.Array], k: Any) -> tuple[jax.Array, jax.Array]:
+def _sampled_cut(values: Sequence[jax.Array], k: Any,
+                 hint: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """``(cut, is_cut)`` for a large group of float32 leaves: with ``is_cut`` exactly
     ``k`` entries are ``>= cut``; otherwise (a tie straddles the k-th largest entry)
     ``cut`` is the exact k-th largest entry.
@@ -166,17 +172,31 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any) -> tuple[jax.Array, jax.Ar
     narrows it, so it can only end exact. A pass either counts at two cuts, or (once at
     most ``_ENDGAME`` entries are left in the bracket) finds the bracket's extreme
     entries, after which cuts just above the lowest and at the highest settle it.
+
+    ``hint``, ``[previous cut, how far it last moved]``, replaces the sample's first two
+    cuts by two cuts around the previous one (see :func:`topk_mask_tracked`).
     """
     n = sum(int(v.size) for v in values)
     k = jnp.asarray(k, jnp.int32)
     kf = k.astype(jnp.float32)
-    sample = _strided_sample(values, _SAMPLE_SIZE)
-    share = jnp.clip(kf / n, 0.0, 1.0)
-    expected_rank = kf * sample.size / n
-    spread = jnp.sqrt(sample.size * share * (1.0 - share)) + 1.0
-    ranks = [jnp.clip(jnp.round(expected_rank + z * spread), 1, sample.size).astype(jnp.int32)
-             for z in (-_SAMPLE_SPREADS, _SAMPLE_SPREADS)]
-    first_cuts = _key_value(jnp.stack(_kth_largest_keys([[_order_key(sample)]] * 2, ranks)))
+
+    def sample_cuts():
+        sample = _strided_sample(values, _SAMPLE_SIZE)
+        share = jnp.clip(kf / n, 0.0, 1.0)
+        expected_rank = kf * sample.size / n
+        spread = jnp.sqrt(sample.size * share * (1.0 - share)) + 1.0
+        ranks = [jnp.clip(jnp.round(expected_rank + z * spread), 1, sample.size)
+                 .astype(jnp.int32) for z in (-_SAMPLE_SPREADS, _SAMPLE_SPREADS)]
+        return _key_value(jnp.stack(_kth_largest_keys([[_order_key(sample)]] * 2, ranks)))
+
+    if hint is None:
+        first_cuts = sample_cuts()
+    else:
+        previous, moved = hint[0], hint[1]
+        width = jnp.maximum(_HINT_SPREADS * moved, jnp.abs(previous) * _HINT_FLOOR)
+        usable = jnp.isfinite(previous) & jnp.isfinite(width) & (width > 0)
+        first_cuts = lax.cond(usable, lambda: jnp.stack([previous - width, previous + width]),
+                              sample_cuts)
 
     def interpolated_cuts(lo, hi, c_lo, c_above):
         # Model the bracket's entries as uniform in value between lo and hi. The cut lies
@@ -327,33 +347,39 @@ def _key_value(key: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _grouped_topk(groups: Sequence[Sequence[jax.Array]],
-                  ks: Sequence[Any]) -> list[list[jax.Array]]:
+def _grouped_topk(groups: Sequence[Sequence[jax.Array]], ks: Sequence[Any],
+                  hints: jax.Array | None = None) -> tuple[list[list[jax.Array]], jax.Array]:
     """For each group of leaves, masks keeping exactly ``ks[g]`` of its largest entries
-    jointly (one group per leaf: per-layer top-k; one group of all leaves: global).
+    jointly (one group per leaf: per-layer top-k; one group of all leaves: global), and
+    the new hints, ``[cut, how far it moved]`` per group (shape ``(groups, 2)``).
 
     Small groups share one bitwise search (one loop for all of them, so XLA fuses their
     counts); each large group runs its own sampled search on float32 values (which
-    compare like their keys, and count faster on CPU).
+    compare like their keys, and count faster on CPU), started from ``hints[g]`` if given.
     """
     small = [g for g, group in enumerate(groups)
              if sum(int(jnp.size(leaf)) for leaf in group) <= _SAMPLE_SIZE]
     masks: list[list[jax.Array]] = [[] for _ in groups]
+    new_hints: list[jax.Array] = [jnp.zeros(2, jnp.float32) for _ in groups]
     if small:
         keys = [[_order_key(leaf) for leaf in groups[g]] for g in small]
         thresholds = _kth_largest_keys(keys, [ks[g] for g in small])
         for g, group_keys, threshold in zip(small, keys, thresholds, strict=True):
             masks[g] = _masks_at_threshold(group_keys, threshold, ks[g])
+            new_hints[g] = jnp.stack([_key_value(threshold), jnp.float32(0)])
     for g, group in enumerate(groups):
         if g in small:
             continue
         values = [jnp.asarray(leaf).astype(jnp.float32) for leaf in group]
-        cut, is_cut = _sampled_cut(values, ks[g])
+        hint = None if hints is None else hints[g]
+        cut, is_cut = _sampled_cut(values, ks[g], hint)
         masks[g] = lax.cond(
             is_cut,
             lambda v=values, c=cut: [x >= c for x in v],
             lambda v=values, c=cut, k=ks[g]: _masks_at_threshold(v, c, k))
-    return masks
+        moved = jnp.float32(0) if hint is None else jnp.abs(cut - hint[0])
+        new_hints[g] = jnp.stack([cut, jnp.where(jnp.isfinite(moved), moved, 0.0)])
+    return masks, jnp.stack(new_hints)
 
 
 def kth_largest(scores: jax.Array, k: Any) -> jax.Array:
@@ -404,26 +430,65 @@ def topk_mask(
     >>> topk_mask(jnp.array([0.1, 0.9, 0.5, 0.9]), count=3)
     Array([False,  True,  True,  True], dtype=bool)
     """
+    return _topk(scores, density, count, scope, check_finite_scores, None)[0]
+
+
+def topk_mask_tracked(
+    scores: Any,
+    density: Any = None,
+    cuts: jax.Array | None = None,
+    *,
+    count: Any = None,
+    scope: Scope = "layer",
+    check_finite_scores: bool = True,
+) -> tuple[Any, jax.Array]:
+    """:func:`topk_mask` for scores that change a little between calls (a per-step top-k
+    in training): returns ``(masks, cuts)``; pass ``cuts`` to the next call.
+
+    ``cuts`` has one row ``[cut, how far it moved]`` per group (per leaf, or one for
+    ``scope='global'``). The next search starts with two cuts around the previous one
+    instead of cuts from a sample: on Edge-Popup's scores only a few entries cross the
+    cut between steps, so the first pass brackets a handful of entries and an extraction
+    pass settles them. The masks are exactly those of :func:`topk_mask` whatever
+    ``cuts`` holds; only the time changes.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = jax.random.normal(jax.random.PRNGKey(0), (100, 100))
+    >>> masks, cuts = topk_mask_tracked(x, 0.3)
+    >>> masks2, cuts = topk_mask_tracked(x + 1e-4, 0.3, cuts)
+    >>> bool(jnp.all(masks == masks2)), cuts.shape
+    (True, (1, 2))
+    """
+    return _topk(scores, density, count, scope, check_finite_scores, cuts)
+
+
+def _topk(scores: Any, density: Any, count: Any, scope: str, check_finite_scores: bool,
+          hints: jax.Array | None) -> tuple[Any, jax.Array]:
+    """``(masks, new hints)``: the argument checks and grouping of :func:`topk_mask`."""
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     if (density is None) == (count is None):
         raise ValueError("give exactly one of density and count")
     leaves, treedef = jax.tree_util.tree_flatten(scores)
     if not leaves:
-        return scores
+        return scores, jnp.zeros((0, 2), jnp.float32)
     for leaf in leaves:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.number):
             raise TypeError(f"scores must be real numbers, got dtype {jnp.result_type(leaf)}")
     if check_finite_scores:
         check_finite(scores, "scores")
     amount = density if count is None else count
+    n_groups = 1 if scope == "global" else len(leaves)
+    if hints is not None and jnp.shape(hints) != (n_groups, 2):
+        raise ValueError(f"cuts must have shape ({n_groups}, 2) (one row per "
+                         f"{'group' if scope == 'global' else 'leaf'}), got {jnp.shape(hints)}")
 
     if scope == "global":
         if jnp.ndim(amount) != 0:
             raise ValueError("scope='global' takes one density or count for all leaves")
         total = sum(int(jnp.size(leaf)) for leaf in leaves)
-        masks = _grouped_topk([leaves], [_kept(density, count, total)])[0]
-        return jax.tree_util.tree_unflatten(treedef, masks)
+        masks, new_hints = _grouped_topk([leaves], [_kept(density, count, total)], hints)
+        return jax.tree_util.tree_unflatten(treedef, masks[0]), new_hints
 
     if isinstance(amount, (int, float)) or (hasattr(amount, "ndim") and amount.ndim == 0):
         amounts = [amount] * len(leaves)
@@ -435,8 +500,8 @@ def topk_mask(
     ks = [_kept(a, None, int(jnp.size(leaf))) if count is None
           else _kept(None, a, int(jnp.size(leaf)))
           for leaf, a in zip(leaves, amounts, strict=True)]
-    masks = [group[0] for group in _grouped_topk([[leaf] for leaf in leaves], ks)]
-    return jax.tree_util.tree_unflatten(treedef, masks)
+    masks, new_hints = _grouped_topk([[leaf] for leaf in leaves], ks, hints)
+    return jax.tree_util.tree_unflatten(treedef, [group[0] for group in masks]), new_hints
 
 
 def _kept(density: Any, count: Any, size: int) -> Any:

@@ -115,6 +115,29 @@ def test_masks_track_the_scores_after_every_update():
     assert int(state.step) == 5
 
 
+def test_masks_of_large_leaves_stay_exact_with_the_tracked_top_k():
+    # 6000 scores per leaf: the sampled search, started each step from the last cuts
+    # kept in state.extra; the masks must still be the exact top-k of |scores|.
+    params = {"fc": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (100, 60))}}
+    method = edge_popup(optax.sgd(0.5, momentum=0.9), sparsity=0.7)
+
+    def loss(p, batch):
+        return jnp.mean((batch @ p["fc"]["kernel"] - 1.0) ** 2)
+
+    step = jax.jit(make_train_step(method, stateless_loss(loss)))
+    state = method.init(params, jax.random.PRNGKey(1))
+    xs = jax.random.normal(jax.random.PRNGKey(2), (8, 16, 100))
+    for i in range(8):
+        state, _ = step(state, xs[i])
+        scores = np.abs(np.asarray(state.scores["fc/kernel"])).ravel()
+        k = num_kept(0.3, scores.size)
+        expected = np.zeros(scores.size, bool)
+        expected[np.lexsort((np.arange(scores.size), -scores.astype(np.float64)))[:k]] = True
+        np.testing.assert_array_equal(np.asarray(state.masks["fc"]["kernel"]).ravel(), expected)
+    assert state.extra["topk_cuts"].shape == (1, 2)
+    assert bool(jnp.all(jnp.isfinite(state.extra["topk_cuts"])))
+
+
 # --------------------------------------------------------------------------- frozen weights
 
 

@@ -203,3 +203,32 @@ def test_bad_counts_are_rejected():
         topk_mask(x)
     with pytest.raises(TypeError, match="count must be an integer"):
         jax.jit(lambda c: topk_mask(x, count=c))(jnp.float32(3.0))
+
+
+def test_tracked_search_gives_the_same_masks_whatever_the_cuts():
+    from sparsejax.topk import topk_mask_tracked
+
+    rng = np.random.default_rng(7)
+    scores = {"a": rng.normal(size=(120, 50)).astype(np.float32),
+              "b": rng.uniform(size=(3000,)).astype(np.float32)}
+    select = jax.jit(lambda s, d, c: topk_mask_tracked(s, d, c))
+    masks, cuts = topk_mask_tracked(scores, 0.3)
+    assert cuts.shape == (2, 2)
+    bad_cuts = [cuts, cuts + 5.0, jnp.full((2, 2), jnp.nan), jnp.array([[0.0, 0.0], [1e30, 1e30]]),
+                jnp.array([[-1.0, -3.0], [0.5, 1e-30]])]
+    for density in (0.3, 0.31, 0.9):
+        for hint in bad_cuts:
+            got, new_cuts = select(scores, density, hint)
+            for name in scores:
+                np.testing.assert_array_equal(
+                    np.asarray(got[name]),
+                    reference_topk(scores[name], num_kept(density, scores[name].size)))
+            assert bool(jnp.all(jnp.isfinite(new_cuts)))
+    # The cuts of a call keep exactly k: the next call from them on slightly moved scores
+    moved = {k: v + 1e-5 * rng.normal(size=v.shape).astype(np.float32) for k, v in scores.items()}
+    got, _ = select(moved, 0.3, cuts)
+    for name in scores:
+        np.testing.assert_array_equal(np.asarray(got[name]),
+                                      reference_topk(moved[name], num_kept(0.3, moved[name].size)))
+    with pytest.raises(ValueError, match="cuts must have shape \\(2, 2\\)"):
+        topk_mask_tracked(scores, 0.3, jnp.zeros((1, 2)))

@@ -28,7 +28,9 @@ Conventions of this module (what "prunable" means here):
   every update (so ``effective_params`` needs only ``params`` and ``masks``).
   ``materialize(state, trainables)`` applies ``state.masks``, which is the top-k of the
   trainable scores in a train step, with the straight-through product of
-  :func:`sparsejax.supermask`; so a step runs one exact top-k, not two.
+  :func:`sparsejax.supermask`; so a step runs one exact top-k, not two. That top-k
+  starts from the previous step's cuts, kept in ``state.extra['topk_cuts']``
+  (:func:`sparsejax.topk.topk_mask_tracked`): a few counting passes instead of several.
 
 Weight inits (``weight_init``; fan = ``fan_in`` or ``fan_out`` of the leaf, Flax's
 convention: the last axis is the output, the one before it the input, the others the
@@ -61,7 +63,7 @@ from sparsejax.masks import Prunable, default_prunable, prunable_except
 from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer
 from sparsejax.methods.registry import register_method
 from sparsejax.ste import supermask, supermask_product
-from sparsejax.topk import Scope, topk_mask
+from sparsejax.topk import Scope, topk_mask_tracked
 from sparsejax.validation import check_sparsity
 
 __all__ = [
@@ -89,6 +91,10 @@ WEIGHT_INITS: tuple[str, ...] = ("model", "kaiming_normal", "signed_constant",
 FAN_MODES: tuple[str, ...] = ("fan_in", "fan_out")
 _DISTRIBUTIONS = ("uniform", "erk", "erdos_renyi", "global")
 RELU_GAIN = math.sqrt(2.0)
+TOPK_CUTS_KEY = "topk_cuts"
+"""``state.extra`` key of the last top-k cuts of the score methods (one row per leaf, or
+one for ``scope='global'``), where the next step's search starts
+(:func:`sparsejax.topk.topk_mask_tracked`); they change the time, never the masks."""
 _WEIGHT_SALT = 0x57454947  # fold-in constants that separate the init streams
 _SCORE_SALT = 0x53434F52
 
@@ -364,12 +370,17 @@ def score_supermask(
         return jax.tree_util.tree_map_with_path(
             lambda p, leaf: new.get(path_str(p), leaf), params)
 
-    def masks_of(params: PyTree, scores: dict[str, jax.Array], step: jax.Array) -> PyTree:
+    def masks_of(params: PyTree, scores: dict[str, jax.Array], step: jax.Array,
+                 cuts: jax.Array | None) -> tuple[PyTree, jax.Array]:
+        """The top-k masks of ``scores`` and the cuts that start the next step's search
+        (scores move little per step, so the search starts next to the last cut)."""
         density = densities_at(target_densities(params), step)
         abs_scores = {p: jnp.abs(s) for p, s in scores.items()}
-        chosen = topk_mask(abs_scores, density, scope=scope, check_finite_scores=False)
-        return jax.tree_util.tree_map_with_path(
+        chosen, cuts = topk_mask_tracked(abs_scores, density, cuts, scope=scope,
+                                         check_finite_scores=False)
+        masks = jax.tree_util.tree_map_with_path(
             lambda p, leaf: chosen.get(path_str(p), jnp.ones(jnp.shape(leaf), bool)), params)
+        return masks, cuts
 
     def forward(params: PyTree, scores: dict[str, jax.Array], masks: PyTree) -> PyTree:
         # The supermask product with the mask of this step, already chosen from these
@@ -391,9 +402,10 @@ def score_supermask(
                               density=leaf_density, fan_mode=fan_mode, prunable=is_prunable)
         scores = init_scores(params, jax.random.fold_in(rng, _SCORE_SALT), is_prunable)
         values = {"params": params, "scores": scores} if train_weights else scores
+        masks, cuts = masks_of(params, scores, jnp.zeros((), jnp.int32), None)
         return SparseState.create(
             params=params, rng=rng, opt_state=optimizer.init(values),
-            masks=masks_of(params, scores, jnp.zeros((), jnp.int32)), scores=scores,
+            masks=masks, scores=scores, extra={TOPK_CUTS_KEY: cuts},
             model_state=model_state)
 
     def trainables(state: SparseState) -> PyTree:
@@ -412,8 +424,9 @@ def score_supermask(
         params, scores = (values["params"], values["scores"]) if train_weights else (
             state.params, values)
         step = state.step + 1
+        masks, cuts = masks_of(params, scores, step, state.extra[TOPK_CUTS_KEY])
         return state.replace(step=step, params=params, scores=scores, opt_state=opt_state,
-                             masks=masks_of(params, scores, step))
+                             masks=masks, extra={**state.extra, TOPK_CUTS_KEY: cuts})
 
     def effective_params(state: SparseState) -> PyTree:
         chosen = state.masks
