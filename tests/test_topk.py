@@ -109,6 +109,12 @@ def test_public_name():
     assert sparsejax.topk_mask is topk_mask
 
 
+# Compiled once per shape and dtype for the tests below (densities are traced).
+_select = jax.jit(lambda s, d: topk_mask(s, d))
+_select_unchecked = jax.jit(lambda s, d: topk_mask(s, d, check_finite_scores=False))
+_select_global = jax.jit(lambda s, d: topk_mask(s, d, scope="global"))
+
+
 # Groups above sparsejax.topk._SAMPLE_SIZE entries take the sampled search; these data
 # attack its interpolation (mass ties, spikes over 60 decades, infinities, sorted runs).
 def _large_cases(n: int) -> dict[str, np.ndarray]:
@@ -142,7 +148,7 @@ def _large_cases(n: int) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("case", list(_large_cases(8)))
 def test_sampled_search_is_exact_on_hard_data(case, n):
     scores = _large_cases(n)[case].astype(np.float32)
-    select = jax.jit(lambda s, d: topk_mask(s, d, check_finite_scores=False))
+    select = _select_unchecked
     for k in (0, 1, 2, 5, 400, 500, 600, n // 2, n // 2 + 1, 4502, n - 1, n):
         mask = np.asarray(select(scores, k / n))
         assert num_kept(k / n, n) == k
@@ -154,7 +160,7 @@ def test_sampled_search_matches_sort_on_large_leaves_and_low_precision():
     scores = {"a": rng.normal(size=(300, 400)).astype(np.float32),
               "b": rng.normal(size=(70_001,)).astype(jnp.bfloat16)}
     for density in (0.001, 0.05, 0.5, 0.97):
-        masks = jax.jit(lambda s, d=density: topk_mask(s, d))(scores)
+        masks = _select(scores, density)
         for name, leaf in scores.items():
             k = num_kept(density, leaf.size)
             np.testing.assert_array_equal(
@@ -167,7 +173,7 @@ def test_sampled_global_search_breaks_ties_across_leaves_in_leaf_order():
     leaves = [rng.integers(0, 2, 3000).astype(np.float32) for _ in range(3)]
     flat = np.concatenate(leaves)
     for k in (1, 1500, 4500, 8999):
-        masks = jax.jit(lambda s, d=k / flat.size: topk_mask(s, d, scope="global"))(leaves)
+        masks = _select_global(leaves, k / flat.size)
         np.testing.assert_array_equal(np.concatenate([np.asarray(m) for m in masks]),
                                       reference_topk(flat, k), err_msg=f"k={k}")
 
