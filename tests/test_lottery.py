@@ -167,6 +167,7 @@ def test_late_rewinding_continues_schedule_and_data_order(tmp_path):
     assert_bitwise_equal(trainer.train(start, 70).params, ticket.params)
 
 
+@pytest.mark.slow  # 28 s; the loop's own SIGKILL resume test runs by default
 def test_killed_lottery_resumes_at_round_and_step(tmp_path):
     common = ["lottery", "--dataset", "mnist1d", "--steps", "124", "--batch-size", "64",
               "--rounds", "2", "--controls", "none"]

@@ -55,7 +55,8 @@ def _train(tmp_path_factory, method, **options):
     return out, train(config)
 
 
-@pytest.fixture(scope="module", params=["edge_popup", "biprop"])
+@pytest.fixture(scope="module", params=[
+    "edge_popup", pytest.param("biprop", marks=pytest.mark.slow)])
 def finished_run(request, tmp_path_factory):
     options = {}
     if request.param == "biprop":  # no biases, a global threshold and a density ramp
@@ -113,6 +114,7 @@ def test_cli_exports_and_evaluates(finished_run, tmp_path, capsys):
     assert f"{100 * result['test_accuracy']:.2f}%" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 23 s: trains a supermask_weights run first
 def test_a_run_that_trained_its_weights_is_refused(tmp_path_factory, capsys):
     out, _ = _train(tmp_path_factory, "supermask_weights")
     with pytest.raises(ValueError, match="not the frozen ones"):

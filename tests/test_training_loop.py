@@ -156,7 +156,8 @@ def test_nan_in_a_batch_is_skipped_and_counted_with_nonfinite_skip(tmp_path, mon
     assert np.isfinite(result["test_loss"])
 
 
-@pytest.mark.parametrize("parallel", ["pmap", "sharded"])
+@pytest.mark.parametrize("parallel", [
+    "pmap", pytest.param("sharded", marks=pytest.mark.slow)])  # test_parallel covers sharded
 def test_parallel_modes_through_the_loop_match_a_single_device(tmp_path, parallel):
     if jax.device_count() < 8:
         pytest.skip("needs simulated devices")
