@@ -9,14 +9,16 @@ above a few candidate cuts, which is linear in the number of scores and much fas
 
 * Small groups (at most ``_SAMPLE_SIZE`` scores) use a bitwise binary search: 32
   passes, one bit of the k-th largest key per pass.
-* Larger groups start from a strided sample of ``_SAMPLE_SIZE`` keys, whose order
-  statistics bracket the cut, then interpolate: each pass counts at a few cuts placed by
-  the counts of the current bracket, and stops as soon as one cut keeps exactly ``k``.
-  A pass usually shrinks the number of scores left in the bracket from ``U`` to about
-  ``sqrt(U)``, so a few passes replace the 32 of the bitwise search. After
+* Larger groups start from two cuts: order statistics of a strided sample of
+  ``_SAMPLE_SIZE`` scores, or (:func:`topk_mask_tracked`) either side of the previous
+  call's cut. Each later pass counts float32 values at two cuts interpolated from the
+  counts of the current bracket, and the search stops as soon as one cut keeps exactly
+  ``k``. A pass usually shrinks the number of scores left in the bracket from ``U`` to
+  about ``sqrt(U)``; once few are left, one extraction pass (each row's largest and
+  smallest entry inside the bracket) usually recovers all of them. After
   ``_INTERPOLATION_ROUNDS`` passes it bisects the bracket, so adversarial scores (mass
-  ties, spikes) cost at most 32 more passes. Whatever the data, the result is exact: a
-  pass only ever narrows a bracket that provably holds the k-th largest key.
+  ties, spikes) cost at most 40 passes in all. Whatever the data, the result is exact: a
+  pass only ever narrows a bracket that provably holds the k-th largest score.
 
 Ties at the k-th largest score are broken deterministically: the entries that come first
 (in leaf order, then row-major order) are kept.
@@ -169,9 +171,11 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any,
 
     The loop keeps a bracket ``lo <= (k-th largest) <= hi`` with its counts
     ``c_lo = #(x >= lo) >= k`` and ``c_above = #(x > hi) < k``, and every pass only
-    narrows it, so it can only end exact. A pass either counts at two cuts, or (once at
-    most ``_ENDGAME`` entries are left in the bracket) finds the bracket's extreme
-    entries, after which cuts just above the lowest and at the highest settle it.
+    narrows it, so it can only end exact. A pass counts at two cuts; or, once at most
+    ``extract_limit`` entries are left in the bracket, extracts them row by row; or
+    (when the group has no rows view and at most ``_ENDGAME`` are left, or a bracket end
+    is still infinite) finds the bracket's extreme entries, after which cuts just above
+    the lowest and at the highest settle it.
 
     ``hint``, ``[previous cut, how far it last moved]``, replaces the sample's first two
     cuts by two cuts around the previous one (see :func:`topk_mask_tracked`).

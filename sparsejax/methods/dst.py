@@ -51,14 +51,13 @@ from sparsejax.methods.base import (
     Method,
     SparseState,
     apply_optimizer,
-    params_as_they_are,
     step_key,
 )
-from sparsejax.methods.fixed import static
+from sparsejax.methods.fixed import masked_optimizer, masked_weights_method, static
 from sparsejax.methods.registry import register_method
 from sparsejax.schedules import Schedule, constant, cosine_drop_fraction, is_update_step
 from sparsejax.topk import topk_mask
-from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
+from sparsejax.transforms import zero_masked
 from sparsejax.validation import check_density, check_sparsity
 
 __all__ = [
@@ -339,7 +338,7 @@ def prune_and_regrow(
         raise ValueError(f"end_step must be >= 1, got {end_step}")
     if momentum is not None and not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum (moving-average factor) must lie in [0, 1), got {momentum}")
-    chained = optax.chain(mask_gradients(), optimizer, keep_pruned_zero())
+    chained = masked_optimizer(optimizer)
     start = static(optimizer, sparsity, distribution, prunable=prunable, overrides=overrides)
 
     def init(params: Any, rng: jax.Array, model_state: Any = None,
@@ -407,14 +406,7 @@ def prune_and_regrow(
         return state.replace(step=state.step + 1, params=params, masks=masks,
                              opt_state=opt_state, extra=extra)
 
-    return Method(
-        name=name,
-        init=init,
-        trainables=lambda state: state.params,
-        materialize=params_as_they_are,
-        update=update,
-        effective_params=lambda state: zero_masked(state.params, state.masks),
-    )
+    return masked_weights_method(name, init, update)
 
 
 # ---------------------------------------------------------------------------- methods

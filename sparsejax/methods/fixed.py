@@ -22,7 +22,8 @@ from sparsejax.methods.base import (
 from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
 from sparsejax.validation import check_same_structure, check_sparsity
 
-__all__ = ["fixed_mask", "static", "random_scores"]
+__all__ = ["fixed_mask", "masked_optimizer", "masked_weights_method", "static",
+           "random_scores"]
 
 MaskFn = Callable[[Any, jax.Array, Any, "InitContext | None"], Any]
 """``make_masks(params, rng, model_state, context) -> masks``: ``model_state`` (batch
@@ -31,18 +32,40 @@ statistics, ``{}`` without any) and ``context`` (the
 ``init``, so scores can run the model as it is."""
 
 
+def masked_optimizer(optimizer: optax.GradientTransformation
+                     ) -> optax.GradientTransformationExtraArgs:
+    """``chain(mask_gradients(), optimizer, keep_pruned_zero())``, updated with
+    ``masks=``: pruned weights get zero gradients (the gradients of ``w * m``), so slots
+    never accumulate for them, and zero updates, so momentum and weight decay cannot
+    revive them."""
+    return optax.chain(mask_gradients(), optimizer, keep_pruned_zero())
+
+
+def masked_weights_method(name: str, init: Any, update: Any) -> Method:
+    """A :class:`Method` that trains ``state.params`` under ``state.masks`` and keeps the
+    pruned weights exactly zero there (with :func:`masked_optimizer`), so the forward
+    pass uses the params as they are: fixed masks, gradual pruning and dynamic sparse
+    training."""
+    return Method(
+        name=name,
+        init=init,
+        trainables=lambda state: state.params,
+        materialize=params_as_they_are,
+        update=update,
+        effective_params=lambda state: zero_masked(state.params, state.masks),
+    )
+
+
 def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
                name: str = "fixed_mask") -> Method:
     """Train the weights under masks from ``make_masks(params, rng, model_state, context)``,
     fixed for good.
 
-    Pruned weights are zeroed at init and stay exactly zero: ``mask_gradients`` starts
-    the optimizer chain (pruned weights get zero gradients, the gradients of ``w * m``) and
-    ``keep_pruned_zero`` ends it, so momentum and weight decay cannot revive them. Because
-    ``state.params`` is zero wherever the mask is, the forward pass uses it as it is, with
-    no masking pass per step.
+    Pruned weights are zeroed at init and stay exactly zero (:func:`masked_optimizer`);
+    since ``state.params`` is zero wherever the mask is, the forward pass uses it as it
+    is, with no masking pass per step.
     """
-    chained = optax.chain(mask_gradients(), optimizer, keep_pruned_zero())
+    chained = masked_optimizer(optimizer)
 
     def init(params: Any, rng: jax.Array, model_state: Any = None,
              context: InitContext | None = None) -> SparseState:
@@ -58,14 +81,7 @@ def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
                                             masks=state.masks)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
-    return Method(
-        name=name,
-        init=init,
-        trainables=lambda state: state.params,
-        materialize=params_as_they_are,
-        update=update,
-        effective_params=lambda state: zero_masked(state.params, state.masks),
-    )
+    return masked_weights_method(name, init, update)
 
 
 def random_scores(params: Any, rng: jax.Array) -> Any:

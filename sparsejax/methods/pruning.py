@@ -30,13 +30,17 @@ from sparsejax.methods.base import (
     Method,
     SparseState,
     apply_optimizer,
-    params_as_they_are,
 )
-from sparsejax.methods.fixed import fixed_mask, random_scores
+from sparsejax.methods.fixed import (
+    fixed_mask,
+    masked_optimizer,
+    masked_weights_method,
+    random_scores,
+)
 from sparsejax.methods.registry import register_method
 from sparsejax.schedules import cubic_sparsity
 from sparsejax.topk import topk_mask
-from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
+from sparsejax.transforms import zero_masked
 from sparsejax.validation import check_sparsity
 
 __all__ = [
@@ -343,7 +347,7 @@ def scheduled_magnitude(
         raise ValueError(f"pruning steps must be increasing and >= 1, got {list(steps)}")
     for s in sparsities:
         check_sparsity(s)
-    chained = optax.chain(mask_gradients(), optimizer, keep_pruned_zero())
+    chained = masked_optimizer(optimizer)
     steps_arr = jnp.asarray(np.asarray(steps, np.int32))
     select_holder: dict[str, Any] = {}
 
@@ -379,14 +383,7 @@ def scheduled_magnitude(
         params, masks = lax.cond(jnp.any(hits), prune, lambda op: op, (params, state.masks))
         return state.replace(step=step, params=params, masks=masks, opt_state=opt_state)
 
-    return Method(
-        name=name,
-        init=init,
-        trainables=lambda state: state.params,
-        materialize=params_as_they_are,
-        update=update,
-        effective_params=lambda state: zero_masked(state.params, state.masks),
-    )
+    return masked_weights_method(name, init, update)
 
 
 def magnitude(
