@@ -88,6 +88,19 @@ TUNE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ramp0.25": ({}, {"ramp": 0.25}),
     "anneal0.05": ({}, {"sigma_final": 0.05}),
     "sigma1.0": ({}, {"sigma": 1.0, "score_bounds": [-2.0, 2.0]}),
+    # session 3: a controller that can reopen gates, and a penalty that rounds the gates
+    "anneal_two": ({}, {"sigma_final": 0.05, "two_sided": True}),
+    "round1_two": ({}, {"rounding": 1.0, "two_sided": True}),
+    "round1": ({}, {"rounding": 1.0}),
+    "round0.1": ({}, {"rounding": 0.1}),
+    "anneal_round1": ({}, {"sigma_final": 0.05, "rounding": 1.0}),
+    "mu1_round1": ({}, {"mu_init": 1.0, "rounding": 1.0}),
+    "mu1_anneal": ({}, {"mu_init": 1.0, "sigma_final": 0.05}),
+    "mu1_anneal_round1": ({}, {"mu_init": 1.0, "sigma_final": 0.05, "rounding": 1.0}),
+    "hi2": ({}, {"score_bounds": [-1.0, 2.0]}),
+    "mu1_hi2": ({}, {"mu_init": 1.0, "score_bounds": [-1.0, 2.0]}),
+    "bs64": ({"batch_size": 64}, {}),
+    "mu1_bs64": ({"batch_size": 64}, {"mu_init": 1.0}),
 }
 
 

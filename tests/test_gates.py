@@ -311,6 +311,34 @@ def test_sigma_final_anneals_the_gaussian_noise_and_its_penalty():
             assert float(method.penalty(at, mu)) == pytest.approx(phi(0.01 / want), rel=1e-4)
 
 
+@pytest.mark.parametrize("two_sided, want", [(False, 0.0), (True, -0.3)])
+def test_two_sided_controller_lets_lam_go_negative(two_sided, want):
+    # every gate closed (mu = -0.5) at a 50% target: the density error is -0.5 per step
+    method = gates(optax.sgd(0.1), sparsity=0.5, lam_rate=0.8, ramp=0.0, total_steps=10,
+                   weight_init="model", two_sided=two_sided, lam=0.1)
+    state = method.init({"w": jnp.ones((2, 2))}, jax.random.PRNGKey(0))
+    mu = {"w": jnp.full((2, 2), -0.5)}
+    new = method.update(state.replace(scores=mu), jax.tree_util.tree_map(jnp.zeros_like, mu))
+    assert float(new.extra["lam"]) == pytest.approx(want, abs=1e-6)  # 0.1 + 0.8 * (0 - 0.5)
+
+
+def test_rounding_penalty_matches_the_formula_and_pushes_gates_to_the_ends():
+    total, ramp = 100, 0.4  # the rounding weight rises from step 40 to step 100
+    method = gates(optax.sgd(0.1), sparsity=0.5, ramp=ramp, total_steps=total, lam=0.0,
+                   rounding=2.0, weight_init="model")
+    state = method.init({"w": jnp.ones((1, 4)), "b": jnp.ones(3)}, jax.random.PRNGKey(0))
+    mu = {"w": jnp.array([[-0.3, 0.2, 0.7, 1.4]]), "b": jnp.zeros(0)}
+    c = np.clip([-0.3, 0.2, 0.7, 1.4], 0, 1)
+    by_hand = float(np.mean(c * (1 - c)))  # (0 + 0.16 + 0.21 + 0) / 4
+    for step, weight in ((0, 0.0), (40, 0.0), (70, 1.0), (100, 2.0), (150, 2.0)):
+        at = state.replace(step=jnp.asarray(step, state.step.dtype))
+        assert float(method.penalty(at, mu)) == pytest.approx(weight * by_hand, rel=1e-5)
+    at = state.replace(step=jnp.asarray(total, state.step.dtype))
+    grad = jax.grad(lambda m: method.penalty(at, m))(mu)["w"][0]
+    # d/dmu of 2 * mean(mu (1 - mu)) = 2 (1 - 2 mu) / 4 inside (0, 1), zero outside
+    np.testing.assert_allclose(grad, [0.0, 0.5 * 0.6, 0.5 * -0.4, 0.0], rtol=1e-5, atol=1e-7)
+
+
 # --- errors and registry ----------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -328,6 +356,9 @@ def test_sigma_final_anneals_the_gaussian_noise_and_its_penalty():
     ({"gate": "hard_concrete", "sigma_final": 0.1, "total_steps": 10}, "sigma_final belongs"),
     ({"sigma_final": 0.1}, "sigma_final needs total_steps"),
     ({"sigma_final": 0.0, "total_steps": 10}, "sigma_final must be"),
+    ({"two_sided": True}, "two_sided is a controller option"),
+    ({"rounding": -1.0, "total_steps": 10}, "rounding must be"),
+    ({"rounding": 1.0}, "rounding needs total_steps"),
 ])
 def test_bad_options_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
