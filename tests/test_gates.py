@@ -311,17 +311,6 @@ def test_sigma_final_anneals_the_gaussian_noise_and_its_penalty():
             assert float(method.penalty(at, mu)) == pytest.approx(phi(0.01 / want), rel=1e-4)
 
 
-@pytest.mark.parametrize("two_sided, want", [(False, 0.0), (True, -0.3)])
-def test_two_sided_controller_lets_lam_go_negative(two_sided, want):
-    # every gate closed (mu = -0.5) at a 50% target: the density error is -0.5 per step
-    method = gates(optax.sgd(0.1), sparsity=0.5, lam_rate=0.8, ramp=0.0, total_steps=10,
-                   weight_init="model", two_sided=two_sided, lam=0.1)
-    state = method.init({"w": jnp.ones((2, 2))}, jax.random.PRNGKey(0))
-    mu = {"w": jnp.full((2, 2), -0.5)}
-    new = method.update(state.replace(scores=mu), jax.tree_util.tree_map(jnp.zeros_like, mu))
-    assert float(new.extra["lam"]) == pytest.approx(want, abs=1e-6)  # 0.1 + 0.8 * (0 - 0.5)
-
-
 def test_rounding_penalty_matches_the_formula_and_pushes_gates_to_the_ends():
     total, ramp = 100, 0.4  # the rounding weight rises from step 40 to step 100
     method = gates(optax.sgd(0.1), sparsity=0.5, ramp=ramp, total_steps=total, lam=0.0,
@@ -356,7 +345,6 @@ def test_rounding_penalty_matches_the_formula_and_pushes_gates_to_the_ends():
     ({"gate": "hard_concrete", "sigma_final": 0.1, "total_steps": 10}, "sigma_final belongs"),
     ({"sigma_final": 0.1}, "sigma_final needs total_steps"),
     ({"sigma_final": 0.0, "total_steps": 10}, "sigma_final must be"),
-    ({"two_sided": True}, "two_sided is a controller option"),
     ({"rounding": -1.0, "total_steps": 10}, "rounding must be"),
     ({"rounding": 1.0}, "rounding needs total_steps"),
 ])

@@ -209,7 +209,6 @@ def gates(
     drop_init: float | None = None,
     binarize: str | None = None,
     score_bounds: tuple[float, float] | None = None,
-    two_sided: bool = False,
     rounding: float = 0.0,
     weight_init: str = "signed_constant",
     total_steps: int | None = None,
@@ -242,10 +241,6 @@ def gates(
         sigma)`` vanishes, so without bounds gates that ran far above 1 can no longer be
         closed by the controller; e.g. ``(-1.0, 1.5)`` for the Gaussian gate keeps every
         gate within reach.
-      two_sided: with a target sparsity, let the controller's ``lam`` go negative (dual
-        ascent on "open density == target" instead of "<= target"). A negative ``lam``
-        pushes the gates just below zero open again, so a controller that closed too many
-        gates (e.g. once ``sigma_final`` made the noise small) can undo it.
       rounding: weight of a rounding penalty ``rounding * r_t * mean(c * (1 - c))`` over the
         test gates ``c`` in [0, 1], which pushes every gate out of the soft middle towards
         0 or 1, so that the binary mask computes what training computed. ``r_t`` is 0 until
@@ -288,8 +283,6 @@ def gates(
             raise ValueError("sigma_final needs total_steps (the harness passes it)")
     if sparsity is not None:
         check_sparsity(sparsity)
-    if two_sided and sparsity is None:
-        raise ValueError("two_sided is a controller option and needs a target sparsity")
     if not (math.isfinite(rounding) and rounding >= 0):
         raise ValueError(f"rounding must be a finite number >= 0, got {rounding!r}")
     if rounding > 0 and total_steps is None:
@@ -449,10 +442,7 @@ def gates(
         lam_now = state.extra["lam"]
         if target_density is not None:
             error = open_density(state.params, scores) - target_density(state.step + 1)
-            lam_now = lam_now + lam_rate * error
-            if not two_sided:
-                lam_now = jnp.maximum(lam_now, 0.0)
-            lam_now = lam_now.astype(jnp.float32)
+            lam_now = jnp.maximum(lam_now + lam_rate * error, 0.0).astype(jnp.float32)
         masks, cuts = binary_masks(state.params, scores, state.extra.get(TOPK_CUTS_KEY))
         extra = {**state.extra, "lam": lam_now}
         if cuts is not None:
