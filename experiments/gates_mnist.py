@@ -13,7 +13,10 @@ methods): ``--epochs 20 --part all --gates gaussian --sparsities 0.5 --seeds 0 1
 ``--epochs 20 --part tune`` (recipe changes scored on a
 validation split held out of the training set, seed 0, 50%), and ``--epochs 20 --part
 curve --recipe anneal0.05 --sparsities 0.5 --seeds 0 1 2`` for the change that scored
-best there. ``summary`` in the JSON file holds mean and std over seeds.
+best there; then (session 3) ``--epochs 20 --part all --gates gaussian --sparsities 0.8 0.9
+0.95 --seeds 0 1 2``, ``--epochs 20 --part tune --tune <the session-3 tags>`` and
+``--epochs 20 --part curve --recipe mu1_bs64 --sparsities 0.5 0.7 --seeds 0 1 2``.
+``summary`` in the JSON file holds mean and std over seeds.
 
 Every configuration is one ``sparsejax.training.loop.train`` run (the code path of
 ``sparsejax train``) in ``runs/gates/<name>`` (ignored by git). Its summary goes into
