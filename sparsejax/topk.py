@@ -63,6 +63,8 @@ _ENDGAME = 3
 highest entries and the next counts just above the lowest and at the highest."""
 _INTERPOLATION_ROUNDS = 8
 """Passes that place cuts by interpolation before the search falls back to bisection."""
+_EXACT_FLOAT_COUNT = 2**24
+"""Counts of up to this many entries are exact as float32 sums (see ``_count``)."""
 
 
 def num_kept(density: Any, size: int) -> Any:
@@ -105,8 +107,7 @@ def _kth_largest_keys(groups: Sequence[Sequence[jax.Array]], ks: Sequence[Any]) 
         updated = []
         for keys, k, answer in zip(groups, ks, answers, strict=True):
             candidate = answer | bit
-            count = sum((jnp.sum(key >= candidate, dtype=jnp.int32) for key in keys),
-                        jnp.int32(0))
+            count = sum((_count(key >= candidate) for key in keys), jnp.int32(0))
             updated.append(jnp.where(count >= k, candidate, answer))
         return tuple(updated)
 
@@ -119,9 +120,9 @@ def _masks_at_threshold(keys: Sequence[jax.Array], threshold: jax.Array,
     """Masks keeping exactly ``k`` of ``keys`` (order keys, or float32 values, which
     compare alike) given their exact k-th largest value."""
     above = [key > threshold for key in keys]
-    n_above = sum((jnp.sum(a, dtype=jnp.int32) for a in above), jnp.int32(0))
+    n_above = sum((_count(a) for a in above), jnp.int32(0))
     ties = [key == threshold for key in keys]
-    n_ties = sum((jnp.sum(t, dtype=jnp.int32) for t in ties), jnp.int32(0))
+    n_ties = sum((_count(t) for t in ties), jnp.int32(0))
     ties_needed = jnp.asarray(k, jnp.int32) - n_above
 
     def keep_all_ties(_: None) -> list[jax.Array]:
@@ -144,8 +145,24 @@ def _masks_at_threshold(keys: Sequence[jax.Array], threshold: jax.Array,
     return [jnp.where(keep_none, False, m) for m in masks]
 
 
+def _count(flags: jax.Array) -> jax.Array:
+    """The number of ``True`` entries of a boolean array, as int32, exactly.
+
+    Summing 1.0s in float32 runs about twice as fast on CPU as summing the booleans as
+    int32 (measured: 37 against 84 us for 235,200 entries), and is exact in any order of
+    addition while every partial sum stays at or below 2**24; larger arrays are counted in
+    slices of 2**24 entries whose counts are added as int32.
+    """
+    flat = flags.ravel()
+    total = jnp.int32(0)
+    for start in range(0, max(int(flat.size), 1), _EXACT_FLOAT_COUNT):
+        part = flat[start:start + _EXACT_FLOAT_COUNT]
+        total = total + jnp.sum(jnp.where(part, jnp.float32(1), jnp.float32(0))).astype(jnp.int32)
+    return total
+
+
 def _count_at_least(values: Sequence[jax.Array], cut: jax.Array) -> jax.Array:
-    return sum((jnp.sum(v >= cut, dtype=jnp.int32) for v in values), jnp.int32(0))
+    return sum((_count(v >= cut) for v in values), jnp.int32(0))
 
 
 def _strided_sample(values: Sequence[jax.Array], size: int) -> jax.Array:
@@ -274,13 +291,13 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any,
             has_high, has_low = high >= lo, low < high
             highs.append(jnp.where(has_high, high, -jnp.inf))
             lows.append(jnp.where(has_low, low, -jnp.inf))
-            found = found + jnp.sum(has_high, dtype=jnp.int32) + jnp.sum(has_low, dtype=jnp.int32)
+            found = found + _count(has_high) + _count(has_low)
         entries = jnp.concatenate(highs + lows)
         complete = found == c_lo - c_above
         rank = jnp.clip(k - c_above, 1, entries.size)
         value = _key_value(_kth_largest_keys([[_order_key(entries)]], [rank])[0])
         # Entries at or above the answer: those above the bracket plus those extracted.
-        reached = c_above + jnp.sum(entries >= value, dtype=jnp.int32)
+        reached = c_above + _count(entries >= value)
         return (jnp.where(complete, value, lo), jnp.where(complete, value, hi),
                 jnp.where(complete, reached, c_lo), c_above, hit, cut, cuts)
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import sparsejax
+from sparsejax import topk
 from sparsejax.topk import kth_largest, num_kept, topk_mask
 
 
@@ -238,3 +239,10 @@ def test_tracked_search_gives_the_same_masks_whatever_the_cuts():
                                       reference_topk(moved[name], num_kept(0.3, moved[name].size)))
     with pytest.raises(ValueError, match="cuts must have shape \\(2, 2\\)"):
         topk_mask_tracked(scores, 0.3, jnp.zeros((1, 2)))
+
+
+def test_counts_stay_exact_beyond_the_integers_float32_holds():
+    # 2**24 + 3 is odd, so no float32 holds it: one float32 sum of the flags cannot
+    # return it; counted in slices of 2**24 they are exact.
+    flags = jnp.ones(2**24 + 4, bool).at[5].set(False)
+    assert int(jax.jit(topk._count)(flags)) == 2**24 + 3
