@@ -254,6 +254,7 @@ def test_registered_methods_run_in_the_harness(name, tmp_path):
     assert 0.0 <= result["test_accuracy"] <= 1.0
 
 
+@pytest.mark.slow  # 19 s; the per-method formula tests run by default
 def test_pruning_at_init_methods_choose_different_masks():
     masks = {}
     for name in ("snip", "grasp", "synflow", "random_prune", "magnitude"):
