@@ -57,7 +57,8 @@ of the k-th largest entry (both fall on one side about 5% of the time)."""
 _CUT_SPREADS = 1.0
 """Later cuts sit this many spreads either side of the interpolated cut."""
 _ROWS_PER_ROOT = 8
-"""An extraction pass views a leaf of ``n`` entries as about ``4 * sqrt(n)`` rows."""
+"""An extraction pass views a leaf of ``n`` entries as about ``8 * sqrt(n)`` rows of
+about ``sqrt(n) / 8`` entries (see ``_row_views``)."""
 _ENDGAME = 3
 """When at most this many entries are left in the bracket, one pass finds its lowest and
 highest entries and the next counts just above the lowest and at the highest."""
@@ -135,7 +136,7 @@ def _masks_at_threshold(keys: Sequence[jax.Array], threshold: jax.Array,
             # adds seconds to every compile, for a branch that rarely runs.
             rank = jnp.cumsum(t.ravel(), dtype=jnp.int32).reshape(t.shape) + offset
             masks.append(a | (t & (rank <= ties_needed)))
-            offset = offset + jnp.sum(t, dtype=jnp.int32)
+            offset = offset + _count(t)
         return masks
 
     # The cumulative sum that ranks ties costs several counting passes, so it runs only

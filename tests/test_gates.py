@@ -259,6 +259,45 @@ def test_controller_reaches_target_density(gate, lr):
     assert opened[0.0] / n_gates > 0.35  # the loss alone does not reach the target
 
 
+def test_topk_masks_stay_exact_over_steps_with_the_tracked_cuts():
+    # 3,840 + 180 gates: the global top-k takes the sampled search, started every step from
+    # the cuts of the last one (state.extra['topk_cuts']); the masks must be the exact
+    # top-k of mu over all gates (ties in leaf order), restricted to the open gates.
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(4), 3)
+    params = {"a": {"kernel": jax.random.normal(k1, (64, 60)) * 0.2},
+              "b": {"kernel": jax.random.normal(k2, (60, 3)) * 0.2}}
+
+    def loss(p, batch):
+        x, y = batch
+        logits = jax.nn.relu(x @ p["a"]["kernel"]) @ p["b"]["kernel"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    # A large starting lam closes many gates at once, so that on some steps fewer gates
+    # are open than the top-k keeps.
+    method = gates(optax.adam(0.2), sparsity=0.6, total_steps=12, ramp=0.0, lam=30.0,
+                   weight_init="model", score_bounds=(-1.0, 1.5))
+    step = jax.jit(make_train_step(method, stateless_loss(loss)))
+    state = method.init(params, jax.random.PRNGKey(0))
+    xs = jax.random.normal(k3, (12, 32, 64))
+    ys = jnp.argmax(xs[..., :3], -1)
+    n = 64 * 60 + 60 * 3
+    k = round(0.4 * n)
+    fewer_open = 0
+    for i in range(12):
+        state, _ = step(state, (xs[i], ys[i]))
+        mu = np.concatenate([np.asarray(state.scores["a"]["kernel"]).ravel(),
+                             np.asarray(state.scores["b"]["kernel"]).ravel()])
+        expected = np.zeros(n, bool)
+        expected[np.lexsort((np.arange(n), -mu.astype(np.float64)))[:k]] = True
+        fewer_open += int(np.sum(mu > 0) < k)
+        expected &= mu > 0
+        got = np.concatenate([np.asarray(state.masks["a"]["kernel"]).ravel(),
+                              np.asarray(state.masks["b"]["kernel"]).ravel()])
+        np.testing.assert_array_equal(got, expected, err_msg=f"step {i + 1}")
+    assert 0 < fewer_open < 12  # both kinds of step were checked
+    assert state.extra["topk_cuts"].shape == (1, 2)
+
+
 def test_fixed_lam_penalty_prunes_more_with_larger_lam():
     densities = []
     for lam in (0.0, 3.0):
