@@ -34,6 +34,7 @@ from sparsejax.masks import (
 )
 from sparsejax.methods import (
     METHODS,
+    MaskPhases,
     Method,
     SparseState,
     dense,
@@ -149,6 +150,7 @@ __all__ = [
     "make_train_step",
     "mask_gradients",
     "masks_for_densities",
+    "MaskPhases",
     "Method",
     "METHODS",
     "num_kept",

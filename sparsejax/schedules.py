@@ -115,15 +115,18 @@ def cosine_drop_fraction(initial_fraction: float = 0.3, end_step: int = 1) -> Sc
 
 
 def is_update_step(step: jax.Array | int, interval: int, *, begin_step: int = 0,
-                   end_step: int | None = None) -> jax.Array:
-    """True on steps ``begin_step + j * interval`` (``j >= 1``) before ``end_step``.
+                   end_step: int | None = None) -> jax.Array | bool:
+    """True on steps ``begin_step + j * interval`` (``j >= 1``) before ``end_step``; a
+    Python bool for a Python int ``step`` (the host's copy of the step counter), else a
+    bool array.
 
-    >>> [bool(is_update_step(t, 100, end_step=300)) for t in (0, 100, 150, 200, 300)]
+    >>> [is_update_step(t, 100, end_step=300) for t in (0, 100, 150, 200, 300)]
     [False, True, False, True, False]
     """
     if interval < 1:
         raise ValueError(f"interval must be >= 1, got {interval}")
-    step = jnp.asarray(step, jnp.int32)
+    if not isinstance(step, int):
+        step = jnp.asarray(step, jnp.int32)
     since = step - begin_step
     ok = (since > 0) & (since % interval == 0)
     if end_step is not None:

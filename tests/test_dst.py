@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from toy_mlp import batches, mlp_loss, mlp_params
+from toy_mlp import assert_trainer_phases_match_update, batches, mlp_loss, mlp_params
 
 from sparsejax import get_method, make_train_step, num_kept, stateless_loss
 from sparsejax.methods import dst
@@ -398,3 +398,11 @@ def test_rigl_trains_through_the_harness(tmp_path):
     assert result["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert result["test_accuracy"] > 0.15  # MNIST-1D, 10 classes: well above chance
     assert (tmp_path / "result.json").exists()
+
+
+@pytest.mark.parametrize("name, options", [
+    ("set", {}), ("rigl", {}), ("rigl", {"skip_optimizer_on_update": False}), ("snfs", {})])
+def test_trainer_phases_give_the_states_of_the_traced_update(name, options):
+    # update_every=3 and RigL's end_step=8: moves after steps 3 and 6 (and 9, 12 for SET
+    # and SNFS); the jump makes the trainer re-read the counter (step 5 -> 6, a move).
+    assert_trainer_phases_match_update(build(name, **options), 12, jump_at=4)

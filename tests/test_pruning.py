@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from toy_mlp import assert_trainer_phases_match_update
 
 from sparsejax.distributions import select_masks
 from sparsejax.methods import InitContext, get_method
@@ -195,6 +196,14 @@ def test_masks_for_densities_matches_select_masks(distribution):
         for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want),
                         strict=True):
             assert (np.asarray(g) == np.asarray(w)).all()
+
+
+def test_gradual_magnitude_trainer_phases_give_the_states_of_the_traced_update():
+    # pruning after steps 3, 6 and 9; the jump (step 5 -> 6) makes the trainer re-read
+    method = gradual_magnitude(optax.sgd(0.05, momentum=0.9), sparsity=0.8, total_steps=12,
+                               end_step=9, frequency=3)
+    assert [t for t in range(1, 13) if method.phases.due(t)] == [3, 6, 9]
+    assert_trainer_phases_match_update(method, 10, jump_at=4)
 
 
 def test_gradual_magnitude_follows_cubic_schedule_under_jit():

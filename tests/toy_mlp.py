@@ -25,3 +25,42 @@ def batches(n):
     x = jax.random.normal(key, (n, 32, 20))
     y = jax.random.randint(jax.random.fold_in(key, 1), (n, 32), 0, 4)
     return x, y
+
+
+def assert_trainer_phases_match_update(method, n_steps, *, jump_at=None):
+    """The trainer's two compiled steps (``method.phases``) give the states of the one
+    traced ``method.update``, step by step: the host's ``due`` agrees with the traced
+    schedule, masks match exactly and weights to float rounding. With ``jump_at`` the
+    trainer is handed, before that step, a state it did not return whose counter is one
+    step further on (as on resume), so it must read the counter again."""
+    import numpy as np
+
+    from sparsejax import make_train_step, stateless_loss
+    from sparsejax.training.parallel import SingleDeviceTrainer
+
+    assert method.phases is not None
+    loss = stateless_loss(mlp_loss)
+    traced = jax.jit(make_train_step(method, loss))
+    trainer = SingleDeviceTrainer(method, loss)
+    ref = method.init(mlp_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    state = jax.tree_util.tree_map(jnp.copy, ref)  # the trainer donates its input
+    xs, ys = batches(n_steps)
+    phases = set()
+    for i in range(n_steps):
+        if i == jump_at:
+            ref = ref.replace(step=ref.step + 1)
+            state = jax.tree_util.tree_map(jnp.copy, ref)
+        steps_done = int(ref.step) + 1
+        phases.add(method.phases.due(steps_done))
+        ref, _ = traced(ref, (xs[i], ys[i]))
+        state, _ = trainer.step(state, (xs[i], ys[i]))
+        assert int(state.step) == int(ref.step) == steps_done
+        for a, b in zip(jax.tree_util.tree_leaves(state.masks),
+                        jax.tree_util.tree_leaves(ref.masks), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                          err_msg=f"step {steps_done}")
+        for a, b in zip(jax.tree_util.tree_leaves((state.params, state.opt_state)),
+                        jax.tree_util.tree_leaves((ref.params, ref.opt_state)), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"step {steps_done}")
+    assert phases == {False, True}  # both compiled steps ran

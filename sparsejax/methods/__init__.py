@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from sparsejax.methods.base import (
     InitContext,
+    MaskPhases,
     Method,
     SparseState,
     apply_optimizer,
+    branch,
     no_penalty,
     step_key,
 )
@@ -20,9 +22,11 @@ from sparsejax.methods.registry import METHODS, MethodBuilder, get_method, regis
 
 __all__ = [
     "InitContext",
+    "MaskPhases",
     "Method",
     "SparseState",
     "apply_optimizer",
+    "branch",
     "no_penalty",
     "step_key",
     "dense",

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax import lax
 
 from sparsejax.masks import dense_masks
 from sparsejax.validation import check_same_structure
@@ -32,6 +33,8 @@ __all__ = [
     "SparseState",
     "Method",
     "InitContext",
+    "MaskPhases",
+    "branch",
     "step_key",
     "no_penalty",
     "apply_optimizer",
@@ -117,6 +120,43 @@ EffectiveParamsFn = Callable[[SparseState], PyTree]
 PenaltyFn = Callable[[SparseState, PyTree], jax.Array]
 
 
+class MaskPhases(NamedTuple):
+    """The update of a method whose masks move only after steps known in advance (dynamic
+    sparse training every N steps, scheduled pruning), split in two.
+
+    ``Method.update`` is one traced function that decides with ``lax.cond`` on
+    ``state.step``, so it composes with any research code. The library's trainers
+    instead compile ``train`` and ``move`` apart and pick one on the host from ``due``:
+    a step without a mask update then carries no untaken branch, which on CPU cost
+    4-11% of a LeNet-300-100 step by itself. All three give the same states.
+
+    Attributes:
+      due: ``steps_done -> bool`` on the host: does the update that brings the step
+        counter to ``steps_done`` move the masks?
+      train: the update of the other steps (``due`` false).
+      move: the update of those steps (``due`` true).
+    """
+
+    due: Callable[[int], bool]
+    train: UpdateFn
+    move: UpdateFn
+
+
+def branch(due: jax.Array | bool, on_due: Callable[[], Any],
+           otherwise: Callable[[], Any]) -> Any:
+    """``lax.cond(due, on_due, otherwise)``, or just the chosen branch when ``due`` is a
+    Python bool, so one update function serves both ``Method.update`` and
+    :class:`MaskPhases`.
+
+    >>> import jax.numpy as jnp
+    >>> branch(True, lambda: 1, lambda: 2), int(branch(jnp.bool_(False), lambda: 1, lambda: 2))
+    (1, 2)
+    """
+    if isinstance(due, bool):
+        return on_due() if due else otherwise()
+    return lax.cond(due, on_due, otherwise)
+
+
 def params_as_they_are(state: SparseState, trainables: PyTree) -> PyTree:
     """The ``materialize`` of methods whose params already are the effective weights: dense
     training, and masked methods that keep pruned weights exactly zero in ``state.params``
@@ -149,6 +189,8 @@ class Method(NamedTuple):
       effective_params: ``state -> params`` used for evaluation and export: the hard
         binary mask applied to the weights, no noise.
       penalty: ``(state, trainables) -> scalar`` added to the loss (e.g. an L0 penalty).
+      phases: for methods whose masks move on a schedule, ``update`` split by that
+        schedule (:class:`MaskPhases`), which the trainers use; else ``None``.
     """
 
     name: str
@@ -158,6 +200,7 @@ class Method(NamedTuple):
     update: UpdateFn
     effective_params: EffectiveParamsFn
     penalty: PenaltyFn = no_penalty
+    phases: MaskPhases | None = None
 
 
 def step_key(state: SparseState, salt: int = 0) -> jax.Array:

@@ -42,15 +42,16 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from sparsejax._tree import leaf_paths
 from sparsejax.masks import Prunable, default_prunable
 from sparsejax.methods.base import (
     InitContext,
+    MaskPhases,
     Method,
     SparseState,
     apply_optimizer,
+    branch,
     step_key,
 )
 from sparsejax.methods.fixed import masked_optimizer, masked_weights_method, static
@@ -378,12 +379,11 @@ def prune_and_regrow(
         return (zero_masked(params, survivors), masks,
                 reset_slots(chained, opt_state, survivors))
 
-    def update(state: SparseState, grads: Any) -> SparseState:
+    def update_with(state: SparseState, grads: Any, due: jax.Array | bool) -> SparseState:
         extra = state.extra
         if momentum is not None:
             extra = {**extra, MOMENTUM_KEY: jax.tree_util.tree_map(
                 lambda m, g: momentum * m + (1.0 - momentum) * g, extra[MOMENTUM_KEY], grads)}
-        due = is_update_step(state.step + 1, update_every, end_step=end_step)
 
         def optimizer_step() -> tuple[Any, Any]:
             return apply_optimizer(chained, grads, state.opt_state, state.params,
@@ -397,16 +397,24 @@ def prune_and_regrow(
                 params, opt_state = optimizer_step()
                 return params, state.masks, opt_state
 
-            params, masks, opt_state = lax.cond(due, move, train)
+            params, masks, opt_state = branch(due, move, train)
         else:
             params, opt_state = optimizer_step()
-            params, masks, opt_state = lax.cond(
+            params, masks, opt_state = branch(
                 due, lambda: regrow(state, params, opt_state, grads, extra),
                 lambda: (params, state.masks, opt_state))
         return state.replace(step=state.step + 1, params=params, masks=masks,
                              opt_state=opt_state, extra=extra)
 
-    return masked_weights_method(name, init, update)
+    def due(steps_done: jax.Array | int) -> jax.Array | bool:
+        return is_update_step(steps_done, update_every, end_step=end_step)
+
+    def update(state: SparseState, grads: Any) -> SparseState:
+        return update_with(state, grads, due(state.step + 1))
+
+    phases = MaskPhases(due=due, train=lambda state, grads: update_with(state, grads, False),
+                        move=lambda state, grads: update_with(state, grads, True))
+    return masked_weights_method(name, init, update, phases)
 
 
 # ---------------------------------------------------------------------------- methods

@@ -14,6 +14,7 @@ from sparsejax.distributions import select_masks
 from sparsejax.masks import Prunable, default_prunable
 from sparsejax.methods.base import (
     InitContext,
+    MaskPhases,
     Method,
     SparseState,
     apply_optimizer,
@@ -41,11 +42,12 @@ def masked_optimizer(optimizer: optax.GradientTransformation
     return optax.chain(mask_gradients(), optimizer, keep_pruned_zero())
 
 
-def masked_weights_method(name: str, init: Any, update: Any) -> Method:
+def masked_weights_method(name: str, init: Any, update: Any,
+                          phases: MaskPhases | None = None) -> Method:
     """A :class:`Method` that trains ``state.params`` under ``state.masks`` and keeps the
     pruned weights exactly zero there (with :func:`masked_optimizer`), so the forward
     pass uses the params as they are: fixed masks, gradual pruning and dynamic sparse
-    training."""
+    training (``phases``: ``update`` split by its mask schedule, :class:`MaskPhases`)."""
     return Method(
         name=name,
         init=init,
@@ -53,6 +55,7 @@ def masked_weights_method(name: str, init: Any, update: Any) -> Method:
         materialize=params_as_they_are,
         update=update,
         effective_params=lambda state: zero_masked(state.params, state.masks),
+        phases=phases,
     )
 
 

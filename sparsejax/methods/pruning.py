@@ -27,9 +27,11 @@ from sparsejax.distributions import kept_counts, select_masks
 from sparsejax.masks import Prunable, default_prunable
 from sparsejax.methods.base import (
     InitContext,
+    MaskPhases,
     Method,
     SparseState,
     apply_optimizer,
+    branch,
 )
 from sparsejax.methods.fixed import (
     fixed_mask,
@@ -247,15 +249,18 @@ def masks_for_densities(
     shared = plans[0].shared  # shapes alone decide which leaves share a ranking
     n = len(plans[0].per_leaf)
     fixed = [i for i in range(n) if plans[0].per_leaf[i] is not None]
-    count_table = jnp.asarray(np.array([[p.per_leaf[i] for i in fixed] for p in plans],
-                                       np.int32).reshape(len(plans), len(fixed)))
-    shared_counts = jnp.asarray(np.array([p.shared_count for p in plans], np.int32))
+    # numpy here, jnp inside select: select may first run inside a trace, and a jnp
+    # array made there and kept would leak that trace into later calls
+    count_table = np.array([[p.per_leaf[i] for i in fixed] for p in plans],
+                           np.int32).reshape(len(plans), len(fixed))
+    shared_table = np.array([p.shared_count for p in plans], np.int32)
 
     def select(scores: PyTree, index: jax.Array) -> PyTree:
+        counts, shared_counts = jnp.asarray(count_table), jnp.asarray(shared_table)
         score_leaves, treedef = jax.tree_util.tree_flatten(scores)
         masks: list[Any] = [jnp.ones(np.shape(s), bool) for s in score_leaves]
         for column, i in enumerate(fixed):
-            masks[i] = topk_mask(score_leaves[i], count=count_table[index, column],
+            masks[i] = topk_mask(score_leaves[i], count=counts[index, column],
                                  check_finite_scores=False)
         if shared:
             chosen = topk_mask([score_leaves[i] for i in shared], count=shared_counts[index],
@@ -349,6 +354,7 @@ def scheduled_magnitude(
         check_sparsity(s)
     chained = masked_optimizer(optimizer)
     steps_arr = jnp.asarray(np.asarray(steps, np.int32))
+    pruning_steps = frozenset(steps)
     select_holder: dict[str, Any] = {}
 
     def init(params: PyTree, rng: jax.Array, model_state: Any = None,
@@ -367,23 +373,26 @@ def scheduled_magnitude(
                 overrides=overrides)
         return select_holder[key]
 
-    def update(state: SparseState, grads: PyTree) -> SparseState:
+    def update_with(state: SparseState, grads: PyTree, due: jax.Array | bool) -> SparseState:
         params, opt_state = apply_optimizer(chained, grads, state.opt_state, state.params,
                                             masks=state.masks)
         step = state.step + 1
-        hits = steps_arr == step
-        select = selector(params)
 
-        def prune(operand: tuple[PyTree, PyTree]) -> tuple[PyTree, PyTree]:
-            p, m = operand
-            scores = exclude_pruned(magnitude_scores(p), m)
-            new_masks = select(scores, jnp.argmax(hits))
-            return zero_masked(p, new_masks), new_masks
+        def prune() -> tuple[PyTree, PyTree]:
+            scores = exclude_pruned(magnitude_scores(params), state.masks)
+            new_masks = selector(params)(scores, jnp.argmax(steps_arr == step))
+            return zero_masked(params, new_masks), new_masks
 
-        params, masks = lax.cond(jnp.any(hits), prune, lambda op: op, (params, state.masks))
+        params, masks = branch(due, prune, lambda: (params, state.masks))
         return state.replace(step=step, params=params, masks=masks, opt_state=opt_state)
 
-    return masked_weights_method(name, init, update)
+    def update(state: SparseState, grads: PyTree) -> SparseState:
+        return update_with(state, grads, jnp.any(steps_arr == state.step + 1))
+
+    phases = MaskPhases(due=lambda steps_done: steps_done in pruning_steps,
+                        train=lambda state, grads: update_with(state, grads, False),
+                        move=lambda state, grads: update_with(state, grads, True))
+    return masked_weights_method(name, init, update, phases)
 
 
 def magnitude(

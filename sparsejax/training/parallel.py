@@ -12,6 +12,11 @@ works in both:
   everything of their shape are split along a ``model`` axis). XLA inserts the
   all-reduce; the program is the single-device program on the global batch.
 
+Methods whose masks move on a schedule (dynamic sparse training, scheduled pruning) get
+two compiled steps, one without the mask update and one with it (their
+:class:`~sparsejax.methods.MaskPhases`); the trainer picks one per step from its host
+copy of the step counter, so the steps in between run without an untaken branch.
+
 Random decisions (SET's regrowth, gate noise) are keyed by ``fold_in(rng, step)`` from
 the replicated state, so all devices draw the same numbers and masks never diverge.
 
@@ -54,6 +59,48 @@ ParallelMode = Literal["none", "pmap", "sharded"]
 AXIS_NAME = "batch"
 
 Metrics = dict[str, jax.Array]
+
+
+def _phase_methods(method: Method) -> dict[bool | None, Method]:
+    """What a trainer compiles a step for: ``{None: method}``, or, for a method with
+    :class:`~sparsejax.methods.MaskPhases`, ``{False: its train update, True: its move
+    update}``."""
+    if method.phases is None:
+        return {None: method}
+    return {due: method._replace(update=update, phases=None)
+            for due, update in ((False, method.phases.train), (True, method.phases.move))}
+
+
+def _host_step(step: Any) -> int:
+    """``state.step`` as a Python int (the first copy where it is replicated)."""
+    if isinstance(step, jax.Array) and not step.is_fully_addressable:
+        step = step.addressable_data(0)
+    return int(np.asarray(step).reshape(-1)[0])
+
+
+class _PhaseClock:
+    """Which of a method's compiled steps comes next (:func:`_phase_methods`).
+
+    It keeps a host copy of ``state.step`` and reads the device only when handed a state
+    it did not just return (the first step, a resumed or replaced state), so the steps of
+    a run are dispatched without waiting for the device.
+    """
+
+    def __init__(self, method: Method) -> None:
+        self.due = None if method.phases is None else method.phases.due
+        self._steps = 0
+        self._last: Any = None
+
+    def phase(self, state: SparseState) -> bool | None:
+        if self.due is None:
+            return None
+        if state is not self._last:
+            self._steps = _host_step(state.step)
+        return self.due(self._steps + 1)
+
+    def stepped(self, state: SparseState) -> None:
+        self._steps += 1
+        self._last = state
 
 
 def initialize_distributed(**kwargs: Any) -> bool:
@@ -123,9 +170,12 @@ class PmapTrainer:
                  devices: list[jax.Device] | None = None, *,
                  skip_nonfinite: bool = False) -> None:
         self.devices = devices or jax.local_devices()
-        step = make_train_step(method, loss_fn, axis_name=AXIS_NAME,
-                               skip_nonfinite=skip_nonfinite)
-        self._step = jax.pmap(step, axis_name=AXIS_NAME, devices=self.devices)
+        self._clock = _PhaseClock(method)
+        self._steps = {
+            phase: jax.pmap(make_train_step(m, loss_fn, axis_name=AXIS_NAME,
+                                            skip_nonfinite=skip_nonfinite),
+                            axis_name=AXIS_NAME, devices=self.devices)
+            for phase, m in _phase_methods(method).items()}
 
     def put_state(self, state: SparseState) -> SparseState:
         return replicate(state, len(self.devices))
@@ -137,7 +187,8 @@ class PmapTrainer:
         return unreplicate(state)
 
     def step(self, state: SparseState, batch: Any) -> tuple[SparseState, Metrics]:
-        state, metrics = self._step(state, batch)
+        state, metrics = self._steps[self._clock.phase(state)](state, batch)
+        self._clock.stepped(state)
         return state, unreplicate(metrics)
 
 
@@ -192,7 +243,9 @@ class ShardedTrainer:
         self.mesh = mesh or make_mesh()
         self.shard_model_axis = shard_model_axis
         self.min_shard_size = min_shard_size
-        self._train_step = make_train_step(method, loss_fn, skip_nonfinite=skip_nonfinite)
+        self._clock = _PhaseClock(method)
+        self._train_steps = {phase: make_train_step(m, loss_fn, skip_nonfinite=skip_nonfinite)
+                             for phase, m in _phase_methods(method).items()}
         self._compiled: dict[Any, Callable[..., Any]] = {}
 
     def state_sharding(self, state: SparseState) -> Any:
@@ -227,16 +280,19 @@ class ShardedTrainer:
         return state
 
     def step(self, state: SparseState, batch: Any) -> tuple[SparseState, Metrics]:
-        key = jax.tree_util.tree_structure((state, batch))
+        phase = self._clock.phase(state)
+        key = (phase, jax.tree_util.tree_structure((state, batch)))
         if key not in self._compiled:
             state_sh = self.state_sharding(state)
             replicated = NamedSharding(self.mesh, PartitionSpec())
             self._compiled[key] = jax.jit(
-                self._train_step,
+                self._train_steps[phase],
                 in_shardings=(state_sh, self.batch_sharding(batch)),
                 out_shardings=(state_sh, replicated),
             )
-        return self._compiled[key](state, batch)
+        state, metrics = self._compiled[key](state, batch)
+        self._clock.stepped(state)
+        return state, metrics
 
 
 class SingleDeviceTrainer:
@@ -247,8 +303,10 @@ class SingleDeviceTrainer:
         # which halves the state's memory and, on CPU too, saves a copy of every buffer the
         # step passes through (a LeNet-300-100 step: about 10% faster). The loop never
         # touches a state after stepping it (checkpoints are written synchronously).
-        self._step = jax.jit(make_train_step(method, loss_fn, skip_nonfinite=skip_nonfinite),
-                             donate_argnums=(0,))
+        self._clock = _PhaseClock(method)
+        self._steps = {phase: jax.jit(make_train_step(m, loss_fn, skip_nonfinite=skip_nonfinite),
+                                      donate_argnums=(0,))
+                       for phase, m in _phase_methods(method).items()}
 
     def put_state(self, state: SparseState) -> SparseState:
         return state
@@ -260,7 +318,9 @@ class SingleDeviceTrainer:
         return state
 
     def step(self, state: SparseState, batch: Any) -> tuple[SparseState, Metrics]:
-        return self._step(state, batch)
+        state, metrics = self._steps[self._clock.phase(state)](state, batch)
+        self._clock.stepped(state)
+        return state, metrics
 
 
 def make_trainer(mode: str, method: Method, loss_fn: LossFn, **options: Any):
