@@ -81,7 +81,9 @@ def main() -> None:
         out = {}
         for name, method in table.items():
             step = SingleDeviceTrainer(method, loss_fn).step  # what the loop runs
-            state = method.init(params, jax.random.PRNGKey(1), model_state)
+            # a copy: the trainer donates the state, and dense init keeps these arrays
+            state = method.init(jax.tree_util.tree_map(np.array, params),
+                                jax.random.PRNGKey(1), model_state)
             out[name] = [step, state]
         return out
 
