@@ -15,7 +15,10 @@ validation split held out of the training set, seed 0, 50%), and ``--epochs 20 -
 curve --recipe anneal0.05 --sparsities 0.5 --seeds 0 1 2`` for the change that scored
 best there; then (session 3) ``--epochs 20 --part all --gates gaussian --sparsities 0.8 0.9
 0.95 --seeds 0 1 2``, ``--epochs 20 --part tune --tune <the session-3 tags>`` and
-``--epochs 20 --part curve --recipe mu1_bs64 --sparsities 0.5 0.7 --seeds 0 1 2``.
+``--epochs 20 --part curve --recipe mu1_bs64 --sparsities 0.5 0.7 --seeds 0 1 2``; then
+(session 4, twice the steps for both methods) ``--epochs 40 --part tune --tune base
+edge_popup mu1_bs64`` and ``--epochs 40 --part all --gates gaussian --sparsities 0.5 0.7
+0.8 0.9 0.95 --seeds 0 1 2``.
 ``summary`` in the JSON file holds mean and std over seeds.
 
 Every configuration is one ``sparsejax.training.loop.train`` run (the code path of
