@@ -82,8 +82,8 @@ def supermask(
     Array([ 1., -2.,  3.,  4.], dtype=float32)
     """
     check_same_structure(w, scores, reference_name="weights", other_name="scores")
-    abs_scores = jax.tree_util.tree_map(lambda s: lax.stop_gradient(jnp.abs(s)), scores)
-    masks = topk_mask(abs_scores, density, scope=scope, check_finite_scores=check_finite_scores)
+    masks = topk_mask(jax.tree_util.tree_map(lax.stop_gradient, scores), density, scope=scope,
+                      check_finite_scores=check_finite_scores, by_magnitude=True)
     return jax.tree_util.tree_map(supermask_product, w, scores, masks)
 
 

@@ -182,7 +182,8 @@ def _below(x: jax.Array) -> jax.Array:
 
 
 def _sampled_cut(values: Sequence[jax.Array], k: Any,
-                 hint: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                 hint: jax.Array | None = None,
+                 view: Any = None) -> tuple[jax.Array, jax.Array]:
     """``(cut, is_cut)`` for a large group of float32 leaves: with ``is_cut`` exactly
     ``k`` entries are ``>= cut``; otherwise (a tie straddles the k-th largest entry)
     ``cut`` is the exact k-th largest entry.
@@ -197,13 +198,17 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any,
 
     ``hint``, ``[previous cut, how far it last moved]``, replaces the sample's first two
     cuts by two cuts around the previous one (see :func:`topk_mask_tracked`).
+
+    ``view`` (e.g. ``jnp.abs``) ranks ``view(values)`` instead, applied inside every pass
+    so that XLA fuses it into the pass rather than writing a transformed copy first.
     """
     n = sum(int(v.size) for v in values)
     k = jnp.asarray(k, jnp.int32)
     kf = k.astype(jnp.float32)
+    view = view or (lambda v: v)
 
     def sample_cuts():
-        sample = _strided_sample(values, _SAMPLE_SIZE)
+        sample = view(_strided_sample(values, _SAMPLE_SIZE))
         share = jnp.clip(kf / n, 0.0, 1.0)
         expected_rank = kf * sample.size / n
         spread = jnp.sqrt(sample.size * share * (1.0 - share)) + 1.0
@@ -243,7 +248,7 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any,
         lo, hi, c_lo, c_above, hit, cut, cuts = carry
         for j in range(2):
             t = cuts[j]
-            count = _count_at_least(values, t)
+            count = _count_at_least([view(v) for v in values], t)
             exact = (count == k) & ~hit
             cut = jnp.where(exact, t, cut)
             hit = hit | exact
@@ -255,15 +260,16 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any,
 
     def extremes_pass(carry):
         lo, hi, c_lo, c_above, hit, cut, _ = carry
+        values_ = [view(v) for v in values]
         # The bracket's lowest and highest finite entries, and the counts at them. No
         # entry lies in [lo, bottom) or (top, hi] but infinities, which are the k-th
         # largest entry only when the counts say so (masked scores of -inf, say).
         top = functools.reduce(jnp.maximum, [
-            jnp.max(jnp.where((v <= hi) & (v < jnp.inf), v, -jnp.inf)) for v in values])
+            jnp.max(jnp.where((v <= hi) & (v < jnp.inf), v, -jnp.inf)) for v in values_])
         bottom = functools.reduce(jnp.minimum, [
-            jnp.min(jnp.where((v >= lo) & (v > -jnp.inf), v, jnp.inf)) for v in values])
-        c_bottom = _count_at_least(values, bottom)
-        c_over_top = _count_at_least(values, _above(top))
+            jnp.min(jnp.where((v >= lo) & (v > -jnp.inf), v, jnp.inf)) for v in values_])
+        c_bottom = _count_at_least(values_, bottom)
+        c_over_top = _count_at_least(values_, _above(top))
         minus_inf = c_bottom < k  # only -inf entries below bottom: the answer is -inf
         plus_inf = c_over_top >= k  # only +inf entries above top: the answer is +inf
         new_lo = jnp.where(minus_inf, lo, jnp.where(plus_inf, jnp.inf, jnp.maximum(lo, bottom)))
@@ -286,6 +292,7 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any,
         # all of them, and the k-th largest is found among them on the spot.
         highs, lows, found = [], [], jnp.int32(0)
         for v in rows:
+            v = view(v)
             inside = (v >= lo) & (v <= hi)
             high = jnp.max(jnp.where(inside, v, -jnp.inf), axis=1)
             low = jnp.min(jnp.where(inside, v, jnp.inf), axis=1)
@@ -370,7 +377,8 @@ def _key_value(key: jax.Array) -> jax.Array:
 
 
 def _grouped_topk(groups: Sequence[Sequence[jax.Array]], ks: Sequence[Any],
-                  hints: jax.Array | None = None) -> tuple[list[list[jax.Array]], jax.Array]:
+                  hints: jax.Array | None = None,
+                  by_magnitude: bool = False) -> tuple[list[list[jax.Array]], jax.Array]:
     """For each group of leaves, masks keeping exactly ``ks[g]`` of its largest entries
     jointly (one group per leaf: per-layer top-k; one group of all leaves: global), and
     the new hints, ``[cut, how far it moved]`` per group (shape ``(groups, 2)``).
@@ -378,27 +386,30 @@ def _grouped_topk(groups: Sequence[Sequence[jax.Array]], ks: Sequence[Any],
     Small groups share one bitwise search (one loop for all of them, so XLA fuses their
     counts); each large group runs its own sampled search on float32 values (which
     compare like their keys, and count faster on CPU), started from ``hints[g]`` if given.
+    ``by_magnitude`` ranks the absolute values.
     """
     small = [g for g, group in enumerate(groups)
              if sum(int(jnp.size(leaf)) for leaf in group) <= _SAMPLE_SIZE]
     masks: list[list[jax.Array]] = [[] for _ in groups]
     new_hints: list[jax.Array] = [jnp.zeros(2, jnp.float32) for _ in groups]
     if small:
-        keys = [[_order_key(leaf) for leaf in groups[g]] for g in small]
+        keys = [[_order_key(jnp.abs(leaf) if by_magnitude else leaf) for leaf in groups[g]]
+                for g in small]
         thresholds = _kth_largest_keys(keys, [ks[g] for g in small])
         for g, group_keys, threshold in zip(small, keys, thresholds, strict=True):
             masks[g] = _masks_at_threshold(group_keys, threshold, ks[g])
             new_hints[g] = jnp.stack([_key_value(threshold), jnp.float32(0)])
+    ranked = jnp.abs if by_magnitude else (lambda x: x)
     for g, group in enumerate(groups):
         if g in small:
             continue
         values = [jnp.asarray(leaf).astype(jnp.float32) for leaf in group]
         hint = None if hints is None else hints[g]
-        cut, is_cut = _sampled_cut(values, ks[g], hint)
+        cut, is_cut = _sampled_cut(values, ks[g], hint, jnp.abs if by_magnitude else None)
         masks[g] = lax.cond(
             is_cut,
-            lambda v=values, c=cut: [x >= c for x in v],
-            lambda v=values, c=cut, k=ks[g]: _masks_at_threshold(v, c, k))
+            lambda v=values, c=cut: [ranked(x) >= c for x in v],
+            lambda v=values, c=cut, k=ks[g]: _masks_at_threshold([ranked(x) for x in v], c, k))
         moved = jnp.float32(0) if hint is None else jnp.abs(cut - hint[0])
         new_hints[g] = jnp.stack([cut, jnp.where(jnp.isfinite(moved), moved, 0.0)])
     return masks, jnp.stack(new_hints)
@@ -421,6 +432,7 @@ def topk_mask(
     count: Any = None,
     scope: Scope = "layer",
     check_finite_scores: bool = True,
+    by_magnitude: bool = False,
 ) -> Any:
     """Boolean mask(s) keeping exactly ``num_kept(density, size)`` (or ``count``) of the
     largest scores.
@@ -439,6 +451,9 @@ def topk_mask(
         leaves jointly and keeps ``num_kept(density, total size)`` entries.
       check_finite_scores: raise ``ValueError`` for NaN or inf scores. Under ``jit`` the
         check runs on the device and reports through a host callback.
+      by_magnitude: rank by ``|score|``: the masks of ``topk_mask(abs(scores))``, with the
+        absolute values taken inside each counting pass instead of written out as a copy
+        of the scores first (Edge-Popup ranks its scores this way every step).
 
     Returns:
       Boolean arrays with the structure and shapes of ``scores``. Ties at the threshold
@@ -451,8 +466,10 @@ def topk_mask(
     Array([ True,  True, False, False], dtype=bool)
     >>> topk_mask(jnp.array([0.1, 0.9, 0.5, 0.9]), count=3)
     Array([False,  True,  True,  True], dtype=bool)
+    >>> topk_mask(jnp.array([0.1, -0.9, 0.5, 0.2]), 0.5, by_magnitude=True)
+    Array([False,  True,  True, False], dtype=bool)
     """
-    return _topk(scores, density, count, scope, check_finite_scores, None)[0]
+    return _topk(scores, density, count, scope, check_finite_scores, None, by_magnitude)[0]
 
 
 def topk_mask_tracked(
@@ -463,6 +480,7 @@ def topk_mask_tracked(
     count: Any = None,
     scope: Scope = "layer",
     check_finite_scores: bool = True,
+    by_magnitude: bool = False,
 ) -> tuple[Any, jax.Array]:
     """:func:`topk_mask` for scores that change a little between calls (a per-step top-k
     in training): returns ``(masks, cuts)``; pass ``cuts`` to the next call.
@@ -472,7 +490,8 @@ def topk_mask_tracked(
     instead of cuts from a sample: on Edge-Popup's scores only a few entries cross the
     cut between steps, so the first pass brackets a handful of entries and an extraction
     pass settles them. The masks are exactly those of :func:`topk_mask` whatever
-    ``cuts`` holds; only the time changes.
+    ``cuts`` holds; only the time changes. With ``by_magnitude`` the cuts are on
+    ``|score|``.
 
     >>> import jax, jax.numpy as jnp
     >>> x = jax.random.normal(jax.random.PRNGKey(0), (100, 100))
@@ -481,11 +500,11 @@ def topk_mask_tracked(
     >>> bool(jnp.all(masks == masks2)), cuts.shape
     (True, (1, 2))
     """
-    return _topk(scores, density, count, scope, check_finite_scores, cuts)
+    return _topk(scores, density, count, scope, check_finite_scores, cuts, by_magnitude)
 
 
 def _topk(scores: Any, density: Any, count: Any, scope: str, check_finite_scores: bool,
-          hints: jax.Array | None) -> tuple[Any, jax.Array]:
+          hints: jax.Array | None, by_magnitude: bool = False) -> tuple[Any, jax.Array]:
     """``(masks, new hints)``: the argument checks and grouping of :func:`topk_mask`."""
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
@@ -509,7 +528,8 @@ def _topk(scores: Any, density: Any, count: Any, scope: str, check_finite_scores
         if jnp.ndim(amount) != 0:
             raise ValueError("scope='global' takes one density or count for all leaves")
         total = sum(int(jnp.size(leaf)) for leaf in leaves)
-        masks, new_hints = _grouped_topk([leaves], [_kept(density, count, total)], hints)
+        masks, new_hints = _grouped_topk([leaves], [_kept(density, count, total)], hints,
+                                         by_magnitude)
         return jax.tree_util.tree_unflatten(treedef, masks[0]), new_hints
 
     if isinstance(amount, (int, float)) or (hasattr(amount, "ndim") and amount.ndim == 0):
@@ -522,7 +542,7 @@ def _topk(scores: Any, density: Any, count: Any, scope: str, check_finite_scores
     ks = [_kept(a, None, int(jnp.size(leaf))) if count is None
           else _kept(None, a, int(jnp.size(leaf)))
           for leaf, a in zip(leaves, amounts, strict=True)]
-    masks, new_hints = _grouped_topk([[leaf] for leaf in leaves], ks, hints)
+    masks, new_hints = _grouped_topk([[leaf] for leaf in leaves], ks, hints, by_magnitude)
     return jax.tree_util.tree_unflatten(treedef, [group[0] for group in masks]), new_hints
 
 

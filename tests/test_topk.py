@@ -5,7 +5,7 @@ import pytest
 
 import sparsejax
 from sparsejax import topk
-from sparsejax.topk import kth_largest, num_kept, topk_mask
+from sparsejax.topk import kth_largest, num_kept, topk_mask, topk_mask_tracked
 
 
 def reference_topk(scores: np.ndarray, k: int) -> np.ndarray:
@@ -246,3 +246,37 @@ def test_counts_stay_exact_beyond_the_integers_float32_holds():
     # return it; counted in slices of 2**24 they are exact.
     flags = jnp.ones(2**24 + 4, bool).at[5].set(False)
     assert int(jax.jit(topk._count)(flags)) == 2**24 + 3
+
+
+_select_magnitude = jax.jit(
+    lambda s, d, c: topk_mask_tracked(s, d, c, check_finite_scores=False, by_magnitude=True))
+
+
+@pytest.mark.parametrize("n", [1000, 5003, 6000])  # bitwise; sampled without / with rows
+@pytest.mark.parametrize("case", ["normal", "spikes", "signed_zeros_and_inf",
+                                  "masked_to_minus_inf", "crowd", "neighbour_ties"])
+def test_by_magnitude_ranks_absolute_values_in_every_pass(case, n):
+    # Signed data: a pass that ranked the raw values instead of |values| would pick
+    # other entries. Cuts of every kind (none, garbage, the last call's) change nothing.
+    scores = (_large_cases(n)[case] * np.where(np.arange(n) % 2, -1.0, 1.0)).astype(np.float32)
+    magnitudes = np.abs(scores)
+    cuts = None
+    for k in (1, 5, 400, n // 2, n // 2 + 1, n - 1):
+        want = reference_topk(magnitudes, k)
+        for hint in (cuts, jnp.array([[-3.0, 1e-30]]), jnp.array([[0.5, 1e30]])):
+            got, new_cuts = _select_magnitude(scores, k / n, hint)
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"k={k}")
+        cuts = new_cuts
+    got = topk_mask(scores, 0.25, check_finite_scores=False, by_magnitude=True)
+    np.testing.assert_array_equal(np.asarray(got), reference_topk(magnitudes, num_kept(0.25, n)))
+
+
+def test_by_magnitude_global_scope_across_leaves():
+    rng = np.random.default_rng(11)
+    scores = {"a": rng.normal(size=(70, 40)).astype(np.float32),
+              "b": -np.abs(rng.normal(size=(500,))).astype(np.float32)}
+    got = topk_mask(scores, 0.4, scope="global", by_magnitude=True)
+    flat = np.concatenate([np.abs(scores["a"]).ravel(), np.abs(scores["b"])])
+    want = reference_topk(flat, num_kept(0.4, flat.size))
+    np.testing.assert_array_equal(
+        np.concatenate([np.asarray(got["a"]).ravel(), np.asarray(got["b"])]), want)

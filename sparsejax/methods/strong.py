@@ -375,9 +375,8 @@ def score_supermask(
         """The top-k masks of ``scores`` and the cuts that start the next step's search
         (scores move little per step, so the search starts next to the last cut)."""
         density = densities_at(target_densities(params), step)
-        abs_scores = {p: jnp.abs(s) for p, s in scores.items()}
-        chosen, cuts = topk_mask_tracked(abs_scores, density, cuts, scope=scope,
-                                         check_finite_scores=False)
+        chosen, cuts = topk_mask_tracked(scores, density, cuts, scope=scope,
+                                         check_finite_scores=False, by_magnitude=True)
         masks = jax.tree_util.tree_map_with_path(
             lambda p, leaf: chosen.get(path_str(p), jnp.ones(jnp.shape(leaf), bool)), params)
         return masks, cuts
