@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -181,9 +181,14 @@ def _below(x: jax.Array) -> jax.Array:
     return jnp.nextafter(x, jnp.float32(-jnp.inf))
 
 
+def _identity(x: jax.Array) -> jax.Array:
+    return x
+
+
 def _sampled_cut(values: Sequence[jax.Array], k: Any,
                  hint: jax.Array | None = None,
-                 view: Any = None) -> tuple[jax.Array, jax.Array]:
+                 view: Callable[[jax.Array], jax.Array] = _identity,
+                 ) -> tuple[jax.Array, jax.Array]:
     """``(cut, is_cut)`` for a large group of float32 leaves: with ``is_cut`` exactly
     ``k`` entries are ``>= cut``; otherwise (a tie straddles the k-th largest entry)
     ``cut`` is the exact k-th largest entry.
@@ -205,7 +210,6 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any,
     n = sum(int(v.size) for v in values)
     k = jnp.asarray(k, jnp.int32)
     kf = k.astype(jnp.float32)
-    view = view or (lambda v: v)
 
     def sample_cuts():
         sample = view(_strided_sample(values, _SAMPLE_SIZE))
@@ -246,9 +250,10 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any,
 
     def count_pass(carry):
         lo, hi, c_lo, c_above, hit, cut, cuts = carry
+        viewed = [view(v) for v in values]
         for j in range(2):
             t = cuts[j]
-            count = _count_at_least([view(v) for v in values], t)
+            count = _count_at_least(viewed, t)
             exact = (count == k) & ~hit
             cut = jnp.where(exact, t, cut)
             hit = hit | exact
@@ -260,16 +265,16 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any,
 
     def extremes_pass(carry):
         lo, hi, c_lo, c_above, hit, cut, _ = carry
-        values_ = [view(v) for v in values]
+        viewed = [view(v) for v in values]
         # The bracket's lowest and highest finite entries, and the counts at them. No
         # entry lies in [lo, bottom) or (top, hi] but infinities, which are the k-th
         # largest entry only when the counts say so (masked scores of -inf, say).
         top = functools.reduce(jnp.maximum, [
-            jnp.max(jnp.where((v <= hi) & (v < jnp.inf), v, -jnp.inf)) for v in values_])
+            jnp.max(jnp.where((v <= hi) & (v < jnp.inf), v, -jnp.inf)) for v in viewed])
         bottom = functools.reduce(jnp.minimum, [
-            jnp.min(jnp.where((v >= lo) & (v > -jnp.inf), v, jnp.inf)) for v in values_])
-        c_bottom = _count_at_least(values_, bottom)
-        c_over_top = _count_at_least(values_, _above(top))
+            jnp.min(jnp.where((v >= lo) & (v > -jnp.inf), v, jnp.inf)) for v in viewed])
+        c_bottom = _count_at_least(viewed, bottom)
+        c_over_top = _count_at_least(viewed, _above(top))
         minus_inf = c_bottom < k  # only -inf entries below bottom: the answer is -inf
         plus_inf = c_over_top >= k  # only +inf entries above top: the answer is +inf
         new_lo = jnp.where(minus_inf, lo, jnp.where(plus_inf, jnp.inf, jnp.maximum(lo, bottom)))
@@ -388,24 +393,23 @@ def _grouped_topk(groups: Sequence[Sequence[jax.Array]], ks: Sequence[Any],
     compare like their keys, and count faster on CPU), started from ``hints[g]`` if given.
     ``by_magnitude`` ranks the absolute values.
     """
+    ranked = jnp.abs if by_magnitude else _identity
     small = [g for g, group in enumerate(groups)
              if sum(int(jnp.size(leaf)) for leaf in group) <= _SAMPLE_SIZE]
     masks: list[list[jax.Array]] = [[] for _ in groups]
     new_hints: list[jax.Array] = [jnp.zeros(2, jnp.float32) for _ in groups]
     if small:
-        keys = [[_order_key(jnp.abs(leaf) if by_magnitude else leaf) for leaf in groups[g]]
-                for g in small]
+        keys = [[_order_key(ranked(leaf)) for leaf in groups[g]] for g in small]
         thresholds = _kth_largest_keys(keys, [ks[g] for g in small])
         for g, group_keys, threshold in zip(small, keys, thresholds, strict=True):
             masks[g] = _masks_at_threshold(group_keys, threshold, ks[g])
             new_hints[g] = jnp.stack([_key_value(threshold), jnp.float32(0)])
-    ranked = jnp.abs if by_magnitude else (lambda x: x)
     for g, group in enumerate(groups):
         if g in small:
             continue
         values = [jnp.asarray(leaf).astype(jnp.float32) for leaf in group]
         hint = None if hints is None else hints[g]
-        cut, is_cut = _sampled_cut(values, ks[g], hint, jnp.abs if by_magnitude else None)
+        cut, is_cut = _sampled_cut(values, ks[g], hint, ranked)
         masks[g] = lax.cond(
             is_cut,
             lambda v=values, c=cut: [ranked(x) >= c for x in v],

@@ -14,6 +14,7 @@ from sparsejax.methods.base import (
     apply_optimizer,
     branch,
     no_penalty,
+    scheduled_update,
     step_key,
 )
 from sparsejax.methods.dense import dense
@@ -28,6 +29,7 @@ __all__ = [
     "apply_optimizer",
     "branch",
     "no_penalty",
+    "scheduled_update",
     "step_key",
     "dense",
     "fixed_mask",

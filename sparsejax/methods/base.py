@@ -35,6 +35,7 @@ __all__ = [
     "InitContext",
     "MaskPhases",
     "branch",
+    "scheduled_update",
     "step_key",
     "no_penalty",
     "apply_optimizer",
@@ -155,6 +156,35 @@ def branch(due: jax.Array | bool, on_due: Callable[[], Any],
     if isinstance(due, bool):
         return on_due() if due else otherwise()
     return lax.cond(due, on_due, otherwise)
+
+
+def scheduled_update(
+    update_with: Callable[[SparseState, PyTree, jax.Array | bool], SparseState],
+    due: Callable[[Any], jax.Array | bool],
+) -> tuple[UpdateFn, MaskPhases]:
+    """``(update, phases)`` from one ``update_with(state, grads, due)`` written with
+    :func:`branch`, and ``due(steps_done)`` that answers for a traced counter (an array)
+    and for the host's (a Python int, a Python bool): ``update`` asks ``due`` on the
+    traced ``state.step + 1``, the phases fix it to ``False`` / ``True``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> state = SparseState.create(params={}, rng=jax.random.PRNGKey(0), opt_state=())
+    >>> def mark(s, grads, due):  # records whether this update moved the masks
+    ...     moved = branch(due, lambda: jnp.bool_(True), lambda: jnp.bool_(False))
+    ...     return s.replace(step=s.step + 1, extra={"moved": moved})
+    >>> update, phases = scheduled_update(mark, lambda n: n % 2 == 0)
+    >>> bool(update(state, None).extra["moved"]), bool(phases.move(state, None).extra["moved"])
+    (False, True)
+    >>> phases.due(2), phases.due(3)
+    (True, False)
+    """
+
+    def update(state: SparseState, grads: PyTree) -> SparseState:
+        return update_with(state, grads, due(state.step + 1))
+
+    return update, MaskPhases(due=due,
+                              train=lambda state, grads: update_with(state, grads, False),
+                              move=lambda state, grads: update_with(state, grads, True))
 
 
 def params_as_they_are(state: SparseState, trainables: PyTree) -> PyTree:

@@ -47,11 +47,11 @@ from sparsejax._tree import leaf_paths
 from sparsejax.masks import Prunable, default_prunable
 from sparsejax.methods.base import (
     InitContext,
-    MaskPhases,
     Method,
     SparseState,
     apply_optimizer,
     branch,
+    scheduled_update,
     step_key,
 )
 from sparsejax.methods.fixed import masked_optimizer, masked_weights_method, static
@@ -409,12 +409,7 @@ def prune_and_regrow(
     def due(steps_done: jax.Array | int) -> jax.Array | bool:
         return is_update_step(steps_done, update_every, end_step=end_step)
 
-    def update(state: SparseState, grads: Any) -> SparseState:
-        return update_with(state, grads, due(state.step + 1))
-
-    phases = MaskPhases(due=due, train=lambda state, grads: update_with(state, grads, False),
-                        move=lambda state, grads: update_with(state, grads, True))
-    return masked_weights_method(name, init, update, phases)
+    return masked_weights_method(name, init, *scheduled_update(update_with, due))
 
 
 # ---------------------------------------------------------------------------- methods

@@ -27,11 +27,11 @@ from sparsejax.distributions import kept_counts, select_masks
 from sparsejax.masks import Prunable, default_prunable
 from sparsejax.methods.base import (
     InitContext,
-    MaskPhases,
     Method,
     SparseState,
     apply_optimizer,
     branch,
+    scheduled_update,
 )
 from sparsejax.methods.fixed import (
     fixed_mask,
@@ -386,13 +386,12 @@ def scheduled_magnitude(
         params, masks = branch(due, prune, lambda: (params, state.masks))
         return state.replace(step=step, params=params, masks=masks, opt_state=opt_state)
 
-    def update(state: SparseState, grads: PyTree) -> SparseState:
-        return update_with(state, grads, jnp.any(steps_arr == state.step + 1))
+    def due(steps_done: jax.Array | int) -> jax.Array | bool:
+        if isinstance(steps_done, int):  # the host's copy of the counter
+            return steps_done in pruning_steps
+        return jnp.any(steps_arr == steps_done)
 
-    phases = MaskPhases(due=lambda steps_done: steps_done in pruning_steps,
-                        train=lambda state, grads: update_with(state, grads, False),
-                        move=lambda state, grads: update_with(state, grads, True))
-    return masked_weights_method(name, init, update, phases)
+    return masked_weights_method(name, init, *scheduled_update(update_with, due))
 
 
 def magnitude(

@@ -61,16 +61,6 @@ AXIS_NAME = "batch"
 Metrics = dict[str, jax.Array]
 
 
-def _phase_methods(method: Method) -> dict[bool | None, Method]:
-    """What a trainer compiles a step for: ``{None: method}``, or, for a method with
-    :class:`~sparsejax.methods.MaskPhases`, ``{False: its train update, True: its move
-    update}``."""
-    if method.phases is None:
-        return {None: method}
-    return {due: method._replace(update=update, phases=None)
-            for due, update in ((False, method.phases.train), (True, method.phases.move))}
-
-
 def _host_step(step: Any) -> int:
     """``state.step`` as a Python int (the first copy where it is replicated)."""
     if isinstance(step, jax.Array) and not step.is_fully_addressable:
@@ -78,29 +68,37 @@ def _host_step(step: Any) -> int:
     return int(np.asarray(step).reshape(-1)[0])
 
 
-class _PhaseClock:
-    """Which of a method's compiled steps comes next (:func:`_phase_methods`).
+class _PhasedStep:
+    """A method's train step as every trainer runs it: ``compile_step(method)``, or, for
+    a method with :class:`~sparsejax.methods.MaskPhases`, one compiled step per phase
+    (``update`` replaced by ``phases.train`` / ``phases.move``), picked per call.
 
-    It keeps a host copy of ``state.step`` and reads the device only when handed a state
-    it did not just return (the first step, a resumed or replaced state), so the steps of
-    a run are dispatched without waiting for the device.
+    The pick uses a host copy of ``state.step``, read from the device only when handed a
+    state this object did not just return (the first step, a resumed or replaced
+    state), so the steps of a run are dispatched without waiting for the device.
     """
 
-    def __init__(self, method: Method) -> None:
-        self.due = None if method.phases is None else method.phases.due
-        self._steps = 0
+    def __init__(self, method: Method,
+                 compile_step: Callable[[Method], Callable[..., tuple[Any, Any]]]) -> None:
+        self._due = None if method.phases is None else method.phases.due
+        if method.phases is None:
+            self._steps = {None: compile_step(method)}
+        else:
+            self._steps = {
+                due: compile_step(method._replace(update=update, phases=None))
+                for due, update in ((False, method.phases.train), (True, method.phases.move))}
+        self._count = 0
         self._last: Any = None
 
-    def phase(self, state: SparseState) -> bool | None:
-        if self.due is None:
-            return None
+    def __call__(self, state: SparseState, batch: Any) -> tuple[SparseState, Any]:
+        if self._due is None:
+            return self._steps[None](state, batch)
         if state is not self._last:
-            self._steps = _host_step(state.step)
-        return self.due(self._steps + 1)
-
-    def stepped(self, state: SparseState) -> None:
-        self._steps += 1
+            self._count = _host_step(state.step)
+        state, metrics = self._steps[self._due(self._count + 1)](state, batch)
+        self._count += 1
         self._last = state
+        return state, metrics
 
 
 def initialize_distributed(**kwargs: Any) -> bool:
@@ -170,12 +168,9 @@ class PmapTrainer:
                  devices: list[jax.Device] | None = None, *,
                  skip_nonfinite: bool = False) -> None:
         self.devices = devices or jax.local_devices()
-        self._clock = _PhaseClock(method)
-        self._steps = {
-            phase: jax.pmap(make_train_step(m, loss_fn, axis_name=AXIS_NAME,
-                                            skip_nonfinite=skip_nonfinite),
-                            axis_name=AXIS_NAME, devices=self.devices)
-            for phase, m in _phase_methods(method).items()}
+        self._step = _PhasedStep(method, lambda m: jax.pmap(
+            make_train_step(m, loss_fn, axis_name=AXIS_NAME, skip_nonfinite=skip_nonfinite),
+            axis_name=AXIS_NAME, devices=self.devices))
 
     def put_state(self, state: SparseState) -> SparseState:
         return replicate(state, len(self.devices))
@@ -187,8 +182,7 @@ class PmapTrainer:
         return unreplicate(state)
 
     def step(self, state: SparseState, batch: Any) -> tuple[SparseState, Metrics]:
-        state, metrics = self._steps[self._clock.phase(state)](state, batch)
-        self._clock.stepped(state)
+        state, metrics = self._step(state, batch)
         return state, unreplicate(metrics)
 
 
@@ -243,10 +237,8 @@ class ShardedTrainer:
         self.mesh = mesh or make_mesh()
         self.shard_model_axis = shard_model_axis
         self.min_shard_size = min_shard_size
-        self._clock = _PhaseClock(method)
-        self._train_steps = {phase: make_train_step(m, loss_fn, skip_nonfinite=skip_nonfinite)
-                             for phase, m in _phase_methods(method).items()}
-        self._compiled: dict[Any, Callable[..., Any]] = {}
+        self._step = _PhasedStep(method, lambda m: self._sharded(
+            make_train_step(m, loss_fn, skip_nonfinite=skip_nonfinite)))
 
     def state_sharding(self, state: SparseState) -> Any:
         return state_sharding(state, self.mesh, shard_model_axis=self.shard_model_axis,
@@ -279,20 +271,27 @@ class ShardedTrainer:
     def get_state(self, state: SparseState) -> SparseState:
         return state
 
+    def _sharded(self, train_step: Callable[..., Any]) -> Callable[..., Any]:
+        """``train_step`` under ``jax.jit`` with this mesh's shardings, compiled once per
+        structure of (state, batch)."""
+        compiled: dict[Any, Callable[..., Any]] = {}
+
+        def run(state: SparseState, batch: Any) -> tuple[SparseState, Metrics]:
+            key = jax.tree_util.tree_structure((state, batch))
+            if key not in compiled:
+                state_sh = self.state_sharding(state)
+                replicated = NamedSharding(self.mesh, PartitionSpec())
+                compiled[key] = jax.jit(
+                    train_step,
+                    in_shardings=(state_sh, self.batch_sharding(batch)),
+                    out_shardings=(state_sh, replicated),
+                )
+            return compiled[key](state, batch)
+
+        return run
+
     def step(self, state: SparseState, batch: Any) -> tuple[SparseState, Metrics]:
-        phase = self._clock.phase(state)
-        key = (phase, jax.tree_util.tree_structure((state, batch)))
-        if key not in self._compiled:
-            state_sh = self.state_sharding(state)
-            replicated = NamedSharding(self.mesh, PartitionSpec())
-            self._compiled[key] = jax.jit(
-                self._train_steps[phase],
-                in_shardings=(state_sh, self.batch_sharding(batch)),
-                out_shardings=(state_sh, replicated),
-            )
-        state, metrics = self._compiled[key](state, batch)
-        self._clock.stepped(state)
-        return state, metrics
+        return self._step(state, batch)
 
 
 class SingleDeviceTrainer:
@@ -303,10 +302,8 @@ class SingleDeviceTrainer:
         # which halves the state's memory and, on CPU too, saves a copy of every buffer the
         # step passes through (a LeNet-300-100 step: about 10% faster). The loop never
         # touches a state after stepping it (checkpoints are written synchronously).
-        self._clock = _PhaseClock(method)
-        self._steps = {phase: jax.jit(make_train_step(m, loss_fn, skip_nonfinite=skip_nonfinite),
-                                      donate_argnums=(0,))
-                       for phase, m in _phase_methods(method).items()}
+        self._step = _PhasedStep(method, lambda m: jax.jit(
+            make_train_step(m, loss_fn, skip_nonfinite=skip_nonfinite), donate_argnums=(0,)))
 
     def put_state(self, state: SparseState) -> SparseState:
         return state
@@ -318,9 +315,7 @@ class SingleDeviceTrainer:
         return state
 
     def step(self, state: SparseState, batch: Any) -> tuple[SparseState, Metrics]:
-        state, metrics = self._steps[self._clock.phase(state)](state, batch)
-        self._clock.stepped(state)
-        return state, metrics
+        return self._step(state, batch)
 
 
 def make_trainer(mode: str, method: Method, loss_fn: LossFn, **options: Any):
