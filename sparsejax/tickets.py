@@ -220,15 +220,16 @@ def export_ticket(run_dir: str | os.PathLike[str],
             "its seed draws (the method trained them?); a ticket is a seed plus a mask "
             "and needs a frozen-weight method such as edge_popup or biprop")
     effective = _effective(run.method, state)
-    rebuilt = _effective(regen.method, regen.state.replace(masks=state.masks,
-                                                           model_state=state.model_state))
+    masks = jax.device_get(jax.jit(run.method.hard_masks)(state))
+    rebuilt = jax.device_get(jax.jit(regen.method.params_with_masks)(
+        regen.state.replace(model_state=state.model_state), masks))
     effective_digest = tree_digest(effective)
     if tree_digest(rebuilt) != effective_digest:
         raise ValueError(
             f"the effective weights of method {config.method!r} depend on more than the "
             "frozen weights and the masks; it cannot be exported as a ticket")
 
-    rows, packed = pack_masks(jax.device_get(state.masks))
+    rows, packed = pack_masks(masks)
     state_flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.model_state))[0]
     state_rows = [{"path": path_str(p), "shape": list(np.shape(v)), "dtype": str(np.asarray(
         v).dtype)} for p, v in state_flat]
@@ -324,13 +325,13 @@ def load_ticket(path: str | os.PathLike[str]) -> Ticket:
         raise ValueError(f"the model state in {path} does not match the model's")
     model_state = jax.tree_util.tree_unflatten(
         state_template[1], [jnp.asarray(arrays[f"state_{i:05d}"]) for i in range(len(rows))])
-    state = regen.state.replace(masks=jax.tree_util.tree_map(jnp.asarray, masks),
-                                model_state=model_state)
-    effective = jax.jit(regen.method.effective_params)(state)
+    masks = jax.tree_util.tree_map(jnp.asarray, masks)
+    effective = jax.jit(regen.method.params_with_masks)(
+        regen.state.replace(model_state=model_state), masks)
     if tree_digest(effective) != header["effective_params_sha256"]:
         raise ValueError(f"the effective weights rebuilt from {path} differ from the "
                          "exported run's")
-    return Ticket(regen.model, effective, model_state, state.masks, config, header)
+    return Ticket(regen.model, effective, model_state, masks, config, header)
 
 
 def evaluate_ticket(ticket: Ticket, data_dir: str | None = None,

@@ -183,13 +183,30 @@ def test_weights_stay_bitwise_frozen_and_masks_are_binary(gate):
     assert not np.array_equal(state0.scores["Dense_0"]["kernel"],
                               state.scores["Dense_0"]["kernel"])
     eff = method.effective_params(state)
-    for leaf, w, m in zip(jax.tree_util.tree_leaves(eff), jax.tree_util.tree_leaves(state.params),
-                          jax.tree_util.tree_leaves(state.masks), strict=True):
+    masks = jax.jit(method.hard_masks)(state)
+    for leaf, w, m, trained in zip(
+            jax.tree_util.tree_leaves(eff), jax.tree_util.tree_leaves(state.params),
+            jax.tree_util.tree_leaves(masks), jax.tree_util.tree_leaves(state.masks), strict=True):
         assert m.dtype == jnp.bool_ and m.shape == w.shape
         np.testing.assert_array_equal(np.asarray(leaf), np.where(m, w, 0.0))
-    assert bool(state.masks["Dense_0"]["bias"].all()) and bool(state.masks["Dense_1"]["bias"].all())
-    kept = int(state.masks["Dense_0"]["kernel"].sum() + state.masks["Dense_1"]["kernel"].sum())
+        assert bool(trained.all())  # training applies the gates, no hard mask
+    assert bool(masks["Dense_0"]["bias"].all()) and bool(masks["Dense_1"]["bias"].all())
+    kept = int(masks["Dense_0"]["kernel"].sum() + masks["Dense_1"]["kernel"].sum())
     assert kept <= round(0.4 * (12 * 16 + 16 * 3))  # topk: at most the target density
+
+
+def test_training_step_never_builds_the_hard_mask():
+    # The global top-k behind the hard mask is a search loop over every gate; the update
+    # (gates, optimizer, controller) has no loop, so a top-k in it shows as a loop.
+    method = gates(optax.adam(0.05), sparsity=0.6, total_steps=30)
+    state = method.init(tiny_params(), jax.random.PRNGKey(0))
+
+    def loops(fn, *args):
+        jaxpr = str(jax.make_jaxpr(fn)(*args))
+        return jaxpr.count("while[") + jaxpr.count("scan[")
+
+    assert loops(method.update, state, state.scores) == 0
+    assert loops(method.hard_masks, state) > 0  # the check can see one
 
 
 def test_model_weight_init_keeps_the_given_weights_bitwise():
@@ -236,7 +253,9 @@ def test_vmap_over_seeds():
     k = gated["Dense_0"]["kernel"]
     assert k.shape == (3, 12, 16) and not np.array_equal(k[0], k[1])
     new = jax.jit(jax.vmap(method.update))(states, states.scores)
-    assert new.step.shape == (3,) and new.masks["Dense_0"]["kernel"].dtype == jnp.bool_
+    masks = jax.jit(jax.vmap(method.hard_masks))(new)
+    assert new.step.shape == (3,) and masks["Dense_0"]["kernel"].dtype == jnp.bool_
+    assert masks["Dense_0"]["kernel"].shape == (3, 12, 16)
 
 
 # --- reaching a target sparsity ---------------------------------------------------------
@@ -253,16 +272,16 @@ def test_controller_reaches_target_density(gate, lr):
         g = jnp.concatenate([state.scores["Dense_0"]["kernel"].ravel(),
                              state.scores["Dense_1"]["kernel"].ravel()])
         opened[rate] = int(jnp.sum(form.test_gate(g) > 0))
-        kept = int(state.masks["Dense_0"]["kernel"].sum() + state.masks["Dense_1"]["kernel"].sum())
+        masks = method.hard_masks(state)
+        kept = int(masks["Dense_0"]["kernel"].sum() + masks["Dense_1"]["kernel"].sum())
         assert kept == min(opened[rate], round(0.2 * n_gates))  # the final binary mask
     assert opened[0.05] / n_gates == pytest.approx(0.2, abs=0.05)
     assert opened[0.0] / n_gates > 0.35  # the loss alone does not reach the target
 
 
-def test_topk_masks_stay_exact_over_steps_with_the_tracked_cuts():
-    # 3,840 + 180 gates: the global top-k takes the sampled search, started every step from
-    # the cuts of the last one (state.extra['topk_cuts']); the masks must be the exact
-    # top-k of mu over all gates (ties in leaf order), restricted to the open gates.
+def test_hard_masks_are_the_exact_topk_of_the_open_gates_at_every_step():
+    # 3,840 + 180 gates: the global top-k takes the sampled search; the masks must be the
+    # exact top-k of mu over all gates (ties in leaf order), restricted to the open gates.
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(4), 3)
     params = {"a": {"kernel": jax.random.normal(k1, (64, 60)) * 0.2},
               "b": {"kernel": jax.random.normal(k2, (60, 3)) * 0.2}}
@@ -277,6 +296,7 @@ def test_topk_masks_stay_exact_over_steps_with_the_tracked_cuts():
     method = gates(optax.adam(0.2), sparsity=0.6, total_steps=12, ramp=0.0, lam=30.0,
                    weight_init="model", score_bounds=(-1.0, 1.5))
     step = jax.jit(make_train_step(method, stateless_loss(loss)))
+    hard_masks = jax.jit(method.hard_masks)
     state = method.init(params, jax.random.PRNGKey(0))
     xs = jax.random.normal(k3, (12, 32, 64))
     ys = jnp.argmax(xs[..., :3], -1)
@@ -291,11 +311,11 @@ def test_topk_masks_stay_exact_over_steps_with_the_tracked_cuts():
         expected[np.lexsort((np.arange(n), -mu.astype(np.float64)))[:k]] = True
         fewer_open += int(np.sum(mu > 0) < k)
         expected &= mu > 0
-        got = np.concatenate([np.asarray(state.masks["a"]["kernel"]).ravel(),
-                              np.asarray(state.masks["b"]["kernel"]).ravel()])
+        masks = hard_masks(state)
+        got = np.concatenate([np.asarray(masks["a"]["kernel"]).ravel(),
+                              np.asarray(masks["b"]["kernel"]).ravel()])
         np.testing.assert_array_equal(got, expected, err_msg=f"step {i + 1}")
     assert 0 < fewer_open < 12  # both kinds of step were checked
-    assert state.extra["topk_cuts"].shape == (1, 2)
 
 
 def test_fixed_lam_penalty_prunes_more_with_larger_lam():
@@ -304,7 +324,7 @@ def test_fixed_lam_penalty_prunes_more_with_larger_lam():
         method = gates(optax.adam(0.05), lam=lam)  # binarize='open'
         state = train(method, method.init(tiny_params(), jax.random.PRNGKey(0)), 100)
         assert float(state.extra["lam"]) == lam  # no controller without a target
-        m = state.masks
+        m = method.hard_masks(state)
         densities.append(float(m["Dense_0"]["kernel"].mean()))
     assert densities[1] < densities[0] - 0.2
 
@@ -321,7 +341,7 @@ def test_binarize_rules(rule, mu, want):
     state = method.init({"w": jnp.ones((1, 4))}, jax.random.PRNGKey(0))
     mu = {"w": jnp.array([mu])}
     new = method.update(state.replace(scores=mu), jax.tree_util.tree_map(jnp.zeros_like, mu))
-    np.testing.assert_array_equal(new.masks["w"][0], want)
+    np.testing.assert_array_equal(method.hard_masks(new)["w"][0], want)
     np.testing.assert_array_equal(method.effective_params(new)["w"][0], np.asarray(want, float))
 
 

@@ -80,10 +80,10 @@ def run(trainer, method, steps, state=None, first_batch=0):
     return state
 
 
-def assert_close(a, b):
+def assert_close(method, a, b):
     np.testing.assert_array_equal(int(a.step), int(b.step))
-    for x, y in zip(jax.tree_util.tree_leaves(a.masks), jax.tree_util.tree_leaves(b.masks),
-                    strict=True):
+    for x, y in zip(jax.tree_util.tree_leaves(method.hard_masks(a)),
+                    jax.tree_util.tree_leaves(method.hard_masks(b)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     for x, y in zip(jax.tree_util.tree_leaves((a.params, a.scores)),
                     jax.tree_util.tree_leaves((b.params, b.scores)), strict=True):
@@ -96,12 +96,13 @@ def test_pmap_masks_identical_on_all_devices_and_equal_single_device(name):
     loss = stateless_loss(mlp_loss)
     pmap = PmapTrainer(method, loss)
     replicated = run(pmap, method, steps=6)
-    for leaf in jax.tree_util.tree_leaves(replicated.masks):
+    # the hard masks (the gates derive theirs from their parameters), on every device
+    for leaf in jax.tree_util.tree_leaves(jax.pmap(method.hard_masks)(replicated)):
         leaf = np.asarray(leaf)
         assert leaf.shape[0] == N_DEVICES
         assert all(np.array_equal(leaf[0], leaf[i]) for i in range(1, N_DEVICES))
     single = run(SingleDeviceTrainer(method, loss), method, steps=6)
-    assert_close(pmap.get_state(replicated), single)
+    assert_close(method, pmap.get_state(replicated), single)
 
 
 @pytest.mark.parametrize("name", AVAILABLE)
@@ -110,12 +111,12 @@ def test_sharded_jit_equals_single_device_and_masks_identical_per_device(name):
     loss = stateless_loss(mlp_loss)
     sharded = ShardedTrainer(method, loss, make_mesh())
     state = run(sharded, method, steps=6)
-    for leaf in jax.tree_util.tree_leaves(state.masks):
+    for leaf in jax.tree_util.tree_leaves(jax.jit(method.hard_masks)(state)):
         shards = [np.asarray(s.data) for s in leaf.addressable_shards]
         assert len(shards) == N_DEVICES
         assert all(np.array_equal(shards[0], s) for s in shards[1:])
     single = run(SingleDeviceTrainer(method, loss), method, steps=6)
-    assert_close(state, single)
+    assert_close(method, state, single)
 
 
 def test_model_axis_sharding_splits_large_kernels_consistently():
@@ -129,7 +130,7 @@ def test_model_axis_sharding_splits_large_kernels_consistently():
     assert state.params["fc1"]["kernel"].sharding.spec == split
     assert state.masks["fc1"]["kernel"].sharding.spec == split
     assert state.params["fc1"]["bias"].sharding.spec == jax.sharding.PartitionSpec()
-    assert_close(state, run(SingleDeviceTrainer(method, loss), method, steps=3))
+    assert_close(method, state, run(SingleDeviceTrainer(method, loss), method, steps=3))
 
 
 @pytest.mark.parametrize("direction", ["8_to_1", "1_to_8"])
@@ -148,7 +149,7 @@ def test_checkpoint_moves_between_device_counts(tmp_path, direction):
 
     continued = run(second, method, steps=3, state=restored, first_batch=3)
     uninterrupted = run(one, method, steps=6)
-    assert_close(continued, uninterrupted)
+    assert_close(method, continued, uninterrupted)
     # The restored state lives where the new run's template asked for it.
     leaf = jax.tree_util.tree_leaves(restored.params)[0]
     assert len(leaf.sharding.device_set) == (1 if direction == "8_to_1" else N_DEVICES)
@@ -163,7 +164,7 @@ def test_pmap_checkpoint_saves_one_replica_and_resumes_on_one_device(tmp_path):
     _, restored, _ = Checkpointer(tmp_path).restore(method.init(params(), jax.random.PRNGKey(1)))
     continued = run(SingleDeviceTrainer(method, loss), method, steps=3, state=restored,
                     first_batch=3)
-    assert_close(continued, run(SingleDeviceTrainer(method, loss), method, steps=6))
+    assert_close(method, continued, run(SingleDeviceTrainer(method, loss), method, steps=6))
 
 
 def test_uneven_batch_and_unknown_mode_are_errors():

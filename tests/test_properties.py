@@ -149,4 +149,4 @@ def test_strong_ticket_weights_stay_bitwise_frozen(params, sparsity, seed, name)
     for a, b in zip(jax.tree_util.tree_leaves(frozen), jax.tree_util.tree_leaves(state.params),
                     strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
-    assert all(m.dtype == jnp.bool_ for m in jax.tree_util.tree_leaves(state.masks))
+    assert all(m.dtype == jnp.bool_ for m in jax.tree_util.tree_leaves(method.hard_masks(state)))

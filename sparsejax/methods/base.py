@@ -38,6 +38,7 @@ __all__ = [
     "scheduled_update",
     "step_key",
     "no_penalty",
+    "masks_in_state",
     "apply_optimizer",
 ]
 
@@ -118,6 +119,8 @@ TrainablesFn = Callable[[SparseState], PyTree]
 MaterializeFn = Callable[[SparseState, PyTree], PyTree]
 UpdateFn = Callable[[SparseState, PyTree], SparseState]
 EffectiveParamsFn = Callable[[SparseState], PyTree]
+HardMasksFn = Callable[[SparseState], PyTree]
+MaskedParamsFn = Callable[[SparseState, PyTree], PyTree]
 PenaltyFn = Callable[[SparseState, PyTree], jax.Array]
 
 
@@ -199,6 +202,11 @@ def params_as_they_are(state: SparseState, trainables: PyTree) -> PyTree:
     return trainables
 
 
+def masks_in_state(state: SparseState) -> PyTree:
+    """The ``hard_masks`` of methods that keep their hard masks current: ``state.masks``."""
+    return state.masks
+
+
 def no_penalty(state: SparseState, trainables: PyTree) -> jax.Array:
     """The penalty of methods without one: zero."""
     del state, trainables
@@ -221,6 +229,13 @@ class Method(NamedTuple):
       penalty: ``(state, trainables) -> scalar`` added to the loss (e.g. an L0 penalty).
       phases: for methods whose masks move on a schedule, ``update`` split by that
         schedule (:class:`MaskPhases`), which the trainers use; else ``None``.
+      hard_masks: ``state -> masks``, the binary masks ``effective_params`` applies:
+        ``state.masks`` (the default) for the methods that keep them current in the
+        state; the gates derive theirs from the gate parameters when asked (a global
+        top-k that no training step needs).
+      masked_params: ``(state, masks) -> params``, ``effective_params`` with ``masks`` in
+        place of ``hard_masks(state)`` (a ticket rebuilds its weights so); ``None`` (the
+        default) sets ``state.masks``. Call it through :meth:`params_with_masks`.
     """
 
     name: str
@@ -231,6 +246,22 @@ class Method(NamedTuple):
     effective_params: EffectiveParamsFn
     penalty: PenaltyFn = no_penalty
     phases: MaskPhases | None = None
+    hard_masks: HardMasksFn = masks_in_state
+    masked_params: MaskedParamsFn | None = None
+
+    def params_with_masks(self, state: SparseState, masks: PyTree) -> PyTree:
+        """``effective_params(state)`` with ``masks`` as the hard masks.
+
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from sparsejax.methods import static
+        >>> method = static(optax.sgd(0.1), sparsity=0.5)
+        >>> state = method.init({"w": jnp.ones(4)}, jax.random.PRNGKey(0))
+        >>> method.params_with_masks(state, {"w": jnp.array([True, False, True, False])})
+        {'w': Array([1., 0., 1., 0.], dtype=float32)}
+        """
+        if self.masked_params is not None:
+            return self.masked_params(state, masks)
+        return self.effective_params(state.replace(masks=masks))
 
 
 def step_key(state: SparseState, salt: int = 0) -> jax.Array:

@@ -19,7 +19,8 @@ Gate forms (see ``shared/REFERENCES.md``):
   ``clip(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``.
 
 Evaluation and export use ``effective_params = w * m`` with a hard binary mask ``m``
-(``state.masks``, refreshed after every update), derived by the ``binarize`` rule:
+(``method.hard_masks(state)``), derived from the gate parameters by the ``binarize`` rule
+when it is asked for, never in a training step, which does not read it:
 
 * ``'open'``: ``m = test gate > 0`` (default without a target sparsity);
 * ``'half'``: ``m = test gate > 0.5``;
@@ -40,7 +41,10 @@ density, and on LeNet-300-100 a controller on it left clearly too many or too fe
 open (see docs/results.md).
 
 ``state.scores`` has the structure of ``params``; leaves without gates (biases, norms,
-whatever ``prunable`` rejects) hold an empty ``(0,)`` array there, and all-``True`` masks.
+whatever ``prunable`` rejects) hold an empty ``(0,)`` array there. ``state.masks`` holds
+what the training forward pass applies besides the gates: nothing, so all ``True``; the
+hard mask is ``method.hard_masks(state)``. (Refreshing it after every update cost 0.22 of
+a ResNet-18 step on CPU, see docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -53,12 +57,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax.masks import Prunable, default_prunable, prunable_leaves
+from sparsejax.masks import Prunable, default_prunable, dense_masks, prunable_leaves
 from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer, step_key
 from sparsejax.methods.registry import register_method
-from sparsejax.methods.strong import TOPK_CUTS_KEY, WEIGHT_INITS, init_weights
+from sparsejax.methods.strong import WEIGHT_INITS, init_weights
 from sparsejax.schedules import cubic_sparsity
-from sparsejax.topk import topk_mask_tracked
+from sparsejax.topk import topk_mask
 from sparsejax.transforms import zero_masked
 from sparsejax.validation import check_sparsity
 
@@ -258,8 +262,9 @@ def gates(
     >>> state = method.init({"w": jnp.ones((4, 4)), "b": jnp.zeros(4)}, jax.random.PRNGKey(0))
     >>> state.scores["w"].shape, state.scores["b"].shape  # no gates on the bias
     ((4, 4), (0,))
-    >>> int(state.masks["w"].sum()), bool(state.masks["b"].all())
-    (8, True)
+    >>> masks = method.hard_masks(state)
+    >>> int(masks["w"].sum()), bool(masks["b"].all()), bool(state.masks["w"].all())
+    (8, True, True)
     >>> eff = method.effective_params(state)["w"]
     >>> bool(jnp.all((eff == 0) | (eff == state.params["w"])))
     True
@@ -359,20 +364,17 @@ def gates(
         return gate_mean(params, scores,
                          lambda s: jnp.where(form.test_gate(s) > 0, 1.0, 0.0))
 
-    def binary_masks(params: PyTree, scores: PyTree,
-                     cuts: jax.Array | None) -> tuple[PyTree, jax.Array | None]:
-        """The hard masks, and for ``'topk'`` the cuts that start the next step's search
-        (see :func:`sparsejax.topk_mask_tracked`; the masks do not depend on them)."""
-        treedef = jax.tree_util.tree_structure(params)
-        is_gated = flags(params)
-        score_leaves = jax.tree_util.tree_leaves(scores)
+    def hard_masks(state: SparseState) -> PyTree:
+        """The binary masks of ``state``'s gate parameters by the ``binarize`` rule."""
+        treedef = jax.tree_util.tree_structure(state.params)
+        is_gated = flags(state.params)
+        score_leaves = jax.tree_util.tree_leaves(state.scores)
         if binarize == "topk":
-            kept, cuts = topk_mask_tracked(
-                [s for s, f in zip(score_leaves, is_gated, strict=True) if f], density, cuts,
-                scope="global", check_finite_scores=False)
-            chosen = iter(kept)
+            chosen = iter(topk_mask(
+                [s for s, f in zip(score_leaves, is_gated, strict=True) if f], density,
+                scope="global", check_finite_scores=False))
         masks = []
-        for leaf, s, f in zip(treedef.flatten_up_to(params), score_leaves, is_gated,
+        for leaf, s, f in zip(treedef.flatten_up_to(state.params), score_leaves, is_gated,
                               strict=True):
             if not f:
                 masks.append(jnp.ones(jnp.shape(leaf), bool))
@@ -380,7 +382,7 @@ def gates(
                 masks.append(next(chosen) & (form.test_gate(s) > 0))
             else:
                 masks.append(form.test_gate(s) > (0.0 if binarize == "open" else 0.5))
-        return jax.tree_util.tree_unflatten(treedef, masks), cuts
+        return jax.tree_util.tree_unflatten(treedef, masks)
 
     def init(params: PyTree, rng: jax.Array, model_state: Any = None,
              context: InitContext | None = None) -> SparseState:
@@ -394,13 +396,10 @@ def gates(
         scores = jax.tree_util.tree_unflatten(treedef, [
             form.init(k, jnp.shape(p)) if f else jnp.zeros((0,), jnp.float32)
             for k, p, f in zip(keys, leaves, is_gated, strict=True)])
-        masks, cuts = binary_masks(params, scores, None)
-        extra = {"lam": jnp.float32(lam)}
-        if cuts is not None:
-            extra[TOPK_CUTS_KEY] = cuts
         return SparseState.create(
             params=params, rng=rng, opt_state=optimizer.init(scores), scores=scores,
-            masks=masks, model_state=model_state, extra=extra)
+            masks=dense_masks(params), model_state=model_state,
+            extra={"lam": jnp.float32(lam)})
 
     def materialize(state: SparseState, scores: PyTree) -> PyTree:
         key = step_key(state, 0x7A)
@@ -447,12 +446,11 @@ def gates(
         if target_density is not None:
             error = open_density(state.params, scores) - target_density(state.step + 1)
             lam_now = jnp.maximum(lam_now + lam_rate * error, 0.0).astype(jnp.float32)
-        masks, cuts = binary_masks(state.params, scores, state.extra.get(TOPK_CUTS_KEY))
-        extra = {**state.extra, "lam": lam_now}
-        if cuts is not None:
-            extra[TOPK_CUTS_KEY] = cuts
         return state.replace(step=state.step + 1, scores=scores, opt_state=opt_state,
-                             masks=masks, extra=extra)
+                             extra={**state.extra, "lam": lam_now})
+
+    def masked_params(state: SparseState, masks: PyTree) -> PyTree:
+        return zero_masked(state.params, masks)
 
     return Method(
         name="gates",
@@ -460,8 +458,10 @@ def gates(
         trainables=lambda state: state.scores,
         materialize=materialize,
         update=update,
-        effective_params=lambda state: zero_masked(state.params, state.masks),
+        effective_params=lambda state: masked_params(state, hard_masks(state)),
         penalty=penalty,
+        hard_masks=hard_masks,
+        masked_params=masked_params,
     )
 
 
