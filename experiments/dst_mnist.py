@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sparsejax.training.loop import TrainConfig, train  # noqa: E402
+from sparsejax.training.loop import TrainConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from strong_common import train_once  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -158,7 +162,7 @@ def main() -> None:
         else:
             started = time.time()
             try:
-                result = train(config_for(method, sparsity, seed, args.epochs))
+                result = train_once(config_for(method, sparsity, seed, args.epochs))
             except FloatingPointError as error:  # a diverged run is a result, not a crash
                 print(f"{name}: diverged: {error}", flush=True)
                 continue

@@ -18,7 +18,11 @@ best there; then (session 3) ``--epochs 20 --part all --gates gaussian --sparsit
 ``--epochs 20 --part curve --recipe mu1_bs64 --sparsities 0.5 0.7 --seeds 0 1 2``; then
 (session 4, twice the steps for both methods) ``--epochs 40 --part tune --tune base
 edge_popup mu1_bs64`` and ``--epochs 40 --part all --gates gaussian --sparsities 0.5 0.7
-0.8 0.9 0.95 --seeds 0 1 2``.
+--seeds 0 1 2``; then (session 5) ``--epochs 40 --part tune --tune anneal0.05 scaled
+scaled_anneal``, ``--epochs 40 --part curve --recipe scaled_anneal --sparsities 0.5 0.7 0.8
+0.9 0.95 --seeds 0 1 2``, ``--epochs 40 --part edge_popup --sparsities 0.8 0.9 0.95
+--seeds 0 1 2`` and ``--epochs 40 --part edge_popup --edge-popup-init
+scaled_signed_constant --seeds 0 1 2``.
 ``summary`` in the JSON file holds mean and std over seeds.
 
 Every configuration is one ``sparsejax.training.loop.train`` run (the code path of
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import statistics
 import sys
 import time
@@ -44,10 +49,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from strong_common import MNIST, RESULTS, ROOT, epoch_curve, load, save  # noqa: E402
+from strong_common import (  # noqa: E402
+    MNIST,
+    RESULTS,
+    ROOT,
+    epoch_curve,
+    load,
+    save,
+    train_once,
+)
 
 import sparsejax.training.loop as loop  # noqa: E402
-from sparsejax.training.loop import TrainConfig, train  # noqa: E402
+from sparsejax.training.loop import TrainConfig  # noqa: E402
 
 OUTPUT = RESULTS / "gates_mnist.json"
 RUNS = ROOT / "runs" / "gates"
@@ -107,6 +120,10 @@ TUNE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "mu1_hi2": ({}, {"mu_init": 1.0, "score_bounds": [-1.0, 2.0]}),
     "bs64": ({"batch_size": 64}, {}),
     "mu1_bs64": ({"batch_size": 64}, {"mu_init": 1.0}),
+    # Session 5: weights scaled by 1 / sqrt(density) (Edge-Popup's scaled variant), alone
+    # and with the annealed noise.
+    "scaled": ({}, {"weight_init": "scaled_signed_constant"}),
+    "scaled_anneal": ({}, {"weight_init": "scaled_signed_constant", "sigma_final": 0.05}),
 }
 
 
@@ -146,7 +163,7 @@ def run(name: str, method: str, sparsity: float, epochs: int, training: dict[str
     config.resume = out.exists() and any((out / "checkpoints").glob("step_*"))
     started = time.time()
     with validation_split() if validation else contextlib.nullcontext():
-        result = train(config)
+        result = train_once(config)
     print(f"{name}: {100 * result['test_accuracy']:.2f}% at sparsity "
           f"{100 * result['sparsity']:.2f}% in {time.time() - started:.0f} s", flush=True)
     return {
@@ -216,13 +233,15 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     labels = sorted({line_label(r) for r in payload["curve"].values()})
-    for label, marker in zip(labels, "osd^v<>", strict=False):
+    for i, (label, marker) in enumerate(zip(labels, itertools.cycle("osd^v<>Xp"),
+                                            strict=False)):
         points = series(payload, "curve", label)
         if points:
             xs, ys, errs = zip(*points, strict=True)
-            ax.errorbar(xs, ys, yerr=errs, marker=marker, capsize=3, label=label)
+            ax.errorbar(xs, ys, yerr=errs, marker=marker, capsize=3, label=label,
+                        color=plt.cm.tab20(i % 20))
     ax.axhline(96.5, color="gray", linestyle=":", label="96.5%")
     ax.set_xlabel("sparsity of the binary mask (%)")
     ax.set_ylabel("test accuracy (%)")
@@ -247,6 +266,11 @@ def main() -> None:
                         help="curve runs of the Gaussian gate with this recipe change")
     parser.add_argument("--tune", nargs="+", choices=[*TUNE, "edge_popup"],
                         default=[*TUNE, "edge_popup"])
+    parser.add_argument("--edge-popup-init", choices=("signed_constant",
+                                                      "scaled_signed_constant"),
+                        default="signed_constant",
+                        help="Edge-Popup's weights in the curve runs (the scaled variant "
+                             "divides the scale by sqrt(density))")
     args = parser.parse_args()
     payload = load(OUTPUT)
     payload.pop("runs", None)
@@ -291,9 +315,12 @@ def main() -> None:
                                  f"gates ({gate})", "gates", sparsity, e, GATE_TRAINING,
                                  GATE_OPTIONS[gate], s))
             if args.part in ("edge_popup", "all"):
-                jobs.append(("curve", f"edge_popup_s{sparsity}_e{e}_s{s}",
-                             "Edge-Popup (signed constant)", "edge_popup", sparsity, e,
-                             EDGE_POPUP_TRAINING, {"weight_init": "signed_constant"}, s))
+                init = args.edge_popup_init
+                scaled = init != "signed_constant"
+                jobs.append(("curve", f"edge_popup{'_scaled' if scaled else ''}_s{sparsity}"
+                             f"_e{e}_s{s}", f"Edge-Popup ({init.replace('_', ' ')})",
+                             "edge_popup", sparsity, e, EDGE_POPUP_TRAINING,
+                             {"weight_init": init}, s))
     save(OUTPUT, merged(payload))
     for group, name, label, method, sparsity, epochs, training, options, s in jobs:
         if name in merged(payload)[group]:
