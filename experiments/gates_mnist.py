@@ -124,6 +124,8 @@ TUNE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # and with the annealed noise.
     "scaled": ({}, {"weight_init": "scaled_signed_constant"}),
     "scaled_anneal": ({}, {"weight_init": "scaled_signed_constant", "sigma_final": 0.05}),
+    "scaled_anneal_bs64": ({"batch_size": 64}, {"weight_init": "scaled_signed_constant",
+                                                "sigma_final": 0.05}),
 }
 
 

@@ -121,8 +121,10 @@ def test_grasp_temperature_and_per_class_sampling():
     x = jax.random.normal(jax.random.PRNGKey(1), (12, 6))
     labels = jnp.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 1, 2], jnp.int32)
     batch = {"image": x, "label": labels}
-    scores = grasp_scores(None, params, state, [batch], apply_fn=apply_fn, temperature=7.0,
-                          samples_per_class=2)
+    # jitted, as the harness runs it (eagerly the sampling and the HVP took 5 s of ops)
+    scores = jax.jit(lambda p, b: grasp_scores(None, p, state, [b], apply_fn=apply_fn,
+                                               temperature=7.0, samples_per_class=2))(
+        params, batch)
     chosen = jnp.array([0, 1, 3, 4, 6, 7])  # the first two examples of each class
 
     def objective(p):
@@ -132,7 +134,7 @@ def test_grasp_temperature_and_per_class_sampling():
     g = jax.grad(objective)(params)
     flat_g, unravel = jax.flatten_util.ravel_pytree(g)
     flat_w, _ = jax.flatten_util.ravel_pytree(params)
-    hessian = jax.hessian(lambda v: objective(unravel(v)))(flat_w)
+    hessian = jax.jit(jax.hessian(lambda v: objective(unravel(v))))(flat_w)
     expected = unravel(-flat_w * (hessian @ flat_g))
     for got, want in zip(jax.tree_util.tree_leaves(scores), jax.tree_util.tree_leaves(expected),
                          strict=True):
