@@ -22,7 +22,9 @@ edge_popup mu1_bs64`` and ``--epochs 40 --part all --gates gaussian --sparsities
 scaled_anneal``, ``--epochs 40 --part curve --recipe scaled_anneal --sparsities 0.5 0.7 0.8
 0.9 0.95 --seeds 0 1 2``, ``--epochs 40 --part edge_popup --sparsities 0.8 0.9 0.95
 --seeds 0 1 2`` and ``--epochs 40 --part edge_popup --edge-popup-init
-scaled_signed_constant --seeds 0 1 2``.
+scaled_signed_constant --seeds 0 1 2``, ``--epochs 40 --part tune --tune scaled_anneal_bs64``
+and ``--epochs 40 --part curve --recipe scaled_anneal_bs64 --sparsities 0.5 0.9 --seeds 0 1
+2``.
 ``summary`` in the JSON file holds mean and std over seeds.
 
 Every configuration is one ``sparsejax.training.loop.train`` run (the code path of
