@@ -60,7 +60,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "rigl": {"sparsity": 0.9, "update_every": 100},
     "snfs": {"sparsity": 0.9, "update_every": 100},
     "edge_popup": {"sparsity": 0.5},
-    "gates": {"sparsity": 0.9},  # with a target, as in the reproductions: a hard mask each step
+    "gates": {"sparsity": 0.9},  # with a target (a controller step), as in the reproductions
     "biprop": {"sparsity": 0.5},
 }
 

@@ -295,11 +295,12 @@ class Trainer:
             return state, jnp.all(finite)
 
         self._run_chunk = jax.jit(run_chunk)
-        eval_step = make_eval_step(self.method, self.model)
+        eval_step = make_eval_step(self.model)
         test = {"image": jnp.asarray(self.dataset.test_images),
                 "label": jnp.asarray(self.dataset.test_labels),
                 "weight": jnp.ones(len(self.dataset.test_labels), jnp.float32)}
-        self._eval = jax.jit(lambda state: eval_step(state, test))
+        self._eval = jax.jit(lambda state: eval_step(
+            (self.method.effective_params(state), state.model_state), test))
 
     def init_params(self, key: jax.Array) -> tuple[PyTree, PyTree]:
         """Fresh ``(params, model_state)`` of the model."""

@@ -337,25 +337,12 @@ def load_ticket(path: str | os.PathLike[str]) -> Ticket:
 def evaluate_ticket(ticket: Ticket, data_dir: str | None = None,
                     batch_size: int = 1000) -> dict[str, float]:
     """Test accuracy and loss of a loaded ticket on its run's dataset."""
-    import optax
-
     from sparsejax.data import load_dataset
-    from sparsejax.models import apply_model
-    from sparsejax.training.loop import evaluate
+    from sparsejax.training.loop import evaluate, make_eval_step
 
     config = ticket.config
     dataset = load_dataset(config.dataset, data_dir or config.data_dir, seed=config.seed)
-
-    @jax.jit
-    def eval_step(ticket_arrays: tuple[Any, Any], batch: dict[str, Any]) -> dict[str, Any]:
-        params, model_state = ticket_arrays
-        logits, _ = apply_model(ticket.model, params, model_state, batch["image"], train=False)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-        weight = batch["weight"]
-        return {"correct": jnp.sum(correct * weight), "loss": jnp.sum(losses * weight),
-                "count": jnp.sum(weight)}
-
+    eval_step = jax.jit(make_eval_step(ticket.model))
     return evaluate(eval_step, (ticket.params, ticket.model_state), dataset, batch_size)
 
 

@@ -110,14 +110,16 @@ def classification_loss(model: Any) -> LossFn:
     return loss_fn
 
 
-def make_eval_step(method: Method, model: Any):
-    """``eval_step(state, batch) -> sums`` of correct predictions, loss and examples on the
-    method's effective (hard-masked, noise-free) params; ``batch["weight"]`` marks padding.
+def make_eval_step(model: Any):
+    """``eval_step((params, model_state), batch) -> sums`` of correct predictions, loss and
+    examples; ``batch["weight"]`` marks padding. ``params`` are the method's
+    ``effective_params``, computed once per evaluation rather than once per batch (the
+    gates derive their hard mask, a global top-k, when it is read).
     """
 
-    def eval_step(state: SparseState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        params = method.effective_params(state)
-        logits, _ = apply_model(model, params, state.model_state, batch["image"], train=False)
+    def eval_step(arrays: tuple[Any, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        params, model_state = arrays
+        logits, _ = apply_model(model, params, model_state, batch["image"], train=False)
         weight = batch["weight"]
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -141,12 +143,13 @@ def _padded_test_batches(dataset: Dataset, batch_size: int) -> Iterator[dict[str
         yield {"image": image, "label": label, "weight": weight}
 
 
-def evaluate(eval_step: Any, state: SparseState, dataset: Dataset,
+def evaluate(eval_step: Any, arrays: tuple[Any, Any], dataset: Dataset,
              batch_size: int = 1000) -> dict[str, float]:
-    """Test accuracy (0 to 1) and mean loss over the whole test set."""
+    """Test accuracy (0 to 1) and mean loss over the whole test set of the model with
+    ``arrays = (params, model_state)`` (see :func:`make_eval_step`)."""
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
     for batch in _padded_test_batches(dataset, batch_size):
-        sums = jax.device_get(eval_step(state, batch))
+        sums = jax.device_get(eval_step(arrays, batch))
         for key in totals:
             totals[key] += float(sums[key])
     return {"accuracy": totals["correct"] / totals["count"],
@@ -332,7 +335,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     trainer = make_trainer(config.parallel, method, classification_loss(model),
                            skip_nonfinite=config.nonfinite == "skip")
     state = trainer.put_state(state)
-    eval_step = jax.jit(make_eval_step(method, model))
+    eval_step = jax.jit(make_eval_step(model))
+    effective_params = jax.jit(method.effective_params)
+
+    def evaluate_state(state: SparseState) -> tuple[dict[str, float], float]:
+        """Test metrics and measured sparsity, from one ``effective_params`` call."""
+        params = effective_params(state)
+        return evaluate(eval_step, (params, state.model_state), dataset), measured_sparsity(params)
+
     log = _MetricsLog(out / "metrics.jsonl", start_step, tensorboard=config.tensorboard)
     progress = _progress_bar(config.progress, total_steps, start_step)
     stream = train_batches(dataset, config.batch_size, config.seed,
@@ -340,6 +350,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     pending: list[dict[str, jax.Array]] = []
     window_start, step, skipped = time.time(), start_step, 0
     last_eval: dict[str, float] = {}
+    last_sparsity = 0.0
     try:
         for step in range(start_step + 1, total_steps + 1):
             _, batch = next(stream)
@@ -359,10 +370,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             pending, window_start = [], time.time()
             logical = trainer.get_state(state)
             if eval_now:
-                last_eval = evaluate(eval_step, logical, dataset)
+                last_eval, last_sparsity = evaluate_state(logical)
                 record.update({"test_accuracy": last_eval["accuracy"],
-                               "test_loss": last_eval["loss"],
-                               "sparsity": measured_sparsity(method.effective_params(logical))})
+                               "test_loss": last_eval["loss"], "sparsity": last_sparsity})
             if log_now or eval_now:
                 log.write(record)
                 progress.update(step, record)
@@ -376,14 +386,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         checkpointer.close()
 
     state = trainer.get_state(state)
-    final_eval = last_eval or evaluate(eval_step, state, dataset)
+    if not last_eval:
+        last_eval, last_sparsity = evaluate_state(state)
     result = {
         "method": config.method,
         "model": config.model,
         "dataset": config.dataset,
-        "sparsity": measured_sparsity(method.effective_params(state)),
-        "test_accuracy": final_eval["accuracy"],
-        "test_loss": final_eval["loss"],
+        "sparsity": last_sparsity,
+        "test_accuracy": last_eval["accuracy"],
+        "test_loss": last_eval["loss"],
         "steps": total_steps,
         "resumed_from_step": start_step,
         "skipped_nonfinite_steps": skipped,
