@@ -84,9 +84,9 @@ def num_kept(density: Any, size: int) -> Any:
 
 
 def _order_key(scores: jax.Array) -> jax.Array:
-    """uint32 keys with the same order as the float32 ``scores`` (``-0.0 == 0.0``)."""
-    x = jnp.asarray(scores).astype(jnp.float32)
-    x = jnp.where(x == 0, jnp.float32(0), x)
+    """uint32 keys with the same order as the float32 ``scores`` (``-0.0``, and subnormals,
+    equal to ``0.0``)."""
+    x = _zero_subnormals(jnp.asarray(scores).astype(jnp.float32))
     bits = lax.bitcast_convert_type(x, jnp.uint32)
     negative = (bits & jnp.uint32(_SIGN_BIT)) != 0
     # Non-negative floats: set the sign bit so they sort above all negatives. Negative
@@ -173,12 +173,35 @@ def _strided_sample(values: Sequence[jax.Array], size: int) -> jax.Array:
     return jnp.concatenate([v.ravel()[::stride] for v in values])
 
 
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def _zero_subnormals(x: jax.Array) -> jax.Array:
+    """``x`` with subnormal values and ``-0.0`` replaced by ``+0.0``. XLA's CPU backend
+    compares float32 subnormals as zero, so a search must see them flushed in every pass
+    (and step over them in :func:`_above` / :func:`_below`), or its counts disagree with
+    its cuts: ``x >= nextafter(0, inf)`` held for every zero, and a 5,000-entry top-k of
+    zeros kept nothing. Flushed everywhere, the ranking is the same on every backend."""
+    return jnp.where(jnp.abs(x) < _FLOAT32_TINY, jnp.float32(0), x)
+
+
+def _zero_subnormals_abs(x: jax.Array) -> jax.Array:
+    return _zero_subnormals(jnp.abs(x))
+
+
 def _above(x: jax.Array) -> jax.Array:
-    return jnp.nextafter(x, jnp.float32(jnp.inf))
+    """The next float32 above ``x``, skipping the subnormals (which compare as zero, see
+    :func:`_zero_subnormals`): above ``0`` comes the smallest normal, above ``-tiny`` zero."""
+    return jnp.where(x == 0, jnp.float32(_FLOAT32_TINY),
+                     jnp.where(x == -_FLOAT32_TINY, jnp.float32(0),
+                               jnp.nextafter(x, jnp.float32(jnp.inf))))
 
 
 def _below(x: jax.Array) -> jax.Array:
-    return jnp.nextafter(x, jnp.float32(-jnp.inf))
+    """The next float32 below ``x``, skipping the subnormals (see :func:`_above`)."""
+    return jnp.where(x == 0, jnp.float32(-_FLOAT32_TINY),
+                     jnp.where(x == _FLOAT32_TINY, jnp.float32(0),
+                               jnp.nextafter(x, jnp.float32(-jnp.inf))))
 
 
 def _identity(x: jax.Array) -> jax.Array:
@@ -393,7 +416,7 @@ def _grouped_topk(groups: Sequence[Sequence[jax.Array]], ks: Sequence[Any],
     compare like their keys, and count faster on CPU), started from ``hints[g]`` if given.
     ``by_magnitude`` ranks the absolute values.
     """
-    ranked = jnp.abs if by_magnitude else _identity
+    ranked = _zero_subnormals_abs if by_magnitude else _zero_subnormals
     small = [g for g, group in enumerate(groups)
              if sum(int(jnp.size(leaf)) for leaf in group) <= _SAMPLE_SIZE]
     masks: list[list[jax.Array]] = [[] for _ in groups]
@@ -461,7 +484,8 @@ def topk_mask(
 
     Returns:
       Boolean arrays with the structure and shapes of ``scores``. Ties at the threshold
-      keep the entries that come first (leaf order, then row-major order).
+      keep the entries that come first (leaf order, then row-major order). Subnormal
+      scores rank as zero, as XLA compares them.
 
     >>> import jax.numpy as jnp
     >>> topk_mask(jnp.array([0.1, 0.9, 0.5, 0.9]), 0.5)

@@ -280,3 +280,19 @@ def test_by_magnitude_global_scope_across_leaves():
     want = reference_topk(flat, num_kept(0.4, flat.size))
     np.testing.assert_array_equal(
         np.concatenate([np.asarray(got["a"]).ravel(), np.asarray(got["b"])]), want)
+
+
+@pytest.mark.parametrize("n", [24, 5000])  # the bitwise and the sampled search
+@pytest.mark.parametrize("odd_one", [None, -4.5e-41, 4.5e-41, -0.0])
+def test_zeros_and_subnormals_rank_as_zero_ties_by_position(n, odd_one):
+    # A search over zeros once took nextafter(0, inf), a subnormal, as the next cut above
+    # 0; XLA's CPU compares it as 0, so every zero counted as above it and the sampled
+    # search kept nothing. Subnormals (either sign) and -0.0 tie with 0.0.
+    scores = np.zeros(n, np.float32)
+    if odd_one is not None:
+        scores[n // 3] = odd_one
+    for k in (1, n // 3, n // 3 + 1, n - 1):
+        got = np.asarray(jax.jit(lambda s, k=k: topk_mask(s, count=k))(scores))
+        want = np.zeros(n, bool)
+        want[:k] = True
+        np.testing.assert_array_equal(got, want, err_msg=f"k={k}")
