@@ -24,7 +24,10 @@ scaled_anneal``, ``--epochs 40 --part curve --recipe scaled_anneal --sparsities 
 --seeds 0 1 2`` and ``--epochs 40 --part edge_popup --edge-popup-init
 scaled_signed_constant --seeds 0 1 2``, ``--epochs 40 --part tune --tune scaled_anneal_bs64``
 and ``--epochs 40 --part curve --recipe scaled_anneal_bs64 --sparsities 0.5 0.9 --seeds 0 1
-2``.
+2``; then (sessions 6-7, a recipe chosen at 90%) ``--epochs 40 --part tune --tune-sparsity 0.9
+--tune <the session-6 tags> edge_popup --edge-popup-init scaled_signed_constant`` and
+``--epochs 40 --part curve --recipe scaled_anneal_ramp0.25 --sparsities 0.9 0.5 0.95 0.7 0.8
+--seeds 0 1 2`` (stopped after eight runs).
 ``summary`` in the JSON file holds mean and std over seeds.
 
 Every configuration is one ``sparsejax.training.loop.train`` run (the code path of
