@@ -3,9 +3,10 @@
     python benchmarks/report.py benchmarks/results/topk_cpu.json \
         benchmarks/results/step_time_*_cpu.json benchmarks/results/memory_cpu.json
 
-Each file is recognised by its rows: ``algorithm`` (topk.py), ``ratio`` (step_time.py)
-or ``state_bytes`` (memory.py). Step-time rows of every file are gathered into one
-table with a column pair per model, with the issue's target beside each method.
+Each file is recognised by its rows: ``algorithm`` (topk.py), ``ratio`` (step_time.py),
+``state_bytes`` (memory.py) or ``variant`` (gates_breakdown.py). Step-time rows of every
+file are gathered into one table with a column pair per model, with the issue's target
+beside each method.
 """
 
 from __future__ import annotations
@@ -62,8 +63,17 @@ def memory_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def breakdown_table(rows: list[dict]) -> str:
+    out = ["| model | variant | dense ms | method ms | ratio |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['variant']} | {r['dense_ms']} | {r['method_ms']} | "
+                   f"{r['ratio']:.3f} |")
+    return "\n".join(out)
+
+
 def main(paths: list[str]) -> None:
     steps: list[dict] = []
+    breakdown: list[dict] = []
     for path in paths:
         rows = json.loads(Path(path).read_text())
         if not rows:
@@ -72,8 +82,12 @@ def main(paths: list[str]) -> None:
             print(topk_table(rows), end="\n\n")
         elif "state_bytes" in rows[0]:
             print(memory_table(rows), end="\n\n")
+        elif "variant" in rows[0]:
+            breakdown += rows
         elif "ratio" in rows[0]:
             steps += rows
+    if breakdown:
+        print(breakdown_table(breakdown), end="\n\n")
     if steps:
         print(step_table(steps))
 
