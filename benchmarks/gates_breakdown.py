@@ -21,26 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import MODELS, block_time, init_state, warm_up  # noqa: E402
+from step_time import MODELS, block_time, host, init_state, setup, warm_up  # noqa: E402
 
 import sparsejax  # noqa: E402
 import sparsejax.methods.gates as gates_module  # noqa: E402
-from sparsejax.models import get_model, init_model  # noqa: E402
-from sparsejax.training.loop import classification_loss  # noqa: E402
 from sparsejax.training.parallel import SingleDeviceTrainer  # noqa: E402
 
 VARIANTS = ("gates", "no_noise", "no_noise_penalty", "no_noise_penalty_controller")
@@ -77,13 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for model_name in args.models:
-        shape, batch_size = MODELS[model_name]
-        model = get_model(model_name, 10)
-        params, model_state = init_model(model, jax.random.PRNGKey(0), (1, *shape))
-        rng = np.random.default_rng(0)
-        batch = {"image": jnp.asarray(rng.normal(size=(batch_size, *shape)), jnp.float32),
-                 "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
-        loss_fn = classification_loss(model)
+        loss_fn, params, model_state, batch = setup(model_name)
         steps, states, times = {}, {}, {}
         for variant in ("dense", *VARIANTS):
             method = build(variant)
@@ -99,11 +88,10 @@ def main() -> None:
         dense_ms = statistics.median(times["dense"])
         for variant in VARIANTS:
             method_ms = statistics.median(times[variant])
-            row = {"model": model_name, "variant": variant, "batch_size": batch_size,
-                   "dense_ms": round(dense_ms, 4), "method_ms": round(method_ms, 4),
-                   "ratio": round(method_ms / dense_ms, 3), "backend": jax.default_backend(),
-                   "host_cpus": len(os.sched_getaffinity(0)),
-                   "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            row = {"model": model_name, "variant": variant,
+                   "batch_size": MODELS[model_name][1], "dense_ms": round(dense_ms, 4),
+                   "method_ms": round(method_ms, 4), "ratio": round(method_ms / dense_ms, 3),
+                   **host()}
             rows.append(row)
             print(f"{row['backend']} {model_name:9s} {variant:28s} dense {dense_ms:8.3f} ms  "
                   f"method {method_ms:8.3f} ms  ratio {row['ratio']:.3f}", flush=True)

@@ -16,13 +16,10 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from step_time import METHOD_OPTIONS, MODELS, build, init_state  # same folder
+from step_time import METHOD_OPTIONS, build, init_state, setup  # same folder
 
 import sparsejax
-from sparsejax.models import get_model, init_model
-from sparsejax.training.loop import classification_loss
 
 
 def tree_bytes(tree) -> int:
@@ -37,11 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for model_name in args.models:
-        shape, batch_size = MODELS[model_name]
-        model = get_model(model_name, 10)
-        params, model_state = init_model(model, jax.random.PRNGKey(0), (1, *shape))
-        batch = {"image": jnp.zeros((batch_size, *shape)), "label": jnp.zeros(batch_size, int)}
-        loss_fn = classification_loss(model)
+        loss_fn, params, model_state, batch = setup(model_name)
         dense_state_bytes = dense_step_bytes = None
         for name in args.methods:
             if name not in sparsejax.METHODS:

@@ -65,6 +65,24 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+def setup(model_name: str) -> tuple[Any, Any, Any, dict[str, jax.Array]]:
+    """``(loss_fn, params, model_state, batch)`` for ``model_name``: the model initialised
+    from key 0 and one fixed batch of random inputs and labels of the benchmark's size."""
+    shape, batch_size = MODELS[model_name]
+    model = get_model(model_name, 10)
+    params, model_state = init_model(model, jax.random.PRNGKey(0), (1, *shape))
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.normal(size=(batch_size, *shape)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
+    return classification_loss(model), params, model_state, batch
+
+
+def host() -> dict[str, Any]:
+    """Where a row ran: the backend, the cores the process may use, the XLA flags."""
+    return {"backend": jax.default_backend(), "host_cpus": len(os.sched_getaffinity(0)),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
 def build(name: str, total_steps: int) -> sparsejax.Method:
     options = dict(METHOD_OPTIONS[name])
     accepted = inspect.signature(sparsejax.METHODS[name]).parameters
@@ -124,13 +142,8 @@ def main() -> None:
     rows = []
     backend = jax.default_backend()
     for model_name in args.models:
-        shape, batch_size = MODELS[model_name]
-        model = get_model(model_name, 10)
-        params, model_state = init_model(model, jax.random.PRNGKey(0), (1, *shape))
-        rng = np.random.default_rng(0)
-        batch = {"image": jnp.asarray(rng.normal(size=(batch_size, *shape)), jnp.float32),
-                 "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
-        loss_fn = classification_loss(model)
+        batch_size = MODELS[model_name][1]
+        loss_fn, params, model_state, batch = setup(model_name)
         total = 10**6  # long enough that interval updates keep happening while timed
         dense = build("dense", total)
         dense_step = SingleDeviceTrainer(dense, loss_fn).step
@@ -154,9 +167,7 @@ def main() -> None:
             row = {"method": name, "model": model_name, "batch_size": batch_size,
                    "dense_ms": round(statistics.median(dense_ms), 4),
                    "method_ms": round(statistics.median(method_ms), 4),
-                   "update_interval": interval, "amortize": args.amortize,
-                   "backend": backend, "host_cpus": len(os.sched_getaffinity(0)),
-                   "xla_flags": os.environ.get("XLA_FLAGS", "")}
+                   "update_interval": interval, "amortize": args.amortize, **host()}
             if interval and args.amortize == "separate":
                 if int(state.step) >= interval:  # an update fell inside a timed block
                     raise SystemExit("--amortize separate needs blocks free of updates: "
