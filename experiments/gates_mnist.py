@@ -129,9 +129,8 @@ TUNE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # Session 5: weights scaled by 1 / sqrt(density) (Edge-Popup's scaled variant), alone
     # and with the annealed noise.
     "scaled": ({}, {"weight_init": "scaled_signed_constant"}),
-    "scaled_anneal": ({}, {"weight_init": "scaled_signed_constant", "sigma_final": 0.05}),
-    "scaled_anneal_bs64": ({"batch_size": 64}, {"weight_init": "scaled_signed_constant",
-                                                "sigma_final": 0.05}),
+    "scaled_anneal": ({}, _SCALED_ANNEAL),
+    "scaled_anneal_bs64": ({"batch_size": 64}, _SCALED_ANNEAL),
     # Session 6, scored at 90% (--tune-sparsity 0.9): changes to scaled_anneal aimed at
     # generalisation (both methods fit the training set to 99.9%).
     "scaled_anneal_sf0.15": ({}, {**_SCALED_ANNEAL, "sigma_final": 0.15}),
