@@ -20,8 +20,6 @@ weights. The variants are ablations for measurement only: they are not methods.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,16 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import MODELS, block_time, host, init_state, setup, warm_up  # noqa: E402
+from step_time import (  # noqa: E402
+    MODELS,
+    host,
+    init_state,
+    interleaved_medians,
+    setup,
+    warm_up,
+    write_json,
+)
+from step_time import build as build_method  # noqa: E402
 
 import sparsejax  # noqa: E402
 import sparsejax.methods.gates as gates_module  # noqa: E402
@@ -42,14 +49,11 @@ VARIANTS = ("gates", "no_noise", "no_noise_penalty", "no_noise_penalty_controlle
 
 
 def build(variant: str) -> sparsejax.Method:
-    optimizer = optax.sgd(0.1, momentum=0.9)
-    if variant == "dense":
-        return sparsejax.get_method("dense", optimizer)
-    options: dict[str, Any] = {"sparsity": 0.9, "total_steps": 10**6}
-    if variant.endswith("controller"):
-        options = {"lam": 0.0}
-    if variant == "gates":
-        return sparsejax.gates(optimizer, **options)
+    """The method of ``variant``: ``dense`` and ``gates`` exactly as ``step_time.py``
+    builds them, the others the same gates with parts taken away."""
+    total_steps = 10**6
+    if variant in ("dense", "gates"):
+        return build_method(variant, total_steps)
     real_form = gates_module.gaussian_gate
 
     def noiseless(*args: Any, **kwargs: Any) -> gates_module.GateForm:
@@ -57,7 +61,10 @@ def build(variant: str) -> sparsejax.Method:
             noise=lambda key, shape: jnp.zeros(shape, jnp.float32))
 
     with mock.patch.object(gates_module, "gaussian_gate", noiseless):
-        method = sparsejax.gates(optimizer, **options)
+        if variant.endswith("controller"):  # no target sparsity, a fixed lam (unused)
+            method = sparsejax.gates(optax.sgd(0.1, momentum=0.9), lam=0.0)
+        else:
+            method = build_method("gates", total_steps)
     if "penalty" in variant:
         method = method._replace(penalty=lambda state, scores: jnp.float32(0.0))
     return method
@@ -73,21 +80,16 @@ def main() -> None:
     rows = []
     for model_name in args.models:
         loss_fn, params, model_state, batch = setup(model_name)
-        steps, states, times = {}, {}, {}
+        steps, states = {}, {}
         for variant in ("dense", *VARIANTS):
             method = build(variant)
             steps[variant] = SingleDeviceTrainer(method, loss_fn).step
             states[variant] = warm_up(steps[variant], method, init_state(
                 method, loss_fn, params, model_state, batch), batch)
-            times[variant] = []
-        for _ in range(args.repeats):
-            for variant in steps:
-                t, states[variant] = block_time(steps[variant], states[variant], batch,
-                                                args.block)
-                times[variant].append(t)
-        dense_ms = statistics.median(times["dense"])
+        medians, _ = interleaved_medians(steps, states, batch, args.block, args.repeats)
+        dense_ms = medians["dense"]
         for variant in VARIANTS:
-            method_ms = statistics.median(times[variant])
+            method_ms = medians[variant]
             row = {"model": model_name, "variant": variant,
                    "batch_size": MODELS[model_name][1], "dense_ms": round(dense_ms, 4),
                    "method_ms": round(method_ms, 4), "ratio": round(method_ms / dense_ms, 3),
@@ -95,9 +97,7 @@ def main() -> None:
             rows.append(row)
             print(f"{row['backend']} {model_name:9s} {variant:28s} dense {dense_ms:8.3f} ms  "
                   f"method {method_ms:8.3f} ms  ratio {row['ratio']:.3f}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

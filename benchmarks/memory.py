@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from step_time import METHOD_OPTIONS, build, init_state, setup  # same folder
+from step_time import METHOD_OPTIONS, build, init_state, setup, write_json  # same folder
 
 import sparsejax
 
@@ -64,9 +64,7 @@ def main() -> None:
                 row["step_ratio"] = round(step_bytes / dense_step_bytes, 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,13 @@ def host() -> dict[str, Any]:
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
+def write_json(path: Path | None, rows: list[dict[str, Any]]) -> None:
+    """Write the rows to ``path`` (``--json``), if one was given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
 def build(name: str, total_steps: int) -> sparsejax.Method:
     options = dict(METHOD_OPTIONS[name])
     accepted = inspect.signature(sparsejax.METHODS[name]).parameters
@@ -112,6 +119,20 @@ def block_time(step, state, batch, steps: int):
         state, metrics = step(state, batch)
     jax.block_until_ready(state)
     return (time.perf_counter() - start) / steps * 1e3, state
+
+
+def interleaved_medians(steps: dict[str, Any], states: dict[str, Any], batch: Any,
+                        block: int, repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Time ``repeats`` rounds of one ``block``-step block per entry of ``steps``, in
+    turn, so that machine noise hits all alike: the median ms per step of each, and the
+    states after the last block."""
+    states = dict(states)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t, states[name] = block_time(step, states[name], batch, block)
+            times[name].append(t)
+    return {name: statistics.median(t) for name, t in times.items()}, states
 
 
 def warm_up(step, method: sparsejax.Method, state, batch):
@@ -157,16 +178,14 @@ def main() -> None:
             step = SingleDeviceTrainer(method, loss_fn).step
             state = warm_up(step, method, init_state(method, loss_fn, params, model_state,
                                                       batch), batch)
-            dense_ms, method_ms = [], []
-            for _ in range(args.repeats):
-                t, dense_state = block_time(dense_step, dense_state, batch, args.block)
-                dense_ms.append(t)
-                t, state = block_time(step, state, batch, args.block)
-                method_ms.append(t)
+            medians, states = interleaved_medians(
+                {"dense": dense_step, name: step}, {"dense": dense_state, name: state},
+                batch, args.block, args.repeats)
+            dense_state, state = states["dense"], states[name]
             interval = METHOD_OPTIONS[name].get("update_every")
             row = {"method": name, "model": model_name, "batch_size": batch_size,
-                   "dense_ms": round(statistics.median(dense_ms), 4),
-                   "method_ms": round(statistics.median(method_ms), 4),
+                   "dense_ms": round(medians["dense"], 4),
+                   "method_ms": round(medians[name], 4),
                    "update_interval": interval, "amortize": args.amortize, **host()}
             if interval and args.amortize == "separate":
                 if int(state.step) >= interval:  # an update fell inside a timed block
@@ -183,9 +202,7 @@ def main() -> None:
             rows.append(row)
             print(f"{backend} {model_name:9s} {name:18s} dense {row['dense_ms']:8.3f} ms  "
                   f"method {row['method_ms']:8.3f} ms  ratio {row['ratio']:.3f}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ and every candidate is checked against ``sort``. ``--json FILE`` writes one row 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +33,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from jax import lax
+from step_time import host, write_json  # same folder
 
 from sparsejax.topk import _key_value, _order_key, _sampled_cut, kth_largest
 
@@ -120,14 +119,10 @@ def main() -> None:
             repeats = 20 if size <= 1e6 else 5
             ms = time_compiled(lambda fn=fn, x=x: fn(x), repeats)
             rows.append({"algorithm": name, "size": size, "k": k, "ms": round(ms, 4),
-                         "ns_per_score": round(ms * 1e6 / size, 3), "backend": backend,
-                         "host_cpus": len(os.sched_getaffinity(0)),
-                         "xla_flags": os.environ.get("XLA_FLAGS", "")})
+                         "ns_per_score": round(ms * 1e6 / size, 3), **host()})
             print(f"{backend:4s} n={size:>10,d} {name:8s} {ms:10.3f} ms "
                   f"{ms * 1e6 / size:8.2f} ns/score", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":
