@@ -34,6 +34,7 @@ from sparsejax.masks import (
 )
 from sparsejax.methods import (
     METHODS,
+    InitContext,
     MaskPhases,
     Method,
     SparseState,
@@ -87,6 +88,14 @@ from sparsejax.methods.strong import (
     score_supermask,
     supermask_weights,
 )
+from sparsejax.optax_form import (
+    SparseTxState,
+    as_optax,
+    masks_of,
+    replace_masks,
+    sparse_tx,
+    zero_pruned,
+)
 from sparsejax.schedules import (
     constant,
     cosine_drop_fraction,
@@ -103,6 +112,13 @@ from sparsejax.validation import check_density, check_same_structure, check_spar
 __version__ = "0.1.0"
 
 __all__ = [
+    "InitContext",
+    "zero_pruned",
+    "sparse_tx",
+    "replace_masks",
+    "masks_of",
+    "as_optax",
+    "SparseTxState",
     "apply_masks",
     "binarize",
     "BINARIZE_RULES",

@@ -274,7 +274,9 @@ def reset_slots(optimizer: optax.GradientTransformation, opt_state: optax.OptSta
     """Zero every per-parameter optimizer slot where ``keep`` is False.
 
     Works through ``optax.tree_utils.tree_map_params``, so any optax optimizer (chains,
-    ``inject_hyperparams`` wrappers) is handled; counts and hyperparameters are kept.
+    ``inject_hyperparams`` wrappers, ``multi_transform`` and ``masked``, whose slots hold
+    ``optax.MaskedNode`` where another optimizer owns the leaf) is handled; counts and
+    hyperparameters are kept.
 
     >>> import jax.numpy as jnp, optax
     >>> opt = optax.sgd(0.1, momentum=0.9)
@@ -283,9 +285,14 @@ def reset_slots(optimizer: optax.GradientTransformation, opt_state: optax.OptSta
     >>> reset_slots(opt, state, {"w": jnp.array([True, False])})[0].trace["w"]
     Array([1., 0.], dtype=float32)
     """
+    def reset(slot: Any, k: jax.Array) -> Any:
+        if isinstance(slot, optax.MaskedNode):  # a leaf another optimizer owns
+            return slot
+        return jnp.where(k, slot, jnp.zeros((), jnp.result_type(slot)))
+
     return optax.tree_utils.tree_map_params(
-        optimizer, lambda s, k: jnp.where(k, s, jnp.zeros((), jnp.result_type(s))),
-        opt_state, keep, transform_non_params=lambda x: x,
+        optimizer, reset, opt_state, keep, transform_non_params=lambda x: x,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
 
 

@@ -1,0 +1,255 @@
+"""Every method that trains weights as an ``optax.GradientTransformation``.
+
+:func:`sparse_tx` wraps the user's optimizer in a method (RigL, static ERK, gradual
+magnitude pruning, SNIP, ...) and returns a transformation that drops into the user's own
+loop: ``TrainState.create(tx=...)`` and ``apply_gradients``, ``nnx.Optimizer(model, tx,
+wrt=nnx.Param)``, ``optax.chain``, ``optax.multi_transform``, ``optax.masked``,
+``optax.inject_hyperparams`` and ``optax.MultiSteps``.
+
+It is the native :class:`~sparsejax.Method` seen from optax, not a second copy: ``init``
+runs ``method.init`` and ``update`` runs ``method.update`` on a
+:class:`~sparsejax.SparseState` assembled from the user's params and the transformation's
+state, then returns ``new_params - params`` as the updates. So both forms make the same
+mask decisions from the same rule functions. Pruned weights leave
+``optax.apply_updates`` at exactly zero (``p + (0 - p) == 0``), and the gradients the
+method sees are those of the user's loss at weights whose pruned entries are zero: the
+dense gradient RigL grows by and SNFS averages.
+
+>>> import jax, jax.numpy as jnp, optax, sparsejax
+>>> params = {"w": jnp.arange(1.0, 9.0).reshape(2, 4)}
+>>> tx = sparsejax.sparse_tx("magnitude", optax.sgd(0.1), sparsity=0.5)
+>>> opt_state = tx.init(params)
+>>> params = sparsejax.zero_pruned(params, opt_state)  # start from the masked weights
+>>> updates, opt_state = tx.update({"w": jnp.ones((2, 4))}, opt_state, params)
+>>> optax.apply_updates(params, updates)["w"]
+Array([[0. , 0. , 0. , 0. ],
+       [4.9, 5.9, 6.9, 7.9]], dtype=float32)
+>>> int(sparsejax.masks_of(opt_state)["w"].sum())
+4
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax.methods.base import InitContext, Method, SparseState
+from sparsejax.methods.registry import get_method
+from sparsejax.transforms import zero_masked
+
+__all__ = ["SparseTxState", "as_optax", "sparse_tx", "masks_of", "replace_masks",
+           "zero_pruned"]
+
+PyTree = Any
+
+
+class SparseTxState(NamedTuple):
+    """The state of :func:`sparse_tx`: everything of the method's
+    :class:`~sparsejax.SparseState` except the params, which the user's loop holds.
+
+    Attributes:
+      step: int32 scalar, the number of updates applied so far.
+      masks: bool arrays with the structure of the params (read them with
+        :func:`masks_of`; replace them with :func:`replace_masks`).
+      inner_state: the state of the wrapped optimizer (inside the method's masking chain).
+      rng: the method's PRNG key; per-step keys are ``fold_in(rng, step)``.
+      extra: what the method carries besides (SNFS's moving average of the gradients).
+    """
+
+    step: jax.Array
+    masks: PyTree
+    inner_state: optax.OptState
+    rng: jax.Array
+    extra: PyTree
+
+
+def _pure(tree: PyTree) -> PyTree:
+    """``tree`` with Flax NNX variables replaced by their values (``nnx.Optimizer`` hands
+    ``init`` a state of variables and ``update`` plain arrays)."""
+    from flax import nnx
+
+    return nnx.as_pure(tree)
+
+
+def as_optax(
+    method: Method,
+    *,
+    seed: int | jax.Array = 0,
+    context: InitContext | None = None,
+    model_state: PyTree = None,
+) -> optax.GradientTransformationExtraArgs:
+    """The optax form of ``method``, a method that trains the weights.
+
+    Args:
+      method: a :class:`~sparsejax.Method` whose trainables are the params (dense,
+        static, the pruning methods, SET, RigL, SNFS). Score methods train scores beside
+        frozen weights: use :mod:`sparsejax.nnx` or :mod:`sparsejax.linen` for those.
+      seed: an int or a PRNG key; the method's random decisions (the static mask, SET's
+        regrowth, RigL's tie noise) follow from it, as ``method.init(params, key)``.
+      context: the data of methods that score weights at init (SNIP, GraSP):
+        ``InitContext(loss_fn, batches)``.
+      model_state: batch statistics, if the scores at init need them.
+
+    >>> import jax, jax.numpy as jnp, optax, sparsejax
+    >>> tx = sparsejax.as_optax(sparsejax.static(optax.sgd(0.1), sparsity=0.75,
+    ...                                          distribution="uniform"), seed=0)
+    >>> opt_state = tx.init({"w": jnp.ones((4, 4))})
+    >>> int(sparsejax.masks_of(opt_state)["w"].sum())
+    4
+    """
+    rng = jax.random.PRNGKey(seed) if isinstance(seed, int) else jnp.asarray(seed)
+
+    def init_fn(params: PyTree) -> SparseTxState:
+        params = _pure(params)
+        state = method.init(params, rng, model_state, context)
+        if jax.tree_util.tree_leaves(state.scores):
+            raise ValueError(
+                f"sparse_tx wraps methods that train the weights; {method.name!r} trains "
+                "scores beside frozen weights: use sparsejax.nnx (Flax NNX) or "
+                "sparsejax.linen (a linen TrainState) for it")
+        return SparseTxState(step=state.step, masks=state.masks, inner_state=state.opt_state,
+                             rng=state.rng, extra=state.extra)
+
+    def update_fn(updates: PyTree, state: SparseTxState, params: PyTree | None = None,
+                  **extra_args: Any) -> tuple[PyTree, SparseTxState]:
+        del extra_args  # the wrapped optimizer is called by the method, without them
+        if params is None:
+            raise ValueError(
+                f"the optax form of {method.name!r} needs the params: call "
+                "tx.update(grads, opt_state, params)")
+        sparse = SparseState(step=state.step, params=zero_masked(params, state.masks),
+                             masks=state.masks, scores={}, opt_state=state.inner_state,
+                             rng=state.rng, model_state={}, extra=state.extra)
+        new = method.update(sparse, updates)
+        # new - params, not new - zero_masked(params): pruned entries of params that are
+        # not zero yet (the first step without zero_pruned) leave apply_updates at zero.
+        deltas = jax.tree_util.tree_map(lambda new_p, p: (new_p - p).astype(p.dtype),
+                                        new.params, params)
+        return deltas, SparseTxState(step=new.step, masks=new.masks,
+                                     inner_state=new.opt_state, rng=new.rng, extra=new.extra)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def sparse_tx(
+    method: str | Method,
+    optimizer: optax.GradientTransformation | None = None,
+    *,
+    seed: int | jax.Array = 0,
+    context: InitContext | None = None,
+    model_state: PyTree = None,
+    **options: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """Wrap ``optimizer`` in the sparse-training method ``method`` (a registered name such
+    as ``'rigl'``, built with ``options``; or a built :class:`~sparsejax.Method`, then
+    without ``optimizer``) and return it as an optax transformation (:func:`as_optax`).
+
+    >>> import jax, jax.numpy as jnp, optax, sparsejax
+    >>> tx = sparsejax.sparse_tx("rigl", optax.sgd(0.1, momentum=0.9), sparsity=0.75,
+    ...                          update_every=1, end_step=10, distribution="uniform")
+    >>> params = {"w": jnp.ones((4, 4))}
+    >>> opt_state = tx.init(params)
+    >>> params = sparsejax.zero_pruned(params, opt_state)
+    >>> updates, opt_state = tx.update({"w": jnp.arange(16.0).reshape(4, 4)}, opt_state,
+    ...                                params)
+    >>> int(sparsejax.masks_of(opt_state)["w"].sum()), bool(sparsejax.masks_of(opt_state)["w"][3, 3])
+    (4, True)
+    """
+    if isinstance(method, Method):
+        if optimizer is not None or options:
+            raise ValueError("sparse_tx(method) takes a built Method alone: its optimizer "
+                             "and options were given when it was built")
+        built = method
+    else:
+        if optimizer is None:
+            raise ValueError(f"sparse_tx({method!r}, optimizer, ...) needs the optimizer to "
+                             "wrap, e.g. optax.sgd(0.1, momentum=0.9)")
+        built = get_method(method, optimizer, **options)
+    return as_optax(built, seed=seed, context=context, model_state=model_state)
+
+
+def _is_tx_state(x: Any) -> bool:
+    return isinstance(x, SparseTxState)
+
+
+def _find_states(opt_state: PyTree) -> list[SparseTxState]:
+    found = [x for x in jax.tree_util.tree_leaves(_pure(opt_state), is_leaf=_is_tx_state)
+             if _is_tx_state(x)]
+    if not found:
+        raise ValueError("this optimizer state holds no sparse_tx state: build the optimizer "
+                         "with sparsejax.sparse_tx (anywhere inside a chain is fine)")
+    return found
+
+
+def masks_of(opt_state: PyTree) -> PyTree:
+    """The masks held by the :func:`sparse_tx` state inside ``opt_state`` (an optimizer
+    state of any nesting: a chain, ``multi_transform``, ``MultiSteps``, a ``TrainState``'s
+    ``opt_state`` or an ``nnx.Optimizer``'s). With several sparse transformations (say,
+    one per ``multi_transform`` group) the masks of each are merged, each group's leaves
+    from its own; leaves that no sparse transformation holds are ``optax.MaskedNode``.
+
+    >>> import jax.numpy as jnp, optax, sparsejax
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                  sparsejax.sparse_tx("static", optax.adam(1e-3), sparsity=0.5))
+    >>> sparsejax.masks_of(tx.init({"w": jnp.ones((2, 2))}))["w"].sum()
+    Array(2, dtype=int32)
+    """
+    states = _find_states(opt_state)
+    if len(states) == 1:
+        return states[0].masks
+
+    def merge(*leaves: Any) -> Any:
+        real = [x for x in leaves if not isinstance(x, optax.MaskedNode)]
+        return real[0] if real else leaves[0]
+
+    return jax.tree_util.tree_map(merge, *[s.masks for s in states],
+                                  is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def replace_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
+    """``opt_state`` with the :func:`sparse_tx` masks replaced by ``masks`` (same structure,
+    bool). The next update zeroes the newly pruned weights; pass the params through
+    :func:`zero_pruned` to start from them at once.
+
+    >>> import jax.numpy as jnp, optax, sparsejax
+    >>> tx = sparsejax.sparse_tx("static", optax.sgd(0.1), sparsity=0.5)
+    >>> state = sparsejax.replace_masks(tx.init({"w": jnp.ones(2)}),
+    ...                                 {"w": jnp.array([True, False])})
+    >>> sparsejax.masks_of(state)["w"]
+    Array([ True, False], dtype=bool)
+    """
+    from sparsejax.validation import check_same_structure
+
+    old = _find_states(opt_state)
+    if len(old) != 1:
+        raise ValueError(f"this optimizer state holds {len(old)} sparse_tx states: replace "
+                         "the masks of each inside its own state")
+    check_same_structure(old[0].masks, masks, reference_name="the current masks")
+    return jax.tree_util.tree_map(
+        lambda x: x._replace(masks=masks) if _is_tx_state(x) else x, opt_state,
+        is_leaf=_is_tx_state)
+
+
+def zero_pruned(params: PyTree, opt_state: PyTree) -> PyTree:
+    """``params`` with the entries that the :func:`sparse_tx` masks in ``opt_state`` prune
+    set to zero: the one extra line before the first step, so that the first forward pass
+    already runs the sparse network (for NNX: ``nnx.update(model, zero_pruned(
+    nnx.state(model, nnx.Param), optimizer.opt_state))``).
+
+    >>> import jax.numpy as jnp, optax, sparsejax
+    >>> tx = sparsejax.sparse_tx("magnitude", optax.sgd(0.1), sparsity=0.5)
+    >>> p = {"w": jnp.array([1.0, -3.0, 2.0, 0.5])}
+    >>> sparsejax.zero_pruned(p, tx.init(p))["w"]
+    Array([ 0., -3.,  2.,  0.], dtype=float32)
+    """
+    params = _pure(params)
+    masks = masks_of(opt_state)
+    # Leaves that no sparse transformation holds (a multi_transform group of another
+    # optimizer) are MaskedNode in the masks: keep them.
+    masks = jax.tree_util.tree_map(
+        lambda m, p: jnp.ones(jnp.shape(p), bool) if isinstance(m, optax.MaskedNode) else m,
+        masks, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    return zero_masked(params, masks)
