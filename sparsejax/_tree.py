@@ -1,4 +1,10 @@
-"""Small pytree helpers on the current ``jax.tree_util`` key-path API."""
+"""Small pytree helpers on the current ``jax.tree_util`` key-path API.
+
+Paths are the ones a user sees: a Flax NNX ``Variable`` (``nnx.state(model, nnx.Param)``,
+what ``nnx.Optimizer`` hands to ``tx.init``) flattens to its array under one more key,
+the attribute ``value``; that key is dropped, so ``head/kernel`` names the same leaf in
+a ``State`` of variables and in its pure-array form (``nnx.as_pure``, ``nnx.to_pure_dict``).
+"""
 
 from __future__ import annotations
 
@@ -23,8 +29,23 @@ def key_name(key: Any) -> str:
     return str(key)
 
 
+def _is_variable_value(key: Any) -> bool:
+    """The last key of a path into a Flax NNX ``Variable``: its ``value`` attribute."""
+    return isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value"
+
+
 def path_str(path: KeyPath) -> str:
-    """A key path as a slash-separated string, e.g. ``'Dense_0/kernel'``."""
+    """A key path as a slash-separated string, e.g. ``'Dense_0/kernel'``.
+
+    A trailing ``.value`` attribute key (a Flax NNX ``Variable``'s array) is dropped, so
+    an NNX leaf is named as ``nnx.state`` shows it:
+
+    >>> from jax.tree_util import DictKey, GetAttrKey
+    >>> path_str((DictKey("head"), DictKey("kernel"), GetAttrKey("value")))
+    'head/kernel'
+    """
+    if path and _is_variable_value(path[-1]):
+        path = path[:-1]
     return "/".join(key_name(k) for k in path)
 
 

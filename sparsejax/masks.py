@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax._tree import map_with_path, path_str
-from sparsejax.validation import check_same_structure
+from sparsejax.validation import check_binary_masks, check_same_structure
 
 __all__ = [
     "Prunable",
@@ -99,13 +99,17 @@ def dense_masks(params: Any) -> Any:
 def apply_masks(params: Any, masks: Any) -> Any:
     """Zero the entries of ``params`` where ``masks`` is ``False``.
 
-    Raises ``ValueError`` if the mask tree's structure or shapes differ from ``params``.
+    Raises ``ValueError`` if the mask tree's structure or shapes differ from ``params``,
+    or if a concrete mask is neither ``bool`` nor only 0s and 1s (a 0.5 or NaN would be
+    read as "kept"). Under ``jit`` a traced mask's values cannot be checked and a
+    non-``bool`` one is used as ``mask != 0``: pass ``bool`` masks there.
 
     >>> import jax.numpy as jnp
     >>> apply_masks({"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([True, False])})["w"]
     Array([1., 0.], dtype=float32)
     """
     check_same_structure(params, masks)
+    check_binary_masks(masks)
     return jax.tree_util.tree_map(
         lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.result_type(p))), params, masks
     )

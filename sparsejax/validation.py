@@ -2,14 +2,16 @@
 
 Each check raises a ``ValueError`` (or ``TypeError``) whose message names the problem,
 so that a mistaken argument is caught at once instead of producing a silent wrong mask.
-Checks only look at concrete (host) values; under ``jit`` a traced value is passed
+Tree structures and shapes are checked while tracing, so they cost a jitted step nothing.
+Value checks only look at concrete (host) values; under ``jit`` a traced value is passed
 through unchecked, and the traced paths that must still be checked (non-finite scores)
 use :func:`check_finite_traced`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -22,7 +24,9 @@ __all__ = [
     "check_density",
     "check_sparsity",
     "check_same_structure",
+    "check_grads",
     "check_finite",
+    "check_binary_masks",
     "is_concrete",
 ]
 
@@ -100,11 +104,15 @@ def check_same_structure(
         extra = sorted(other_paths - ref_paths)
         detail = []
         if missing:
-            detail.append(f"missing leaves {missing[:5]}")
+            detail.append(f"missing leaves {_some(missing)}")
         if extra:
-            detail.append(f"unexpected leaves {extra[:5]}")
-        if not detail:
-            detail.append(f"tree structure {other_def} differs from {ref_def}")
+            detail.append(f"unexpected leaves {_some(extra)}")
+        if detail:
+            detail[-1] += (f" ({reference_name}: {_leaves(len(ref_leaves))}, {other_name}: "
+                           f"{_leaves(len(other_leaves))})")
+        else:  # the same paths in other containers (a dict for a tuple, an NNX State...)
+            detail.append(f"{other_name} have tree structure {other_def}, {reference_name} "
+                          f"have {ref_def}")
         raise ValueError(f"{other_name} do not match {reference_name}: " + "; ".join(detail))
     if not check_shapes:
         return
@@ -116,6 +124,34 @@ def check_same_structure(
                 f"{other_name} do not match {reference_name}: leaf '{path_str(path)}' has "
                 f"shape {other_shape}, expected {ref_shape}"
             )
+
+
+def _leaves(n: int) -> str:
+    return "1 leaf" if n == 1 else f"{n} leaves"
+
+
+def _some(paths: list[str], shown: int = 5) -> str:
+    if len(paths) <= shown:
+        return str(paths)
+    return f"{paths[:shown]} and {len(paths) - shown} more"
+
+
+def check_grads(trainables: Any, grads: Any) -> None:
+    """Raise ``ValueError`` unless ``grads`` has the tree structure and leaf shapes of
+    ``trainables`` (what a method's ``update`` differentiates); the message names the
+    leaf paths one has and the other lacks.
+
+    Runs while ``update`` is traced (structure and shapes are static), so a jitted step
+    pays nothing for it.
+
+    >>> import jax.numpy as jnp
+    >>> t = {"Dense_0": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}
+    >>> check_grads(t, {"Dense_0": {"kernel": jnp.zeros((2, 3))}})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: grads do not match trainables: missing leaves ['Dense_0/bias'] (trainables: ...
+    """
+    check_same_structure(trainables, grads, reference_name="trainables", other_name="grads")
 
 
 def check_finite(tree: Any, name: str = "scores") -> None:
@@ -145,19 +181,89 @@ def check_finite(tree: Any, name: str = "scores") -> None:
                                       f"leaf '{path_str(path)}'")
 
 
+def check_binary_masks(masks: Any) -> None:
+    """Raise ``ValueError`` naming the first mask leaf that is neither ``bool`` nor only
+    0s and 1s (a 0.5 or a NaN would otherwise be read as "kept").
+
+    Checked on the host for concrete arrays; a traced mask under ``jit`` is not checked
+    (it is used as ``mask != 0``): pass ``bool`` masks there.
+
+    >>> import jax.numpy as jnp
+    >>> check_binary_masks({"w": jnp.array([True, False]), "v": jnp.array([0.0, 1.0])})
+    >>> check_binary_masks({"w": jnp.array([1.0, 0.5])})
+    Traceback (most recent call last):
+    ...
+    ValueError: masks must be bool or hold only 0 and 1: leaf 'w' holds 0.5
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(masks)[0]:
+        if jnp.result_type(leaf) == jnp.bool_ or not is_concrete(leaf):
+            continue
+        values = np.asarray(leaf)
+        bad = ~((values == 0) | (values == 1))
+        if np.any(bad):
+            raise ValueError(f"masks must be bool or hold only 0 and 1: leaf "
+                             f"'{path_str(path)}' holds {values[bad].flat[0].item()}")
+
+
 def check_finite_traced(x: jax.Array, message: str) -> None:
     """Under ``jit``: raise ``ValueError(message)`` on the host if ``x`` has a NaN or inf.
 
-    The check is a device-side reduction plus a host callback of one boolean; the
-    error reaches the caller as a runtime error that contains ``message``.
+    The check is a device-side reduction plus a host callback of one boolean. JAX hands
+    the error to the caller as a ``JaxRuntimeError`` whose message ends with
+    ``ValueError: <message>``; JAX's own log record of the failed callback (a second
+    traceback on stderr) is dropped for this error only, see :class:`_QuietCallbackErrors`.
     """
     bad = jnp.logical_not(jnp.all(jnp.isfinite(x)))
     jax.debug.callback(_raise_if(message), bad)
 
 
+_QUIET = "_sparsejax_reported_to_caller"
+
+
 def _raise_if(message: str) -> Callable[[Any], None]:
     def callback(bad: Any) -> None:
         if bool(bad):
-            raise ValueError(message)
+            raise _detached_error(message)
 
     return callback
+
+
+def _detached_error(message: str) -> ValueError:
+    """``ValueError(message)`` whose traceback starts in a finished generator's frame.
+
+    XLA puts the traceback of a callback's error into the ``JaxRuntimeError`` message,
+    walking back from the innermost frame through every caller: the user's call, ``jit``
+    and a dozen JAX frames. A finished generator's frame has no caller, so the message
+    shows one frame and then ``ValueError: <message>``.
+    """
+
+    def raising() -> Iterator[None]:
+        raise ValueError(message)
+        yield  # a generator: its frame is detached from the caller's once it ends
+
+    try:
+        next(raising())
+    except ValueError as error:
+        setattr(error, _QUIET, True)
+        return error
+    raise AssertionError("unreachable")
+
+
+class _QuietCallbackErrors(logging.Filter):
+    """Drops JAX's ``logger.exception("jax.debug.callback failed")`` record for the errors
+    raised by :func:`check_finite_traced`: the caller gets the error with its message, and
+    the log record would print the callback's traceback to stderr a second time. Other
+    callbacks' failures are logged as before."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not getattr(error, _QUIET, False)
+
+
+def _install_quiet_filter() -> None:
+    logger = logging.getLogger("jax._src.debugging")  # where jax.debug.callback logs
+    if not any(isinstance(f, _QuietCallbackErrors) for f in logger.filters):
+        logger.addFilter(_QuietCallbackErrors())
+
+
+_install_quiet_filter()

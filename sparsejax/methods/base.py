@@ -17,6 +17,7 @@ metrics and data-parallel gradient averaging).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,7 +28,7 @@ from flax import struct
 from jax import lax
 
 from sparsejax.masks import dense_masks
-from sparsejax.validation import check_same_structure
+from sparsejax.validation import check_grads, check_same_structure
 
 __all__ = [
     "SparseState",
@@ -213,30 +214,8 @@ def no_penalty(state: SparseState, trainables: PyTree) -> jax.Array:
     return jnp.zeros((), jnp.float32)
 
 
-class Method(NamedTuple):
-    """A sparse-training method as pure functions.
-
-    Attributes:
-      name: the registry name, e.g. ``'dense'``.
-      init: ``(params, rng, model_state=None, context=None) -> SparseState``.
-      trainables: what ``jax.grad`` differentiates (params, scores, or both).
-      materialize: ``(state, trainables) -> params`` the effective params used in the
-        training forward pass; differentiable in ``trainables``.
-      update: ``(state, grads) -> state``, pure; ``grads`` match ``trainables(state)``.
-        It increments ``state.step``.
-      effective_params: ``state -> params`` used for evaluation and export: the hard
-        binary mask applied to the weights, no noise.
-      penalty: ``(state, trainables) -> scalar`` added to the loss (e.g. an L0 penalty).
-      phases: for methods whose masks move on a schedule, ``update`` split by that
-        schedule (:class:`MaskPhases`), which the trainers use; else ``None``.
-      hard_masks: ``state -> masks``, the binary masks ``effective_params`` applies:
-        ``state.masks`` (the default) for the methods that keep them current in the
-        state; the gates derive theirs from the gate parameters when asked (a global
-        top-k that no training step needs).
-      masked_params: ``(state, masks) -> params``, ``effective_params`` with ``masks`` in
-        place of ``hard_masks(state)`` (a ticket rebuilds its weights so); ``None`` (the
-        default) sets ``state.masks``. Call it through :meth:`params_with_masks`.
-    """
+class _MethodFields(NamedTuple):
+    """The fields of :class:`Method` (documented there)."""
 
     name: str
     init: InitFn
@@ -262,6 +241,77 @@ class Method(NamedTuple):
         if self.masked_params is not None:
             return self.masked_params(state, masks)
         return self.effective_params(state.replace(masks=masks))
+
+
+class Method(_MethodFields):
+    """A sparse-training method as pure functions.
+
+    Attributes:
+      name: the registry name, e.g. ``'dense'``.
+      init: ``(params, rng, model_state=None, context=None) -> SparseState``.
+      trainables: what ``jax.grad`` differentiates (params, scores, or both).
+      materialize: ``(state, trainables) -> params`` the effective params used in the
+        training forward pass; differentiable in ``trainables``.
+      update: ``(state, grads) -> state``, pure; ``grads`` match ``trainables(state)``.
+        It increments ``state.step``.
+      effective_params: ``state -> params`` used for evaluation and export: the hard
+        binary mask applied to the weights, no noise.
+      penalty: ``(state, trainables) -> scalar`` added to the loss (e.g. an L0 penalty).
+      phases: for methods whose masks move on a schedule, ``update`` split by that
+        schedule (:class:`MaskPhases`), which the trainers use; else ``None``.
+      hard_masks: ``state -> masks``, the binary masks ``effective_params`` applies:
+        ``state.masks`` (the default) for the methods that keep them current in the
+        state; the gates derive theirs from the gate parameters when asked (a global
+        top-k that no training step needs).
+      masked_params: ``(state, masks) -> params``, ``effective_params`` with ``masks`` in
+        place of ``hard_masks(state)`` (a ticket rebuilds its weights so); ``None`` (the
+        default) sets ``state.masks``. Call it through :meth:`params_with_masks`.
+
+    Constructing a ``Method`` wraps ``update`` and both ``phases`` so that, while they
+    are traced, they check that ``grads`` has the structure and leaf shapes of
+    ``trainables(state)`` and raise a ``ValueError`` naming the differing leaf paths
+    (:func:`sparsejax.validation.check_grads`); a jitted step pays nothing for it.
+    ``_replace`` does not wrap again: give it functions that call a method's own.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Method:
+        method = super().__new__(cls, *args, **kwargs)
+        phases = method.phases
+        if phases is not None:
+            phases = phases._replace(train=checking_grads(phases.train, method.trainables),
+                                     move=checking_grads(phases.move, method.trainables))
+        return method._replace(update=checking_grads(method.update, method.trainables),
+                               phases=phases)
+
+
+def checking_grads(update: UpdateFn, trainables: TrainablesFn) -> UpdateFn:
+    """``update`` that first checks, at trace time, that ``grads`` match
+    ``trainables(state)`` (:func:`sparsejax.validation.check_grads`). :class:`Method`
+    applies it to every update it is built with, so that a method cannot skip it; an
+    update already checked against the same ``trainables`` is returned as it is.
+
+    >>> import jax.numpy as jnp
+    >>> update = checking_grads(lambda state, grads: state, lambda state: state)
+    >>> update({"w": jnp.ones(2)}, {"v": jnp.ones(2)})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: grads do not match trainables: missing leaves ['w']; unexpected leaves ['v'] ...
+    """
+    if getattr(update, _CHECKED_AGAINST, None) is trainables:
+        return update
+
+    @functools.wraps(update)
+    def checked(state: SparseState, grads: PyTree) -> SparseState:
+        check_grads(trainables(state), grads)
+        return update(state, grads)
+
+    setattr(checked, _CHECKED_AGAINST, trainables)
+    return checked
+
+
+_CHECKED_AGAINST = "_sparsejax_grads_checked_against"
 
 
 def step_key(state: SparseState, salt: int = 0) -> jax.Array:
