@@ -36,6 +36,7 @@ __all__ = [
     "InitContext",
     "MaskPhases",
     "branch",
+    "select",
     "scheduled_update",
     "step_key",
     "no_penalty",
@@ -160,6 +161,23 @@ def branch(due: jax.Array | bool, on_due: Callable[[], Any],
     if isinstance(due, bool):
         return on_due() if due else otherwise()
     return lax.cond(due, on_due, otherwise)
+
+
+def select(due: jax.Array | bool, on_due: Callable[[], Any],
+           otherwise: Callable[[], Any]) -> Any:
+    """The elementwise form of :func:`branch`: for a traced ``due`` both are computed and
+    every leaf is ``jnp.where(due, on_due_leaf, otherwise_leaf)`` (cheap and fused for
+    elementwise work, where a ``lax.cond`` would copy its operands through the branch);
+    for a Python bool just the chosen one.
+
+    >>> import jax.numpy as jnp
+    >>> select(False, lambda: 1, lambda: 2), select(jnp.bool_(True), lambda: jnp.ones(2),
+    ...                                             lambda: jnp.zeros(2))
+    (2, Array([1., 1.], dtype=float32))
+    """
+    if isinstance(due, bool):
+        return on_due() if due else otherwise()
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(due, a, b), on_due(), otherwise())
 
 
 def scheduled_update(

@@ -52,6 +52,7 @@ from sparsejax.methods.base import (
     apply_optimizer,
     branch,
     scheduled_update,
+    select,
     step_key,
 )
 from sparsejax.methods.fixed import masked_optimizer, masked_weights_method, static
@@ -358,8 +359,8 @@ def prune_and_regrow(
             extra[MOMENTUM_KEY] = jax.tree_util.tree_map(jnp.zeros_like, state.params)
         return state.replace(opt_state=chained.init(state.params), extra=extra)
 
-    def regrow(state: SparseState, params: Any, opt_state: Any, grads: Any,
-               extra: Any) -> tuple[Any, Any, Any]:
+    def decide(state: SparseState, params: Any, grads: Any, extra: Any) -> Any:
+        """The new masks: one prune-and-regrow decision at ``params``."""
         paths = leaf_paths(params)
         flat_params, treedef = jax.tree_util.tree_flatten(params)
         flat_masks = jax.tree_util.tree_leaves(state.masks)
@@ -379,14 +380,14 @@ def prune_and_regrow(
         masks = list(flat_masks)
         for i, mask in zip(chosen, new_masks, strict=True):
             masks[i] = mask
-        masks = jax.tree_util.tree_unflatten(treedef, masks)
-        # Survivors (including weights dropped and regrown at once) keep value and slots;
-        # grown weights start at zero with zeroed slots.
-        survivors = jax.tree_util.tree_map(jnp.logical_and, state.masks, masks)
-        return (zero_masked(params, survivors), masks,
-                reset_slots(chained, opt_state, survivors))
+        return jax.tree_util.tree_unflatten(treedef, masks)
 
     def update_with(state: SparseState, grads: Any, due: jax.Array | bool) -> SparseState:
+        # Only the mask decision sits in the branch (a lax.cond for a traced ``due``): its
+        # top-k needs it, while the optimizer step, the zeroing of grown weights and the
+        # slot reset are elementwise and run every step as selections on ``due``, which
+        # XLA fuses. A cond over the whole state made every traced step (the optax form,
+        # research code) copy params and slots through the branch.
         extra = state.extra
         if momentum is not None:
             extra = {**extra, MOMENTUM_KEY: jax.tree_util.tree_map(
@@ -396,20 +397,21 @@ def prune_and_regrow(
             return apply_optimizer(chained, grads, state.opt_state, state.params,
                                    masks=state.masks)
 
-        if skip_optimizer_on_update:
-            def move() -> tuple[Any, Any, Any]:
-                return regrow(state, state.params, state.opt_state, grads, extra)
-
-            def train() -> tuple[Any, Any, Any]:
-                params, opt_state = optimizer_step()
-                return params, state.masks, opt_state
-
-            params, masks, opt_state = branch(due, move, train)
-        else:
+        if skip_optimizer_on_update:  # update steps only move the mask (RigL's code)
+            params, opt_state = select(due, lambda: (state.params, state.opt_state),
+                                       optimizer_step)
+        else:  # the optimizer steps first and the mask moves after
             params, opt_state = optimizer_step()
-            params, masks, opt_state = branch(
-                due, lambda: regrow(state, params, opt_state, grads, extra),
-                lambda: (params, state.masks, opt_state))
+        masks = branch(due, lambda: decide(state, params, grads, extra), lambda: state.masks)
+        if due is not False:
+            # Survivors (including weights dropped and regrown at once) keep value and
+            # slots; grown weights start at zero with zeroed slots. Between updates
+            # ``keep`` is all True and changes nothing.
+            keep = jax.tree_util.tree_map(
+                lambda old, new: jnp.logical_or(jnp.logical_and(old, new),
+                                                jnp.logical_not(due)), state.masks, masks)
+            params = zero_masked(params, keep)
+            opt_state = reset_slots(chained, opt_state, keep)
         return state.replace(step=state.step + 1, params=params, masks=masks,
                              opt_state=opt_state, extra=extra)
 
