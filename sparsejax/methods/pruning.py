@@ -378,12 +378,16 @@ def scheduled_magnitude(
                                             masks=state.masks)
         step = state.step + 1
 
-        def prune() -> tuple[PyTree, PyTree]:
+        def prune() -> PyTree:
             scores = exclude_pruned(magnitude_scores(params), state.masks)
-            new_masks = selector(params)(scores, jnp.argmax(steps_arr == step))
-            return zero_masked(params, new_masks), new_masks
+            return selector(params)(scores, jnp.argmax(steps_arr == step))
 
-        params, masks = branch(due, prune, lambda: (params, state.masks))
+        # Only the mask decision sits in the branch (a lax.cond when ``due`` is traced);
+        # zeroing the newly pruned weights is elementwise and changes nothing between
+        # pruning steps, where the pruned weights are zero already.
+        masks = branch(due, prune, lambda: state.masks)
+        if due is not False:
+            params = zero_masked(params, masks)
         return state.replace(step=step, params=params, masks=masks, opt_state=opt_state)
 
     def due(steps_done: jax.Array | int) -> jax.Array | bool:
