@@ -109,9 +109,15 @@ from sparsejax.training import LossFn, make_train_step, stateless_loss
 from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
 from sparsejax.validation import check_density, check_same_structure, check_sparsity
 
+# Score methods in a model or loop of the user's own: sparsejax.nnx (Flax NNX) and
+# sparsejax.linen (a linen TrainState); submodules, imported here so both are at hand.
+from sparsejax import linen, nnx  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "linen",
+    "nnx",
     "InitContext",
     "zero_pruned",
     "sparse_tx",

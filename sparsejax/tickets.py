@@ -24,6 +24,12 @@ The file is a NumPy ``.npz`` archive (deflate-compressed, read with
 
 Exporting refuses a run whose weights are not the ones its seed draws (a method that
 trained them), or whose effective weights are not a function of weights and masks alone.
+
+A model of the user's own (:mod:`sparsejax.nnx`, :mod:`sparsejax.linen`) has no run
+config to draw its weights from: :func:`export_state_ticket` writes the same packed masks
+and digests from a method and its state, without a config, and
+:func:`load_state_ticket` applies them to a state whose frozen weights the user rebuilt
+the same way (checked against the digest).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ __all__ = [
     "TICKET_FORMAT",
     "TICKET_VERSION",
     "Ticket",
+    "export_state_ticket",
+    "load_state_ticket",
     "pack_masks",
     "unpack_masks",
     "tree_digest",
@@ -190,6 +198,75 @@ def _effective(method: Any, state: Any) -> PyTree:
     return jax.device_get(jax.jit(method.effective_params)(state))
 
 
+def _write_archive(output: Path, header: dict[str, Any], packed: list[np.ndarray],
+                   arrays: dict[str, np.ndarray] | None = None) -> None:
+    """Write header, packed masks and ``arrays`` as a ticket file, atomically."""
+    content = {"header": np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)}
+    content.update({f"mask_{i:05d}": bits for i, bits in enumerate(packed)})
+    content.update(arrays or {})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **content)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, output)
+
+
+def export_state_ticket(method: Any, state: Any, output: str | os.PathLike[str], *,
+                        source: str = "sparsejax") -> dict[str, Any]:
+    """Write the ticket of a method's state whose ``params`` are the frozen weights (a
+    model of the user's own: :func:`sparsejax.nnx.export_ticket`,
+    :func:`sparsejax.linen.export_ticket`): the hard masks bit-packed, and sha256 digests
+    of the frozen and the effective weights, which :func:`load_state_ticket` checks. The
+    weights themselves are not written: the loader rebuilds them as it built them.
+
+    Raises ``ValueError`` when the effective weights are not a function of the frozen
+    weights and the masks.
+    """
+    masks = jax.device_get(method.hard_masks(state))
+    effective_digest = tree_digest(method.effective_params(state))
+    if tree_digest(method.params_with_masks(state, masks)) != effective_digest:
+        raise ValueError(f"the effective weights of method {method.name!r} depend on more "
+                         "than the frozen weights and the masks; it cannot be a ticket")
+    rows, packed = pack_masks(masks)
+    header = {"format": TICKET_FORMAT, "version": TICKET_VERSION, "source": source,
+              "method": method.name, "step": int(state.step), "masks": rows,
+              "frozen_params_sha256": tree_digest(state.params),
+              "effective_params_sha256": effective_digest, "jax_version": jax.__version__}
+    output = Path(output)
+    _write_archive(output, header, packed)
+    return {"ticket": str(output), "ticket_bytes": output.stat().st_size,
+            "packed_mask_bytes": int(sum(b.nbytes for b in packed)),
+            "weights": sum(int(np.prod(r["shape"])) for r in rows),
+            "kept": int(sum(r["kept"] for r in rows))}
+
+
+def load_state_ticket(method: Any, state: Any,
+                      path: str | os.PathLike[str]) -> tuple[PyTree, PyTree, dict[str, Any]]:
+    """``(effective params, masks, header)`` of a ticket written by
+    :func:`export_state_ticket`, for ``state`` holding the same frozen weights (rebuilt
+    as they were built: same model init, same method key); its masks are replaced.
+
+    Raises ``ValueError`` when ``state.params`` or the rebuilt effective weights differ
+    from the exported ones, or the ticket is of another method.
+    """
+    path = Path(path)
+    header, arrays = _read_archive(path)
+    if "frozen_params_sha256" not in header or header.get("method") != method.name:
+        raise ValueError(f"{path} is a ticket of method {header.get('method')!r} "
+                         f"({header.get('source', 'a training run')}), not of {method.name!r}")
+    if tree_digest(state.params) != header["frozen_params_sha256"]:
+        raise ValueError(f"the frozen weights differ from those {path} was exported with")
+    packed = [arrays[f"mask_{i:05d}"] for i in range(len(header["masks"]))]
+    masks = jax.tree_util.tree_map(jnp.asarray, unpack_masks(
+        header["masks"], packed, jax.device_get(state.params)))
+    params = method.params_with_masks(state, masks)
+    if tree_digest(params) != header["effective_params_sha256"]:
+        raise ValueError(f"the effective weights rebuilt from {path} differ from the "
+                         "exported ones")
+    return params, masks, header
+
+
 def export_ticket(run_dir: str | os.PathLike[str],
                   output: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Write the ticket of a finished run folder; returns a summary (path, sizes).
@@ -257,16 +334,9 @@ def export_ticket(run_dir: str | os.PathLike[str],
         "test_accuracy": result.get("test_accuracy"),
         "jax_version": jax.__version__,
     }
-    arrays = {"header": np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)}
-    arrays.update({f"mask_{i:05d}": bits for i, bits in enumerate(packed)})
-    arrays.update({f"state_{i:05d}": np.asarray(v) for i, (_, v) in enumerate(state_flat)})
     output = Path(output) if output is not None else run_dir / "ticket.npz"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, output)
+    _write_archive(output, header, packed,
+                   {f"state_{i:05d}": np.asarray(v) for i, (_, v) in enumerate(state_flat)})
     total = sum(int(np.prod(r["shape"])) for r in rows)
     return {
         "ticket": str(output),
@@ -310,6 +380,9 @@ def load_ticket(path: str | os.PathLike[str]) -> Ticket:
 
     path = Path(path)
     header, arrays = _read_archive(path)
+    if "config" not in header:
+        raise ValueError(f"{path} was exported from a model ({header.get('source')}); load "
+                         "it with that module's load_ticket")
     config = TrainConfig(**header["config"])
     regen = _regenerate(config, header["num_classes"], tuple(header["input_shape"]),
                         header["total_steps"], header["batches_per_epoch"])

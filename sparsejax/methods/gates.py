@@ -59,6 +59,7 @@ import optax
 
 from sparsejax.masks import Prunable, default_prunable, dense_masks, prunable_leaves
 from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer, step_key
+from sparsejax.methods.outside import OutsideLoop, register_outside_loop
 from sparsejax.methods.registry import register_method
 from sparsejax.methods.strong import WEIGHT_INITS, init_weights
 from sparsejax.schedules import cubic_sparsity
@@ -438,21 +439,26 @@ def gates(
             value = value + rounding_weight(state.step) * rounding_penalty(state.params, scores)
         return value
 
-    def update(state: SparseState, grads: PyTree) -> SparseState:
-        scores, opt_state = apply_optimizer(optimizer, grads, state.opt_state, state.scores)
+    def advance(state: SparseState) -> SparseState:
+        """The update after the optimizer: clipping, the controller, the step."""
+        scores = state.scores
         if score_bounds is not None:
             scores = jax.tree_util.tree_map(lambda s: jnp.clip(s, low, high), scores)
         lam_now = state.extra["lam"]
         if target_density is not None:
             error = open_density(state.params, scores) - target_density(state.step + 1)
             lam_now = jnp.maximum(lam_now + lam_rate * error, 0.0).astype(jnp.float32)
-        return state.replace(step=state.step + 1, scores=scores, opt_state=opt_state,
+        return state.replace(step=state.step + 1, scores=scores,
                              extra={**state.extra, "lam": lam_now})
+
+    def update(state: SparseState, grads: PyTree) -> SparseState:
+        scores, opt_state = apply_optimizer(optimizer, grads, state.opt_state, state.scores)
+        return advance(state.replace(scores=scores, opt_state=opt_state))
 
     def masked_params(state: SparseState, masks: PyTree) -> PyTree:
         return zero_masked(state.params, masks)
 
-    return Method(
+    method = Method(
         name="gates",
         init=init,
         trainables=lambda state: state.scores,
@@ -463,6 +469,10 @@ def gates(
         hard_masks=hard_masks,
         masked_params=masked_params,
     )
+    return register_outside_loop(method, OutsideLoop(
+        with_trainables=lambda state, scores: state.replace(scores=scores), advance=advance,
+        refresh=lambda state: state, trains_weights=False, scores_layout="like_params",
+        reads_step=True))
 
 
 register_method("gates", gates)

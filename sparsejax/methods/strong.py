@@ -61,6 +61,7 @@ from sparsejax._tree import path_str
 from sparsejax.distributions import layer_densities
 from sparsejax.masks import Prunable, default_prunable, prunable_except
 from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer
+from sparsejax.methods.outside import OutsideLoop, register_outside_loop
 from sparsejax.methods.registry import register_method
 from sparsejax.ste import supermask, supermask_product
 from sparsejax.topk import Scope, topk_mask_tracked
@@ -417,15 +418,25 @@ def score_supermask(
             return forward(values["params"], values["scores"], state.masks)
         return forward(state.params, values, state.masks)
 
+    def with_trainables(state: SparseState, values: PyTree) -> SparseState:
+        if train_weights:
+            return state.replace(params=values["params"], scores=values["scores"])
+        return state.replace(scores=values)
+
+    def advance(state: SparseState) -> SparseState:
+        return state.replace(step=state.step + 1)
+
+    def refresh(state: SparseState) -> SparseState:
+        """The masks (and cuts) of the state's scores at its step."""
+        masks, cuts = masks_of(state.params, state.scores, state.step,
+                               state.extra[TOPK_CUTS_KEY])
+        return state.replace(masks=masks, extra={**state.extra, TOPK_CUTS_KEY: cuts})
+
     def update(state: SparseState, grads: PyTree) -> SparseState:
         values, opt_state = apply_optimizer(optimizer, grads, state.opt_state,
                                             trainables(state))
-        params, scores = (values["params"], values["scores"]) if train_weights else (
-            state.params, values)
-        step = state.step + 1
-        masks, cuts = masks_of(params, scores, step, state.extra[TOPK_CUTS_KEY])
-        return state.replace(step=step, params=params, scores=scores, opt_state=opt_state,
-                             masks=masks, extra={**state.extra, TOPK_CUTS_KEY: cuts})
+        stepped = with_trainables(state, values).replace(opt_state=opt_state)
+        return refresh(advance(stepped))
 
     def effective_params(state: SparseState) -> PyTree:
         chosen = state.masks
@@ -436,8 +447,11 @@ def score_supermask(
         return jax.tree_util.tree_map(
             lambda w, m: jnp.where(m, w, jnp.zeros((), jnp.result_type(w))), state.params, chosen)
 
-    return Method(name=name, init=init, trainables=trainables, materialize=materialize,
-                  update=update, effective_params=effective_params)
+    method = Method(name=name, init=init, trainables=trainables, materialize=materialize,
+                    update=update, effective_params=effective_params)
+    return register_outside_loop(method, OutsideLoop(
+        with_trainables=with_trainables, advance=advance, refresh=refresh,
+        trains_weights=train_weights, scores_layout="by_path", reads_step=ramp_steps > 0))
 
 
 def _ramp_steps(ramp_epochs: float, batches_per_epoch: int | None) -> int:
