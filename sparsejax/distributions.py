@@ -195,16 +195,25 @@ def layer_densities(
     """
     _check_distribution(distribution)
     plan = _plan(params, density, prunable, overrides)
+    if not any(plan.is_prunable):
+        # Every density would be 1.0: a wrong filter or a model with nothing to prune.
+        paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        raise ValueError(f"no leaf of the params is prunable, so a density has nothing to "
+                         f"apply to (the prunable filter rejects every leaf of {paths[:10]})")
     counts = dict(plan.fixed_counts)
     if plan.free:
         if distribution == "global":
-            if scores is None:
-                scores = jax.tree_util.tree_map(jnp.abs, params)
+            # Default scores |params|: ranked by magnitude inside the search (the same
+            # masks as ranking a copy of |params|, without the copy).
+            by_magnitude = scores is None
+            scores = params if scores is None else scores
             check_same_structure(params, scores, other_name="scores")
             leaves = jax.tree_util.tree_leaves(scores)
             masks = topk_mask([leaves[i] for i in plan.free], count=plan.budget,
-                              scope="global")
-            counts.update({i: int(jnp.sum(m)) for i, m in zip(plan.free, masks, strict=True)})
+                              scope="global", by_magnitude=by_magnitude)
+            # Counted on the host: an eager jnp.sum would compile once per leaf shape.
+            counts.update({i: int(np.count_nonzero(np.asarray(m)))
+                           for i, m in zip(plan.free, masks, strict=True)})
         else:
             counts.update(_proportional_counts(plan, distribution))
     densities = [

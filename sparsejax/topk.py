@@ -449,6 +449,11 @@ def kth_largest(scores: jax.Array, k: Any) -> jax.Array:
     >>> float(kth_largest(jnp.array([0.3, -1.0, 2.0, 0.5]), 2))
     0.5
     """
+    return _kth_largest_compiled(jnp.asarray(scores), _as_int32(k))
+
+
+@jax.jit
+def _kth_largest_compiled(scores: jax.Array, k: jax.Array) -> jax.Array:
     return _key_value(_kth_largest_keys([[_order_key(scores)]], [k])[0])
 
 
@@ -556,9 +561,9 @@ def _topk(scores: Any, density: Any, count: Any, scope: str, check_finite_scores
         if jnp.ndim(amount) != 0:
             raise ValueError("scope='global' takes one density or count for all leaves")
         total = sum(int(jnp.size(leaf)) for leaf in leaves)
-        masks, new_hints = _grouped_topk([leaves], [_kept(density, count, total)], hints,
-                                         by_magnitude)
-        return jax.tree_util.tree_unflatten(treedef, masks[0]), new_hints
+        masks, new_hints = _topk_compiled(leaves, [_as_int32(_kept(density, count, total))],
+                                          hints, True, by_magnitude)
+        return jax.tree_util.tree_unflatten(treedef, masks), new_hints
 
     if isinstance(amount, (int, float)) or (hasattr(amount, "ndim") and amount.ndim == 0):
         amounts = [amount] * len(leaves)
@@ -570,8 +575,32 @@ def _topk(scores: Any, density: Any, count: Any, scope: str, check_finite_scores
     ks = [_kept(a, None, int(jnp.size(leaf))) if count is None
           else _kept(None, a, int(jnp.size(leaf)))
           for leaf, a in zip(leaves, amounts, strict=True)]
-    masks, new_hints = _grouped_topk([[leaf] for leaf in leaves], ks, hints, by_magnitude)
-    return jax.tree_util.tree_unflatten(treedef, [group[0] for group in masks]), new_hints
+    masks, new_hints = _topk_compiled(leaves, [_as_int32(k) for k in ks], hints, False,
+                                      by_magnitude)
+    return jax.tree_util.tree_unflatten(treedef, masks), new_hints
+
+
+@functools.partial(jax.jit, static_argnames=("joint", "by_magnitude"))
+def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Array | None,
+                   joint: bool, by_magnitude: bool) -> tuple[list[jax.Array], jax.Array]:
+    """:func:`_grouped_topk` of all ``leaves`` as one group (``joint``, one count in
+    ``ks``) or of each leaf apart (one count per leaf); the masks in leaf order.
+
+    Compiled at module level, once per shapes, dtypes and options, so that an eager call
+    reuses the program of an earlier one (its loops and branches, built from fresh
+    closures, would otherwise be traced and compiled again on every call)."""
+    groups = [leaves] if joint else [[leaf] for leaf in leaves]
+    masks, new_hints = _grouped_topk(groups, ks, hints, by_magnitude)
+    return [mask for group in masks for mask in group], new_hints
+
+
+def _as_int32(k: Any) -> Any:
+    """A count as an int32 argument of a compiled search: a host value (exact, from
+    :func:`num_kept` or a checked ``count``) as a numpy int32, so every value shares one
+    program; a traced or device value cast to int32."""
+    if is_concrete(k) and not isinstance(k, jax.Array):
+        return np.int32(k)
+    return jnp.asarray(k, jnp.int32)
 
 
 def _kept(density: Any, count: Any, size: int) -> Any:

@@ -4,6 +4,7 @@ every "score, then keep the top fraction, then train the survivors" method.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -90,10 +91,16 @@ def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
 def random_scores(params: Any, rng: jax.Array) -> Any:
     """Uniform random scores with the structure of ``params`` (one key per leaf)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(rng, max(len(leaves), 1))
-    scores = [jax.random.uniform(k, jax.numpy.shape(p))
-              for k, p in zip(keys, leaves, strict=False)]
-    return jax.tree_util.tree_unflatten(treedef, scores)
+    shapes = tuple(tuple(jax.numpy.shape(p)) for p in leaves)
+    return jax.tree_util.tree_unflatten(treedef, _uniform_scores(rng, shapes))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _uniform_scores(rng: jax.Array, shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
+    """One compiled program per set of shapes (eagerly, each leaf's draw and the key
+    split would compile apart on a first call); the same bits as drawn eagerly."""
+    keys = jax.random.split(rng, max(len(shapes), 1))
+    return [jax.random.uniform(k, shape) for k, shape in zip(keys, shapes, strict=False)]
 
 
 def static(

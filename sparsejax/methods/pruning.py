@@ -13,8 +13,9 @@ Scores of weights that are already pruned are set to ``-1`` before a new selecti
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -242,34 +243,49 @@ def masks_for_densities(
     Array([[ True, False],
            [False, False]], dtype=bool)
     """
-    if not densities:
-        raise ValueError("give at least one density")
-    plans = [kept_counts(params, float(d), distribution, prunable=prunable,
-                         overrides=overrides) for d in densities]
-    shared = plans[0].shared  # shapes alone decide which leaves share a ranking
-    n = len(plans[0].per_leaf)
-    fixed = [i for i in range(n) if plans[0].per_leaf[i] is not None]
-    # numpy here, jnp inside select: select may first run inside a trace, and a jnp
-    # array made there and kept would leak that trace into later calls
-    count_table = np.array([[p.per_leaf[i] for i in fixed] for p in plans],
-                           np.int32).reshape(len(plans), len(fixed))
-    shared_table = np.array([p.shared_count for p in plans], np.int32)
+    return _CountTable.of(params, densities, distribution, prunable, overrides).select
 
-    def select(scores: PyTree, index: jax.Array) -> PyTree:
-        counts, shared_counts = jnp.asarray(count_table), jnp.asarray(shared_table)
+
+class _CountTable(NamedTuple):
+    """The kept counts of each of several densities, from shapes alone: row ``j`` of
+    ``counts`` holds those of the leaves ``fixed`` (one column each); the leaves ``shared``
+    (distribution ``'global'``) keep ``shared_counts[j]`` jointly. Hashable, so it can be
+    a static argument of a compiled function."""
+
+    counts: tuple[tuple[int, ...], ...]
+    shared_counts: tuple[int, ...]
+    fixed: tuple[int, ...]
+    shared: tuple[int, ...]
+
+    @classmethod
+    def of(cls, params: PyTree, densities: Sequence[float], distribution: str,
+           prunable: Prunable, overrides: Mapping[str, float] | None) -> _CountTable:
+        if not densities:
+            raise ValueError("give at least one density")
+        plans = [kept_counts(params, float(d), distribution, prunable=prunable,
+                             overrides=overrides) for d in densities]
+        fixed = tuple(i for i, c in enumerate(plans[0].per_leaf) if c is not None)
+        return cls(tuple(tuple(p.per_leaf[i] for i in fixed) for p in plans),
+                   tuple(p.shared_count for p in plans), fixed, tuple(plans[0].shared))
+
+    def select(self, scores: PyTree, index: jax.Array) -> PyTree:
+        # numpy, then jnp here: select may first run inside a trace, and a jnp array
+        # made there and kept would leak that trace into later calls
+        counts = jnp.asarray(np.array(self.counts, np.int32).reshape(
+            len(self.shared_counts), len(self.fixed)))
+        shared_counts = jnp.asarray(np.array(self.shared_counts, np.int32))
         score_leaves, treedef = jax.tree_util.tree_flatten(scores)
         masks: list[Any] = [jnp.ones(np.shape(s), bool) for s in score_leaves]
-        for column, i in enumerate(fixed):
+        for column, i in enumerate(self.fixed):
             masks[i] = topk_mask(score_leaves[i], count=counts[index, column],
                                  check_finite_scores=False)
-        if shared:
-            chosen = topk_mask([score_leaves[i] for i in shared], count=shared_counts[index],
-                               scope="global", check_finite_scores=False)
-            for i, m in zip(shared, chosen, strict=True):
+        if self.shared:
+            chosen = topk_mask([score_leaves[i] for i in self.shared],
+                               count=shared_counts[index], scope="global",
+                               check_finite_scores=False)
+            for i, m in zip(self.shared, chosen, strict=True):
                 masks[i] = m
         return jax.tree_util.tree_unflatten(treedef, masks)
-
-    return select
 
 
 def synflow_masks(
@@ -290,15 +306,27 @@ def synflow_masks(
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     schedule = [density ** (k / iterations) for k in range(1, iterations + 1)]
-    select = masks_for_densities(params, schedule, distribution, prunable=prunable,
-                                 overrides=overrides)
+    table = _CountTable.of(params, schedule, distribution, prunable, overrides)
+    rounds = _synflow_rounds
+    try:
+        hash(apply_fn)
+    except TypeError:  # an unhashable apply_fn cannot key the compiled rounds
+        rounds = _synflow_rounds.__wrapped__
+    return rounds(apply_fn, params, model_state, tuple(input_shape), table)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "input_shape", "table"))
+def _synflow_rounds(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
+                    input_shape: tuple[int, ...], table: _CountTable) -> PyTree:
+    """The rounds of :func:`synflow_masks`, compiled once per ``apply_fn``, shapes and
+    counts (an eager loop over a fresh closure would compile again on every call)."""
     masks0 = jax.tree_util.tree_map(lambda p: jnp.ones(jnp.shape(p), bool), params)
 
     def body(k: jax.Array, masks: PyTree) -> PyTree:
         scores = synflow_scores(apply_fn, params, model_state, input_shape, masks)
-        return select(exclude_pruned(scores, masks), k)
+        return table.select(exclude_pruned(scores, masks), k)
 
-    return lax.fori_loop(0, iterations, body, masks0)
+    return lax.fori_loop(0, len(table.counts), body, masks0)
 
 
 # --------------------------------------------------------------------------- methods

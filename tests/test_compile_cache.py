@@ -1,0 +1,182 @@
+"""A second eager call with the same shapes, dtypes and options compiles nothing.
+
+Called eagerly, a function whose loops and branches (``lax.while_loop``, ``fori_loop``,
+``cond``) are built from fresh Python closures traces and compiles them again on every
+call: a second ``topk_mask`` of a 300x100 leaf took seconds, as did a second
+``static(...).init`` of a small MLP. The library compiles such cores at module level
+(``jax.jit``, hashable options static, counts traced), so a later call, also through a
+freshly built ``Method``, reuses the first call's programs. Each test warms a call up,
+then counts the XLA compilations of the next one.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from toy_mlp import mlp_params
+
+import sparsejax
+from sparsejax.topk import kth_largest, topk_mask, topk_mask_tracked
+
+try:
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+except ImportError:  # pragma: no cover - the event's name in jax 0.4-0.10
+    BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+_COMPILED = [0]
+
+
+def _count_compilation(event, duration, **kwargs):
+    if event == BACKEND_COMPILE_EVENT:
+        _COMPILED[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compilation)
+
+
+def compiles(call):
+    """How many XLA programs are compiled while ``call()`` runs to its result."""
+    before = _COMPILED[0]
+    jax.block_until_ready(call())
+    return _COMPILED[0] - before
+
+
+def second_call_compiles(call):
+    compiles(call)  # the first call may compile (unless an earlier test did)
+    return compiles(call)
+
+
+def wide_leaf(seed=0):
+    """30,000 scores: above 2048, so the sampled search (a while loop), not the bitwise."""
+    return jax.random.normal(jax.random.PRNGKey(seed), (300, 100))
+
+
+def test_the_counter_sees_compilations():
+    x = jnp.ones(3)
+    assert compiles(lambda: jax.jit(lambda x: x * 3)(x)) == 1  # a new function: compiled
+
+
+@pytest.mark.parametrize("options", [
+    {"density": 0.3},
+    {"count": 1234},
+    {"density": 0.3, "by_magnitude": True},
+    {"density": 0.3, "check_finite_scores": False},
+], ids=["density", "count", "by_magnitude", "unchecked"])
+def test_topk_mask_of_a_leaf(options):
+    x = wide_leaf()
+    assert second_call_compiles(lambda: topk_mask(x, **options)) == 0
+    other = wide_leaf(1)  # other scores of the same shape reuse the program
+    assert compiles(lambda: topk_mask(other, **options)) == 0
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_topk_mask_of_a_tree(scope):
+    tree = {"wide": wide_leaf(), **mlp_params(jax.random.PRNGKey(0))}
+    assert second_call_compiles(lambda: topk_mask(tree, 0.2, scope=scope)) == 0
+    assert compiles(lambda: topk_mask(tree, count=3, scope=scope)) == 0
+
+
+def test_other_densities_and_counts_reuse_the_program():
+    x = wide_leaf()
+    topk_mask(x, 0.3)
+    assert compiles(lambda: topk_mask(x, 0.05)) == 0  # the count is traced, not static
+    assert compiles(lambda: topk_mask(x, count=10)) == 0
+    tree = mlp_params(jax.random.PRNGKey(0))
+    topk_mask(tree, 0.5)
+    densities = {"Dense_0": {"kernel": 0.1, "bias": 1.0}, "Dense_1": {"kernel": 0.7, "bias": 0.0}}
+    assert compiles(lambda: topk_mask(tree, densities)) == 0
+
+
+def test_topk_mask_tracked():
+    x = wide_leaf()
+    _, cuts = topk_mask_tracked(x, 0.3)
+    assert compiles(lambda: topk_mask_tracked(x, 0.3)) == 0
+    assert second_call_compiles(lambda: topk_mask_tracked(x * 1.001, 0.3, cuts)) == 0
+    tree = mlp_params(jax.random.PRNGKey(0))
+    _, cuts = topk_mask_tracked(tree, 0.3, scope="global", by_magnitude=True)
+    assert second_call_compiles(lambda: topk_mask_tracked(
+        tree, 0.3, cuts, scope="global", by_magnitude=True)) == 0
+
+
+def test_kth_largest():
+    x = wide_leaf().ravel()
+    assert second_call_compiles(lambda: kth_largest(x, 17)) == 0
+    assert compiles(lambda: kth_largest(x, 170)) == 0
+
+
+def test_validation_still_runs_eagerly():
+    x = wide_leaf()
+    topk_mask(x, 0.5)
+    with pytest.raises(ValueError, match="scores contain non-finite values"):
+        topk_mask(x.at[3, 4].set(jnp.nan), 0.5)
+    with pytest.raises(ValueError, match=r"count must be an integer in \[0, 30000\]"):
+        topk_mask(x, count=30001)
+    with pytest.raises(ValueError, match="density must lie in"):
+        topk_mask(x, 1.5)
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "erk", "global"])
+def test_select_masks(distribution):
+    scores = {"wide": jnp.abs(wide_leaf()), **mlp_params(jax.random.PRNGKey(0))}
+    assert second_call_compiles(
+        lambda: sparsejax.select_masks(scores, 0.2, distribution)) == 0
+
+
+def test_layer_densities_and_kept_counts():
+    params = {"wide": wide_leaf(), **mlp_params(jax.random.PRNGKey(0))}
+    # 'global' ranks |params| on the device; the other distributions and kept_counts
+    # work out integers on the host and compile nothing at all.
+    assert second_call_compiles(lambda: sparsejax.layer_densities(params, 0.2, "global")) == 0
+    assert compiles(lambda: sparsejax.layer_densities(params, 0.2, "erk")) == 0
+    assert compiles(lambda: sparsejax.kept_counts(params, 0.2, "global")) == 0
+    assert compiles(lambda: sparsejax.kept_counts(params, 0.2, "erk")) == 0
+
+
+def mlp_apply(params, model_state, x):
+    h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    return h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+
+
+SGD = optax.sgd(0.1, momentum=0.9)
+BUILDERS = {
+    "dense": lambda: sparsejax.dense(SGD),
+    "static": lambda: sparsejax.static(SGD, sparsity=0.9),
+    "magnitude": lambda: sparsejax.magnitude(SGD, sparsity=0.9),
+    "random_prune": lambda: sparsejax.random_prune(SGD, sparsity=0.9, distribution="erk"),
+    "set": lambda: sparsejax.sparse_evolutionary(SGD, sparsity=0.9, update_every=10),
+    "rigl": lambda: sparsejax.rigl(SGD, sparsity=0.9, end_step=100),
+    "snfs": lambda: sparsejax.snfs(SGD, sparsity=0.9, update_every=10, total_steps=100),
+    "gradual_magnitude": lambda: sparsejax.gradual_magnitude(SGD, sparsity=0.9,
+                                                             total_steps=100),
+    "edge_popup": lambda: sparsejax.edge_popup(SGD, sparsity=0.5),
+    "edge_popup_global": lambda: sparsejax.edge_popup(SGD, sparsity=0.5, scope="global"),
+    "biprop": lambda: sparsejax.biprop(SGD, sparsity=0.5),
+    "biprop_ramp": lambda: sparsejax.biprop(SGD, sparsity=0.5, ramp_epochs=1.0,
+                                            batches_per_epoch=10),
+    "supermask_weights": lambda: sparsejax.supermask_weights(SGD, sparsity=0.5,
+                                                             distribution="erk"),
+    "synflow": lambda: sparsejax.synflow(SGD, sparsity=0.9, iterations=5, apply_fn=mlp_apply,
+                                         input_shape=(20,)),
+    "gates": lambda: sparsejax.gates(SGD, sparsity=0.9),
+    "gates_hard_concrete": lambda: sparsejax.gates(SGD, gate="hard_concrete", sparsity=0.9),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_method_init(name):
+    params, key = mlp_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1)
+    method = BUILDERS[name]()
+    state = method.init(params, key)
+    assert compiles(lambda: method.init(params, key)) == 0  # the same Method again
+    assert compiles(lambda: BUILDERS[name]().init(params, key)) == 0  # built afresh
+    # The hard masks (for the gates a global top-k of the gate parameters).
+    compiles(lambda: method.hard_masks(state))
+    assert compiles(lambda: BUILDERS[name]().hard_masks(state)) == 0
+
+
+@pytest.mark.parametrize("name", ["static", "edge_popup"])
+def test_method_init_with_a_wide_leaf(name):
+    params = {"wide": {"kernel": wide_leaf()}, **mlp_params(jax.random.PRNGKey(0))}
+    key = jax.random.PRNGKey(1)
+    compiles(lambda: BUILDERS[name]().init(params, key))
+    assert compiles(lambda: BUILDERS[name]().init(params, key)) == 0
