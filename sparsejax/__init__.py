@@ -8,6 +8,9 @@ jit-able functions (see :class:`sparsejax.Method`).
 Array([False, False,  True,  True], dtype=bool)
 """
 
+# Score methods in a model or loop of the user's own: sparsejax.nnx (Flax NNX) and
+# sparsejax.linen (a linen TrainState); submodules, imported here so both are at hand.
+from sparsejax import linen, nnx  # noqa: E402
 from sparsejax.distributions import (
     DISTRIBUTIONS,
     KeptCounts,
@@ -108,10 +111,6 @@ from sparsejax.topk import kth_largest, num_kept, topk_mask, topk_mask_tracked
 from sparsejax.training import LossFn, make_train_step, stateless_loss
 from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
 from sparsejax.validation import check_density, check_same_structure, check_sparsity
-
-# Score methods in a model or loop of the user's own: sparsejax.nnx (Flax NNX) and
-# sparsejax.linen (a linen TrainState); submodules, imported here so both are at hand.
-from sparsejax import linen, nnx  # noqa: E402
 
 __version__ = "0.1.0"
 

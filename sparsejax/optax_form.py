@@ -155,7 +155,8 @@ def sparse_tx(
     >>> params = sparsejax.zero_pruned(params, opt_state)
     >>> updates, opt_state = tx.update({"w": jnp.arange(16.0).reshape(4, 4)}, opt_state,
     ...                                params)
-    >>> int(sparsejax.masks_of(opt_state)["w"].sum()), bool(sparsejax.masks_of(opt_state)["w"][3, 3])
+    >>> masks = sparsejax.masks_of(opt_state)
+    >>> int(masks["w"].sum()), bool(masks["w"][3, 3])  # the largest gradient grew
     (4, True)
     """
     if isinstance(method, Method):

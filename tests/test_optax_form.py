@@ -7,17 +7,16 @@ same params (to float rounding: ``p + (new - p)`` may round differently from ``n
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from flax.training.train_state import TrainState
+from toy_mlp import batches, mlp_loss, mlp_params
 
 import sparsejax
 from sparsejax import InitContext, make_train_step, stateless_loss
-from toy_mlp import batches, mlp_loss, mlp_params
 
 N_STEPS = 4
 
@@ -179,7 +178,8 @@ def test_rigl_with_a_scheduled_learning_rate_through_inject_hyperparams():
         lambda learning_rate: sparsejax.sparse_tx(_rigl(optax.sgd(learning_rate, momentum=0.9)))
     )(learning_rate=schedule)
     params, opt_state = _run_tx(outer, 8)
-    assert float(opt_state.hyperparams["learning_rate"]) == pytest.approx(schedule(7))  # the last update's
+    # inject_hyperparams records the learning rate of the last update, at count 7.
+    assert float(opt_state.hyperparams["learning_rate"]) == pytest.approx(schedule(7))
     for got, want in zip(jax.tree_util.tree_leaves(sparsejax.masks_of(opt_state)),
                          jax.tree_util.tree_leaves(ref.masks), strict=True):
         assert int(got.sum()) == int(want.sum())
