@@ -242,9 +242,10 @@ def zero_pruned(params: PyTree, opt_state: PyTree) -> PyTree:
 
     >>> import jax.numpy as jnp, optax, sparsejax
     >>> tx = sparsejax.sparse_tx("magnitude", optax.sgd(0.1), sparsity=0.5)
-    >>> p = {"w": jnp.array([1.0, -3.0, 2.0, 0.5])}
+    >>> p = {"w": jnp.array([[1.0, -3.0], [2.0, 0.5]])}   # kernels (ndim >= 2) are pruned
     >>> sparsejax.zero_pruned(p, tx.init(p))["w"]
-    Array([ 0., -3.,  2.,  0.], dtype=float32)
+    Array([[ 0., -3.],
+           [ 2.,  0.]], dtype=float32)
     """
     params = _pure(params)
     masks = masks_of(opt_state)
