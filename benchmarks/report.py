@@ -3,8 +3,9 @@
     python benchmarks/report.py benchmarks/results/topk_cpu.json \
         benchmarks/results/step_time_*_cpu.json benchmarks/results/memory_cpu.json
 
-Each file is recognised by its rows: ``algorithm`` (topk.py), ``ratio`` (step_time.py),
-``state_bytes`` (memory.py) or ``variant`` (gates_breakdown.py). Step-time rows of every
+Each file is recognised by its rows: ``algorithm`` (topk.py), ``form`` (own_loop.py),
+``case`` (eager_calls.py), ``ratio`` (step_time.py), ``state_bytes`` (memory.py) or
+``variant`` (gates_breakdown.py). Step-time rows of every
 file are gathered into one table with a column pair per model, with the issue's target
 beside each method.
 """
@@ -71,6 +72,30 @@ def breakdown_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def own_loop_table(rows: list[dict]) -> str:
+    out = ["| model | method | form | user's dense ms | method ms | ratio | target |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        digits = 3 if r["dense_ms"] < 10 else 0
+        how = f" (update every {r['update_interval']}, {r['amortize']})" if r.get(
+            "update_interval") else ""
+        out.append(f"| {r['model']} | {r['method']}{how} | {r['form']} | "
+                   f"{r['dense_ms']:.{digits}f} | {r['method_ms']:.{digits}f} | "
+                   f"{r['ratio']:.3f} | {TARGETS.get(r['method'], '')} |")
+    return "\n".join(out)
+
+
+def eager_table(rows: list[dict]) -> str:
+    out = ["| call | first (compiles) | second (compiles) |", "| --- | --- | --- |"]
+    for r in rows:
+        if "first_step_s" in r:
+            out.append(f"| CLI to its first step | {r['first_step_s']:.2f} s | |")
+            continue
+        out.append(f"| {r['case']} | {r['first_s']:.3f} s ({r['first_compiles']}) | "
+                   f"{r['second_s'] * 1e3:.1f} ms ({r['second_compiles']}) |")
+    return "\n".join(out)
+
+
 def main(paths: list[str]) -> None:
     steps: list[dict] = []
     breakdown: list[dict] = []
@@ -80,6 +105,10 @@ def main(paths: list[str]) -> None:
             continue
         if "algorithm" in rows[0]:
             print(topk_table(rows), end="\n\n")
+        elif "form" in rows[0]:
+            print(own_loop_table(rows), end="\n\n")
+        elif "case" in rows[0]:
+            print(eager_table(rows), end="\n\n")
         elif "state_bytes" in rows[0]:
             print(memory_table(rows), end="\n\n")
         elif "variant" in rows[0]:

@@ -397,12 +397,18 @@ def prune_and_regrow(
             return apply_optimizer(chained, grads, state.opt_state, state.params,
                                    masks=state.masks)
 
-        if skip_optimizer_on_update:  # update steps only move the mask (RigL's code)
+        if skip_optimizer_on_update:
+            # Update steps only move the mask (RigL's code), decided on the weights before
+            # the step: the decision comes first, so the optimizer step, the zeroing and
+            # the slot reset after it fuse into one elementwise pass.
+            masks = branch(due, lambda: decide(state, state.params, grads, extra),
+                           lambda: state.masks)
             params, opt_state = select(due, lambda: (state.params, state.opt_state),
                                        optimizer_step)
         else:  # the optimizer steps first and the mask moves after
             params, opt_state = optimizer_step()
-        masks = branch(due, lambda: decide(state, params, grads, extra), lambda: state.masks)
+            masks = branch(due, lambda: decide(state, params, grads, extra),
+                           lambda: state.masks)
         if due is not False:
             # Survivors (including weights dropped and regrown at once) keep value and
             # slots; grown weights start at zero with zeroed slots. Between updates
