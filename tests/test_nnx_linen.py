@@ -206,8 +206,10 @@ def test_nnx_paths_and_filters():
         ("fc1", "kernel_gates"), ("fc2", "kernel_gates")]
     with pytest.raises(ValueError, match="already sparsified"):
         snnx.sparsify(model, "edge_popup", rng=KEY, sparsity=0.5)
-    with pytest.raises(ValueError, match="no outside-optimizer form"):
+    with pytest.raises(ValueError, match="no outside-optimizer form.*sparse_tx"):
         snnx.sparsify(NnxMLP(nnx.Rngs(0)), "static", rng=KEY, sparsity=0.5)
+    with pytest.raises(ValueError, match="is not sparsified"):
+        snnx.hard_masks(NnxMLP(nnx.Rngs(0)))
 
 
 @pytest.mark.parametrize("name", ["edge_popup", "gates"])

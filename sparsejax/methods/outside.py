@@ -91,7 +91,8 @@ def outside_loop(method: Method) -> OutsideLoop:
     except (KeyError, TypeError):
         raise ValueError(
             f"method {method.name!r} has no outside-optimizer form here; the score methods "
-            "(edge_popup, biprop, supermask_weights, gates) do") from None
+            "(edge_popup, biprop, supermask_weights, gates) do. Methods that train the "
+            "weights are optax transformations: sparsejax.sparse_tx") from None
 
 
 def forward_params(method: Method, state: SparseState,
