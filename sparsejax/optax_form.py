@@ -120,14 +120,19 @@ def as_optax(
             raise ValueError(
                 f"the optax form of {method.name!r} needs the params: call "
                 "tx.update(grads, opt_state, params)")
-        sparse = SparseState(step=state.step, params=zero_masked(params, state.masks),
-                             masks=state.masks, scores={}, opt_state=state.inner_state,
-                             rng=state.rng, model_state={}, extra=state.extra)
+        # The method runs on the params as they are: with zero_pruned before the first
+        # step their pruned entries are zero already, and masking them on the way in
+        # would make a copy wherever a mask decision (a lax.cond) reads them.
+        sparse = SparseState(step=state.step, params=params, masks=state.masks, scores={},
+                             opt_state=state.inner_state, rng=state.rng, model_state={},
+                             extra=state.extra)
         new = method.update(sparse, updates)
-        # new - params, not new - zero_masked(params): pruned entries of params that are
-        # not zero yet (the first step without zero_pruned) leave apply_updates at zero.
-        deltas = jax.tree_util.tree_map(lambda new_p, p: (new_p - p).astype(p.dtype),
-                                        new.params, params)
+        # Masked on the way out (fused with the difference), so pruned entries leave
+        # apply_updates at exactly zero: p + (0 - p) == 0, also in a first step taken
+        # without zero_pruned or after replace_masks.
+        deltas = jax.tree_util.tree_map(
+            lambda new_p, m, p: (jnp.where(m, new_p, jnp.zeros((), new_p.dtype)) - p
+                                 ).astype(p.dtype), new.params, new.masks, params)
         return deltas, SparseTxState(step=new.step, masks=new.masks,
                                      inner_state=new.opt_state, rng=new.rng, extra=new.extra)
 
