@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sparsejax.methods.base import InitContext, Method, SparseState
@@ -100,7 +101,13 @@ def as_optax(
     >>> int(sparsejax.masks_of(opt_state)["w"].sum())
     4
     """
-    rng = jax.random.PRNGKey(seed) if isinstance(seed, int) else jnp.asarray(seed)
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        rng = jax.random.PRNGKey(int(seed))
+    elif jnp.shape(seed) == (2,) or jax.dtypes.issubdtype(jnp.asarray(seed).dtype,
+                                                           jax.dtypes.prng_key):
+        rng = jnp.asarray(seed)
+    else:
+        raise ValueError(f"seed must be an int or a PRNG key, got {seed!r}")
 
     def init_fn(params: PyTree) -> SparseTxState:
         params = _pure(params)

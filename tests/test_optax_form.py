@@ -303,5 +303,9 @@ def test_misuse_is_a_clear_error():
     params = mlp_params(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="needs the params"):
         tx.update(params, tx.init(params))
+    with pytest.raises(ValueError, match="seed must be an int or a PRNG key"):
+        sparsejax.sparse_tx("static", optax.sgd(0.1), sparsity=0.5, seed=0.5)
+    assert sparsejax.masks_of(sparsejax.sparse_tx(  # a numpy int is a seed like an int
+        "static", optax.sgd(0.1), sparsity=0.5, seed=np.int64(3)).init(params)) is not None
     with pytest.raises(ValueError, match="holds no sparse_tx state"):
         sparsejax.masks_of(optax.sgd(0.1).init(params))
