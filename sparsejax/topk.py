@@ -112,7 +112,8 @@ def _kth_largest_keys(groups: Sequence[Sequence[jax.Array]], ks: Sequence[Any]) 
             updated.append(jnp.where(count >= k, candidate, answer))
         return tuple(updated)
 
-    start = tuple(jnp.uint32(0) for _ in groups)
+    # Inside ``shard_map`` the carries must vary over the mesh axes the keys vary over.
+    start = _vary(tuple(jnp.uint32(0) for _ in groups), _varying_axes(groups, list(ks)))
     return list(lax.fori_loop(0, 32, body, start))
 
 
@@ -249,8 +250,10 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any,
         previous, moved = hint[0], hint[1]
         width = jnp.maximum(_HINT_SPREADS * moved, jnp.abs(previous) * _HINT_FLOOR)
         usable = jnp.isfinite(previous) & jnp.isfinite(width) & (width > 0)
-        first_cuts = lax.cond(usable, lambda: jnp.stack([previous - width, previous + width]),
-                              sample_cuts)
+        axes = _varying_axes(values, k, hint)
+        first_cuts = lax.cond(
+            usable, lambda: _vary(jnp.stack([previous - width, previous + width]), axes),
+            lambda: _vary(sample_cuts(), axes))
 
     def interpolated_cuts(lo, hi, c_lo, c_above):
         # Model the bracket's entries as uniform in value between lo and hi. The cut lies
@@ -367,6 +370,8 @@ def _sampled_cut(values: Sequence[jax.Array], k: Any,
     # Start "tight" so that the first pass counts at the sample's cuts.
     start = (jnp.int32(0), jnp.asarray(True), jnp.float32(-jnp.inf), jnp.float32(jnp.inf),
              jnp.int32(n), jnp.int32(0), jnp.asarray(False), jnp.float32(0), first_cuts)
+    # Inside ``shard_map`` every carry varies over the mesh axes the values vary over.
+    start = _vary(start, _varying_axes(values, k, hint))
     _, _, lo, _, c_lo, _, hit, cut, _ = lax.while_loop(not_done, body, start)
     # A bracket closed on an entry that exactly k entries reach is a cut too.
     return jnp.where(hit, cut, lo), hit | (c_lo == k)
@@ -395,6 +400,57 @@ def _extraction_limit(rows: Sequence[jax.Array]) -> int:
     if not total_rows:
         return 0
     return max(0, math.floor((0.12 * total_rows**2) ** (1 / 3)))
+
+
+def _vma(x: Any) -> frozenset:
+    """The manual mesh axes (inside ``shard_map``) that ``x`` varies over; empty
+    elsewhere."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "mat", None), "varying", None)
+    return frozenset(vma or ())
+
+
+def _varying_axes(*trees: Any) -> tuple:
+    """The manual mesh axes that any leaf of ``trees`` varies over, in a fixed order."""
+    axes: set = set()
+    for leaf in jax.tree_util.tree_leaves(trees):
+        axes |= _vma(leaf)
+    return tuple(sorted(axes, key=str))
+
+
+def _vary(tree: Any, axes: tuple) -> Any:
+    """``tree`` with every leaf made varying over ``axes`` (a no-op outside ``shard_map``):
+    loop carries and branch results built from constants must match the type of what
+    the loop body computes from the per-device scores (``check_vma``)."""
+    if not axes:
+        return tree
+
+    def one(x: Any) -> Any:
+        missing = tuple(a for a in axes if a not in _vma(x))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def _explicit_sharding(x: Any) -> Any:
+    """The sharding in the type of ``x`` when it shards some axis explicitly (under
+    ``jit``, on an ``Explicit`` mesh), else ``None``."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(p is None for p in spec):
+        return None
+    return sharding
+
+
+def _replicated(x: Any) -> Any:
+    """``x`` resharded to replicated if its type shards it explicitly (else ``x``)."""
+    sharding = _explicit_sharding(x)
+    if sharding is None:
+        return x
+    return jax.sharding.reshard(
+        x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
 
 
 def _key_value(key: jax.Array) -> jax.Array:
@@ -491,6 +547,13 @@ def topk_mask(
       Boolean arrays with the structure and shapes of ``scores``. Ties at the threshold
       keep the entries that come first (leaf order, then row-major order). Subnormal
       scores rank as zero, as XLA compares them.
+
+    Sharding: inside ``jax.shard_map`` each device ranks its own block of the scores, so
+    the top-k (and ``scope='global'``) is per shard: every block keeps exactly
+    ``num_kept(density, block size)`` entries, as if ``topk_mask`` ran on each block
+    apart. Under ``jit`` on explicitly sharded scores (an ``Explicit`` mesh axis) the
+    top-k is global across shards, bitwise equal to the unsharded result: the search
+    runs on a replicated copy of the scores and the masks keep the scores' shardings.
 
     >>> import jax.numpy as jnp
     >>> topk_mask(jnp.array([0.1, 0.9, 0.5, 0.9]), 0.5)
@@ -589,9 +652,21 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
     Compiled at module level, once per shapes, dtypes and options, so that an eager call
     reuses the program of an earlier one (its loops and branches, built from fresh
     closures, would otherwise be traced and compiled again on every call)."""
+    # Explicitly sharded scores (an ``Explicit`` mesh) are searched replicated: the
+    # strided sample, the rows views and the tie ranking (a cumulative sum) reshape or
+    # scan the whole array, which JAX refuses on a sharded type. The masks come back with
+    # the scores' shardings, and are exactly those of the unsharded search.
+    shardings = [_explicit_sharding(leaf) for leaf in leaves]
+    if any(sharding is not None for sharding in shardings):
+        leaves = [_replicated(leaf) for leaf in leaves]
+        ks = [_replicated(k) for k in ks]
+        hints = None if hints is None else _replicated(hints)
     groups = [leaves] if joint else [[leaf] for leaf in leaves]
     masks, new_hints = _grouped_topk(groups, ks, hints, by_magnitude)
-    return [mask for group in masks for mask in group], new_hints
+    flat = [mask for group in masks for mask in group]
+    flat = [mask if sharding is None else jax.sharding.reshard(mask, sharding)
+            for mask, sharding in zip(flat, shardings, strict=True)]
+    return flat, new_hints
 
 
 def _as_int32(k: Any) -> Any:
