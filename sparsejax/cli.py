@@ -54,24 +54,36 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     train.add_argument("--distribution", default=None,
                        help=f"layer-wise sparsity: {', '.join(DISTRIBUTIONS)}")
     length = train.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, default=None)
-    length.add_argument("--steps", type=int, default=None)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
-    train.add_argument("--lr", type=float, default=0.1)
-    train.add_argument("--momentum", type=float, default=0.9)
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--eval-every", type=int, default=0, help="steps; 0: once per epoch")
-    train.add_argument("--log-every", type=int, default=50, help="steps between metric lines")
+    length.add_argument("--epochs", type=int, default=None,
+                        help="epochs to train (default 1 when --steps is not given)")
+    length.add_argument("--steps", type=int, default=None,
+                        help="training steps (batches), instead of --epochs")
+    train.add_argument("--batch-size", type=int, default=128,
+                       help="examples per training step")
+    train.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                       help="the optax optimizer")
+    train.add_argument("--lr", type=float, default=0.1,
+                       help="peak learning rate (finite)")
+    train.add_argument("--momentum", type=float, default=0.9,
+                       help="momentum of sgd and nesterov (finite; 0: none)")
+    train.add_argument("--weight-decay", type=float, default=0.0,
+                       help="L2 weight decay (finite)")
+    train.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
+                       help="learning-rate schedule over the run")
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed of the weights, data order and method, in [0, 2**32 - 1]")
+    train.add_argument("--eval-every", type=int, default=0,
+                       help="steps between test evaluations, >= 0; 0: once per epoch")
+    train.add_argument("--log-every", type=int, default=50, help="steps between metric lines, >= 1")
     train.add_argument("--checkpoint-every", type=int, default=0,
-                       help="steps; 0: once per epoch")
-    train.add_argument("--keep-checkpoints", type=int, default=3)
+                       help="steps between checkpoints, >= 0; 0: once per epoch")
+    train.add_argument("--keep-checkpoints", type=int, default=3,
+                       help="newest checkpoints kept in --out")
     train.add_argument("--out", default=None, help="output folder (default: runs/<config>)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest good checkpoint in --out")
-    train.add_argument("--no-progress", dest="progress", action="store_false")
+    train.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="do not show the progress bar")
     train.add_argument("--parallel", default="none", choices=PARALLEL_MODES,
                        help="data parallelism: pmap or sharded jit over all devices")
     train.add_argument("--nonfinite", default="error", choices=("error", "skip"),
@@ -81,16 +93,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
                        help="do not write TensorBoard events (written where tensorboardX "
                             "is installed)")
     train.add_argument("--init-batches", type=int, default=1,
-                       help="training batches that SNIP/GraSP score on at init")
+                       help="training batches that SNIP/GraSP score on at init, >= 0")
     train.add_argument("--model-option", dest="model_options", type=_option, action="append",
-                       default=[], metavar="KEY=VALUE", help="e.g. use_bias=false")
+                       default=[], metavar="KEY=VALUE",
+                       help="an option of the model, e.g. use_bias=false (repeatable)")
     train.add_argument("--method-option", dest="method_options", type=_option,
-                       action="append", default=[], metavar="KEY=VALUE")
+                       action="append", default=[], metavar="KEY=VALUE",
+                       help="an option of the method, e.g. update_every=100 (repeatable)")
 
     plot = commands.add_parser("plot", help="accuracy-versus-sparsity PNG from result files")
     plot.add_argument("results", nargs="+", help="result.json files or folders holding them")
-    plot.add_argument("--output", "-o", default="accuracy_vs_sparsity.png")
-    plot.add_argument("--title", default=None)
+    plot.add_argument("--output", "-o", default="accuracy_vs_sparsity.png",
+                      help="the PNG file to write")
+    plot.add_argument("--title", default=None, help="title of the plot")
     handlers: dict[str, Handler] = {"train": _train, "plot": _plot}
     for module in _COMMAND_MODULES:
         handlers.update(importlib.import_module(module).add_commands(commands))

@@ -108,6 +108,9 @@ def load_dataset(
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
     if name == "mnist1d":
         return _generate_mnist1d(seed)
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise ValueError(f"data_dir (CLI: --data-dir) {data_dir} is a file, not a folder: "
+                         f"pass the folder that holds the {name} files")
     if name in _IDX_DATASETS and data_dir is not None:
         idx_paths = _find_idx_files(Path(data_dir))
         if idx_paths is not None:
@@ -226,6 +229,8 @@ def _load_idx_dataset(name: str, idx_paths: Mapping[str, Path]) -> Dataset:
         labels = read_idx(labels_path, IDX_LABELS_MAGIC)
         if images.shape[1:] != _IDX_IMAGE_SIZE:
             raise ValueError(f"{images_path}: images are {images.shape[1:]}, expected 28x28")
+        if len(images) == 0:
+            raise ValueError(f"{images_path}: holds 0 {split} examples (an empty IDX file)")
         if len(images) != len(labels):
             raise ValueError(
                 f"{images_path} holds {len(images)} images but {labels_path} holds "

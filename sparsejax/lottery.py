@@ -500,14 +500,29 @@ def error_barrier(errors: Sequence[float]) -> float:
     return float(max(errors) - 0.5 * (errors[0] + errors[-1]))
 
 
+def _check_round_was_run(root: Path, round_index: int) -> None:
+    """Raise ``ValueError`` unless round ``round_index`` (>= 1) has finished in ``root``
+    (round 0, the dense run, is trained on demand)."""
+    if not isinstance(round_index, int) or round_index < 0:
+        raise ValueError(f"--round must be an integer >= 0, got {round_index!r}")
+    if round_index == 0 or (root / f"round_{round_index:02d}" / "ticket" / "result.json").exists():
+        return
+    finished = sorted(int(p.parent.parent.name.removeprefix("round_"))
+                      for p in root.glob("round_*/ticket/result.json"))
+    raise ValueError(f"--round {round_index} was not run: {root} holds the finished "
+                     f"rounds {finished}; run "
+                     f"'sparsejax lottery --rounds {round_index}' with the same options first")
+
+
 def instability(config: LotteryConfig, round_index: int = 0, *, data_seeds: Sequence[int] = (
         101, 102), num_alphas: int = 11, trainer: Trainer | None = None) -> dict[str, Any]:
     """Linear mode connectivity at the config's rewind step: two copies of the round's
     network (masks of ``round_index``, which must be finished) trained from the rewind
     point to the end with the data orders of ``data_seeds``, and the test error along the
     straight line between them. Results are cached in the run folder."""
-    trainer = trainer or Trainer(config)
     root = Path(config.out_root) / config_hash(config)
+    _check_round_was_run(root, round_index)
+    trainer = trainer or Trainer(config)
     folder = root / "instability" / f"round_{round_index:02d}_seeds_{data_seeds[0]}_" \
                                     f"{data_seeds[1]}"
     result_path = folder / "result.json"
@@ -546,16 +561,19 @@ def instability(config: LotteryConfig, round_index: int = 0, *, data_seeds: Sequ
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     d = LotteryConfig()
-    parser.add_argument("--model", default=d.model)
-    parser.add_argument("--dataset", default=d.dataset)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--rounds", type=int, default=d.rounds)
+    parser.add_argument("--model", default=d.model, help="the model, as in sparsejax train")
+    parser.add_argument("--dataset", default=d.dataset, help="the dataset, as in sparsejax train")
+    parser.add_argument("--data-dir", default=None, help="folder with the dataset")
+    parser.add_argument("--rounds", type=int, default=d.rounds,
+                        help="pruning rounds after the dense round 0")
     parser.add_argument("--prune-fraction", type=float, default=d.prune_fraction,
                         help="fraction of surviving weights removed per round")
     parser.add_argument("--output-fraction", default=str(d.output_fraction),
                         help="the output layer's fraction per round; 'same' or 0 (dense)")
-    parser.add_argument("--output-layer", default=d.output_layer)
-    parser.add_argument("--distribution", default=d.distribution, choices=("uniform", "global"))
+    parser.add_argument("--output-layer", default=d.output_layer,
+                        help="name (path prefix) of the output layer, for --output-fraction")
+    parser.add_argument("--distribution", default=d.distribution, choices=("uniform", "global"),
+                        help="prune each layer alike (uniform) or by one global threshold")
     parser.add_argument("--rewind", default=d.rewind, help="rewind step: 0, 500it or 2ep")
     parser.add_argument("--controls", default=",".join(d.controls),
                         help=f"comma-separated, from: {', '.join(CONTROLS)} (or 'none')")
@@ -564,14 +582,20 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     length = parser.add_mutually_exclusive_group(required=True)
     length.add_argument("--epochs", type=int, default=None, help="epochs per round")
     length.add_argument("--steps", type=int, default=None, help="steps per round")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--optimizer", default=d.optimizer)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--momentum", type=float, default=d.momentum)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--lr-schedule", default=d.lr_schedule)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--out-root", default=d.out_root)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help="examples per training step")
+    parser.add_argument("--optimizer", default=d.optimizer, help="sgd, nesterov or adam")
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    parser.add_argument("--momentum", type=float, default=d.momentum,
+                        help="momentum of sgd and nesterov")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                        help="L2 weight decay")
+    parser.add_argument("--lr-schedule", default=d.lr_schedule,
+                        help="learning-rate schedule of each round")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="seed of the weights, data order and controls")
+    parser.add_argument("--out-root", default=d.out_root,
+                        help="folder of the runs (one subfolder per config)")
 
 
 def _config_from_args(args: argparse.Namespace) -> LotteryConfig:
@@ -616,6 +640,8 @@ def add_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], int]
         "instability", help="linear mode connectivity of two copies from the rewind point")
     _add_config_arguments(stability)
     stability.add_argument("--round", type=int, default=0, help="whose masks (0: dense)")
-    stability.add_argument("--data-seeds", type=int, nargs=2, default=[101, 102])
-    stability.add_argument("--alphas", type=int, default=11)
+    stability.add_argument("--data-seeds", type=int, nargs=2, default=[101, 102],
+                           help="data orders of the two copies")
+    stability.add_argument("--alphas", type=int, default=11,
+                           help="points on the line between the copies")
     return {"lottery": _lottery_command, "instability": _instability_command}

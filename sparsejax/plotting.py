@@ -28,7 +28,12 @@ def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """The parsed result files; each must have ``method``, ``sparsity``, ``test_accuracy``."""
     results = []
     for path in find_results(paths):
-        result = json.loads(Path(path).read_text())
+        try:
+            result = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error})") from error
+        if not isinstance(result, dict):
+            raise ValueError(f"{path} is not a sparsejax result: not a JSON object")
         missing = {"method", "sparsity", "test_accuracy"} - set(result)
         if missing:
             raise ValueError(f"{path} is not a sparsejax result: missing {sorted(missing)}")

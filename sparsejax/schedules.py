@@ -11,7 +11,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from sparsejax.validation import check_density, check_sparsity
+from sparsejax.validation import check_density, check_int, check_sparsity
 
 __all__ = [
     "Schedule",
@@ -82,8 +82,7 @@ def cubic_sparsity(
     check_sparsity(final_sparsity, "final_sparsity")
     check_sparsity(initial_sparsity, "initial_sparsity")
     _check_steps(begin_step, end_step)
-    if frequency < 1:
-        raise ValueError(f"frequency must be >= 1, got {frequency}")
+    check_int(frequency, "frequency (steps)", minimum=1)
     span = end_step - begin_step
 
     def schedule(step: jax.Array | int) -> jax.Array:

@@ -255,6 +255,7 @@ def load_state_ticket(method: Any, state: Any,
     if "frozen_params_sha256" not in header or header.get("method") != method.name:
         raise ValueError(f"{path} is a ticket of method {header.get('method')!r} "
                          f"({header.get('source', 'a training run')}), not of {method.name!r}")
+    _check_contents(path, header, arrays, ("masks", "effective_params_sha256"))
     if tree_digest(state.params) != header["frozen_params_sha256"]:
         raise ValueError(f"the frozen weights differ from those {path} was exported with")
     packed = [arrays[f"mask_{i:05d}"] for i in range(len(header["masks"]))]
@@ -355,11 +356,18 @@ def _read_archive(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
+    except EOFError as error:  # what np.load raises for an empty file
+        raise ValueError(f"{path} is not a sparsejax ticket file: the file is empty") from error
     except (zipfile.BadZipFile, OSError, ValueError) as error:
         raise ValueError(f"{path} is not a sparsejax ticket file: {error}") from error
     if "header" not in arrays:
         raise ValueError(f"{path} is not a sparsejax ticket file: no header")
-    header = json.loads(arrays.pop("header").tobytes().decode())
+    try:
+        header = json.loads(arrays.pop("header").tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: the ticket header is not valid JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the ticket header is not a JSON object")
     if header.get("format") != TICKET_FORMAT:
         raise ValueError(f"{path} is not a sparsejax ticket file (format "
                          f"{header.get('format')!r})")
@@ -367,6 +375,24 @@ def _read_archive(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         raise ValueError(f"{path} has ticket format version {header.get('version')}; this "
                          f"sparsejax reads version {TICKET_VERSION}")
     return header, arrays
+
+
+def _check_contents(path: Path, header: dict[str, Any], arrays: dict[str, np.ndarray],
+                    keys: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the first header key or array a damaged ticket lacks,
+    before anything is regenerated from it."""
+    missing = [key for key in keys if key not in header]
+    if missing:
+        raise ValueError(f"{path} is damaged: its header lacks {', '.join(map(repr, missing))}")
+    names = [f"mask_{i:05d}" for i in range(len(header["masks"]))]
+    names += [f"state_{i:05d}" for i in range(len(header.get("model_state", ())))]
+    absent = [name for name in names if name not in arrays]
+    if absent:
+        raise ValueError(f"{path} is damaged: it lacks the array(s) {', '.join(absent)}")
+
+
+_TICKET_KEYS = ("config", "num_classes", "input_shape", "total_steps", "batches_per_epoch",
+                "frozen_params_sha256", "effective_params_sha256", "masks", "model_state")
 
 
 def load_ticket(path: str | os.PathLike[str]) -> Ticket:
@@ -383,6 +409,7 @@ def load_ticket(path: str | os.PathLike[str]) -> Ticket:
     if "config" not in header:
         raise ValueError(f"{path} was exported from a model ({header.get('source')}); load "
                          "it with that module's load_ticket")
+    _check_contents(path, header, arrays, _TICKET_KEYS)
     config = TrainConfig(**header["config"])
     regen = _regenerate(config, header["num_classes"], tuple(header["input_shape"]),
                         header["total_steps"], header["batches_per_epoch"])

@@ -11,7 +11,10 @@ use :func:`check_finite_traced`.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,7 +30,11 @@ __all__ = [
     "check_grads",
     "check_finite",
     "check_binary_masks",
+    "check_int",
+    "check_finite_number",
+    "check_writable_folder",
     "is_concrete",
+    "is_int",
 ]
 
 
@@ -36,16 +43,16 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_fraction(value: Any, name: str) -> None:
+def _check_fraction(value: Any, name: str, interval: str = "[0, 1]") -> None:
     if not is_concrete(value):
         return
     arr = np.asarray(value)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+        raise TypeError(f"{name} must be a number in {interval}, got {value!r}")
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite and in [0, 1], got {value!r}")
+        raise ValueError(f"{name} must be finite and in {interval}, got {value!r}")
     if np.any(arr < 0) or np.any(arr > 1):
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
 
 
 def check_density(density: Any, name: str = "density") -> None:
@@ -71,9 +78,73 @@ def check_sparsity(sparsity: Any, name: str = "sparsity") -> None:
     ...
     ValueError: sparsity must lie in [0, 1), got 1.0
     """
-    _check_fraction(sparsity, name)
+    _check_fraction(sparsity, name, "[0, 1)")
     if is_concrete(sparsity) and np.any(np.asarray(sparsity) >= 1):
         raise ValueError(f"{name} must lie in [0, 1), got {sparsity!r}")
+
+
+def is_int(value: Any) -> bool:
+    """True for a Python or numpy integer (not a ``bool``, not a float like ``2.0``)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None,
+              maximum: int | None = None) -> None:
+    """Raise unless ``value`` is an integer in ``[minimum, maximum]`` (``TypeError`` for a
+    float or bool: ``2.5`` steps must not silently act like 2 or 3).
+
+    >>> check_int(3, "update_every", minimum=1)
+    >>> check_int(2.5, "update_every", minimum=1)
+    Traceback (most recent call last):
+    ...
+    TypeError: update_every must be an integer >= 1, got 2.5
+    """
+    if minimum is not None and maximum is not None:
+        wanted = f"an integer in [{minimum}, {maximum}]"
+    elif minimum is not None:
+        wanted = f"an integer >= {minimum}"
+    elif maximum is not None:
+        wanted = f"an integer <= {maximum}"
+    else:
+        wanted = "an integer"
+    if not is_int(value):
+        raise TypeError(f"{name} must be {wanted}, got {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+
+
+def check_finite_number(value: Any, name: str) -> None:
+    """Raise unless ``value`` is a finite real number (not NaN or inf).
+
+    >>> check_finite_number(float("nan"), "--momentum")
+    Traceback (most recent call last):
+    ...
+    ValueError: --momentum must be a finite number, got nan
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_writable_folder(path: str | os.PathLike[str], name: str = "--out") -> None:
+    """Raise ``ValueError`` unless ``path`` is a folder, or can be created as one, that
+    this process may write in: the message names the path and the file or folder in the
+    way. Checked before any work starts, so a run does not fail at its first write.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} is a file, not a folder")
+    existing = path
+    while not existing.exists():  # the nearest part of the path that exists
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"{name} {path} cannot be created: {existing} is a file, not a folder")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created in {existing}"
+        raise ValueError(f"{name} {path} {what} (permission denied)")
 
 
 def check_same_structure(

@@ -60,7 +60,7 @@ from sparsejax.methods.registry import register_method
 from sparsejax.schedules import Schedule, constant, cosine_drop_fraction, is_update_step
 from sparsejax.topk import topk_mask
 from sparsejax.transforms import zero_masked
-from sparsejax.validation import check_density, check_sparsity
+from sparsejax.validation import check_density, check_int, check_sparsity
 
 __all__ = [
     "Signals",
@@ -341,8 +341,7 @@ def prune_and_regrow(
     (4, 1)
     """
     check_sparsity(sparsity)
-    if update_every < 1:
-        raise ValueError(f"update_every must be >= 1 step, got {update_every}")
+    check_int(update_every, "update_every (steps)", minimum=1)
     if end_step is not None and end_step < 1:
         raise ValueError(f"end_step must be >= 1, got {end_step}")
     if momentum is not None and not 0.0 <= momentum < 1.0:

@@ -44,7 +44,7 @@ from sparsejax.methods.registry import register_method
 from sparsejax.schedules import cubic_sparsity
 from sparsejax.topk import topk_mask
 from sparsejax.transforms import zero_masked
-from sparsejax.validation import check_sparsity
+from sparsejax.validation import check_int, check_sparsity
 
 __all__ = [
     "ApplyFn",
@@ -473,6 +473,7 @@ def gradual_magnitude(
     2
     """
     check_sparsity(sparsity)
+    check_int(frequency, "frequency (steps)", minimum=1)
     end = int(round(0.75 * total_steps)) if end_step is None else end_step
     if not 0 <= begin_step < end <= total_steps:
         raise ValueError(f"need 0 <= begin_step < end_step <= total_steps, got "

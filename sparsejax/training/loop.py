@@ -41,7 +41,12 @@ from sparsejax.models import apply_model, get_model, init_model
 from sparsejax.training.optim import make_optimizer
 from sparsejax.training.parallel import PARALLEL_MODES, initialize_distributed, make_trainer
 from sparsejax.training.step import LossFn
-from sparsejax.validation import check_sparsity
+from sparsejax.validation import (
+    check_finite_number,
+    check_int,
+    check_sparsity,
+    check_writable_folder,
+)
 
 __all__ = [
     "TrainConfig",
@@ -53,6 +58,7 @@ __all__ = [
     "build_method",
     "model_apply_fn",
     "train",
+    "check_config",
     "measured_sparsity",
 ]
 
@@ -186,6 +192,10 @@ def build_method(config: TrainConfig, optimizer: optax.GradientTransformation, *
         )
     accepted = inspect.signature(METHODS[config.method]).parameters
     options = dict(config.method_options)
+    if "prunable" in options and not callable(options["prunable"]):
+        raise ValueError(
+            f"--method-option prunable must be a filter function (path, leaf) -> bool, which "
+            f"only the Python API can pass; got {options['prunable']!r}")
     for name in ("sparsity", "distribution"):
         value = getattr(config, name)
         if value is None:
@@ -272,15 +282,32 @@ class Run(NamedTuple):
     total_steps: int
 
 
-def prepare(config: TrainConfig) -> Run:
-    """Load the data and build model, optimizer, method and initial state of ``config``."""
+SEED_MAX = 2**32 - 1  # the data generators (mnist1d, numpy) take 32-bit seeds
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise ``ValueError`` (or ``TypeError``) naming the flag of the first bad value in
+    ``config``; host-side only, before any data is loaded or anything is compiled."""
     if config.parallel not in PARALLEL_MODES:
         raise ValueError(
             f"unknown parallel mode {config.parallel!r}; known: {', '.join(PARALLEL_MODES)}")
     if config.nonfinite not in ("error", "skip"):
         raise ValueError(f"nonfinite must be 'error' or 'skip', got {config.nonfinite!r}")
     if config.sparsity is not None:
-        check_sparsity(config.sparsity)
+        check_sparsity(config.sparsity, "--sparsity")
+    check_int(config.seed, "--seed", minimum=0, maximum=SEED_MAX)
+    check_int(config.log_every, "--log-every", minimum=1)
+    check_int(config.eval_every, "--eval-every", minimum=0)
+    check_int(config.checkpoint_every, "--checkpoint-every", minimum=0)
+    check_int(config.init_batches, "--init-batches", minimum=0)
+    for flag, value in (("--lr", config.lr), ("--momentum", config.momentum),
+                        ("--weight-decay", config.weight_decay)):
+        check_finite_number(value, flag)
+
+
+def prepare(config: TrainConfig) -> Run:
+    """Load the data and build model, optimizer, method and initial state of ``config``."""
+    check_config(config)
     dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
     batches_per_epoch = steps_per_epoch(len(dataset.train_labels), config.batch_size)
     total_steps = _total_steps(config, batches_per_epoch)
@@ -308,12 +335,14 @@ def prepare(config: TrainConfig) -> Run:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run one training job and return (and write to ``OUT/result.json``) its result."""
     started = time.time()
+    check_config(config)
+    out = Path(config.out or config.default_out())
+    check_writable_folder(out, "--out")
     if config.parallel != "none":
         initialize_distributed()
     run = prepare(config)
     dataset, model, method, state = run.dataset, run.model, run.method, run.state
     batches_per_epoch, total_steps = run.batches_per_epoch, run.total_steps
-    out = Path(config.out or config.default_out())
     out.mkdir(parents=True, exist_ok=True)
     eval_every = config.eval_every or batches_per_epoch
     checkpoint_every = config.checkpoint_every or batches_per_epoch

@@ -1,0 +1,162 @@
+"""Bad input to the CLI and the loaders: a one-line error that names the flag or file and
+the problem, exit code 2 and no traceback. Every case fails before training or
+compiling starts (see docs/reliability.md)."""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import optax
+import pytest
+
+from sparsejax.cli import build_parser, main
+from sparsejax.data import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, load_dataset
+from sparsejax.methods.dst import rigl, snfs, sparse_evolutionary
+from sparsejax.methods.pruning import gradual_magnitude
+from sparsejax.schedules import cubic_sparsity
+from sparsejax.tickets import TICKET_FORMAT, TICKET_VERSION
+from sparsejax.training.loop import TrainConfig, build_method
+
+
+def fails(capsys, argv, *expected):
+    """``main(argv)`` exits with 2 and prints one line holding every ``expected`` text."""
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err, err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def train_args(tmp_path, *extra):
+    return ["train", "--steps", "1", "--no-progress", "--no-tensorboard",
+            "--out", tmp_path / "run", *extra]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--log-every", "0"], "--log-every must be an integer >= 1, got 0"),
+    (["--eval-every", "-1"], "--eval-every must be an integer >= 0, got -1"),
+    (["--seed", "18446744073709551616"], "--seed must be an integer in [0, 4294967295]"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 4294967295], got -1"),
+    (["--init-batches", "-1"], "--init-batches must be an integer >= 0, got -1"),
+    (["--momentum", "nan"], "--momentum must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--method", "static", "--sparsity", "90"], "--sparsity must lie in [0, 1), got 90.0"),
+])
+def test_bad_train_flags_name_the_flag(capsys, tmp_path, flags, expected):
+    fails(capsys, train_args(tmp_path, *flags), expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_under_a_file(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    fails(capsys, ["train", "--steps", "1", "--out", tmp_path / "file" / "run"],
+          "--out", "is a file, not a folder", str(tmp_path / "file"))
+
+
+def test_read_only_out(capsys, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("permissions are not enforced here (running as root)")
+        fails(capsys, ["train", "--steps", "1", "--out", folder], "--out", "not writable")
+        fails(capsys, ["train", "--steps", "1", "--out", folder / "run"], "--out",
+              "cannot be created", "permission denied")
+    finally:
+        folder.chmod(0o755)
+
+
+def test_data_dir_that_is_a_file(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    fails(capsys, train_args(tmp_path, "--dataset", "mnist", "--data-dir", tmp_path / "file"),
+          "--data-dir", "is a file, not a folder")
+
+
+def _write_idx(path, magic, shape):
+    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in shape)
+    path.write_bytes(header + bytes(int(np.prod(shape))))
+
+
+def test_idx_files_with_no_examples(capsys, tmp_path):
+    for prefix in ("train", "t10k"):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", IDX_IMAGES_MAGIC, (0, 28, 28))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", IDX_LABELS_MAGIC, (0,))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte: holds 0 train examples"):
+        load_dataset("mnist", tmp_path)
+    fails(capsys, train_args(tmp_path, "--dataset", "mnist", "--data-dir", tmp_path),
+          "train-images-idx3-ubyte", "holds 0 train examples")
+
+
+def test_method_options_of_the_wrong_kind():
+    with pytest.raises(ValueError, match="prunable must be a filter function.*got 5"):
+        build_method(TrainConfig(method="static", sparsity=0.5,
+                                 method_options={"prunable": 5}), optax.sgd(0.1))
+
+
+def test_update_every_and_frequency_must_be_integers(capsys, tmp_path):
+    sgd = optax.sgd(0.1)
+    wanted = "update_every (steps) must be an integer >= 1, got "
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match=wanted.replace("(", r"\(").replace(")", r"\)")):
+            sparse_evolutionary(sgd, sparsity=0.5, update_every=bad)
+        with pytest.raises(TypeError, match="update_every"):
+            rigl(sgd, sparsity=0.5, total_steps=10, update_every=bad)
+        with pytest.raises(TypeError, match="update_every"):
+            snfs(sgd, sparsity=0.5, total_steps=10, update_every=bad)
+        with pytest.raises(TypeError, match="frequency .steps. must be an integer >= 1"):
+            gradual_magnitude(sgd, sparsity=0.5, total_steps=10, frequency=bad)
+        with pytest.raises(TypeError, match="frequency"):
+            cubic_sparsity(0.5, 0, 10, frequency=bad)
+    sparse_evolutionary(sgd, sparsity=0.5, update_every=np.int64(2))  # numpy ints are fine
+    fails(capsys, train_args(tmp_path, "--method", "set", "--sparsity", "0.5",
+                             "--method-option", "update_every=2.5"), wanted + "2.5")
+
+
+def test_broken_result_file_is_named(capsys, tmp_path):
+    (tmp_path / "result.json").write_text("{broken")
+    fails(capsys, ["plot", tmp_path, "-o", tmp_path / "p.png"],
+          str(tmp_path / "result.json"), "is not valid JSON")
+
+
+def _ticket(path, header, **arrays):
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    np.savez(path, header=np.frombuffer(raw, np.uint8), **arrays)
+    return path
+
+
+FULL_HEADER = {"format": TICKET_FORMAT, "version": TICKET_VERSION, "config": {},
+               "num_classes": 10, "input_shape": [40, 1], "total_steps": 1,
+               "batches_per_epoch": 1, "frozen_params_sha256": "", "masks": [{"path": "w"}],
+               "effective_params_sha256": "", "model_state": []}
+
+
+def test_damaged_ticket_files(capsys, tmp_path):
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    fails(capsys, ["evaluate-ticket", empty], str(empty), "the file is empty")
+    bad_json = _ticket(tmp_path / "json.npz", b"{not json")
+    fails(capsys, ["evaluate-ticket", bad_json], str(bad_json), "header is not valid JSON")
+    no_key = _ticket(tmp_path / "key.npz",
+                     {k: v for k, v in FULL_HEADER.items() if k != "num_classes"})
+    fails(capsys, ["evaluate-ticket", no_key], str(no_key), "header lacks 'num_classes'")
+    no_mask = _ticket(tmp_path / "mask.npz", FULL_HEADER)
+    fails(capsys, ["evaluate-ticket", no_mask], str(no_mask), "lacks the array(s) mask_00000")
+
+
+def test_instability_round_that_was_not_run(capsys, tmp_path):
+    fails(capsys, ["instability", "--steps", "1", "--round", "3", "--out-root", tmp_path],
+          "--round 3 was not run", "finished rounds []")
+
+
+def test_every_flag_has_help():
+    parser, _ = build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name in commands.choices:
+        undocumented = [a.option_strings or a.dest for a in commands.choices[name]._actions
+                        if not a.help]
+        assert not undocumented, f"sparsejax {name}: {undocumented} have no help"
