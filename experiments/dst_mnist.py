@@ -66,6 +66,8 @@ def config_for(method: str, sparsity: float | None, seed: int, epochs: int) -> T
         weight_decay=1e-4, lr_schedule="cosine", seed=seed,
         checkpoint_every=10**9, keep_checkpoints=1, log_every=200, progress=False,
         out=str(RUNS / run_name(method, sparsity, seed, epochs)),
+        # a killed run continues (or, killed before its checkpoint, starts again)
+        resume=(RUNS / run_name(method, sparsity, seed, epochs)).exists(),
     )
 
 

@@ -177,7 +177,7 @@ def run(name: str, method: str, sparsity: float, epochs: int, training: dict[str
         epochs=epochs, seed=seed, out=str(out), progress=False, keep_checkpoints=1,
         log_every=200, model_options={"use_bias": False},
         method_options=dict(method_options), **training)
-    config.resume = out.exists() and any((out / "checkpoints").glob("step_*"))
+    config.resume = out.exists()  # continues a killed run, or starts one killed early
     started = time.time()
     with validation_split() if validation else contextlib.nullcontext():
         result = train_once(config)

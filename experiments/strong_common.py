@@ -76,8 +76,8 @@ def run(name: str, method: str, density: float, epochs: int, *, seed: int = 0,
     if result_file.exists():
         result = json.loads(result_file.read_text())
     else:
-        resume = out.exists() and any((out / "checkpoints").glob("step_*"))
-        config.resume = resume
+        # a killed run continues (or, killed before its first checkpoint, starts again)
+        config.resume = out.exists()
         started = time.time()
         result = train_once(config)
         print(f"{name}: {100 * result['test_accuracy']:.2f}% in {time.time() - started:.0f} s",

@@ -82,6 +82,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     train.add_argument("--out", default=None, help="output folder (default: runs/<config>)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest good checkpoint in --out")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --out (its result, metrics and "
+                            "checkpoints) instead of refusing to start")
     train.add_argument("--no-progress", dest="progress", action="store_false",
                        help="do not show the progress bar")
     train.add_argument("--parallel", default="none", choices=PARALLEL_MODES,
@@ -89,6 +92,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     train.add_argument("--nonfinite", default="error", choices=("error", "skip"),
                        help="a NaN/inf loss or gradient stops the run (error) or the step "
                             "is skipped and counted (skip)")
+    train.add_argument("--max-skipped-fraction", type=float, default=0.5,
+                       help="with --nonfinite skip: the run fails (exit code 2, result.json "
+                            "kept) if more than this share of its steps were skipped, in [0, 1]")
     train.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
                        help="do not write TensorBoard events (written where tensorboardX "
                             "is installed)")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparsejax.checkpoint import Checkpointer, NoValidCheckpointError
+from sparsejax.checkpoint import Checkpointer
 from sparsejax.data import (
     DataPosition,
     Dataset,
@@ -39,12 +39,18 @@ from sparsejax.masks import sparsity_report
 from sparsejax.methods import METHODS, InitContext, Method, SparseState, get_method
 from sparsejax.models import apply_model, get_model, init_model
 from sparsejax.training.optim import make_optimizer
-from sparsejax.training.parallel import PARALLEL_MODES, initialize_distributed, make_trainer
+from sparsejax.training.parallel import initialize_distributed, make_trainer
+from sparsejax.training.run_folder import (
+    CONFIG_FILE,
+    check_config,
+    check_resume,
+    clear_run,
+    holds_run,
+    jsonable,
+    saved_run,
+)
 from sparsejax.training.step import LossFn
 from sparsejax.validation import (
-    check_finite_number,
-    check_int,
-    check_sparsity,
     check_writable_folder,
 )
 
@@ -89,9 +95,11 @@ class TrainConfig:
     init_batches: int = 1  # training batches a method may score weights on at init
     parallel: str = "none"  # none | pmap | sharded (sparsejax.training.parallel)
     nonfinite: str = "error"  # error | skip: what a NaN/inf loss or gradient does
+    max_skipped_fraction: float = 0.5  # with nonfinite="skip": more skipped steps fail the run
     tensorboard: bool = True  # also write TensorBoard events where tensorboardX is installed
     out: str | None = None
     resume: bool = False
+    overwrite: bool = False  # a fresh run may replace a run already in ``out``
     progress: bool = True
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -282,29 +290,6 @@ class Run(NamedTuple):
     total_steps: int
 
 
-SEED_MAX = 2**32 - 1  # the data generators (mnist1d, numpy) take 32-bit seeds
-
-
-def check_config(config: TrainConfig) -> None:
-    """Raise ``ValueError`` (or ``TypeError``) naming the flag of the first bad value in
-    ``config``; host-side only, before any data is loaded or anything is compiled."""
-    if config.parallel not in PARALLEL_MODES:
-        raise ValueError(
-            f"unknown parallel mode {config.parallel!r}; known: {', '.join(PARALLEL_MODES)}")
-    if config.nonfinite not in ("error", "skip"):
-        raise ValueError(f"nonfinite must be 'error' or 'skip', got {config.nonfinite!r}")
-    if config.sparsity is not None:
-        check_sparsity(config.sparsity, "--sparsity")
-    check_int(config.seed, "--seed", minimum=0, maximum=SEED_MAX)
-    check_int(config.log_every, "--log-every", minimum=1)
-    check_int(config.eval_every, "--eval-every", minimum=0)
-    check_int(config.checkpoint_every, "--checkpoint-every", minimum=0)
-    check_int(config.init_batches, "--init-batches", minimum=0)
-    for flag, value in (("--lr", config.lr), ("--momentum", config.momentum),
-                        ("--weight-decay", config.weight_decay)):
-        check_finite_number(value, flag)
-
-
 def prepare(config: TrainConfig) -> Run:
     """Load the data and build model, optimizer, method and initial state of ``config``."""
     check_config(config)
@@ -338,28 +323,49 @@ def train(config: TrainConfig) -> dict[str, Any]:
     check_config(config)
     out = Path(config.out or config.default_out())
     check_writable_folder(out, "--out")
+    checkpointer = Checkpointer(out / "checkpoints", max_to_keep=config.keep_checkpoints)
+    resume_step = None
+    previous: dict[str, Any] | None = None
+    if config.resume:
+        resume_step = check_resume(config, out, checkpointer)
+        previous = saved_run(out, checkpointer, resume_step)
+    else:
+        existing = holds_run(out)
+        if existing and not config.overwrite:
+            raise FileExistsError(
+                f"{out} already holds a run ({', '.join(existing)}); pass --resume to "
+                "continue it, --overwrite to replace it, or choose another --out")
     if config.parallel != "none":
         initialize_distributed()
     run = prepare(config)
     dataset, model, method, state = run.dataset, run.model, run.method, run.state
     batches_per_epoch, total_steps = run.batches_per_epoch, run.total_steps
+    if resume_step is not None and total_steps < resume_step:
+        length = (f"--steps {config.steps}" if config.steps is not None
+                  else f"--epochs {config.epochs} ({total_steps} steps)")
+        raise ValueError(
+            f"--resume: {length} ends before the checkpoint at step {resume_step} in "
+            f"{checkpointer.directory}; pass a length of at least {resume_step} steps")
+    if config.overwrite and not config.resume:
+        clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
+    previous_steps = None if previous is None else previous.get(
+        "total_steps", previous.get("steps"))
     eval_every = config.eval_every or batches_per_epoch
     checkpoint_every = config.checkpoint_every or batches_per_epoch
 
-    checkpointer = Checkpointer(out / "checkpoints", max_to_keep=config.keep_checkpoints)
-    start_step = 0
-    if config.resume:
-        try:
-            start_step, state, _ = checkpointer.restore(state)
-            print(f"resumed from step {start_step} in {checkpointer.directory}", file=sys.stderr)
-        except NoValidCheckpointError:
-            print(f"no checkpoint in {checkpointer.directory}; starting fresh", file=sys.stderr)
-    elif checkpointer.latest_step() is not None:
-        raise FileExistsError(
-            f"{out} already holds checkpoints of a run; pass --resume to continue it or "
-            "choose another --out"
-        )
+    start_step, skipped_before, last_saved = 0, 0, None
+    if resume_step is not None:
+        start_step, state, metadata = checkpointer.restore(state)
+        skipped_before = int(metadata.get("skipped_nonfinite_steps", 0))
+        last_saved = start_step
+        print(f"resumed from step {start_step} in {checkpointer.directory}", file=sys.stderr)
+    elif config.resume:
+        print(f"no checkpoint in {checkpointer.directory}; starting fresh", file=sys.stderr)
+    # OUT/config.json: what --resume checks a later run against (written atomically).
+    _write_json(out / CONFIG_FILE, {"config": jsonable(dataclasses.asdict(config)),
+                                    "total_steps": total_steps,
+                                    "batches_per_epoch": batches_per_epoch})
 
     trainer = make_trainer(config.parallel, method, classification_loss(model),
                            skip_nonfinite=config.nonfinite == "skip")
@@ -378,6 +384,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                            DataPosition.from_step(start_step, batches_per_epoch))
     pending: list[dict[str, jax.Array]] = []
     window_start, step, skipped = time.time(), start_step, 0
+    final_step_finite = True
     last_eval: dict[str, float] = {}
     last_sparsity = 0.0
     try:
@@ -394,8 +401,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 continue
             # Every pending step is checked before anything is logged or saved, so a
             # checkpoint never holds a state that a NaN has reached.
-            record = _summarise(pending, step, window_start, config.nonfinite)
+            record = _summarise(pending, step, window_start, config.nonfinite, last_saved)
             skipped += record.pop("skipped", 0)
+            final_step_finite = record.pop("last_finite")
             pending, window_start = [], time.time()
             logical = trainer.get_state(state)
             if eval_now:
@@ -408,7 +416,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if save_now:
                 checkpointer.save(step, logical, {
                     "position": DataPosition.from_step(step, batches_per_epoch)._asdict(),
-                    "config": dataclasses.asdict(config)})
+                    "config": dataclasses.asdict(config),
+                    "skipped_nonfinite_steps": skipped_before + skipped})
+                last_saved = step
     finally:
         progress.close()
         log.close()
@@ -426,19 +436,43 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "test_loss": last_eval["loss"],
         "steps": total_steps,
         "resumed_from_step": start_step,
-        "skipped_nonfinite_steps": skipped,
+        "skipped_nonfinite_steps": skipped_before + skipped,
         "parallel": config.parallel,
         "devices": jax.device_count() if config.parallel != "none" else 1,
         "wall_seconds": time.time() - started,
         "backend": jax.default_backend(),
         "config": dataclasses.asdict(config),
     }
-    _write_json(out / "result.json", result)
+    if previous_steps is not None and previous_steps != total_steps:
+        result["extended_from_steps"] = previous_steps  # the length the run began with
+    failure = _nonfinite_failure(config, result, final_step_finite)
+    result["failed"] = failure
+    _write_json(out / "result.json", jsonable(result))
+    if failure is not None:
+        raise FloatingPointError(f"{failure}; the facts are in {out / 'result.json'}")
     return result
 
 
+def _nonfinite_failure(config: TrainConfig, result: dict[str, Any],
+                       final_step_finite: bool) -> str | None:
+    """Why a ``--nonfinite skip`` run failed although it finished, or ``None``."""
+    if config.nonfinite != "skip":
+        return None
+    steps, skipped = result["steps"], result["skipped_nonfinite_steps"]
+    if not final_step_finite:
+        return (f"the run ended with a non-finite training loss: its last step ({steps}) "
+                f"was NaN or inf and skipped ({skipped} of {steps} steps skipped)")
+    if not math.isfinite(result["test_loss"]):
+        return f"the run ended with a non-finite test loss ({result['test_loss']})"
+    if skipped > config.max_skipped_fraction * steps:
+        return (f"{skipped} of {steps} steps ({skipped / steps:.0%}) had a NaN or inf loss or "
+                f"gradient and were skipped, more than --max-skipped-fraction "
+                f"{config.max_skipped_fraction:g}")
+    return None
+
+
 def _summarise(pending: list[dict[str, jax.Array]], step: int, window_start: float,
-               nonfinite: str = "error") -> dict[str, Any]:
+               nonfinite: str = "error", last_saved: int | None = None) -> dict[str, Any]:
     """Mean of the pending per-step metrics over the finite steps. A non-finite step is
     an error naming the step, or (``nonfinite='skip'``, where the step left the state
     untouched) counted in ``record['skipped']``."""
@@ -446,9 +480,11 @@ def _summarise(pending: list[dict[str, jax.Array]], step: int, window_start: flo
     finite = [bool(m["finite"]) for m in host]
     if not all(finite) and nonfinite != "skip":
         bad = step - len(finite) + 1 + finite.index(False)
+        kept = ("no checkpoint was written before it" if last_saved is None
+                else f"the last good checkpoint, step {last_saved}, is kept")
         raise FloatingPointError(
             f"the training loss or a gradient became NaN or inf at step {bad}; lower --lr, "
-            "check the data, or pass --nonfinite skip (the last good checkpoint is kept)"
+            f"check the data, or pass --nonfinite skip ({kept})"
         )
     record: dict[str, Any] = {"step": step}
     good = [m for m, ok in zip(host, finite, strict=True) if ok]
@@ -458,6 +494,7 @@ def _summarise(pending: list[dict[str, jax.Array]], step: int, window_start: flo
     record["steps_per_sec"] = len(host) / max(time.time() - window_start, 1e-9)
     if not all(finite):
         record["skipped"] = finite.count(False)
+    record["last_finite"] = finite[-1]
     return record
 
 

@@ -1,0 +1,154 @@
+"""The run folder ``--out`` of ``sparsejax train``: the configuration checks before a run,
+``OUT/config.json``, and what ``--resume`` and ``--overwrite`` may do to a folder that
+already holds a run (a resume must continue the same run; history is never destroyed
+without ``--overwrite``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sparsejax.checkpoint import Checkpointer, NoValidCheckpointError
+from sparsejax.training.parallel import PARALLEL_MODES
+from sparsejax.validation import check_finite_number, check_int, check_sparsity
+
+if TYPE_CHECKING:
+    from sparsejax.training.loop import TrainConfig
+
+__all__ = ["SEED_MAX", "RESUMABLE_FIELDS", "CONFIG_FILE", "RUN_FILES", "check_config",
+           "config_differences", "check_resume", "holds_run", "clear_run", "jsonable",
+           "saved_run"]
+
+
+SEED_MAX = 2**32 - 1  # the data generators (mnist1d, numpy) take 32-bit seeds
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise ``ValueError`` (or ``TypeError``) naming the flag of the first bad value in
+    ``config``; host-side only, before any data is loaded or anything is compiled."""
+    if config.parallel not in PARALLEL_MODES:
+        raise ValueError(
+            f"unknown parallel mode {config.parallel!r}; known: {', '.join(PARALLEL_MODES)}")
+    if config.nonfinite not in ("error", "skip"):
+        raise ValueError(f"nonfinite must be 'error' or 'skip', got {config.nonfinite!r}")
+    if config.sparsity is not None:
+        check_sparsity(config.sparsity, "--sparsity")
+    check_int(config.seed, "--seed", minimum=0, maximum=SEED_MAX)
+    check_int(config.log_every, "--log-every", minimum=1)
+    check_int(config.eval_every, "--eval-every", minimum=0)
+    check_int(config.checkpoint_every, "--checkpoint-every", minimum=0)
+    check_int(config.init_batches, "--init-batches", minimum=0)
+    check_finite_number(config.max_skipped_fraction, "--max-skipped-fraction")
+    if not 0 <= config.max_skipped_fraction <= 1:
+        raise ValueError(f"--max-skipped-fraction must lie in [0, 1], got "
+                         f"{config.max_skipped_fraction}")
+    if config.resume and config.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: --resume continues the "
+                         "run in --out, --overwrite replaces it")
+    for flag, value in (("--lr", config.lr), ("--momentum", config.momentum),
+                        ("--weight-decay", config.weight_decay)):
+        check_finite_number(value, flag)
+
+
+# Fields that may differ on --resume: they change what is logged, shown or kept, not the
+# trained state (the length, --steps/--epochs, is checked on its own). ``nonfinite`` may
+# change too: a checkpoint written under ``error`` holds no non-finite step, so it is the
+# same state a ``skip`` run would have reached, and skipped steps are counted across resumes.
+# ``parallel`` may change too: a checkpoint holds one logical state that resumes on another
+# device layout (docs/parallel.md), equal up to floating-point rounding.
+RESUMABLE_FIELDS = frozenset({
+    "epochs", "steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
+    "tensorboard", "out", "resume", "overwrite", "progress", "data_dir", "nonfinite",
+    "max_skipped_fraction", "parallel",
+})
+CONFIG_FILE = "config.json"  # OUT/config.json: the configuration of the run in OUT
+RUN_FILES = ("result.json", "metrics.jsonl", CONFIG_FILE, "checkpoints", "tensorboard")
+
+
+def jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=repr))
+
+
+def _flag(name: str) -> str:
+    return {"model_options": "--model-option", "method_options": "--method-option"}.get(
+        name, "--" + name.replace("_", "-"))
+
+
+def config_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """``'--sparsity was 0.9, now 0.5'`` for each result-changing field of ``config`` that
+    differs from the ``saved`` configuration (a field absent from ``saved`` is compared
+    with its default)."""
+    now = jsonable(dataclasses.asdict(config))
+    defaults = jsonable(dataclasses.asdict(type(config)()))
+    saved = jsonable(saved)
+    return [f"{_flag(name)} was {saved.get(name, defaults[name])!r}, now {now[name]!r}"
+            for name in now if name not in RESUMABLE_FIELDS
+            and saved.get(name, defaults[name]) != now[name]]
+
+
+def saved_run(out: Path, checkpointer: Checkpointer, step: int | None) -> dict[str, Any] | None:
+    """What ``out`` records of its run (``{"config": ..., ...}``): ``config.json``, else the
+    metadata of checkpoint ``step``, else ``result.json``; ``None`` if nothing."""
+    candidates = [out / CONFIG_FILE, out / "result.json"]
+    if step is not None:
+        candidates.insert(1, checkpointer.directory / f"step_{step:08d}" / "metadata.json")
+    for path in candidates:
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{path} cannot be read ({e}), so --resume cannot check "
+                                 "that it continues the same run") from e
+            if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
+                return saved
+    return None
+
+
+def holds_run(out: Path) -> list[str]:
+    """The files of a run already in ``out``."""
+    found = [name for name in ("result.json", "metrics.jsonl") if (out / name).exists()]
+    if Checkpointer(out / "checkpoints")._step_dirs():
+        found.append("checkpoints/")
+    return found
+
+
+def clear_run(out: Path) -> None:
+    import shutil
+
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def check_resume(config: TrainConfig, out: Path, checkpointer: Checkpointer) -> int | None:
+    """Host-side checks of ``--resume`` before anything is built or written: the newest
+    good checkpoint step (``None``: there is nothing to resume, start fresh)."""
+    step = checkpointer.latest_step()
+    saved = saved_run(out, checkpointer, step)
+    if saved is not None:
+        differences = config_differences(saved["config"], config)
+        if differences:
+            raise ValueError(
+                f"--resume would continue the run in {out} with another configuration: "
+                f"{'; '.join(differences)} (use the run's options, or another --out)")
+    if step is None:
+        damaged = checkpointer._step_dirs()
+        if damaged:
+            reasons = "; ".join(f"{p.name}: {checkpointer._problem(s, p)}"
+                                for s, p in damaged.items())
+            raise NoValidCheckpointError(
+                f"--resume found no good checkpoint in {checkpointer.directory} ({reasons}); "
+                "nothing was changed in --out: restore a checkpoint, or start the run "
+                "again with --overwrite")
+        if (out / "result.json").exists():
+            raise NoValidCheckpointError(
+                f"--resume found a finished run in {out} but no checkpoint to continue it "
+                "from; nothing was changed: pass --overwrite to train it again")
+    return step
+
+
