@@ -140,3 +140,17 @@ def test_bad_max_skipped_fraction_and_resume_with_overwrite(tmp_path, capsys):
     fails(capsys, run_args(tmp_path / "run", "--resume", "--overwrite"),
           "--resume and --overwrite")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_second_process_on_the_same_out_fails_at_once(tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a") as other:  # another process training into out
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fails(capsys, run_args(out, "--method", "static", "--sparsity", "0.9"),
+              "is in use by another sparsejax process")
+        assert not (out / "metrics.jsonl").exists()
+        fcntl.flock(other, fcntl.LOCK_UN)
+    assert main(run_args(out, "--method", "static", "--sparsity", "0.9")) == 0

@@ -47,6 +47,7 @@ from sparsejax.training.run_folder import (
     clear_run,
     holds_run,
     jsonable,
+    run_lock,
     saved_run,
 )
 from sparsejax.training.step import LossFn
@@ -323,6 +324,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     check_config(config)
     out = Path(config.out or config.default_out())
     check_writable_folder(out, "--out")
+    with run_lock(out):  # a second process on the same --out fails here, at once
+        return _train_in(config, out, started)
+
+
+def _train_in(config: TrainConfig, out: Path, started: float) -> dict[str, Any]:
     checkpointer = Checkpointer(out / "checkpoints", max_to_keep=config.keep_checkpoints)
     resume_step = None
     previous: dict[str, Any] | None = None

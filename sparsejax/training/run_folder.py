@@ -5,8 +5,11 @@ without ``--overwrite``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SEED_MAX", "RESUMABLE_FIELDS", "CONFIG_FILE", "RUN_FILES", "check_config",
            "config_differences", "check_resume", "holds_run", "clear_run", "jsonable",
-           "saved_run"]
+           "saved_run", "run_lock", "LOCK_FILE"]
 
 
 SEED_MAX = 2**32 - 1  # the data generators (mnist1d, numpy) take 32-bit seeds
@@ -152,3 +155,28 @@ def check_resume(config: TrainConfig, out: Path, checkpointer: Checkpointer) -> 
     return step
 
 
+
+
+LOCK_FILE = ".lock"  # OUT/.lock, held (flock) by the process training into OUT
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``OUT/.lock`` while a run trains into ``out``: a second
+    process on the same folder gets a ``FileExistsError`` at once instead of racing the
+    first one's checkpoints and metrics. The kernel releases the lock when the process
+    ends, however it ends, so a killed run never leaves a stale lock behind."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise FileExistsError(
+            f"--out {out} is in use by another sparsejax process (it holds {out / LOCK_FILE}); "
+            "wait for it to finish or choose another --out") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
