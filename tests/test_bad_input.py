@@ -9,26 +9,15 @@ import os
 import numpy as np
 import optax
 import pytest
+from cli_checks import fails
 
-from sparsejax.cli import build_parser, main
+from sparsejax.cli import build_parser
 from sparsejax.data import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, load_dataset
 from sparsejax.methods.dst import rigl, snfs, sparse_evolutionary
 from sparsejax.methods.pruning import gradual_magnitude
 from sparsejax.schedules import cubic_sparsity
 from sparsejax.tickets import TICKET_FORMAT, TICKET_VERSION
 from sparsejax.training.loop import TrainConfig, build_method
-
-
-def fails(capsys, argv, *expected):
-    """``main(argv)`` exits with 2 and prints one line holding every ``expected`` text."""
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err, err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 def train_args(tmp_path, *extra):

@@ -4,6 +4,7 @@
 import json
 
 import numpy as np
+from cli_checks import fails
 
 import sparsejax.training.loop as loop
 from sparsejax.cli import main
@@ -12,17 +13,6 @@ from sparsejax.cli import main
 def run_args(out, *extra):
     return ["train", "--steps", "4", "--batch-size", "64", "--checkpoint-every", "2",
             "--no-progress", "--no-tensorboard", "--out", str(out), *extra]
-
-
-def fails(capsys, argv, *expected):
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err, err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 def snapshot(folder):

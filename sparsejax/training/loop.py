@@ -294,6 +294,10 @@ class Run(NamedTuple):
 def prepare(config: TrainConfig) -> Run:
     """Load the data and build model, optimizer, method and initial state of ``config``."""
     check_config(config)
+    return _prepare(config)
+
+
+def _prepare(config: TrainConfig) -> Run:
     dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
     batches_per_epoch = steps_per_epoch(len(dataset.train_labels), config.batch_size)
     total_steps = _total_steps(config, batches_per_epoch)
@@ -343,7 +347,7 @@ def _train_in(config: TrainConfig, out: Path, started: float) -> dict[str, Any]:
                 "continue it, --overwrite to replace it, or choose another --out")
     if config.parallel != "none":
         initialize_distributed()
-    run = prepare(config)
+    run = _prepare(config)  # check_config ran at the top of train
     dataset, model, method, state = run.dataset, run.model, run.method, run.state
     batches_per_epoch, total_steps = run.batches_per_epoch, run.total_steps
     if resume_step is not None and total_steps < resume_step:
