@@ -16,15 +16,19 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import random
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from sparsejax._extras import require
 
 DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100", "mnist1d")
 
@@ -119,27 +123,32 @@ def load_dataset(
 
 
 def _generate_mnist1d(seed: int) -> Dataset:
-    # mnist1d.data pulls in matplotlib and requests; import it only when needed.
-    from mnist1d.data import get_dataset_args, make_dataset
+    # mnist1d.data pulls in matplotlib and requests; import it only when needed (it comes
+    # with the ``data`` extra).
+    return _generated_mnist1d(require("mnist1d.data"), seed)
 
-    args = get_dataset_args()
+
+@functools.lru_cache(maxsize=4)
+def _generated_mnist1d(mnist1d_data: ModuleType, seed: int) -> Dataset:
+    # Generating takes about 1.5 s of Python loops; a process that trains several times
+    # (a lottery run, a sweep, the tests) generates each seed once. The arrays are
+    # read-only so that no caller can change what the next one gets.
+    args = mnist1d_data.get_dataset_args()
     args.seed = seed
     # make_dataset seeds and draws from the global `random` and `np.random` generators;
     # restore them so that loading data does not change the caller's random streams.
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
-        generated = make_dataset(args)
+        generated = mnist1d_data.make_dataset(args)
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-    return Dataset(
-        name="mnist1d",
-        train_images=generated["x"].astype(np.float32)[..., None],
-        train_labels=generated["y"].astype(np.int32),
-        test_images=generated["x_test"].astype(np.float32)[..., None],
-        test_labels=generated["y_test"].astype(np.int32),
-        num_classes=_NUM_CLASSES["mnist1d"],
-    )
+    arrays = [generated["x"].astype(np.float32)[..., None], generated["y"].astype(np.int32),
+              generated["x_test"].astype(np.float32)[..., None],
+              generated["y_test"].astype(np.int32)]
+    for array in arrays:
+        array.flags.writeable = False
+    return Dataset("mnist1d", *arrays, num_classes=_NUM_CLASSES["mnist1d"])
 
 
 def _normalise_images(images: np.ndarray, name: str) -> np.ndarray:
@@ -246,7 +255,7 @@ def _load_idx_dataset(name: str, idx_paths: Mapping[str, Path]) -> Dataset:
 
 
 def _load_from_tfds(name: str, data_dir: str | os.PathLike[str] | None, download: bool) -> Dataset:
-    import tensorflow_datasets as tfds
+    tfds = require("tensorflow_datasets")  # the ``data`` extra
 
     try:
         train_source, test_source = tfds.data_source(

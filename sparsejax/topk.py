@@ -610,8 +610,9 @@ def _topk(scores: Any, density: Any, count: Any, scope: str, check_finite_scores
     if not leaves:
         return scores, jnp.zeros((0, 2), jnp.float32)
     for leaf in leaves:
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.number):
-            raise TypeError(f"scores must be real numbers, got dtype {jnp.result_type(leaf)}")
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(f"scores must be real numbers, got dtype {dtype}")
     if check_finite_scores:
         check_finite(scores, "scores")
     amount = density if count is None else count
@@ -635,6 +636,7 @@ def _topk(scores: Any, density: Any, count: Any, scope: str, check_finite_scores
                              other_name="densities" if count is None else "counts",
                              check_shapes=False)
         amounts = jax.tree_util.tree_leaves(amount)
+        _check_one_amount_per_leaf(amounts, "density" if count is None else "count")
     ks = [_kept(a, None, int(jnp.size(leaf))) if count is None
           else _kept(None, a, int(jnp.size(leaf)))
           for leaf, a in zip(leaves, amounts, strict=True)]
@@ -676,6 +678,18 @@ def _as_int32(k: Any) -> Any:
     if is_concrete(k) and not isinstance(k, jax.Array):
         return np.int32(k)
     return jnp.asarray(k, jnp.int32)
+
+
+def _check_one_amount_per_leaf(amounts: list[Any], what: str) -> None:
+    """Raise ``ValueError`` unless each of ``amounts`` (the leaves of a tree of densities
+    or counts with the structure of the scores) is one number: an array of them, say
+    ``topk_mask(x, jnp.array([0.5, 0.5]))``, would otherwise fail deep in the search."""
+    import chex  # imported here: the common call, one number for all leaves, needs none
+
+    # One call for all leaves (a few microseconds); chex numbers them "input i".
+    chex.assert_rank(amounts, 0, exception_type=ValueError,
+                     custom_message=f"give one {what} per leaf of the scores (input i: the "
+                                    f"{what} of leaf i in jax.tree_util.tree_leaves order)")
 
 
 def _kept(density: Any, count: Any, size: int) -> Any:

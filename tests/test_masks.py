@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +25,9 @@ def params():
 def test_dense_masks_are_bool_and_match_structure_without_none():
     masks = dense_masks(params())
     leaves = jax.tree_util.tree_leaves(masks, is_leaf=lambda x: x is None)
-    assert all(m is not None and m.dtype == jnp.bool_ for m in leaves)
-    assert jax.tree_util.tree_structure(masks) == jax.tree_util.tree_structure(params())
+    assert all(m is not None for m in leaves)
+    chex.assert_trees_all_equal_shapes(masks, params())  # and the same structure
+    chex.assert_type(leaves, bool)
 
 
 def test_prunable_default_is_kernels_with_ndim_2_or_more():
@@ -38,7 +40,9 @@ def test_apply_count_and_densities():
     masks = dense_masks(params())
     masks["Dense_0"]["kernel"] = masks["Dense_0"]["kernel"].at[0].set(False)
     masked = jax.jit(apply_masks)(params(), masks)
-    assert float(masked["Dense_0"]["kernel"].sum()) == 9.0
+    expected = params()
+    expected["Dense_0"]["kernel"] = expected["Dense_0"]["kernel"].at[0].set(0.0)
+    chex.assert_trees_all_equal(masked, expected, strict=True)  # values, dtypes, shapes
     assert int(count_kept(masks)) == 12 + 3 + 36 - 3
     assert float(leaf_densities(masks)["Dense_0"]["kernel"]) == 0.75
     prunable = prunable_leaves(params())

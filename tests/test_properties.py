@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,8 +81,8 @@ def test_select_masks_exact_binary_and_matching_structure(params, density, distr
     scores = sparsejax.methods.random_scores(params, jax.random.PRNGKey(seed))
     masks = select_masks(scores, density, distribution)
     sparsejax.check_same_structure(params, masks)
-    leaves = jax.tree_util.tree_leaves(masks)
-    assert all(m.dtype == jnp.bool_ for m in leaves)
+    chex.assert_trees_all_equal_shapes(params, masks)
+    chex.assert_type(jax.tree_util.tree_leaves(masks), bool)
     kept = sum(int(masks[k]["kernel"].sum()) for k in params)
     assert kept == num_kept(density, sum(v["kernel"].size for v in params.values()))
     assert all(bool(masks[k]["bias"].all()) for k in params)
@@ -94,10 +95,8 @@ def test_apply_masks_zeroes_exactly_the_pruned_entries(params, sparsity, seed):
     params = jax.tree_util.tree_map(lambda p: jax.random.normal(key, p.shape) + 5.0, params)
     masks = select_masks(params, 1.0 - sparsity, "uniform")
     masked = sparsejax.apply_masks(params, masks)
-    for p, m, q in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(masks),
-                       jax.tree_util.tree_leaves(masked), strict=True):
-        p, m, q = map(np.asarray, (p, m, q))
-        assert np.all(q[~m] == 0) and np.array_equal(q[m], p[m])
+    expected = jax.tree_util.tree_map(lambda p, m: np.where(m, p, np.float32(0)), params, masks)
+    chex.assert_trees_all_equal(masked, expected, strict=True)
 
 
 def _random_grads(params, seed):
@@ -147,7 +146,5 @@ def test_strong_ticket_weights_stay_bitwise_frozen(params, sparsity, seed, name)
     update = jax.jit(method.update)
     for step in range(3):
         state = update(state, _random_grads(method.trainables(state), seed + step))
-    for a, b in zip(jax.tree_util.tree_leaves(frozen), jax.tree_util.tree_leaves(state.params),
-                    strict=True):
-        np.testing.assert_array_equal(a, np.asarray(b))
-    assert all(m.dtype == jnp.bool_ for m in jax.tree_util.tree_leaves(method.hard_masks(state)))
+    chex.assert_trees_all_equal(frozen, state.params)  # bitwise
+    chex.assert_type(jax.tree_util.tree_leaves(method.hard_masks(state)), bool)

@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,8 +68,21 @@ def test_global_scope_counts_across_leaves_with_leaf_order_ties():
 def test_layer_scope_with_density_tree():
     scores = {"a": jnp.arange(10.0), "b": jnp.arange(4.0)}
     masks = jax.jit(lambda s: topk_mask(s, {"a": 0.3, "b": 0.5}))(scores)
-    np.testing.assert_array_equal(np.asarray(masks["a"]), np.arange(10) >= 7)
-    np.testing.assert_array_equal(np.asarray(masks["b"]), np.arange(4) >= 2)
+    chex.assert_trees_all_equal(masks, {"a": np.arange(10) >= 7, "b": np.arange(4) >= 2},
+                                strict=True)
+
+
+def test_a_density_or_count_per_leaf_must_be_one_number():
+    scores = {"a": jnp.arange(10.0), "b": jnp.arange(4.0)}
+    with pytest.raises(ValueError, match="input 1 has rank 1.*give one density per leaf"):
+        topk_mask(scores, {"a": 0.3, "b": jnp.array([0.5, 0.5])})
+    with pytest.raises(ValueError, match="input 0 has rank 1.*give one count per leaf"):
+        topk_mask(jnp.arange(4.0), count=jnp.array([1, 2]))
+
+
+def test_complex_scores_are_rejected():
+    with pytest.raises(TypeError, match="scores must be real numbers, got dtype complex64"):
+        topk_mask(jnp.ones(4, jnp.complex64), 0.5)
 
 
 def test_traced_density_under_jit():
@@ -202,8 +216,8 @@ def test_count_keeps_exactly_that_many_per_leaf_globally_and_traced():
     scores = {"a": rng.normal(size=(60, 70)).astype(np.float32),
               "b": rng.normal(size=(500,)).astype(np.float32)}
     masks = topk_mask(scores, count={"a": 1234, "b": 7})
-    for name, k in (("a", 1234), ("b", 7)):
-        np.testing.assert_array_equal(np.asarray(masks[name]), reference_topk(scores[name], k))
+    chex.assert_trees_all_equal(masks, {"a": reference_topk(scores["a"], 1234),
+                                        "b": reference_topk(scores["b"], 7)}, strict=True)
     flat = np.concatenate([scores["a"].ravel(), scores["b"]])
     joint = jax.jit(lambda s, c: topk_mask(s, count=c, scope="global"))(scores, jnp.int32(999))
     got = np.concatenate([np.asarray(joint["a"]).ravel(), np.asarray(joint["b"])])
@@ -237,17 +251,14 @@ def test_tracked_search_gives_the_same_masks_whatever_the_cuts():
     for density in (0.3, 0.31, 0.9):
         for hint in bad_cuts:
             got, new_cuts = select(scores, density, hint)
-            for name in scores:
-                np.testing.assert_array_equal(
-                    np.asarray(got[name]),
-                    reference_topk(scores[name], num_kept(density, scores[name].size)))
+            chex.assert_trees_all_equal(got, {
+                name: reference_topk(v, num_kept(density, v.size)) for name, v in scores.items()})
             assert bool(jnp.all(jnp.isfinite(new_cuts)))
     # The cuts of a call keep exactly k: the next call from them on slightly moved scores
     moved = {k: v + 1e-5 * rng.normal(size=v.shape).astype(np.float32) for k, v in scores.items()}
     got, _ = select(moved, 0.3, cuts)
-    for name in scores:
-        np.testing.assert_array_equal(np.asarray(got[name]),
-                                      reference_topk(moved[name], num_kept(0.3, moved[name].size)))
+    chex.assert_trees_all_equal(got, {name: reference_topk(v, num_kept(0.3, v.size))
+                                      for name, v in moved.items()})
     with pytest.raises(ValueError, match="cuts must have shape \\(2, 2\\)"):
         topk_mask_tracked(scores, 0.3, jnp.zeros((1, 2)))
 

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sparsejax._extras import require
 from sparsejax.checkpoint import Checkpointer
 from sparsejax.data import (
     DataPosition,
@@ -97,11 +99,13 @@ class TrainConfig:
     parallel: str = "none"  # none | pmap | sharded (sparsejax.training.parallel)
     nonfinite: str = "error"  # error | skip: what a NaN/inf loss or gradient does
     max_skipped_fraction: float = 0.5  # with nonfinite="skip": more skipped steps fail the run
-    tensorboard: bool = True  # also write TensorBoard events where tensorboardX is installed
+    # also write TensorBoard events where tensorboardX (the ``tensorboard`` extra) is
+    # installed; without it the run writes metrics.jsonl alone
+    tensorboard: bool = True
     out: str | None = None
     resume: bool = False
     overwrite: bool = False  # a fresh run may replace a run already in ``out``
-    progress: bool = True
+    progress: bool = True  # a tqdm bar (the ``progress`` extra; without it: a warning, no bar)
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -272,12 +276,14 @@ class _MetricsLog:
 
 
 def _tensorboard_writer(directory: Path) -> Any:
-    """A TensorBoard event writer where ``tensorboardX`` is installed, else ``None``."""
+    """A TensorBoard event writer where ``tensorboardX`` (the ``tensorboard`` extra) is
+    installed, else ``None``: ``TrainConfig.tensorboard`` is on by default, so a missing
+    extra is not an error."""
     try:
-        from tensorboardX import SummaryWriter
+        tensorboardx = require("tensorboardX")
     except ImportError:
         return None
-    return SummaryWriter(str(directory))
+    return tensorboardx.SummaryWriter(str(directory))
 
 
 class Run(NamedTuple):
@@ -297,7 +303,10 @@ def prepare(config: TrainConfig) -> Run:
     return _prepare(config)
 
 
-def _prepare(config: TrainConfig) -> Run:
+def _prepare(config: TrainConfig, *, abstract_state: bool = False) -> Run:
+    """With ``abstract_state`` the state is only its shapes and dtypes (``jax.eval_shape``):
+    a resume restores every value from the checkpoint, so it neither compiles nor runs the
+    method's init (SynFlow's 100 rounds, SNIP's and GraSP's gradients)."""
     dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
     batches_per_epoch = steps_per_epoch(len(dataset.train_labels), config.batch_size)
     total_steps = _total_steps(config, batches_per_epoch)
@@ -318,7 +327,8 @@ def _prepare(config: TrainConfig) -> Run:
     def init(params: Any, key: jax.Array, model_state: Any, batches: tuple[Any, ...]):
         return method.init(params, key, model_state, InitContext(loss_fn, batches))
 
-    state = init(params, method_key, model_state, init_batches)
+    state = (jax.eval_shape if abstract_state else lambda f, *a: f(*a))(
+        init, params, method_key, model_state, init_batches)
     return Run(dataset, model, method, state, batches_per_epoch, total_steps)
 
 
@@ -347,7 +357,8 @@ def _train_in(config: TrainConfig, out: Path, started: float) -> dict[str, Any]:
                 "continue it, --overwrite to replace it, or choose another --out")
     if config.parallel != "none":
         initialize_distributed()
-    run = _prepare(config)  # check_config ran at the top of train
+    # check_config ran at the top of train
+    run = _prepare(config, abstract_state=resume_step is not None)
     dataset, model, method, state = run.dataset, run.model, run.method, run.state
     batches_per_epoch, total_steps = run.batches_per_epoch, run.total_steps
     if resume_step is not None and total_steps < resume_step:
@@ -509,15 +520,23 @@ def _summarise(pending: list[dict[str, jax.Array]], step: int, window_start: flo
 
 
 class _progress_bar:  # noqa: N801 - used like a function
-    """A tqdm bar of steps showing steps/s, loss, accuracy and sparsity (or nothing)."""
+    """A tqdm bar of steps showing steps/s, loss, accuracy and sparsity (or nothing).
+
+    ``TrainConfig.progress`` is on by default, so without tqdm (the ``progress`` extra) the
+    run goes on without a bar, after a warning that names the extra."""
 
     def __init__(self, enabled: bool, total: int, start: int) -> None:
         self.bar = None
         if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-                            mininterval=1.0, file=sys.stderr)
+            try:
+                tqdm_auto = require("tqdm.auto")
+            except ImportError as error:
+                warnings.warn(f"no progress bar: {error}; or pass progress=False "
+                              "(CLI: --no-progress)", stacklevel=3)
+            else:
+                self.bar = tqdm_auto.tqdm(total=total, initial=start, unit="step",
+                                          dynamic_ncols=True, mininterval=1.0,
+                                          file=sys.stderr)
         self.step = start
 
     def update(self, step: int, record: dict[str, Any]) -> None:
