@@ -31,12 +31,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sparsejax.training.loop import TrainConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from strong_common import train_once  # noqa: E402
+from strong_common import mnist_dir, train_once  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 RUNS = ROOT.parent / "runs" / "dst_mnist"
-DATA = os.environ.get("SPARSEJAX_MNIST", "/work/shared/data/mnist")
 
 METHODS = ("static", "set", "rigl", "snfs")
 SPARSITIES = (0.9, 0.95, 0.98)
@@ -59,7 +58,7 @@ def run_name(method: str, sparsity: float | None, seed: int, epochs: int) -> str
 
 def config_for(method: str, sparsity: float | None, seed: int, epochs: int) -> TrainConfig:
     return TrainConfig(
-        method=method, model="lenet300", dataset="mnist", data_dir=DATA,
+        method=method, model="lenet300", dataset="mnist", data_dir=mnist_dir(),
         sparsity=sparsity, distribution=None if sparsity is None else "erk",
         epochs=epochs, batch_size=100, optimizer="nesterov",
         lr=DENSE_LR if sparsity is None else SPARSE_LR, momentum=0.9,

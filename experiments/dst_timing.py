@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -39,8 +39,10 @@ from sparsejax.training.loop import classification_loss  # noqa: E402
 from sparsejax.training.optim import make_optimizer  # noqa: E402
 from sparsejax.training.parallel import SingleDeviceTrainer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from strong_common import mnist_dir  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA = os.environ.get("SPARSEJAX_MNIST", "/work/shared/data/mnist")
 BIG = 10**7  # a run length that never ends the update schedule during timing
 
 
@@ -68,7 +70,7 @@ def main() -> None:
                         help="steps timed with a mask update on every step")
     args = parser.parse_args()
 
-    dataset = load_dataset("mnist", DATA)
+    dataset = load_dataset("mnist", mnist_dir())
     model = get_model("lenet300", dataset.num_classes)
     params, model_state = init_model(model, jax.random.PRNGKey(0), (1, *dataset.input_shape))
     optimizer = make_optimizer("nesterov", 0.2, total_steps=BIG, weight_decay=1e-4)

@@ -55,11 +55,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from strong_common import (  # noqa: E402
-    MNIST,
     RESULTS,
     ROOT,
     epoch_curve,
     load,
+    mnist_dir,
     save,
     train_once,
 )
@@ -173,7 +173,7 @@ def run(name: str, method: str, sparsity: float, epochs: int, training: dict[str
     ``validation``, trained on 50k training images and scored on the 10k held out."""
     out = RUNS / name
     config = TrainConfig(
-        method=method, model="lenet300", dataset="mnist", data_dir=MNIST, sparsity=sparsity,
+        method=method, model="lenet300", dataset="mnist", data_dir=mnist_dir(), sparsity=sparsity,
         epochs=epochs, seed=seed, out=str(out), progress=False, keep_checkpoints=1,
         log_every=200, model_options={"use_bias": False},
         method_options=dict(method_options), **training)

@@ -27,13 +27,16 @@ import numpy as np
 
 from sparsejax.lottery import LotteryConfig, config_hash, run_lottery
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from strong_common import mnist_dir  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 EPOCHS = 5
 ROUNDS = 18
 
 
 def config(seed: int, control_rounds: tuple[int, ...] | None = None) -> LotteryConfig:
-    return LotteryConfig(dataset="mnist", data_dir="/work/shared/data/mnist", epochs=EPOCHS,
+    return LotteryConfig(dataset="mnist", data_dir=mnist_dir(check=False), epochs=EPOCHS,
                          rounds=ROUNDS, seed=seed, lr_schedule="cosine", controls=("reinit",),
                          control_rounds=control_rounds, out_root="runs/lottery")
 
@@ -114,6 +117,7 @@ def main() -> int:
     parser.add_argument("--control-rounds", type=int, nargs="*", default=None)
     args = parser.parse_args()
     if args.what == "run":
+        mnist_dir()  # one line, not a traceback, when the data is missing
         rounds = None if args.control_rounds is None else tuple(args.control_rounds)
         run_lottery(config(args.seed, rounds))
     else:

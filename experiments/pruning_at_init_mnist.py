@@ -29,6 +29,9 @@ from sparsejax.masks import sparsity_report
 from sparsejax.training.loop import TrainConfig, prepare
 from sparsejax.transforms import zero_masked
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from strong_common import mnist_dir  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "pruning_at_init_mnist.json"
 METHODS = ("snip", "grasp", "synflow", "random_prune", "magnitude")
@@ -59,7 +62,7 @@ PUBLISHED = {("snip", 0.95): 98.4, ("snip", 0.98): 97.6}
 def run_one(method: str, sparsity: float, seed: int, trainer: Trainer, setup: str) -> dict:
     recipe = SETUPS[setup]
     config = TrainConfig(method=method, model="lenet300", dataset="mnist",
-                         data_dir="/work/shared/data/mnist", sparsity=sparsity,
+                         data_dir=mnist_dir(), sparsity=sparsity,
                          epochs=recipe["epochs"], batch_size=BATCH,
                          optimizer=recipe["optimizer"], lr=recipe["lr"],
                          weight_decay=recipe.get("weight_decay", 0.0),
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     if seed not in trainers:
                         trainers[seed] = Trainer(LotteryConfig(
-                            dataset="mnist", data_dir="/work/shared/data/mnist",
+                            dataset="mnist", data_dir=mnist_dir(),
                             epochs=recipe["epochs"], batch_size=BATCH,
                             optimizer=recipe["optimizer"], lr=recipe["lr"],
                             weight_decay=recipe.get("weight_decay", 0.0),

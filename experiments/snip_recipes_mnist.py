@@ -41,6 +41,9 @@ from sparsejax.methods.pruning import snip_scores
 from sparsejax.training.loop import classification_loss
 from sparsejax.transforms import zero_masked
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from strong_common import mnist_dir  # noqa: E402
+
 LOG = Path(__file__).parent / "results" / "snip_recipes_mnist.jsonl"
 
 
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.sched != "cosine":
         raise SystemExit(f"unknown schedule {a.sched!r}")
     trainer = Trainer(LotteryConfig(
-        dataset="mnist", data_dir="/work/shared/data/mnist", epochs=a.epochs, batch_size=100,
+        dataset="mnist", data_dir=mnist_dir(), epochs=a.epochs, batch_size=100,
         optimizer=a.opt, lr=a.lr, weight_decay=a.wd,
         lr_schedule="cosine" if a.sched == "cosine" else "constant", seed=a.seed))
     init = trainer.initial_state()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,24 @@ from sparsejax.training.loop import TrainConfig, train
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
 RUNS = ROOT / "runs" / "strong"
-MNIST = os.environ.get("SPARSEJAX_MNIST", "/work/shared/data/mnist")
+# Real MNIST (IDX files): $SPARSEJAX_MNIST, else the checkout's sibling ../shared/data/mnist.
+DEFAULT_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+MNIST = os.environ.get("SPARSEJAX_MNIST") or str(DEFAULT_MNIST)
+
+
+def mnist_dir(check: bool = True) -> str:
+    """The MNIST folder of the experiments: ``$SPARSEJAX_MNIST`` if set, else
+    ``<repository>/../shared/data/mnist``. With ``check`` (the default), a missing folder
+    ends the script with one line naming the path looked at and how to give another one,
+    not a traceback from deep inside the data loader."""
+    override = os.environ.get("SPARSEJAX_MNIST")
+    path = Path(override) if override else DEFAULT_MNIST
+    if check and not path.is_dir():
+        where = "SPARSEJAX_MNIST points at" if override else "expected the MNIST IDX files in"
+        sys.exit(f"error: no MNIST folder: {where} {path}; set "
+                 "SPARSEJAX_MNIST=/path/to/mnist (a folder holding the MNIST IDX files) to "
+                 "use another one")
+    return str(path)
 
 # The paper's MNIST example: batch 64, SGD momentum 0.9, lr 0.1 cosine, wd 5e-4 (scores).
 PAPER = {"batch_size": 64, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
@@ -67,7 +85,7 @@ def run(name: str, method: str, density: float, epochs: int, *, seed: int = 0,
     """Train one configuration (LeNet-300-100 without biases, real MNIST)."""
     out = RUNS / name
     config = TrainConfig(
-        method=method, model="lenet300", dataset="mnist", data_dir=MNIST,
+        method=method, model="lenet300", dataset="mnist", data_dir=mnist_dir(check=False),
         sparsity=round(1.0 - density, 6), epochs=epochs, seed=seed, out=str(out),
         progress=False, keep_checkpoints=1, log_every=200,
         model_options={"use_bias": False}, method_options=dict(method_options or {}),
@@ -78,6 +96,7 @@ def run(name: str, method: str, density: float, epochs: int, *, seed: int = 0,
     else:
         # a killed run continues (or, killed before its first checkpoint, starts again)
         config.resume = out.exists()
+        mnist_dir()  # one line, not a traceback, when the data is missing
         started = time.time()
         result = train_once(config)
         print(f"{name}: {100 * result['test_accuracy']:.2f}% in {time.time() - started:.0f} s",

@@ -108,7 +108,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
                        help="an option of the method, e.g. update_every=100 (repeatable)")
 
     plot = commands.add_parser("plot", help="accuracy-versus-sparsity PNG from result files")
-    plot.add_argument("results", nargs="+", help="result.json files or folders holding them")
+    plot.add_argument("results", nargs="+",
+                      help="result.json files or folders holding them: sparsejax train runs, "
+                           "or a sparsejax lottery run folder (one point per round, a line "
+                           "for the tickets and one for each control)")
     plot.add_argument("--output", "-o", default="accuracy_vs_sparsity.png",
                       help="the PNG file to write")
     plot.add_argument("--title", default=None, help="title of the plot")
@@ -139,9 +142,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from sparsejax.plotting import load_results, plot_accuracy_vs_sparsity
+    from sparsejax.plotting import EXPECTED, load_results, plot_accuracy_vs_sparsity
 
-    path = plot_accuracy_vs_sparsity(load_results(args.results), args.output, args.title)
+    results = load_results(args.results)
+    if not results:
+        raise ValueError(f"nothing to plot in {', '.join(args.results)}: expected {EXPECTED}")
+    path = plot_accuracy_vs_sparsity(results, args.output, args.title)
     print(f"wrote {path}")
     return 0
 
@@ -153,6 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        print(f"sparsejax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        # A missing optional extra (sparsejax._extras.require names its pip install line);
+        # a module missing for any other reason is a broken install: keep its traceback.
+        if isinstance(e, ModuleNotFoundError):
+            raise
         print(f"sparsejax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -16,8 +16,10 @@ layer, on the rewind weights).
 Each run lives in ``OUT_ROOT/<model>_<dataset>_<hash>``, the hash taken over the
 hyperparameters that differ from :class:`LotteryConfig`'s defaults (and over none of
 ``rounds``, ``controls``, ``out_root``, which do not change any round's result), so a
-rerun finds every finished round. Every branch of every round checkpoints once per epoch
-(atomic, verified); a killed run resumes at the round and step it reached.
+rerun finds every finished round; ``--out FOLDER`` (``LotteryConfig.out``) names the run
+folder itself instead, as ``sparsejax train --out`` does. Every branch of every round
+checkpoints once per epoch (atomic, verified); a killed run resumes at the round and step
+it reached.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ __all__ = [
     "CONTROLS",
     "parse_step",
     "config_hash",
+    "run_folder",
     "round_counts",
     "imp_masks",
     "Trainer",
@@ -112,6 +115,8 @@ class LotteryConfig:
       rewind: the rewind step, ``'0'`` (to init), ``'500it'`` or ``'2ep'``.
       controls: branches trained each round beside the ticket, from :data:`CONTROLS`.
       control_rounds: the rounds that get the controls (``None``: every round >= 1).
+      out: the run folder itself (``None``: ``out_root/<model>_<dataset>_<hash>``, see
+        :func:`run_folder`).
     """
 
     model: str = "lenet300"
@@ -135,6 +140,7 @@ class LotteryConfig:
     lr_schedule: str = "constant"
     seed: int = 0
     out_root: str = "runs/lottery"
+    out: str | None = None
 
     def check(self) -> None:
         """Raise ``ValueError`` for inconsistent settings."""
@@ -154,7 +160,7 @@ class LotteryConfig:
             raise ValueError(f"unknown control(s) {unknown}; known: {', '.join(CONTROLS)}")
 
 
-_UNHASHED = ("rounds", "controls", "control_rounds", "out_root", "data_dir")
+_UNHASHED = ("rounds", "controls", "control_rounds", "out_root", "out", "data_dir")
 
 
 def config_hash(config: LotteryConfig) -> str:
@@ -170,6 +176,34 @@ def config_hash(config: LotteryConfig) -> str:
                if k not in _UNHASHED and v != defaults[k]}
     digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
     return f"{config.model}_{config.dataset}_{digest}"
+
+
+def run_folder(config: LotteryConfig) -> Path:
+    """The folder of a run: ``config.out`` when given, else
+    ``config.out_root/<model>_<dataset>_<hash>``."""
+    if config.out is not None:
+        return Path(config.out)
+    return Path(config.out_root) / config_hash(config)
+
+
+def _check_same_run(root: Path, config: LotteryConfig) -> None:
+    """Raise ``ValueError`` when ``root`` already holds a lottery run whose results the
+    settings of ``config`` would not reproduce (an ``--out`` folder reused with other
+    hyperparameters; the hashed folders never collide)."""
+    path = root / "config.json"
+    if not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text())
+        fields = {f.name for f in dataclasses.fields(LotteryConfig)}
+        previous = LotteryConfig(**{k: v for k, v in stored.items() if k in fields})
+    except (ValueError, TypeError):
+        return
+    if config_hash(previous) != config_hash(config):
+        changed = sorted(k for k in dataclasses.asdict(config)
+                         if k not in _UNHASHED and getattr(previous, k) != getattr(config, k))
+        raise ValueError(f"{root} holds a lottery run with other settings ({', '.join(changed)}"
+                         "); give another --out, or the same settings to continue it")
 
 
 # --------------------------------------------------------------------------- pruning
@@ -413,8 +447,9 @@ def run_lottery(config: LotteryConfig, *, verbose: bool = True,
                 trainer: Trainer | None = None) -> dict[str, Any]:
     """Run (or resume, or read back) IMP with rewinding; returns the per-round results and
     writes ``summary.json`` in the run folder."""
+    root = run_folder(config)
+    _check_same_run(root, config)
     trainer = trainer or Trainer(config)
-    root = Path(config.out_root) / config_hash(config)
     root.mkdir(parents=True, exist_ok=True)
     _write_json(root / "config.json", {k: v for k, v in dataclasses.asdict(config).items()})
     prunable, _ = _output_filter(config)
@@ -520,7 +555,8 @@ def instability(config: LotteryConfig, round_index: int = 0, *, data_seeds: Sequ
     network (masks of ``round_index``, which must be finished) trained from the rewind
     point to the end with the data orders of ``data_seeds``, and the test error along the
     straight line between them. Results are cached in the run folder."""
-    root = Path(config.out_root) / config_hash(config)
+    root = run_folder(config)
+    _check_same_run(root, config)
     _check_round_was_run(root, round_index)
     trainer = trainer or Trainer(config)
     folder = root / "instability" / f"round_{round_index:02d}_seeds_{data_seeds[0]}_" \
@@ -594,8 +630,13 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning-rate schedule of each round")
     parser.add_argument("--seed", type=int, default=d.seed,
                         help="seed of the weights, data order and controls")
-    parser.add_argument("--out-root", default=d.out_root,
-                        help="folder of the runs (one subfolder per config)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None,
+                       help="the run folder (as in sparsejax train); default: "
+                            "OUT_ROOT/<model>_<dataset>_<hash of the settings>")
+    where.add_argument("--out-root", default=d.out_root,
+                       help="folder of the runs, one subfolder per config, when --out is "
+                            f"not given (default {d.out_root})")
 
 
 def _config_from_args(args: argparse.Namespace) -> LotteryConfig:
@@ -611,7 +652,7 @@ def _config_from_args(args: argparse.Namespace) -> LotteryConfig:
         batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, seed=args.seed,
-        out_root=args.out_root)
+        out_root=args.out_root, out=args.out)
     config.check()
     return config
 

@@ -1,14 +1,29 @@
-"""Accuracy-versus-sparsity figures from ``result.json`` files."""
+"""Accuracy-versus-sparsity figures from ``result.json`` files.
+
+Two kinds of result are read: a ``sparsejax train`` run's ``result.json`` (one point,
+labelled by its ``method``) and the branches of a ``sparsejax lottery`` run,
+``<run>/round_NN/<branch>/result.json`` (one point per round: the IMP ``ticket`` and each
+control, ``reinit`` / ``random_mask``, as its own line). A lottery run's ``instability/``
+copies are not accuracy-versus-sparsity points and are skipped.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from sparsejax._extras import require
+
 __all__ = ["find_results", "load_results", "plot_accuracy_vs_sparsity"]
+
+EXPECTED = ("result.json files of 'sparsejax train' runs, or a 'sparsejax lottery' run "
+            "folder (round_NN/<branch>/result.json)")
+_LOTTERY_LABELS = {"ticket": "IMP ticket", "reinit": "control: reinit",
+                   "random_mask": "control: random mask"}
 
 
 def find_results(paths: Iterable[str | Path]) -> list[Path]:
@@ -24,20 +39,55 @@ def find_results(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
+def _lottery_branch(path: Path) -> tuple[Path, str] | None:
+    """``(run folder, branch)`` of a lottery branch's ``round_NN/<branch>/result.json``."""
+    if len(path.parts) >= 3 and re.fullmatch(r"round_\d+", path.parent.parent.name):
+        return path.parent.parent.parent, path.parent.name
+    return None
+
+
+def _is_instability_copy(path: Path) -> bool:
+    return "instability" in path.parts[:-1]
+
+
 def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """The parsed result files; each must have ``method``, ``sparsity``, ``test_accuracy``."""
+    """The parsed results, each with ``method``, ``sparsity`` and ``test_accuracy``
+    (``[]`` when the paths hold none).
+
+    A ``sparsejax train`` result has them itself; a lottery branch's result gets
+    ``method`` from its branch (``'IMP ticket'``, ``'control: reinit'``, ...; with the run
+    folder's name added when several lottery runs are plotted together), plus ``round``.
+    """
     results = []
+    lottery: list[tuple[dict[str, Any], Path, str]] = []
     for path in find_results(paths):
+        branch = _lottery_branch(path)
         try:
             result = json.loads(Path(path).read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON ({error})") from error
         if not isinstance(result, dict):
             raise ValueError(f"{path} is not a sparsejax result: not a JSON object")
+        if "method" not in result and branch is None and _is_instability_copy(path):
+            continue
+        if "method" not in result and branch is not None:
+            missing = {"sparsity", "test_accuracy"} - set(result)
+            if missing:
+                raise ValueError(f"{path} is not a lottery round's result: missing "
+                                 f"{sorted(missing)}")
+            lottery.append((result, *branch))
+            continue
         missing = {"method", "sparsity", "test_accuracy"} - set(result)
         if missing:
-            raise ValueError(f"{path} is not a sparsejax result: missing {sorted(missing)}")
+            raise ValueError(f"{path} is not a sparsejax result: missing {sorted(missing)}; "
+                             f"expected {EXPECTED}")
         results.append(result)
+    runs = {run for _, run, _ in lottery}
+    for result, run, branch in lottery:
+        label = _LOTTERY_LABELS.get(branch, f"control: {branch}")
+        if len(runs) > 1:
+            label = f"{label} ({run.name})"
+        results.append({**result, "method": label})
     return results
 
 
@@ -45,13 +95,12 @@ def plot_accuracy_vs_sparsity(results: list[dict[str, Any]], output: str | Path,
                               title: str | None = None) -> Path:
     """Test accuracy against sparsity, one line per method (mean and min-max over seeds at
     the same sparsity), saved as a PNG at ``output``."""
-    import matplotlib
-
+    matplotlib = require("matplotlib")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot")
 
     if not results:
-        raise ValueError("no results to plot")
+        raise ValueError(f"no results to plot: expected {EXPECTED}")
     by_method: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         by_method[r["method"]][round(float(r["sparsity"]), 3)].append(100 * r["test_accuracy"])

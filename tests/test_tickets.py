@@ -182,7 +182,8 @@ def test_pack_and_unpack_round_trip(shapes, seed):
 
 @pytest.mark.slow
 def test_ticket_of_a_batch_norm_model_stores_its_statistics(tmp_path):
-    mnist = Path(os.environ.get("SPARSEJAX_MNIST", "/work/shared/data/mnist"))
+    mnist = Path(os.environ.get("SPARSEJAX_MNIST",
+                              Path(__file__).resolve().parents[2] / "shared/data/mnist"))
     if not mnist.exists():
         pytest.skip("real MNIST not available")
     out = tmp_path / "run"
