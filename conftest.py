@@ -1,9 +1,32 @@
-"""Test set-up (tests and doctests): simulated CPU devices for the multi-device tests.
+"""Test set-up (tests and doctests), read before jax is imported anywhere.
 
-The flag must be set before jax is imported anywhere, which is why it lives here.
+* Simulated CPU devices for the multi-device tests.
+* XLA's CPU backend at optimisation level 0: the tests run small shapes for a few steps,
+  so compiling is most of their time, and level 0 compiles about a third faster. What
+  the tests check (masks, counts, bitwise resume, parity with hand-worked values) does
+  not depend on it; benchmarks and real runs keep XLA's defaults.
+* One persistent compilation cache for the whole run, in a fresh temporary folder: many
+  tests build the same train step again (a run, then its resume; a CLI subprocess after
+  another), and XLA compiles each program once instead of each time. pytest-xdist's
+  workers and the CLI subprocesses inherit the folder through the environment, and the
+  process that made it removes it at the end, so no run ever starts from an old cache.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="sparsejax-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, _cache, True)

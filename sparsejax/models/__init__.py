@@ -231,9 +231,9 @@ def apply_model(
 
     >>> import jax, jax.numpy as jnp
     >>> model = get_model("resnet20", 10)
-    >>> params, state = init_model(model, jax.random.key(0), (1, 32, 32, 3))
+    >>> params, state = init_model(model, jax.random.key(0), (1, 8, 8, 3))
     >>> step = jax.jit(apply_model, static_argnums=0, static_argnames="train")
-    >>> logits, new_state = step(model, params, state, jnp.ones((2, 32, 32, 3)), train=True)
+    >>> logits, new_state = step(model, params, state, jnp.ones((2, 8, 8, 3)), train=True)
     >>> logits.shape, sorted(new_state)
     ((2, 10), ['batch_stats'])
     """

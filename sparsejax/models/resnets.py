@@ -73,7 +73,7 @@ class ResNet(nn.Module):
 
     >>> import jax, jax.numpy as jnp
     >>> model = ResNet(num_classes=10, stage_sizes=(1, 1), stage_widths=(8, 16))
-    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    >>> variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
     >>> sorted(variables)
     ['batch_stats', 'params']
     >>> model.apply(variables, jnp.zeros((2, 8, 8, 3))).shape

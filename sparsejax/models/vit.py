@@ -77,8 +77,8 @@ class ViT(nn.Module):
 
     >>> import jax, jax.numpy as jnp
     >>> model = ViT(num_classes=10, embed_dim=32, depth=1, num_heads=2)
-    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-    >>> model.apply(variables, jnp.zeros((2, 28, 28, 1))).shape
+    >>> variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    >>> jax.jit(model.apply)(variables, jnp.zeros((2, 28, 28, 1))).shape
     (2, 10)
     """
 
