@@ -28,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sparsejax.provenance import provenance  # noqa: E402
 from sparsejax.training.loop import TrainConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -124,6 +125,7 @@ def save(out_json: Path, runs: dict[str, dict], epochs: int) -> dict:
         "summary": summarise(list(runs.values())),
         "published_error_percent": {
             k: {str(d): e for d, e in v.items()} for k, v in PUBLISHED.items()},
+        "provenance": provenance(),
     }
     tmp = out_json.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

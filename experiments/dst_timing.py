@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from sparsejax.data import load_dataset  # noqa: E402
 from sparsejax.methods import get_method  # noqa: E402
 from sparsejax.models import get_model, init_model  # noqa: E402
+from sparsejax.provenance import provenance  # noqa: E402
 from sparsejax.training.loop import classification_loss  # noqa: E402
 from sparsejax.training.optim import make_optimizer  # noqa: E402
 from sparsejax.training.parallel import SingleDeviceTrainer  # noqa: E402
@@ -136,6 +137,7 @@ def main() -> None:
                                        for n, v in update_step.items()},
         "notes": "amortised window: RigL updates every 100 steps, SET and SNFS every "
                  f"{args.window} steps; update_step: a mask update on every step",
+        "provenance": provenance(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "dst_timing.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from sparsejax.lottery import LotteryConfig, config_hash, instability
+from sparsejax.provenance import provenance
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lottery_mnist import config as lottery_config  # noqa: E402
@@ -54,7 +55,7 @@ def main() -> int:
     payload = {"experiment": "instability analysis, LeNet-300-100, MNIST",
                "setup": {"optimizer": "adam", "lr": 1.2e-3, "lr_schedule": "cosine",
                          "batch_size": 60, "epochs": 5, "data_seeds": [101, 102]},
-               "runs": results}
+               "runs": results, "provenance": provenance()}
     (RESULTS / "instability_mnist.json").write_text(json.dumps(payload, indent=2) + "\n")
     import matplotlib
     matplotlib.use("Agg")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsejax.lottery import LotteryConfig, config_hash, run_lottery
+from sparsejax.provenance import provenance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strong_common import mnist_dir  # noqa: E402
@@ -80,7 +81,8 @@ def report(seeds: list[int]) -> None:
                          "output_fraction": 0.1, "distribution": "layer-wise"},
                "seeds": seeds, "rounds": table,
                "published": {"ticket_at_10pct_sparsity_90": 98.2, "reinit": 96.1,
-                             "dense": 98.3}}
+                             "dense": 98.3},
+               "provenance": provenance()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lottery_mnist.json").write_text(json.dumps(payload, indent=2) + "\n")
     import matplotlib

@@ -26,6 +26,7 @@ import numpy as np
 
 from sparsejax.lottery import LotteryConfig, Trainer
 from sparsejax.masks import sparsity_report
+from sparsejax.provenance import provenance
 from sparsejax.training.loop import TrainConfig, prepare
 from sparsejax.transforms import zero_masked
 
@@ -146,7 +147,7 @@ def write(results: list[dict]) -> None:
                          "init_batches": INIT_BATCHES,
                          "grasp": "T=200, 10 examples per class",
                          "synflow": "100 iterations, exponential schedule, data-free"},
-               "runs": results, "summary": summary}
+               "runs": results, "summary": summary, "provenance": provenance()}
     OUT.write_text(json.dumps(payload, indent=2) + "\n")
     import matplotlib
     matplotlib.use("Agg")

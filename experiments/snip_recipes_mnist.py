@@ -38,6 +38,7 @@ from sparsejax.data import train_batches
 from sparsejax.distributions import select_masks
 from sparsejax.lottery import LotteryConfig, Trainer
 from sparsejax.methods.pruning import snip_scores
+from sparsejax.provenance import provenance
 from sparsejax.training.loop import classification_loss
 from sparsejax.transforms import zero_masked
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result), flush=True)
         LOG.parent.mkdir(parents=True, exist_ok=True)
         with LOG.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+            f.write(json.dumps({**result, "provenance": provenance()}) + "\n")
     return 0
 
 

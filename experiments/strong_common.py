@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 
+from sparsejax.provenance import provenance
 from sparsejax.training.loop import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +67,7 @@ def load(path: Path) -> dict[str, Any]:
 def save(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
+    payload = {**payload, "provenance": provenance()}
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 

@@ -57,6 +57,7 @@ from sparsejax.methods.base import Method, SparseState
 from sparsejax.methods.fixed import fixed_mask, random_scores
 from sparsejax.methods.pruning import exclude_pruned, magnitude_scores
 from sparsejax.models import get_model, init_model
+from sparsejax.provenance import provenance
 from sparsejax.training.loop import classification_loss, make_eval_step
 from sparsejax.training.optim import make_optimizer
 from sparsejax.training.step import make_train_step
@@ -437,6 +438,7 @@ def _branch(trainer: Trainer, folder: Path, start: SparseState, *,
             "report": format_sparsity_report(rows),
             "curve": curve,
             "seconds": time.time() - started,
+            "provenance": provenance(),
             **(extra or {}),
         }
         _write_json(result_path, result)
@@ -500,7 +502,8 @@ def run_lottery(config: LotteryConfig, *, verbose: bool = True,
                "rounds": [{"round": e["round"], "density": e["ticket"]["density"],
                            "ticket": e["ticket"]["test_accuracy"],
                            **{c: e[c]["test_accuracy"] for c in config.controls if c in e}}
-                          for e in rounds]}
+                          for e in rounds],
+               "provenance": provenance()}
     _write_json(root / "summary.json", summary)
     return summary
 
@@ -587,7 +590,8 @@ def instability(config: LotteryConfig, round_index: int = 0, *, data_seeds: Sequ
         trainer.method.effective_params(copies[0])))[-1].density)
     result = {"round": round_index, "rewind_step": k, "density": density,
               "data_seeds": list(data_seeds), "alphas": alphas, "errors": errors,
-              "barrier": error_barrier(errors), "config": dataclasses.asdict(config)}
+              "barrier": error_barrier(errors), "config": dataclasses.asdict(config),
+              "provenance": provenance()}
     _write_json(result_path, result)
     return result
 

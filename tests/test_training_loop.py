@@ -14,6 +14,7 @@ import pytest
 
 from sparsejax.checkpoint import Checkpointer
 from sparsejax.cli import main
+from sparsejax.provenance import provenance
 from sparsejax.training.loop import TrainConfig, build_method, prepare, train
 
 FAST = dict(dataset="mnist1d", model="lenet300", batch_size=64, progress=False, log_every=10)
@@ -41,6 +42,7 @@ def test_train_writes_result_with_measured_sparsity(tmp_path):
     assert abs(result["sparsity"] - 0.75) < 1e-3  # measured on the effective model
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["steps"] == 40
     assert result["config"]["sparsity"] == 0.75
+    assert result["provenance"] == provenance()  # the commit it ran at, and the versions
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [10, 20, 30, 40]
 

@@ -40,6 +40,7 @@ from sparsejax.data import (
 from sparsejax.masks import sparsity_report
 from sparsejax.methods import METHODS, InitContext, Method, SparseState, get_method
 from sparsejax.models import apply_model, get_model, init_model
+from sparsejax.provenance import provenance
 from sparsejax.training.optim import make_optimizer
 from sparsejax.training.parallel import initialize_distributed, make_trainer
 from sparsejax.training.run_folder import (
@@ -463,6 +464,7 @@ def _train_in(config: TrainConfig, out: Path, started: float) -> dict[str, Any]:
         "wall_seconds": time.time() - started,
         "backend": jax.default_backend(),
         "config": dataclasses.asdict(config),
+        "provenance": provenance(),
     }
     if previous_steps is not None and previous_steps != total_steps:
         result["extended_from_steps"] = previous_steps  # the length the run began with
