@@ -1,5 +1,5 @@
 """The ``sparsejax`` command line: train, plot, lottery, instability, export-ticket,
-evaluate-ticket."""
+evaluate-ticket, demo."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __all__ = ["main", "build_parser"]
 Handler = Callable[[argparse.Namespace], int]
 
 # Modules that add subcommands: each has ``add_commands(subparsers) -> {name: handler}``.
-_COMMAND_MODULES = ("sparsejax.lottery", "sparsejax.tickets")
+_COMMAND_MODULES = ("sparsejax.lottery", "sparsejax.tickets", "sparsejax.demo")
 
 
 def _option(text: str) -> tuple[str, Any]:
