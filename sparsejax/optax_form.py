@@ -72,7 +72,8 @@ def _pure(tree: PyTree) -> PyTree:
     ``init`` a state of variables and ``update`` plain arrays)."""
     from flax import nnx
 
-    return nnx.as_pure(tree)
+    as_pure = getattr(nnx, "as_pure", None) or nnx.pure  # flax < 0.12.7 names it nnx.pure
+    return as_pure(tree)
 
 
 def as_optax(

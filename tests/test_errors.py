@@ -114,7 +114,9 @@ def _nnx_forms():
     state = nnx.state(_NnxNet(nnx.Rngs(0)), nnx.Param)
     # the State of Variables (nnx.state, what nnx.Optimizer hands to tx.init) and the pure
     # arrays (what nnx.Optimizer hands to tx.update)
-    return {"variables": state, "pure": nnx.as_pure(state), "pure_dict": nnx.to_pure_dict(state)}
+    from sparsejax.optax_form import _pure  # nnx.as_pure, or nnx.pure before flax 0.12.7
+
+    return {"variables": state, "pure": _pure(state), "pure_dict": nnx.to_pure_dict(state)}
 
 
 def _leaf(tree, *keys):
