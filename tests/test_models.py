@@ -285,6 +285,33 @@ def test_width_multiplier():
     assert variables["params"]["fc1"]["kernel"].shape == (784, 150)
 
 
+def test_mlp_hidden_option():
+    # default: the MNIST-1D lottery MLP 40-500-500-10
+    params = abstract_variables("mlp", (BATCH, 40, 1))["params"]
+    shapes = {k: (v["kernel"].shape, v["bias"].shape) for k, v in params.items()}
+    assert shapes == {"fc1": ((40, 500), (500,)), "fc2": ((500, 500), (500,)),
+                      "head": ((500, 10), (10,))}
+    assert count(params) == 276_010
+    # any depth; a JSON list (sparsejax train --model-option hidden=[64,32,16]) works too
+    model = get_model("mlp", CLASSES, hidden=[64, 32, 16])
+    assert model.hidden == (64, 32, 16)
+    params = abstract_variables("mlp", (BATCH, 40, 1), hidden=[64, 32, 16])["params"]
+    assert [params[k]["kernel"].shape for k in ("fc1", "fc2", "fc3", "head")] == [
+        (40, 64), (64, 32), (32, 16), (16, 10)]
+    with pytest.raises(ValueError, match="hidden"):
+        get_model("mlp", CLASSES, hidden=(500, 0))
+    # lenet300 is unchanged: same options, and the mlp with its widths gives its params bitwise
+    assert model_options("lenet300") == ("use_bias", "width")
+    with pytest.raises(TypeError, match="'hidden'"):
+        get_model("lenet300", CLASSES, hidden=(500, 500))
+    _, lenet, _ = initialised("lenet300")
+    mlp, _ = init_model(get_model("mlp", CLASSES, hidden=(300, 100)),
+                        jax.random.key(0, impl="rbg"), MNIST)
+    assert jax.tree.structure(mlp) == jax.tree.structure(lenet)
+    for a, b in zip(jax.tree.leaves(mlp), jax.tree.leaves(lenet), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_vit_options_and_plain_attention_kernels():
     _, params, _ = initialised("vit_small")
     attn = params["block1"]["attn"]

@@ -14,6 +14,8 @@ Models (``get_model(name, num_classes, **options)``) and their options:
 
 ============  ==========================================================================
 lenet300      LeNet-300-100 (flattens its input). ``use_bias``, ``width``
+mlp           MLP, flattens its input; ``hidden`` ((500, 500): MNIST-1D's 40-500-500-10),
+              ``use_bias``, ``width``
 conv2..conv8  Conv-2/4/6/8 (Frankle & Carbin 2019). ``use_bias``, ``norm`` ("none"),
               ``norm_affine``, ``width``
 resnet18      CIFAR ResNet-18. ``use_bias``, ``norm`` ("batch"), ``norm_affine``, ``width``
@@ -45,7 +47,7 @@ import jax.numpy as jnp
 
 from sparsejax.models._layers import NORM_KINDS
 from sparsejax.models.convnets import ConvNet
-from sparsejax.models.mlp import LeNet300
+from sparsejax.models.mlp import MLP, LeNet300
 from sparsejax.models.resnets import BasicBlock, PreActBlock, ResNet, WideResNet
 from sparsejax.models.vit import POOLS, ViT
 
@@ -58,6 +60,7 @@ __all__ = [
     "apply_model",
     "model_options",
     "LeNet300",
+    "MLP",
     "ConvNet",
     "ResNet",
     "BasicBlock",
@@ -77,6 +80,7 @@ _CONV_OPTIONS = ("use_bias", "norm", "norm_affine", "width")
 # name -> (module class, fixed constructor arguments, accepted options)
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any], tuple[str, ...]]] = {
     "lenet300": (LeNet300, {}, ("use_bias", "width")),
+    "mlp": (MLP, {}, ("use_bias", "width", "hidden")),
     "conv2": (ConvNet, {"num_pairs": 1}, _CONV_OPTIONS),
     "conv4": (ConvNet, {"num_pairs": 2}, _CONV_OPTIONS),
     "conv6": (ConvNet, {"num_pairs": 3}, _CONV_OPTIONS),
@@ -122,6 +126,11 @@ def _check_positive_real(name: str, value: Any) -> None:
         raise ValueError(f"option {name!r} must be a positive finite number, got {value!r}")
 
 
+def _check_widths(name: str, value: Any) -> None:
+    if not isinstance(value, (tuple, list)) or not all(_is_int(v) and v >= 1 for v in value):
+        raise ValueError(f"option {name!r} must be a sequence of positive ints, got {value!r}")
+
+
 def _check_choice(choices: tuple[str, ...]) -> Callable[[str, Any], None]:
     def check(name: str, value: Any) -> None:
         if value not in choices:
@@ -141,6 +150,7 @@ _OPTION_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "embed_dim": _check_positive_int,
     "depth": _check_positive_int,
     "num_heads": _check_positive_int,
+    "hidden": _check_widths,
 }
 
 
@@ -182,6 +192,8 @@ def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
         )
     for key, value in options.items():
         _OPTION_CHECKS[key](key, value)
+    if "hidden" in options:  # a tuple (hashable; JSON gives a list)
+        options["hidden"] = tuple(int(v) for v in options["hidden"])
     if name == "vit_small":
         dim = options.get("embed_dim", ViT.embed_dim)
         heads = options.get("num_heads", ViT.num_heads)
