@@ -182,12 +182,9 @@ def plot_demo(rows: Sequence[dict[str, Any]], output: str | Path, sparsity: floa
     width = DEMO_MODEL["model_options"].get("width", 1)
     ax.set_title(f"MNIST-1D, LeNet-300-100 (width x{width:g}), target sparsity "
                  f"{100 * sparsity:g}%", fontsize=10)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(output)
-    plt.close(fig)
-    return output
+    from sparsejax.plotting import save_figure
+
+    return save_figure(fig, output)
 
 
 def _demo_command(args: argparse.Namespace) -> int:

@@ -118,6 +118,12 @@ def plot_accuracy_vs_sparsity(results: list[dict[str, Any]], output: str | Path,
     ax.legend()
     if title:
         ax.set_title(title)
+    return save_figure(fig, output)
+
+
+def save_figure(fig: Any, output: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``output`` (parent folders made) and close it."""
+    plt = require("matplotlib.pyplot")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
