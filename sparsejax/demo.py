@@ -8,7 +8,7 @@ measured sparsity, test accuracy, seconds) and writes ``OUT/demo.json`` (the row
 ``OUT/demo.png`` (accuracy bars).
 
 The settings below were tuned briefly on 2 CPU cores (seeds 0 and 1, 3000 steps each;
-the whole demo takes about 40 s):
+the whole demo takes 28 s on idle cores, 36-41 s beside another job):
 dense about 71-74%, static ERK 65-66%, RigL 67-70%, gates 52-54% test accuracy at 90%
 sparsity (the MNIST-1D paper reports about 68% for its dense MLP).
 """
