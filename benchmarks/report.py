@@ -96,6 +96,19 @@ def eager_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def optax_baseline_table(rows: list[dict]) -> str:
+    """The rows timed with ``--optax-baseline``: each method against the engine's dense
+    step and against the user's own plain optax dense step of the same model."""
+    out = ["| model | method | engine dense ms | user's optax dense ms | method ms | "
+           "ratio to engine dense | ratio to user's optax dense | target |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['method']} | {r['dense_ms']:.3f} | "
+                   f"{r['optax_dense_ms']:.3f} | {r['method_ms']:.3f} | {r['ratio']:.3f} | "
+                   f"{r['ratio_to_optax']:.3f} | {TARGETS.get(r['method'], '')} |")
+    return "\n".join(out)
+
+
 def main(paths: list[str]) -> None:
     steps: list[dict] = []
     breakdown: list[dict] = []
@@ -113,6 +126,8 @@ def main(paths: list[str]) -> None:
             print(memory_table(rows), end="\n\n")
         elif "variant" in rows[0]:
             breakdown += rows
+        elif "ratio_to_optax" in rows[0]:
+            print(optax_baseline_table(rows), end="\n\n")
         elif "ratio" in rows[0]:
             steps += rows
     if breakdown:

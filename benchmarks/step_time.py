@@ -18,6 +18,12 @@ time is ``((N - 1) * step + update) / N`` for an update every N steps.
     python benchmarks/step_time.py --models resnet18 --block 3 --repeats 3 \
         --amortize separate
 
+With ``--optax-baseline`` a third step joins the alternation: the user's own plain optax
+dense step of the same model (``own_loop.user_step``: ``value_and_grad``, ``tx.update``
+of ``optax.sgd(0.1, momentum=0.9)``, ``optax.apply_updates``), and each row also gets
+``optax_dense_ms`` and ``ratio_to_optax`` (what the method costs against the loop a
+user had before sparsejax).
+
 Each JSON row: ``method``, ``model``, ``batch_size``, ``dense_ms``, ``method_ms``,
 ``ratio``, ``backend``, ``update_interval`` (steps between mask updates, if any),
 ``amortize`` and, with ``separate``, ``step_ms`` and ``update_ms``; ``host_cpus`` (the
@@ -158,6 +164,8 @@ def main() -> None:
     parser.add_argument("--amortize", choices=("blocks", "separate"), default="blocks",
                         help="time interval updates inside blocks of N steps, or apart")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--optax-baseline", action="store_true",
+                        help="also time the user's plain optax dense step of each model")
     args = parser.parse_args()
 
     rows = []
@@ -170,6 +178,14 @@ def main() -> None:
         dense_step = SingleDeviceTrainer(dense, loss_fn).step
         dense_state = init_state(dense, loss_fn, params, model_state, batch)
         _, dense_state = block_time(dense_step, dense_state, batch, 3)
+        steps, states = {"dense": dense_step}, {"dense": dense_state}
+        if args.optax_baseline:
+            from own_loop import start, user_step  # own_loop imports this module
+
+            tx = optax.sgd(0.1, momentum=0.9)
+            steps["optax"] = user_step(loss_fn, tx)
+            _, states["optax"] = block_time(steps["optax"], start(tx, params, model_state),
+                                            batch, 3)
         for name in args.methods:
             if name not in sparsejax.METHODS:
                 print(f"skip {name}: not registered")
@@ -178,10 +194,11 @@ def main() -> None:
             step = SingleDeviceTrainer(method, loss_fn).step
             state = warm_up(step, method, init_state(method, loss_fn, params, model_state,
                                                       batch), batch)
-            medians, states = interleaved_medians(
-                {"dense": dense_step, name: step}, {"dense": dense_state, name: state},
-                batch, args.block, args.repeats)
-            dense_state, state = states["dense"], states[name]
+            medians, timed = interleaved_medians(
+                {**steps, name: step}, {**states, name: state}, batch, args.block,
+                args.repeats)
+            state = timed.pop(name)
+            states.update(timed)
             interval = METHOD_OPTIONS[name].get("update_every")
             row = {"method": name, "model": model_name, "batch_size": batch_size,
                    "dense_ms": round(medians["dense"], 4),
@@ -199,6 +216,9 @@ def main() -> None:
                 row["method_ms"] = round(
                     ((interval - 1) * row["step_ms"] + update_ms) / interval, 4)
             row["ratio"] = round(row["method_ms"] / row["dense_ms"], 3)
+            if "optax" in medians:
+                row["optax_dense_ms"] = round(medians["optax"], 4)
+                row["ratio_to_optax"] = round(row["method_ms"] / row["optax_dense_ms"], 3)
             rows.append(row)
             print(f"{backend} {model_name:9s} {name:18s} dense {row['dense_ms']:8.3f} ms  "
                   f"method {row['method_ms']:8.3f} ms  ratio {row['ratio']:.3f}", flush=True)
