@@ -25,7 +25,6 @@ RESULTS = ROOT / "experiments" / "results"
 RUNS = ROOT / "runs" / "strong"
 # Real MNIST (IDX files): $SPARSEJAX_MNIST, else the checkout's sibling ../shared/data/mnist.
 DEFAULT_MNIST = ROOT.parent / "shared" / "data" / "mnist"
-MNIST = os.environ.get("SPARSEJAX_MNIST") or str(DEFAULT_MNIST)
 
 
 def mnist_dir(check: bool = True) -> str:

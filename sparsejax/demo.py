@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsejax._extras import require
+from sparsejax.provenance import provenance
 
 __all__ = ["DEMO_MODEL", "DEMO_COMMON", "DEMO_METHODS", "run_demo", "format_table",
            "plot_demo", "add_commands"]
@@ -140,7 +141,8 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, sparsity: float = DEFAULT_SPARSIT
                      "seconds": result["wall_seconds"], "steps": result["steps"]})
     total_seconds = time.time() - started
     summary = {"dataset": DEMO_COMMON["dataset"], **DEMO_MODEL, "sparsity": sparsity,
-               "seed": seed, "rows": rows, "total_seconds": total_seconds}
+               "seed": seed, "rows": rows, "total_seconds": total_seconds,
+               "provenance": provenance()}
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULT_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     plot_demo(rows, out / PLOT_FILE, sparsity)
@@ -164,9 +166,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def plot_demo(rows: Sequence[dict[str, Any]], output: str | Path, sparsity: float) -> Path:
     """Test accuracy of each row as a bar (labelled with its measured sparsity), as PNG."""
-    matplotlib = require("matplotlib")
-    matplotlib.use("Agg")
-    plt = require("matplotlib.pyplot")
+    from sparsejax.plotting import pyplot, save_figure
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     labels = [f"{r['label']}\n{100 * r['sparsity']:.0f}% sparse" for r in rows]
@@ -182,8 +184,6 @@ def plot_demo(rows: Sequence[dict[str, Any]], output: str | Path, sparsity: floa
     width = DEMO_MODEL["model_options"].get("width", 1)
     ax.set_title(f"MNIST-1D, LeNet-300-100 (width x{width:g}), target sparsity "
                  f"{100 * sparsity:g}%", fontsize=10)
-    from sparsejax.plotting import save_figure
-
     return save_figure(fig, output)
 
 

@@ -95,10 +95,7 @@ def plot_accuracy_vs_sparsity(results: list[dict[str, Any]], output: str | Path,
                               title: str | None = None) -> Path:
     """Test accuracy against sparsity, one line per method (mean and min-max over seeds at
     the same sparsity), saved as a PNG at ``output``."""
-    matplotlib = require("matplotlib")
-    matplotlib.use("Agg")
-    plt = require("matplotlib.pyplot")
-
+    plt = pyplot()
     if not results:
         raise ValueError(f"no results to plot: expected {EXPECTED}")
     by_method: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -121,9 +118,15 @@ def plot_accuracy_vs_sparsity(results: list[dict[str, Any]], output: str | Path,
     return save_figure(fig, output)
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (the ``plots`` extra)."""
+    require("matplotlib").use("Agg")
+    return require("matplotlib.pyplot")
+
+
 def save_figure(fig: Any, output: str | Path) -> Path:
     """Lay out ``fig``, write it to ``output`` (parent folders made) and close it."""
-    plt = require("matplotlib.pyplot")
+    plt = pyplot()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -9,6 +9,7 @@ from cli_checks import fails
 
 from sparsejax.cli import build_parser
 from sparsejax.demo import DEMO_METHODS, format_table, run_demo
+from sparsejax.provenance import provenance
 
 STEPS = 3  # the demo's settings, three steps a method
 
@@ -55,6 +56,7 @@ def test_demo_json_and_png(demo):
     assert summary["rows"] == rows
     assert (summary["dataset"], summary["sparsity"], summary["seed"]) == ("mnist1d", 0.8, 1)
     assert summary["total_seconds"] > 0
+    assert summary["provenance"] == json.loads(json.dumps(provenance()))  # the commit it ran at
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

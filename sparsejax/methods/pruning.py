@@ -276,9 +276,11 @@ class _CountTable(NamedTuple):
         shared_counts = jnp.asarray(np.array(self.shared_counts, np.int32))
         score_leaves, treedef = jax.tree_util.tree_flatten(scores)
         masks: list[Any] = [jnp.ones(np.shape(s), bool) for s in score_leaves]
-        for column, i in enumerate(self.fixed):
-            masks[i] = topk_mask(score_leaves[i], count=counts[index, column],
-                                 check_finite_scores=False)
+        if self.fixed:  # one search call, a count per leaf
+            chosen = topk_mask([score_leaves[i] for i in self.fixed],
+                               count=list(counts[index]), check_finite_scores=False)
+            for i, m in zip(self.fixed, chosen, strict=True):
+                masks[i] = m
         if self.shared:
             chosen = topk_mask([score_leaves[i] for i in self.shared],
                                count=shared_counts[index], scope="global",

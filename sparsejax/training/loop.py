@@ -54,9 +54,7 @@ from sparsejax.training.run_folder import (
     saved_run,
 )
 from sparsejax.training.step import LossFn
-from sparsejax.validation import (
-    check_writable_folder,
-)
+from sparsejax.validation import check_writable_folder
 
 __all__ = [
     "TrainConfig",
@@ -328,8 +326,8 @@ def _prepare(config: TrainConfig, *, abstract_state: bool = False) -> Run:
     def init(params: Any, key: jax.Array, model_state: Any, batches: tuple[Any, ...]):
         return method.init(params, key, model_state, InitContext(loss_fn, batches))
 
-    state = (jax.eval_shape if abstract_state else lambda f, *a: f(*a))(
-        init, params, method_key, model_state, init_batches)
+    args = (params, method_key, model_state, init_batches)
+    state = jax.eval_shape(init, *args) if abstract_state else init(*args)
     return Run(dataset, model, method, state, batches_per_epoch, total_steps)
 
 

@@ -155,8 +155,6 @@ def check_resume(config: TrainConfig, out: Path, checkpointer: Checkpointer) -> 
     return step
 
 
-
-
 LOCK_FILE = ".lock"  # OUT/.lock, held (flock) by the process training into OUT
 
 
