@@ -99,6 +99,26 @@ from sparsejax.optax_form import (
     sparse_tx,
     zero_pruned,
 )
+from sparsejax.patterns import (
+    Pattern,
+    as_pattern,
+    check_pattern,
+    pattern_density,
+    pattern_mask,
+    per_output_mask,
+)
+from sparsejax.posttrain import (
+    POSTTRAIN_METHODS,
+    PrunedLayer,
+    input_hessian,
+    magnitude_prune,
+    prune_layer,
+    reconstruction_error,
+    sparsegpt_prune,
+    wanda_prune,
+    wanda_scores,
+)
+from sparsejax.posttrain_sequential import LayerReport, prune_mlp_sequential
 from sparsejax.schedules import (
     constant,
     cosine_drop_fraction,
@@ -115,6 +135,24 @@ from sparsejax.validation import check_density, check_same_structure, check_spar
 __version__ = "0.1.0"
 
 __all__ = [
+    # sparsity patterns and post-training pruning
+    "Pattern",
+    "as_pattern",
+    "check_pattern",
+    "pattern_density",
+    "pattern_mask",
+    "per_output_mask",
+    "POSTTRAIN_METHODS",
+    "PrunedLayer",
+    "input_hessian",
+    "magnitude_prune",
+    "prune_layer",
+    "reconstruction_error",
+    "sparsegpt_prune",
+    "wanda_prune",
+    "wanda_scores",
+    "LayerReport",
+    "prune_mlp_sequential",
     "linen",
     "nnx",
     "InitContext",

@@ -1,0 +1,320 @@
+"""Sparsity patterns: which sets of weights a mask may keep, independent of the method.
+
+A :class:`Pattern` is one of
+
+* ``"unstructured"``: any entries (one exact top-k per leaf, :func:`~sparsejax.topk_mask`);
+* ``"N:M"`` (e.g. ``"2:4"``): in every group of ``M`` consecutive weights along one axis,
+  exactly ``N`` are kept. The axis defaults to ``-2``, the kernel's input (reduction)
+  axis of a Dense kernel ``(in, out)`` and of a conv kernel ``(kh, kw, in, out)``; another
+  one is written ``"2:4@-1"``. The pattern fixes the density at ``N / M``;
+* ``"block:B"``: ``B x B`` blocks over the kernel's last two axes ``(in, out)`` (for a
+  conv kernel, separately at every ``(kh, kw)`` tap), kept or pruned whole, ranked by the
+  sum of the scores in the block;
+* ``"channel"``: whole output channels (neurons; the kernel's last axis), ranked by the
+  sum of their scores.
+
+Every structured pattern reduces to the library's one exact top-k (``topk_mask``, which
+keeps ``num_kept(density, size) = floor(density * size + 0.5)``): of the block or
+channel sums, or, for N:M, of each group (``count=N``, vectorised over the groups). So
+counts are exact and ties go to the first entries in row-major order (within a group:
+the first along the axis), as everywhere in sparsejax.
+
+>>> import jax.numpy as jnp
+>>> scores = jnp.array([[4.0, 1.0], [3.0, 2.0], [1.0, 5.0], [2.0, 6.0]])  # (in=4, out=2)
+>>> pattern_mask(scores, "2:4").astype(int).T  # each output keeps 2 of its 4 inputs
+Array([[1, 1, 0, 0],
+       [0, 0, 1, 1]], dtype=int32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax._tree import map_with_path
+from sparsejax.masks import Prunable, default_prunable
+from sparsejax.topk import num_kept, topk_mask
+from sparsejax.validation import check_density, check_finite, is_concrete, is_int
+
+__all__ = [
+    "Pattern",
+    "PatternKind",
+    "as_pattern",
+    "pattern_density",
+    "check_pattern",
+    "pattern_mask",
+    "per_output_mask",
+]
+
+PatternKind = Literal["unstructured", "nm", "block", "channel"]
+
+_NM = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*(?:@\s*(-?\d+)\s*)?$")
+_BLOCK = re.compile(r"^\s*block\s*:\s*(-?\d+)\s*$")
+_SYNTAX = ("'unstructured', 'N:M' (e.g. '2:4'; '2:4@AXIS' for another axis than -2), "
+           "'block:B' (e.g. 'block:4') or 'channel'")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """A sparsity pattern; hashable, so it can be a static argument of ``jax.jit``.
+
+    Build one with :meth:`parse` (or :func:`as_pattern`) from a string, or directly:
+    ``Pattern("nm", n=2, m=4)``, ``Pattern("block", block=4)``, ``Pattern("channel")``.
+    Impossible parameters (``N < 1``, ``N > M``, a block size below 1) raise
+    ``ValueError`` here; those that depend on a kernel's shape, in :meth:`check_shape`.
+
+    >>> Pattern.parse("2:4")
+    Pattern(kind='nm', n=2, m=4, axis=-2, block=0)
+    >>> str(Pattern.parse("block:8")), Pattern.parse("4:8").fixed_density
+    ('block:8', 0.5)
+    >>> Pattern.parse("3:2")
+    Traceback (most recent call last):
+    ...
+    ValueError: N:M pattern needs 1 <= N <= M, got N=3, M=2
+    """
+
+    kind: PatternKind = "unstructured"
+    n: int = 0
+    m: int = 0
+    axis: int = -2
+    block: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("unstructured", "nm", "block", "channel"):
+            raise ValueError(f"unknown pattern kind {self.kind!r}; a pattern is {_SYNTAX}")
+        if self.kind == "nm":
+            if not (is_int(self.n) and is_int(self.m) and is_int(self.axis)):
+                raise TypeError(f"N:M pattern needs integer N, M and axis, got N={self.n!r}, "
+                                f"M={self.m!r}, axis={self.axis!r}")
+            if not 1 <= self.n <= self.m:
+                raise ValueError(f"N:M pattern needs 1 <= N <= M, got N={self.n}, M={self.m}")
+        if self.kind == "block":
+            if not is_int(self.block):
+                raise TypeError(f"block pattern needs an integer block size, got {self.block!r}")
+            if self.block < 1:
+                raise ValueError(f"block pattern needs a block size >= 1, got {self.block}")
+
+    @classmethod
+    def parse(cls, spec: str) -> Pattern:
+        """The pattern a string names: ``'unstructured'``, ``'N:M'``, ``'N:M@AXIS'``,
+        ``'block:B'`` or ``'channel'``."""
+        if not isinstance(spec, str):
+            raise TypeError(f"a pattern is a string ({_SYNTAX}) or a Pattern, got {spec!r}")
+        text = spec.strip().lower()
+        if text == "unstructured":
+            return cls()
+        if text == "channel":
+            return cls("channel")
+        if found := _NM.match(text):
+            n, m, axis = found.groups()
+            return cls("nm", n=int(n), m=int(m), axis=-2 if axis is None else int(axis))
+        if found := _BLOCK.match(text):
+            return cls("block", block=int(found.group(1)))
+        raise ValueError(f"unknown pattern {spec!r}; a pattern is {_SYNTAX}")
+
+    def __str__(self) -> str:
+        if self.kind == "nm":
+            return f"{self.n}:{self.m}" + ("" if self.axis == -2 else f"@{self.axis}")
+        if self.kind == "block":
+            return f"block:{self.block}"
+        return self.kind
+
+    @property
+    def fixed_density(self) -> float | None:
+        """``N / M`` for an N:M pattern (which fixes the density); ``None`` otherwise."""
+        return self.n / self.m if self.kind == "nm" else None
+
+    def check_shape(self, shape: tuple[int, ...], where: str = "kernel") -> None:
+        """Raise ``ValueError`` (its message starting with ``where``) unless a leaf of
+        ``shape`` can carry this pattern.
+
+        >>> Pattern.parse("2:4").check_shape((6, 3), where="fc1/kernel")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: fc1/kernel: pattern 2:4 groups 4 consecutive weights along axis -2, ...
+        """
+        shape = tuple(int(d) for d in shape)
+        if self.kind == "unstructured":
+            return
+        if len(shape) < 2:
+            raise ValueError(f"{where}: pattern {self} needs a kernel of rank >= 2 (Dense "
+                             f"(in, out) or conv (kh, kw, in, out)), got shape {shape}")
+        if self.kind == "nm":
+            if not -len(shape) <= self.axis < len(shape):
+                raise ValueError(f"{where}: pattern {self} groups along axis {self.axis}, "
+                                 f"which a leaf of shape {shape} does not have")
+            length = shape[self.axis]
+            if length % self.m:
+                raise ValueError(f"{where}: pattern {self} groups {self.m} consecutive "
+                                 f"weights along axis {self.axis}, whose length {length} "
+                                 f"(shape {shape}) is not divisible by {self.m}")
+        if self.kind == "block":
+            rows, cols = shape[-2:]
+            b = self.block
+            if b > rows or b > cols:
+                raise ValueError(f"{where}: block {b}x{b} is larger than the kernel's last "
+                                 f"two axes {(rows, cols)} (shape {shape})")
+            if rows % b or cols % b:
+                raise ValueError(f"{where}: block {b}x{b} does not divide the kernel's last "
+                                 f"two axes {(rows, cols)} (shape {shape})")
+
+
+def as_pattern(pattern: str | Pattern) -> Pattern:
+    """``pattern`` itself if it is a :class:`Pattern`, else :meth:`Pattern.parse` of it.
+
+    >>> as_pattern("channel") == Pattern("channel")
+    True
+    """
+    return pattern if isinstance(pattern, Pattern) else Pattern.parse(pattern)
+
+
+def pattern_density(pattern: str | Pattern, density: Any = None) -> Any:
+    """The density a pattern keeps: ``N / M`` for N:M (where ``density``, if given, must
+    agree), else ``density``, which is then required and must lie in [0, 1].
+
+    >>> pattern_density("2:4"), pattern_density("unstructured", 0.3)
+    (0.5, 0.3)
+    >>> pattern_density("2:4", 0.3)
+    Traceback (most recent call last):
+    ...
+    ValueError: pattern 2:4 fixes the density at 0.5 (sparsity 0.5); got density 0.3
+    """
+    pattern = as_pattern(pattern)
+    fixed = pattern.fixed_density
+    if fixed is not None:
+        if density is not None:
+            if not is_concrete(density):
+                raise TypeError(f"pattern {pattern} fixes the density at {fixed:g}; give no "
+                                "density (or a concrete one), not a traced value")
+            if not np.isclose(float(np.asarray(density)), fixed, rtol=0.0, atol=1e-6):
+                raise ValueError(f"pattern {pattern} fixes the density at {fixed:g} "
+                                 f"(sparsity {1 - fixed:g}); got density {float(density):g}")
+        return fixed
+    if density is None:
+        raise ValueError(f"pattern {pattern} needs a density (fraction kept)")
+    check_density(density)
+    return density
+
+
+def check_pattern(pattern: str | Pattern, params: Any, density: Any = None,
+                  prunable: Prunable = default_prunable) -> Pattern:
+    """Check up front that every prunable leaf of ``params`` can carry ``pattern`` (and
+    that ``density`` agrees with it); returns the parsed pattern.
+
+    Raises one ``ValueError`` that names every leaf that cannot, by its path.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"fc1": {"kernel": jnp.zeros((8, 4)), "bias": jnp.zeros(4)},
+    ...           "head": {"kernel": jnp.zeros((6, 2)), "bias": jnp.zeros(2)}}
+    >>> str(check_pattern("2:4", {"fc1": params["fc1"]}))
+    '2:4'
+    >>> check_pattern("2:4", params)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: pattern 2:4 does not fit 1 prunable leaf: head/kernel: ... length 6 ...
+    """
+    pattern = as_pattern(pattern)
+    if pattern.fixed_density is not None or density is not None:
+        pattern_density(pattern, density)
+    problems: list[str] = []
+
+    def check(path: str, leaf: Any) -> None:
+        if prunable(path, leaf):
+            try:
+                pattern.check_shape(np.shape(leaf), where=path)
+            except ValueError as error:
+                problems.append(str(error))
+
+    map_with_path(check, params)
+    if problems:
+        count = f"{len(problems)} prunable " + ("leaf" if len(problems) == 1 else "leaves")
+        raise ValueError(f"pattern {pattern} does not fit {count}: " + "; ".join(problems))
+    return pattern
+
+
+def pattern_mask(scores: jax.Array, pattern: str | Pattern, density: Any = None, *,
+                 by_magnitude: bool = False) -> jax.Array:
+    """A boolean mask of ``scores``' shape that keeps the highest scores in ``pattern``.
+
+    Exact counts: ``unstructured`` keeps ``num_kept(density, size)`` entries; ``N:M``
+    exactly ``N`` of every group of ``M`` (``density`` may be omitted; if given it must
+    be ``N / M``); ``block:B`` keeps ``num_kept(density, number of blocks)`` whole blocks,
+    ranked by the sum of their scores; ``channel`` keeps ``num_kept(density, channels)``
+    output channels (last axis), ranked by the sum of their scores. Scores are
+    importances, larger kept (e.g. ``|w|``); ``by_magnitude`` ranks ``|scores|`` instead.
+    Works under ``jit`` with ``pattern`` static.
+
+    >>> import jax.numpy as jnp
+    >>> s = jnp.arange(16.0).reshape(4, 4)
+    >>> pattern_mask(s, "block:2", 0.5).astype(int)
+    Array([[0, 0, 0, 0],
+           [0, 0, 0, 0],
+           [1, 1, 1, 1],
+           [1, 1, 1, 1]], dtype=int32)
+    >>> pattern_mask(s, "channel", 0.25).astype(int)[0]
+    Array([0, 0, 0, 1], dtype=int32)
+    """
+    pattern = as_pattern(pattern)
+    density = pattern_density(pattern, density)
+    shape = tuple(np.shape(scores))
+    pattern.check_shape(shape, where="scores")
+    scores = jnp.asarray(scores)
+    if pattern.kind == "unstructured":
+        return topk_mask(scores, density, by_magnitude=by_magnitude)
+    check_finite(scores, "scores")
+    if by_magnitude:
+        scores = jnp.abs(scores)
+    if pattern.kind == "nm":
+        moved = jnp.moveaxis(scores, pattern.axis, -1)
+        groups = moved.reshape(-1, pattern.m)
+        kept = _topk_rows(groups, count=pattern.n)
+        return jnp.moveaxis(kept.reshape(moved.shape), -1, pattern.axis)
+    if pattern.kind == "block":
+        b = pattern.block
+        *lead, rows, cols = shape
+        sums = scores.reshape(*lead, rows // b, b, cols // b, b).sum(axis=(-3, -1))
+        kept = topk_mask(sums, density, check_finite_scores=False)
+        return jnp.repeat(jnp.repeat(kept, b, axis=-2), b, axis=-1)
+    # channel
+    sums = scores.reshape(-1, shape[-1]).sum(axis=0)
+    kept = topk_mask(sums, density, check_finite_scores=False)
+    return jnp.broadcast_to(kept, shape)
+
+
+def per_output_mask(scores: jax.Array, density: Any) -> jax.Array:
+    """Keep the same fraction of every output channel: for a kernel ``(..., out)``, each
+    output ``o`` keeps exactly ``num_kept(density, size // out)`` of ``scores[..., o]``
+    (Wanda's unstructured comparison group). Ties: the first entries in row-major order.
+
+    >>> import jax.numpy as jnp
+    >>> s = jnp.array([[1.0, 9.0], [2.0, 8.0], [3.0, 7.0], [4.0, 1.0]])
+    >>> per_output_mask(s, 0.5).astype(int).T
+    Array([[0, 0, 1, 1],
+           [1, 1, 0, 0]], dtype=int32)
+    """
+    shape = tuple(np.shape(scores))
+    if len(shape) < 2:
+        raise ValueError(f"per_output_mask needs a kernel of rank >= 2 (..., out), got "
+                         f"shape {shape}")
+    check_density(density)
+    scores = jnp.asarray(scores)
+    check_finite(scores, "scores")
+    rows = scores.reshape(-1, shape[-1]).T  # (out, fan_in)
+    kept = _topk_rows(rows, count=num_kept(density, rows.shape[1]))
+    return kept.T.reshape(shape)
+
+
+def _topk_rows(rows: jax.Array, count: Any) -> jax.Array:
+    """``topk_mask(row, count=count)`` of every row of a 2-D array, vectorised."""
+    if rows.shape[0] == 0:
+        return jnp.zeros(rows.shape, bool)
+    if is_concrete(count) and not isinstance(count, jax.Array):
+        count = np.int32(count)
+    # the caller checked the scores once for non-finite values
+    return jax.vmap(lambda row: topk_mask(row, count=count, check_finite_scores=False))(rows)
+

@@ -1,0 +1,338 @@
+"""Post-training, one-shot pruning of a trained layer from calibration inputs.
+
+Three pure functions prune one Dense kernel (Flax layout ``(in, out)``, ``y = x @ W``)
+given calibration inputs ``X`` of shape ``(tokens, in)``, each returning the pruned kernel
+and its mask (:class:`PrunedLayer`):
+
+* :func:`magnitude_prune`: keep the largest ``|W|`` (no calibration data);
+* :func:`wanda_prune` (Sun et al. 2024): keep the largest ``|W_ij| * ||X_i||_2``, compared
+  within each output neuron (a kernel column; unstructured) or within each group of ``M``
+  inputs (N:M); no weight update;
+* :func:`sparsegpt_prune` (Frantar & Alistarh 2023): walk the input columns in blocks,
+  choose each block's mask by the optimal-brain-surgeon saliency ``w^2 / [H_F^-1]_jj``
+  (``H = X^T X`` over the calibration tokens, ``F`` the columns not yet processed) and
+  update the columns not yet processed to compensate each pruned weight.
+
+:func:`sparsejax.posttrain_sequential.prune_mlp_sequential` drives them over a whole
+model, layer after layer. Memory is bounded by one layer's ``in x in`` Hessian.
+
+``sparsity`` is the fraction removed. For an N:M pattern it may be omitted; if given it
+must be ``1 - N / M``.
+
+>>> import jax, jax.numpy as jnp
+>>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
+>>> inputs = jax.random.normal(jax.random.key(1), (64, 8))
+>>> pruned = sparsegpt_prune(kernel, inputs, "2:4")
+>>> pruned.mask.reshape(2, 4, 3).sum(axis=1).tolist()  # 2 of every 4 inputs, per output
+[[2, 2, 2], [2, 2, 2]]
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from sparsejax.patterns import (
+    Pattern,
+    as_pattern,
+    pattern_density,
+    pattern_mask,
+    per_output_mask,
+)
+from sparsejax.topk import num_kept, topk_mask
+from sparsejax.validation import check_finite, check_sparsity
+
+__all__ = [
+    "PrunedLayer",
+    "PosttrainMethod",
+    "POSTTRAIN_METHODS",
+    "magnitude_prune",
+    "wanda_prune",
+    "sparsegpt_prune",
+    "wanda_scores",
+    "input_hessian",
+    "reconstruction_error",
+    "prune_layer",
+]
+
+PosttrainMethod = Literal["magnitude", "wanda", "sparsegpt"]
+POSTTRAIN_METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+
+
+class PrunedLayer(NamedTuple):
+    """A pruned kernel (zero where ``mask`` is ``False``) and its boolean mask."""
+
+    kernel: jax.Array
+    mask: jax.Array
+
+
+def _density(pattern: Pattern, sparsity: Any) -> Any:
+    """The density to keep from a ``sparsity`` (fraction removed) and a pattern."""
+    if sparsity is not None:
+        check_sparsity(sparsity)
+        if pattern.fixed_density is not None:
+            return pattern_density(pattern, 1.0 - float(sparsity))
+        return 1.0 - float(sparsity)
+    if pattern.fixed_density is None:
+        raise ValueError(f"pattern {pattern} needs a sparsity (fraction removed)")
+    return pattern.fixed_density
+
+
+def _check_kernel(kernel: Any, inputs: Any = None,
+                  required: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """``kernel`` as a float32 ``(in, out)`` array and ``inputs`` as float32
+    ``(tokens, in)``; ``ValueError`` for other shapes or non-finite values."""
+    kernel = jnp.asarray(kernel)
+    if inputs is None and required:
+        raise ValueError("this method needs calibration inputs (tokens, in); got None")
+    if kernel.ndim != 2:
+        raise ValueError(f"post-training pruning takes a Dense kernel (in, out), got shape "
+                         f"{kernel.shape}")
+    check_finite(kernel, "kernel")
+    if inputs is None:
+        return kernel, None
+    inputs = jnp.asarray(inputs, jnp.float32)
+    if inputs.ndim < 1 or inputs.shape[-1] != kernel.shape[0]:
+        raise ValueError(f"calibration inputs must end in the kernel's input size "
+                         f"{kernel.shape[0]}, got shape {inputs.shape}")
+    inputs = inputs.reshape(-1, kernel.shape[0])
+    if inputs.shape[0] == 0:
+        raise ValueError("calibration inputs hold no tokens")
+    check_finite(inputs, "calibration inputs")
+    return kernel, inputs
+
+
+def magnitude_prune(kernel: jax.Array, pattern: str | Pattern = "unstructured",
+                    sparsity: float | None = None) -> PrunedLayer:
+    """Keep the largest ``|kernel|`` entries in ``pattern`` (unstructured: per layer).
+
+    >>> import jax.numpy as jnp
+    >>> magnitude_prune(jnp.array([[1.0, -4.0], [3.0, 2.0]]), sparsity=0.5).kernel
+    Array([[ 0., -4.],
+           [ 3.,  0.]], dtype=float32)
+    """
+    pattern = as_pattern(pattern)
+    kernel, _ = _check_kernel(kernel)
+    mask = pattern_mask(jnp.abs(kernel), pattern, _density(pattern, sparsity))
+    return PrunedLayer(jnp.where(mask, kernel, 0).astype(kernel.dtype), mask)
+
+
+def wanda_scores(kernel: jax.Array, inputs: jax.Array) -> jax.Array:
+    """Wanda's importance ``|W_ij| * ||X_i||_2`` (``i`` the input, over all tokens)."""
+    norms = jnp.sqrt(jnp.sum(jnp.square(inputs.astype(jnp.float32)), axis=0))
+    return jnp.abs(kernel.astype(jnp.float32)) * norms[:, None]
+
+
+def wanda_prune(kernel: jax.Array, inputs: jax.Array, pattern: str | Pattern = "unstructured",
+                sparsity: float | None = None, per_output: bool = True) -> PrunedLayer:
+    """Wanda: keep the largest ``|W_ij| * ||X_i||_2``; unstructured, every output neuron
+    (kernel column) keeps the same fraction (``per_output=False``: one top-k over the
+    whole layer, the paper's ablation of the comparison group); N:M, ``N`` of each group
+    of ``M`` inputs; block and channel, as :func:`~sparsejax.patterns.pattern_mask` of
+    these scores.
+
+    >>> import jax.numpy as jnp
+    >>> kernel = jnp.array([[1.0, 1.0], [2.0, 2.0]])
+    >>> inputs = jnp.array([[3.0, 0.0], [4.0, 1.0]])  # input norms 5 and 1
+    >>> wanda_prune(kernel, inputs, sparsity=0.5).mask
+    Array([[ True,  True],
+           [False, False]], dtype=bool)
+    """
+    pattern = as_pattern(pattern)
+    kernel, inputs = _check_kernel(kernel, inputs, required=True)
+    density = _density(pattern, sparsity)
+    scores = wanda_scores(kernel, inputs)
+    if pattern.kind == "unstructured" and per_output:
+        mask = per_output_mask(scores, density)
+    else:
+        mask = pattern_mask(scores, pattern, density)
+    return PrunedLayer(jnp.where(mask, kernel, 0).astype(kernel.dtype), mask)
+
+
+@jax.jit
+def input_hessian(inputs: jax.Array) -> jax.Array:
+    """``H = X^T X`` (float32, ``(in, in)``) summed over the calibration tokens: the
+    Hessian of the layer's reconstruction error ``||X W - X W'||^2`` (up to a factor 2).
+
+    >>> import jax.numpy as jnp
+    >>> input_hessian(jnp.array([[1.0, 2.0], [0.0, 1.0]]))
+    Array([[1., 2.],
+           [2., 5.]], dtype=float32)
+    """
+    inputs = inputs.astype(jnp.float32)
+    return jnp.matmul(inputs.T, inputs, precision=lax.Precision.HIGHEST)
+
+
+def sparsegpt_prune(kernel: jax.Array, inputs: jax.Array,
+                    pattern: str | Pattern = "unstructured", sparsity: float | None = None,
+                    blocksize: int = 128, percdamp: float = 0.01) -> PrunedLayer:
+    """SparseGPT: prune with optimal-brain-surgeon updates of the remaining weights.
+
+    In the paper's layout ``W`` is ``(out, in)`` (here ``kernel.T``). ``H = X^T X`` is
+    dampened by ``percdamp`` times its mean diagonal (inputs the calibration data never
+    uses get ``H_jj = 1`` first, and saliency 0: pruning them costs nothing there);
+    ``U`` is the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), so that
+    ``U_jj^2 = [H_F^-1]_jj`` for ``F = {j, j+1, ...}``, the columns not yet processed.
+    Columns go in blocks of ``blocksize``. Unstructured: at each block's start, the block
+    keeps ``num_kept(density, out * width)`` of its weights by the saliency
+    ``w^2 / U_jj^2``; N:M: at each group's start, each row keeps the ``N`` most salient
+    of its ``M`` group columns. Then for each column ``j`` of the block, every pruned
+    ``w_j`` is set to zero and the columns after it in the block take
+    ``-(w_j / U_jj) * U_{j, j+1:}`` (the OBS update); the later blocks take the block's
+    updates at once (``-E U_{block, later}``, lazy batch update).
+
+    Pruning a single column ``q`` at the start of the walk thus gives the textbook OBS
+    ``w' = w - (w_q / [H^-1]_qq) H^-1_{:, q}``, the least-squares best ``w'`` with
+    ``w'_q = 0``. Float32 throughout; compiled once per shapes, pattern and blocksize.
+
+    >>> import jax, jax.numpy as jnp
+    >>> kernel = jax.random.normal(jax.random.key(0), (16, 4))
+    >>> inputs = jax.random.normal(jax.random.key(1), (128, 16))
+    >>> pruned = sparsegpt_prune(kernel, inputs, sparsity=0.5, blocksize=8)
+    >>> int(pruned.mask.sum()), bool(jnp.all(pruned.kernel[~pruned.mask] == 0))
+    (32, True)
+    """
+    pattern = as_pattern(pattern)
+    kernel, inputs = _check_kernel(kernel, inputs, required=True)
+    density = _density(pattern, sparsity)
+    if not isinstance(blocksize, (int, np.integer)) or isinstance(blocksize, bool) \
+            or blocksize < 1:
+        raise ValueError(f"blocksize must be an integer >= 1, got {blocksize!r}")
+    if not np.isfinite(percdamp) or percdamp < 0:
+        raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
+    if pattern.kind == "nm":
+        pattern.check_shape(kernel.shape, where="kernel")
+        if pattern.axis not in (-2, 0):
+            raise ValueError(f"sparsegpt prunes N:M along the kernel's input axis (-2 or 0),"
+                             f" got pattern {pattern}")
+        if blocksize % pattern.m:
+            raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.m} "
+                             f"for pattern {pattern}")
+    elif pattern.kind != "unstructured":
+        raise ValueError(f"sparsegpt supports the unstructured and N:M patterns, got "
+                         f"{pattern}")
+    n_in, n_out = kernel.shape
+    # the count each block keeps (unstructured), on the host: the library's rounding
+    block_counts = np.array([num_kept(density, n_out * (min(start + blocksize, n_in) - start))
+                             for start in range(0, n_in, blocksize)], np.int32)
+    new_kernel, mask = _sparsegpt(kernel.astype(jnp.float32), input_hessian(inputs),
+                                  jnp.float32(percdamp), block_counts,
+                                  pattern=pattern, blocksize=int(blocksize))
+    return PrunedLayer(new_kernel.astype(kernel.dtype), mask)
+
+
+@functools.partial(jax.jit, static_argnames=("pattern", "blocksize"))
+def _sparsegpt(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
+               block_counts: jax.Array, *, pattern: Pattern,
+               blocksize: int) -> tuple[jax.Array, jax.Array]:
+    """The SparseGPT walk (see :func:`sparsegpt_prune`) on ``W = kernel.T``."""
+    weights = kernel.T  # (out, in): column j holds input j's weight in every output row
+    n_out, n_in = weights.shape
+    unseen = jnp.diagonal(hessian) == 0  # inputs the calibration data never uses
+    hessian = hessian + jnp.diag(jnp.where(unseen, 1.0, 0.0))
+    damp = percdamp * jnp.mean(jnp.diagonal(hessian))
+    hessian = hessian + damp * jnp.eye(n_in, dtype=jnp.float32)
+    lower = jax.scipy.linalg.cholesky(hessian, lower=True)
+    hessian_inv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(n_in, dtype=jnp.float32))
+    upper = jax.scipy.linalg.cholesky(hessian_inv, lower=False)  # H^-1 = U^T U
+
+    masks = []
+    for index, start in enumerate(range(0, n_in, blocksize)):
+        end = min(start + blocksize, n_in)
+        width = end - start
+        block = weights[:, start:end]
+        block_upper = upper[start:end, start:end]
+        block_diag = jnp.diagonal(block_upper)
+        block_unseen = unseen[start:end]
+
+        def saliency(w: jax.Array, d: jax.Array, unseen: jax.Array) -> jax.Array:
+            # an unseen input's weight costs nothing on the calibration data: OBS error 0
+            return jnp.where(unseen, 0.0, jnp.square(w) / jnp.square(d))
+
+        if pattern.kind == "unstructured":
+            keep = topk_mask(saliency(block, block_diag[None, :], block_unseen[None, :]),
+                             count=block_counts[index], check_finite_scores=False)
+        else:
+            keep = jnp.ones((n_out, width), bool)
+
+        def column(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array],
+                   block_upper: jax.Array = block_upper, block_diag: jax.Array = block_diag,
+                   block_unseen: jax.Array = block_unseen,
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+            block, errors, keep = carry
+            if pattern.kind == "nm":
+                m = pattern.m
+
+                def choose(keep: jax.Array) -> jax.Array:
+                    group = lax.dynamic_slice(block, (0, j), (n_out, m))
+                    group_diag = lax.dynamic_slice(block_diag, (j,), (m,))
+                    group_unseen = lax.dynamic_slice(block_unseen, (j,), (m,))
+                    scores = saliency(group, group_diag[None, :], group_unseen[None, :])
+                    group_keep = jax.vmap(lambda row: topk_mask(
+                        row, count=np.int32(pattern.n), check_finite_scores=False))(scores)
+                    return lax.dynamic_update_slice(keep, group_keep, (0, j))
+
+                keep = lax.cond(j % m == 0, choose, lambda keep: keep, keep)
+            w = lax.dynamic_index_in_dim(block, j, axis=1, keepdims=False)
+            kept = lax.dynamic_index_in_dim(keep, j, axis=1, keepdims=False)
+            q = jnp.where(kept, w, 0.0)
+            error = (w - q) / block_upper[j, j]
+            row = lax.dynamic_index_in_dim(block_upper, j, axis=0, keepdims=False)
+            block = block - error[:, None] * row[None, :]  # U is upper: columns > j move
+            block = lax.dynamic_update_index_in_dim(block, q, j, axis=1)  # exact zeros
+            errors = lax.dynamic_update_index_in_dim(errors, error, j, axis=1)
+            return block, errors, keep
+
+        errors = jnp.zeros((n_out, width), jnp.float32)
+        block, errors, keep = lax.fori_loop(0, width, column, (block, errors, keep))
+        weights = weights.at[:, start:end].set(block)
+        if end < n_in:
+            weights = weights.at[:, end:].add(
+                -jnp.matmul(errors, upper[start:end, end:], precision=lax.Precision.HIGHEST))
+        masks.append(keep)
+    mask = jnp.concatenate(masks, axis=1)
+    return jnp.where(mask, weights, 0.0).T, mask.T
+
+
+def reconstruction_error(kernel: jax.Array, pruned_kernel: jax.Array,
+                         inputs: jax.Array) -> jax.Array:
+    """Relative reconstruction error ``||X W - X W'||_F / ||X W||_F`` on ``inputs`` X.
+
+    >>> import jax.numpy as jnp
+    >>> float(reconstruction_error(jnp.eye(2), jnp.diag(jnp.array([1.0, 0.0])), jnp.eye(2)))
+    0.7071067690849304
+    """
+    inputs = jnp.asarray(inputs, jnp.float32).reshape(-1, jnp.shape(kernel)[0])
+    dense = jnp.matmul(inputs, jnp.asarray(kernel, jnp.float32),
+                       precision=lax.Precision.HIGHEST)
+    diff = dense - jnp.matmul(inputs, jnp.asarray(pruned_kernel, jnp.float32),
+                              precision=lax.Precision.HIGHEST)
+    return jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(dense), 1e-30)
+
+
+def prune_layer(method: PosttrainMethod, kernel: jax.Array, inputs: jax.Array | None,
+                pattern: str | Pattern = "unstructured", sparsity: float | None = None,
+                **options: Any) -> PrunedLayer:
+    """One layer by ``method`` (``'magnitude'``, ``'wanda'`` or ``'sparsegpt'``);
+    ``options`` go to :func:`wanda_prune` (``per_output``) or :func:`sparsegpt_prune`
+    (``blocksize``, ``percdamp``).
+
+    >>> import jax.numpy as jnp
+    >>> prune_layer("magnitude", jnp.array([[1.0, 2.0]]), None, "channel", 0.5).mask
+    Array([[False,  True]], dtype=bool)
+    """
+    if method == "magnitude":
+        if options:
+            raise ValueError(f"magnitude pruning takes no options, got {sorted(options)}")
+        return magnitude_prune(kernel, pattern, sparsity)
+    if method == "wanda":
+        return wanda_prune(kernel, inputs, pattern, sparsity, **options)
+    if method == "sparsegpt":
+        return sparsegpt_prune(kernel, inputs, pattern, sparsity, **options)
+    raise ValueError(f"unknown post-training method {method!r}; known: "
+                     f"{', '.join(POSTTRAIN_METHODS)}")
