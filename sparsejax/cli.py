@@ -38,6 +38,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     from sparsejax.models import MODEL_NAMES
     from sparsejax.training import LR_SCHEDULES, OPTIMIZERS
     from sparsejax.training.parallel import PARALLEL_MODES
+    from sparsejax.training.recipes import RECIPE_CHOICES
 
     parser = argparse.ArgumentParser(prog="sparsejax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,21 +56,29 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
                        help=f"layer-wise sparsity: {', '.join(DISTRIBUTIONS)}")
     length = train.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=None,
-                        help="epochs to train (default 1 when --steps is not given)")
+                        help="epochs to train (default: the recipe's, else 1, when --steps "
+                             "is not given)")
     length.add_argument("--steps", type=int, default=None,
                         help="training steps (batches), instead of --epochs")
-    train.add_argument("--batch-size", type=int, default=128,
-                       help="examples per training step")
-    train.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
-                       help="the optax optimizer")
-    train.add_argument("--lr", type=float, default=0.1,
-                       help="peak learning rate (finite)")
-    train.add_argument("--momentum", type=float, default=0.9,
-                       help="momentum of sgd and nesterov (finite; 0: none)")
-    train.add_argument("--weight-decay", type=float, default=0.0,
-                       help="L2 weight decay (finite)")
-    train.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
-                       help="learning-rate schedule over the run")
+    train.add_argument("--recipe", default="auto", choices=RECIPE_CHOICES,
+                       help="auto (default): options not given take the method's recorded "
+                            "recipe for the model's family (result.json says which value "
+                            "came from where); none: library defaults only")
+    train.add_argument("--batch-size", type=int, default=None,
+                       help="examples per training step (recipe, else 128)")
+    train.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                       help="the optax optimizer (recipe, else sgd)")
+    train.add_argument("--lr", type=float, default=None,
+                       help="peak learning rate, finite (recipe, else 0.1)")
+    train.add_argument("--momentum", type=float, default=None,
+                       help="momentum of sgd and nesterov, finite, 0: none (recipe, else 0.9)")
+    train.add_argument("--weight-decay", type=float, default=None,
+                       help="L2 weight decay, finite (recipe, else 0)")
+    train.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
+                       help="learning-rate schedule over the run (recipe, else cosine); "
+                            "step: x0.1 every --lr-decay-every steps")
+    train.add_argument("--lr-decay-every", type=int, default=0,
+                       help="with --lr-schedule step: steps between the x0.1 decays, >= 1")
     train.add_argument("--seed", type=int, default=0,
                        help="seed of the weights, data order and method, in [0, 2**32 - 1]")
     train.add_argument("--eval-every", type=int, default=0,
@@ -100,6 +109,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
                             "is installed)")
     train.add_argument("--init-batches", type=int, default=1,
                        help="training batches that SNIP/GraSP score on at init, >= 0")
+    train.add_argument("--validation-size", type=int, default=0,
+                       help="training examples held out (a fixed seeded choice) and "
+                            "evaluated beside the test set, >= 0; 0: none held out")
     train.add_argument("--model-option", dest="model_options", type=_option, action="append",
                        default=[], metavar="KEY=VALUE",
                        help="an option of the model, e.g. use_bias=false (repeatable)")
@@ -128,9 +140,9 @@ def _train(args: argparse.Namespace) -> int:
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["model_options"] = dict(args.model_options)
     values["method_options"] = dict(args.method_options)
-    if values["epochs"] is None and values["steps"] is None:
-        values["epochs"] = 1
-    result = train(TrainConfig(**values))
+    config = TrainConfig(**values)
+    _print_recipe(config)
+    result = train(config)
     print(
         f"{result['method']} {result['model']} {result['dataset']}: "
         f"test accuracy {100 * result['test_accuracy']:.2f}% at sparsity "
@@ -139,6 +151,25 @@ def _train(args: argparse.Namespace) -> int:
         f"{TrainConfig(**values).out or TrainConfig(**values).default_out()}/result.json"
     )
     return 0
+
+
+def _print_recipe(config: Any) -> None:
+    """One stderr line naming the preset values the run takes from its recipe."""
+    from sparsejax.training.recipes import recipe_for, resolve_recipe
+
+    effective, sources = resolve_recipe(config)
+    taken = [key for key, source in sources.items() if source.startswith("recipe")]
+    if not taken:
+        return
+    recipe = recipe_for(effective.method, effective.model)
+    assert recipe is not None
+    shown = []
+    for key in taken:
+        field, _, option = key.partition(".")
+        value = getattr(effective, field)[option] if option else getattr(effective, field)
+        shown.append(f"{option or field}={value}")
+    print(f"recipe {recipe.name} ({recipe.source}): {', '.join(shown)}; options given on "
+          "the command line win, --recipe none uses library defaults", file=sys.stderr)
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -161,6 +161,38 @@ def _normalise_images(images: np.ndarray, name: str) -> np.ndarray:
     return normalised
 
 
+VALIDATION_SEED = 0
+"""Seed of the held-out choice of :func:`split_validation`: the same examples are held
+out in every run (whatever its ``--seed``), so runs of different seeds train on one set."""
+
+
+def split_validation(dataset: Dataset, size: int,
+                     seed: int = VALIDATION_SEED) -> tuple[Dataset, Dataset]:
+    """``(train, validation)``: ``size`` training examples held out, chosen by a seeded
+    permutation (both parts keep the original order). ``train`` is ``dataset`` with the
+    rest of the training set and the test set unchanged; ``validation`` is a
+    :class:`Dataset` whose *test* split holds the held-out examples (its train split is
+    empty), so every evaluation function takes it as it takes a test set.
+
+    >>> data = load_dataset("mnist1d", seed=0)
+    >>> train, validation = split_validation(data, 400)
+    >>> len(train.train_labels), len(validation.test_labels), len(train.test_labels)
+    (3600, 400, 1000)
+    """
+    total = len(dataset.train_labels)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 < size < total:
+        raise ValueError(f"validation_size (CLI: --validation-size) must be an integer in "
+                         f"[1, {total - 1}] for the {total} training examples of "
+                         f"{dataset.name}, got {size!r}")
+    order = np.random.default_rng(np.random.SeedSequence(seed)).permutation(total)
+    held, kept = np.sort(order[:size]), np.sort(order[size:])
+    images, labels = dataset.train_images, dataset.train_labels
+    train = dataset._replace(train_images=images[kept], train_labels=labels[kept])
+    validation = dataset._replace(train_images=images[:0], train_labels=labels[:0],
+                                  test_images=images[held], test_labels=labels[held])
+    return train, validation
+
+
 # --------------------------------------------------------------------------- IDX files
 
 

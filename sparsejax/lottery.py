@@ -630,7 +630,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="momentum of sgd and nesterov")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay,
                         help="L2 weight decay")
-    parser.add_argument("--lr-schedule", default=d.lr_schedule,
+    parser.add_argument("--lr-schedule", default=d.lr_schedule, choices=("constant", "cosine"),
                         help="learning-rate schedule of each round")
     parser.add_argument("--seed", type=int, default=d.seed,
                         help="seed of the weights, data order and controls")

@@ -284,7 +284,9 @@ def export_ticket(run_dir: str | os.PathLike[str],
     if not result_file.exists():
         raise FileNotFoundError(f"{result_file} not found: is {run_dir} a finished run folder?")
     result = json.loads(result_file.read_text())
-    config = TrainConfig(**result["config"])
+    # a saved config holds the run's effective values: resolved again, a recipe (added
+    # after an older run was made) must not fill what that run left at the default
+    config = TrainConfig(**{**result["config"], "recipe": "none"})
     run = prepare(config)
     with Checkpointer(run_dir / "checkpoints") as checkpointer:
         step, state, _ = checkpointer.restore(run.state)
@@ -410,7 +412,7 @@ def load_ticket(path: str | os.PathLike[str]) -> Ticket:
         raise ValueError(f"{path} was exported from a model ({header.get('source')}); load "
                          "it with that module's load_ticket")
     _check_contents(path, header, arrays, _TICKET_KEYS)
-    config = TrainConfig(**header["config"])
+    config = TrainConfig(**{**header["config"], "recipe": "none"})  # effective values
     regen = _regenerate(config, header["num_classes"], tuple(header["input_shape"]),
                         header["total_steps"], header["batches_per_epoch"])
     if tree_digest(regen.state.params) != header["frozen_params_sha256"]:

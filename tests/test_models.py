@@ -301,7 +301,7 @@ def test_mlp_hidden_option():
     with pytest.raises(ValueError, match="hidden"):
         get_model("mlp", CLASSES, hidden=(500, 0))
     # lenet300 is unchanged: same options, and the mlp with its widths gives its params bitwise
-    assert model_options("lenet300") == ("use_bias", "width")
+    assert model_options("lenet300") == ("use_bias", "width", "kernel_init")
     with pytest.raises(TypeError, match="'hidden'"):
         get_model("lenet300", CLASSES, hidden=(500, 500))
     _, lenet, _ = initialised("lenet300")

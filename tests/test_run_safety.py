@@ -29,8 +29,9 @@ def test_resume_rejects_a_changed_configuration(tmp_path, capsys):
           "--sparsity was 0.9, now 0.5")
     fails(capsys, run_args(out, "--method", "rigl", "--sparsity", "0.9", "--resume"),
           "--method was 'static', now 'rigl'")
+    # static's recipe sets lr 0.2 (RigL's MNIST setup), so 0.3 is a change
     line = fails(capsys, run_args(out, "--method", "static", "--sparsity", "0.5", "--lr",
-                                  "0.2", "--resume"), "--sparsity", "--lr was 0.1, now 0.2")
+                                  "0.3", "--resume"), "--sparsity", "--lr was 0.2, now 0.3")
     assert "--log-every" not in line
     assert snapshot(out) == before
 

@@ -108,10 +108,14 @@ class InitContext(NamedTuple):
       loss_fn: ``(params, model_state, batch) -> (loss, (model_state, metrics))``.
       batches: training batches to score on (the harness passes the first ones of the
         run's own deterministic stream).
+      init_params: ``key -> params``, a fresh draw of the model's initial params from
+        ``key`` (the model's own initialisers), for methods that score one init and train
+        another (``snip(..., fresh_init=True)``); ``None`` where the caller has no model.
     """
 
     loss_fn: Callable[[Any, Any, Any], Any]
     batches: tuple[Any, ...]
+    init_params: Callable[[jax.Array], Any] | None = None
 
 
 InitFn = Callable[..., SparseState]

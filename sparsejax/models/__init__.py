@@ -13,9 +13,10 @@ batch norm has no bias (the norm cancels it); ``use_bias`` governs all other lay
 Models (``get_model(name, num_classes, **options)``) and their options:
 
 ============  ==========================================================================
-lenet300      LeNet-300-100 (flattens its input). ``use_bias``, ``width``
+lenet300      LeNet-300-100 (flattens its input). ``use_bias``, ``width``, ``kernel_init``
+              ("glorot_normal", or "lecun_normal": variance scaling 1, fan_in, truncated)
 mlp           MLP, flattens its input; ``hidden`` ((500, 500): MNIST-1D's 40-500-500-10),
-              ``use_bias``, ``width``
+              ``use_bias``, ``width``, ``kernel_init``
 conv2..conv8  Conv-2/4/6/8 (Frankle & Carbin 2019). ``use_bias``, ``norm`` ("none"),
               ``norm_affine``, ``width``
 resnet18      CIFAR ResNet-18. ``use_bias``, ``norm`` ("batch"), ``norm_affine``, ``width``
@@ -45,7 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparsejax.models._layers import NORM_KINDS
+from sparsejax.models._layers import KERNEL_INITS, NORM_KINDS
 from sparsejax.models.convnets import ConvNet
 from sparsejax.models.mlp import MLP, LeNet300
 from sparsejax.models.resnets import BasicBlock, PreActBlock, ResNet, WideResNet
@@ -79,8 +80,8 @@ _CONV_OPTIONS = ("use_bias", "norm", "norm_affine", "width")
 
 # name -> (module class, fixed constructor arguments, accepted options)
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any], tuple[str, ...]]] = {
-    "lenet300": (LeNet300, {}, ("use_bias", "width")),
-    "mlp": (MLP, {}, ("use_bias", "width", "hidden")),
+    "lenet300": (LeNet300, {}, ("use_bias", "width", "kernel_init")),
+    "mlp": (MLP, {}, ("use_bias", "width", "hidden", "kernel_init")),
     "conv2": (ConvNet, {"num_pairs": 1}, _CONV_OPTIONS),
     "conv4": (ConvNet, {"num_pairs": 2}, _CONV_OPTIONS),
     "conv6": (ConvNet, {"num_pairs": 3}, _CONV_OPTIONS),
@@ -151,6 +152,7 @@ _OPTION_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "depth": _check_positive_int,
     "num_heads": _check_positive_int,
     "hidden": _check_widths,
+    "kernel_init": _check_choice(tuple(KERNEL_INITS)),
 }
 
 
@@ -158,7 +160,7 @@ def model_options(name: str) -> tuple[str, ...]:
     """The keyword options that :func:`get_model` accepts for model ``name``.
 
     >>> model_options("lenet300")
-    ('use_bias', 'width')
+    ('use_bias', 'width', 'kernel_init')
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
@@ -174,10 +176,10 @@ def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
 
     >>> get_model("resnet20", 10, norm_affine=False).norm_affine
     False
-    >>> get_model("lenet300", 10, norm="batch")
+    >>> get_model("lenet300", 10, norm="batch")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    TypeError: model 'lenet300' got unknown option(s) 'norm'; accepted options: use_bias, width
+    TypeError: model 'lenet300' got unknown option(s) 'norm'; accepted options: use_bias, ...
     """
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")

@@ -24,6 +24,29 @@ BN_EPSILON = 1e-5
 glorot_normal = nn.initializers.glorot_normal()
 he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
+# The kernel initialisers a model may be asked for by name (model option ``kernel_init``).
+# ``lecun_normal`` is variance scaling with scale 1, fan_in, truncated normal: std
+# sqrt(1 / fan_in), cut at 2 standard deviations of the underlying normal (whose std is
+# corrected up so that the truncated draw has the target std), which is TensorFlow's
+# ``tf.variance_scaling_initializer()``, the init of the SNIP reference code.
+KERNEL_INITS: dict[str, Any] = {
+    "glorot_normal": glorot_normal,
+    "lecun_normal": nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+}
+
+
+def kernel_initializer(name: str) -> Any:
+    """The kernel initialiser called ``name`` in :data:`KERNEL_INITS`.
+
+    >>> import jax
+    >>> w = kernel_initializer("lecun_normal")(jax.random.key(0), (400, 300))
+    >>> round(float(w.std() * 20), 1)  # std sqrt(1 / fan_in) = 1 / 20
+    1.0
+    """
+    if name not in KERNEL_INITS:
+        raise ValueError(f"kernel_init must be one of {tuple(KERNEL_INITS)}, got {name!r}")
+    return KERNEL_INITS[name]
+
 
 def check_norm(norm: str) -> None:
     """Raise ``ValueError`` unless ``norm`` is one of :data:`NORM_KINDS`."""

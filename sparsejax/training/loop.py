@@ -34,6 +34,7 @@ from sparsejax.data import (
     Dataset,
     load_dataset,
     shard_for_process,
+    split_validation,
     steps_per_epoch,
     train_batches,
 )
@@ -43,6 +44,7 @@ from sparsejax.models import apply_model, get_model, init_model
 from sparsejax.provenance import provenance
 from sparsejax.training.optim import make_optimizer
 from sparsejax.training.parallel import initialize_distributed, make_trainer
+from sparsejax.training.recipes import resolve_recipe
 from sparsejax.training.run_folder import (
     CONFIG_FILE,
     check_config,
@@ -81,20 +83,28 @@ class TrainConfig:
     data_dir: str | None = None
     sparsity: float | None = None
     distribution: str | None = None
+    # The training fields below left at None take the method's recipe for the model's
+    # family, else the library default (sparsejax.training.recipes; ``recipe="none"``:
+    # library defaults only). ``epochs``: the recipe's, else 1, when ``steps`` is not given.
+    recipe: str = "auto"
     epochs: int | None = None
     steps: int | None = None
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = "cosine"
+    batch_size: int | None = None  # library default 128
+    optimizer: str | None = None  # sgd
+    lr: float | None = None  # 0.1
+    momentum: float | None = None  # 0.9
+    weight_decay: float | None = None  # 0.0
+    lr_schedule: str | None = None  # cosine
+    lr_decay_every: int = 0  # lr_schedule "step": lr x0.1 every this many steps
     seed: int = 0
     eval_every: int = 0  # steps between evaluations; 0: once per epoch
     log_every: int = 50
     checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch
     keep_checkpoints: int = 3
     init_batches: int = 1  # training batches a method may score weights on at init
+    # training examples held out (a fixed seeded choice, sparsejax.data.split_validation)
+    # and evaluated beside the test set; 0: train on the whole training set
+    validation_size: int = 0
     parallel: str = "none"  # none | pmap | sharded (sparsejax.training.parallel)
     nonfinite: str = "error"  # error | skip: what a NaN/inf loss or gradient does
     max_skipped_fraction: float = 0.5  # with nonfinite="skip": more skipped steps fail the run
@@ -294,10 +304,15 @@ class Run(NamedTuple):
     state: SparseState  # the initial state
     batches_per_epoch: int
     total_steps: int
+    # the held-out examples (TrainConfig.validation_size) as a dataset whose test split
+    # they are (sparsejax.data.split_validation); None without a validation split
+    validation: Dataset | None = None
 
 
 def prepare(config: TrainConfig) -> Run:
-    """Load the data and build model, optimizer, method and initial state of ``config``."""
+    """Load the data and build model, optimizer, method and initial state of ``config``
+    (its unset training fields resolved by :func:`resolve_recipe`)."""
+    config, _ = resolve_recipe(config)
     check_config(config)
     return _prepare(config)
 
@@ -307,6 +322,9 @@ def _prepare(config: TrainConfig, *, abstract_state: bool = False) -> Run:
     a resume restores every value from the checkpoint, so it neither compiles nor runs the
     method's init (SynFlow's 100 rounds, SNIP's and GraSP's gradients)."""
     dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+    validation = None
+    if config.validation_size:
+        dataset, validation = split_validation(dataset, config.validation_size)
     batches_per_epoch = steps_per_epoch(len(dataset.train_labels), config.batch_size)
     total_steps = _total_steps(config, batches_per_epoch)
     model = get_model(config.model, dataset.num_classes, **config.model_options)
@@ -314,7 +332,8 @@ def _prepare(config: TrainConfig, *, abstract_state: bool = False) -> Run:
     params, model_state = init_model(model, init_key, (1, *dataset.input_shape))
     optimizer = make_optimizer(config.optimizer, config.lr, total_steps=total_steps,
                                momentum=config.momentum, weight_decay=config.weight_decay,
-                               lr_schedule=config.lr_schedule)
+                               lr_schedule=config.lr_schedule,
+                               lr_decay_every=config.lr_decay_every)
     method = build_method(config, optimizer, total_steps=total_steps,
                           batches_per_epoch=batches_per_epoch,
                           apply_fn=model_apply_fn(model))
@@ -322,26 +341,36 @@ def _prepare(config: TrainConfig, *, abstract_state: bool = False) -> Run:
     stream = train_batches(dataset, config.batch_size, config.seed)
     init_batches = tuple(batch for _, batch in itertools.islice(stream, config.init_batches))
 
+    def init_params(key: jax.Array) -> Any:  # a fresh draw (snip's fresh_init)
+        return init_model(model, key, (1, *dataset.input_shape))[0]
+
     @jax.jit
     def init(params: Any, key: jax.Array, model_state: Any, batches: tuple[Any, ...]):
-        return method.init(params, key, model_state, InitContext(loss_fn, batches))
+        return method.init(params, key, model_state,
+                           InitContext(loss_fn, batches, init_params))
 
     args = (params, method_key, model_state, init_batches)
     state = jax.eval_shape(init, *args) if abstract_state else init(*args)
-    return Run(dataset, model, method, state, batches_per_epoch, total_steps)
+    return Run(dataset, model, method, state, batches_per_epoch, total_steps, validation)
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run one training job and return (and write to ``OUT/result.json``) its result."""
+    """Run one training job and return (and write to ``OUT/result.json``) its result.
+
+    Training fields left unset take the method's recipe (:func:`resolve_recipe`); the
+    result holds the effective ``config`` and, in ``config_sources``, where each of those
+    values came from."""
     started = time.time()
+    config, sources = resolve_recipe(config)
     check_config(config)
     out = Path(config.out or config.default_out())
     check_writable_folder(out, "--out")
     with run_lock(out):  # a second process on the same --out fails here, at once
-        return _train_in(config, out, started)
+        return _train_in(config, sources, out, started)
 
 
-def _train_in(config: TrainConfig, out: Path, started: float) -> dict[str, Any]:
+def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
+              started: float) -> dict[str, Any]:
     checkpointer = Checkpointer(out / "checkpoints", max_to_keep=config.keep_checkpoints)
     resume_step = None
     previous: dict[str, Any] | None = None
@@ -384,6 +413,7 @@ def _train_in(config: TrainConfig, out: Path, started: float) -> dict[str, Any]:
         print(f"no checkpoint in {checkpointer.directory}; starting fresh", file=sys.stderr)
     # OUT/config.json: what --resume checks a later run against (written atomically).
     _write_json(out / CONFIG_FILE, {"config": jsonable(dataclasses.asdict(config)),
+                                    "config_sources": sources,
                                     "total_steps": total_steps,
                                     "batches_per_epoch": batches_per_epoch})
 
@@ -394,9 +424,14 @@ def _train_in(config: TrainConfig, out: Path, started: float) -> dict[str, Any]:
     effective_params = jax.jit(method.effective_params)
 
     def evaluate_state(state: SparseState) -> tuple[dict[str, float], float]:
-        """Test metrics and measured sparsity, from one ``effective_params`` call."""
+        """Test metrics (and, with a validation split, ``validation_accuracy`` and
+        ``validation_loss``) and measured sparsity, from one ``effective_params`` call."""
         params = effective_params(state)
-        return evaluate(eval_step, (params, state.model_state), dataset), measured_sparsity(params)
+        metrics = evaluate(eval_step, (params, state.model_state), dataset)
+        if run.validation is not None:
+            held = evaluate(eval_step, (params, state.model_state), run.validation)
+            metrics.update(validation_accuracy=held["accuracy"], validation_loss=held["loss"])
+        return metrics, measured_sparsity(params)
 
     log = _MetricsLog(out / "metrics.jsonl", start_step, tensorboard=config.tensorboard)
     progress = _progress_bar(config.progress, total_steps, start_step)
@@ -430,6 +465,8 @@ def _train_in(config: TrainConfig, out: Path, started: float) -> dict[str, Any]:
                 last_eval, last_sparsity = evaluate_state(logical)
                 record.update({"test_accuracy": last_eval["accuracy"],
                                "test_loss": last_eval["loss"], "sparsity": last_sparsity})
+                record.update({k: v for k, v in last_eval.items()
+                               if k.startswith("validation_")})
             if log_now or eval_now:
                 log.write(record)
                 progress.update(step, record)
@@ -454,6 +491,7 @@ def _train_in(config: TrainConfig, out: Path, started: float) -> dict[str, Any]:
         "sparsity": last_sparsity,
         "test_accuracy": last_eval["accuracy"],
         "test_loss": last_eval["loss"],
+        **{k: v for k, v in last_eval.items() if k.startswith("validation_")},
         "steps": total_steps,
         "resumed_from_step": start_step,
         "skipped_nonfinite_steps": skipped_before + skipped,
@@ -462,6 +500,7 @@ def _train_in(config: TrainConfig, out: Path, started: float) -> dict[str, Any]:
         "wall_seconds": time.time() - started,
         "backend": jax.default_backend(),
         "config": dataclasses.asdict(config),
+        "config_sources": sources,
         "provenance": provenance(),
     }
     if previous_steps is not None and previous_steps != total_steps:

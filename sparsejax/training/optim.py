@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
+
 import optax
 
-__all__ = ["OPTIMIZERS", "LR_SCHEDULES", "make_optimizer"]
+__all__ = ["OPTIMIZERS", "LR_SCHEDULES", "make_optimizer", "step_lr_schedule"]
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "step")
 
 
 def make_optimizer(
@@ -18,13 +20,18 @@ def make_optimizer(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     lr_schedule: str = "cosine",
+    lr_decay_every: int = 0,
 ) -> optax.GradientTransformation:
     """An optax optimizer: SGD with momentum, Nesterov SGD, or Adam, with L2 weight decay
-    added to the gradients and a constant or cosine-decayed learning rate.
+    added to the gradients and a learning rate that is constant, cosine-decayed over
+    ``total_steps``, or (``lr_schedule="step"``) a step schedule, :func:`step_lr_schedule`:
+    multiplied by 0.1 every ``lr_decay_every`` steps (SNIP's "divided by 10 every 25k
+    iterations"). ``lr_decay_every`` belongs to the step schedule alone.
 
     >>> opt = make_optimizer("sgd", 0.1, total_steps=100, weight_decay=5e-4)
     >>> type(opt).__name__
     'GradientTransformationExtraArgs'
+    >>> opt = make_optimizer("sgd", 0.1, total_steps=100, lr_schedule="step", lr_decay_every=25)
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
@@ -36,8 +43,13 @@ def make_optimizer(
         raise ValueError(f"weight decay must be >= 0, got {weight_decay}")
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if lr_schedule != "step" and lr_decay_every:
+        raise ValueError(f"lr_decay_every (CLI: --lr-decay-every) sets the step schedule; "
+                         f"it needs lr_schedule 'step', got {lr_schedule!r}")
     if lr_schedule == "cosine":
         schedule = optax.cosine_decay_schedule(learning_rate, total_steps)
+    elif lr_schedule == "step":
+        schedule = step_lr_schedule(learning_rate, lr_decay_every)
     else:
         schedule = optax.constant_schedule(learning_rate)
     if name == "adam":
@@ -47,3 +59,24 @@ def make_optimizer(
     if weight_decay:
         return optax.chain(optax.add_decayed_weights(weight_decay), base)
     return optax.chain(base)
+
+
+def step_lr_schedule(learning_rate: float, decay_every: int,
+                     factor: float = 0.1) -> optax.Schedule:
+    """``learning_rate * factor ** (count // decay_every)``: the learning rate multiplied
+    by ``factor`` (0.1) every ``decay_every`` steps. ``count`` is optax's, the number of
+    updates already applied, so training steps ``1 .. decay_every`` use ``learning_rate``
+    and step ``decay_every + 1`` is the first at ``learning_rate * factor``.
+
+    >>> schedule = step_lr_schedule(0.1, 25_000)
+    >>> [round(float(schedule(n)), 6) for n in (0, 24_999, 25_000, 50_000, 75_000)]
+    [0.1, 0.1, 0.01, 0.001, 0.0001]
+    """
+    if isinstance(decay_every, bool) or not isinstance(decay_every, numbers.Integral) or (
+            decay_every < 1):
+        raise ValueError(f"the step lr schedule needs lr_decay_every (CLI: --lr-decay-every), "
+                         f"the steps between decays, an int >= 1; got {decay_every!r}")
+    if not 0 < factor < 1:
+        raise ValueError(f"the decay factor must lie in (0, 1), got {factor}")
+    return optax.exponential_decay(learning_rate, transition_steps=decay_every,
+                                   decay_rate=factor, staircase=True)

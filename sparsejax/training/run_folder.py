@@ -43,6 +43,8 @@ def check_config(config: TrainConfig) -> None:
     check_int(config.eval_every, "--eval-every", minimum=0)
     check_int(config.checkpoint_every, "--checkpoint-every", minimum=0)
     check_int(config.init_batches, "--init-batches", minimum=0)
+    check_int(config.validation_size, "--validation-size", minimum=0)
+    check_int(config.lr_decay_every, "--lr-decay-every", minimum=0)
     check_finite_number(config.max_skipped_fraction, "--max-skipped-fraction")
     if not 0 <= config.max_skipped_fraction <= 1:
         raise ValueError(f"--max-skipped-fraction must lie in [0, 1], got "
@@ -65,6 +67,8 @@ RESUMABLE_FIELDS = frozenset({
     "epochs", "steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
     "tensorboard", "out", "resume", "overwrite", "progress", "data_dir", "nonfinite",
     "max_skipped_fraction", "parallel",
+    # the effective values of a recipe's fields are compared, not how they were chosen
+    "recipe",
 })
 CONFIG_FILE = "config.json"  # OUT/config.json: the configuration of the run in OUT
 RUN_FILES = ("result.json", "metrics.jsonl", CONFIG_FILE, "checkpoints", "tensorboard")
