@@ -192,7 +192,7 @@ def test_weights_stay_bitwise_frozen_and_masks_are_binary(gate):
         assert bool(trained.all())  # training applies the gates, no hard mask
     assert bool(masks["Dense_0"]["bias"].all()) and bool(masks["Dense_1"]["bias"].all())
     kept = int(masks["Dense_0"]["kernel"].sum() + masks["Dense_1"]["kernel"].sum())
-    assert kept <= round(0.4 * (12 * 16 + 16 * 3))  # topk: at most the target density
+    assert kept == round(0.4 * (12 * 16 + 16 * 3))  # exact (the default): the target
 
 
 def test_training_step_never_builds_the_hard_mask():
@@ -272,16 +272,22 @@ def test_controller_reaches_target_density(gate, lr):
         g = jnp.concatenate([state.scores["Dense_0"]["kernel"].ravel(),
                              state.scores["Dense_1"]["kernel"].ravel()])
         opened[rate] = int(jnp.sum(form.test_gate(g) > 0))
-        masks = method.hard_masks(state)
+        masks = method.hard_masks(state)  # binarize='exact', the default with a target
         kept = int(masks["Dense_0"]["kernel"].sum() + masks["Dense_1"]["kernel"].sum())
-        assert kept == min(opened[rate], round(0.2 * n_gates))  # the final binary mask
+        assert kept == round(0.2 * n_gates)  # the final binary mask: exactly the target
+        topk = gates(optax.adam(lr), gate=gate, sparsity=0.8, total_steps=steps, ramp=0.5,
+                     lam_rate=rate, binarize="topk").hard_masks(state)
+        kept = int(topk["Dense_0"]["kernel"].sum() + topk["Dense_1"]["kernel"].sum())
+        assert kept == min(opened[rate], round(0.2 * n_gates))  # the old rule, by name
     assert opened[0.05] / n_gates == pytest.approx(0.2, abs=0.05)
     assert opened[0.0] / n_gates > 0.35  # the loss alone does not reach the target
 
 
-def test_hard_masks_are_the_exact_topk_of_the_open_gates_at_every_step():
+@pytest.mark.parametrize("rule", ["topk", "exact"])
+def test_hard_masks_are_the_exact_topk_at_every_step(rule):
     # 3,840 + 180 gates: the global top-k takes the sampled search; the masks must be the
-    # exact top-k of mu over all gates (ties in leaf order), restricted to the open gates.
+    # exact top-k of mu over all gates (ties in leaf order), restricted to the open gates
+    # for 'topk', all of it (exactly k gates, closed ones filling up) for 'exact'.
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(4), 3)
     params = {"a": {"kernel": jax.random.normal(k1, (64, 60)) * 0.2},
               "b": {"kernel": jax.random.normal(k2, (60, 3)) * 0.2}}
@@ -294,7 +300,7 @@ def test_hard_masks_are_the_exact_topk_of_the_open_gates_at_every_step():
     # A large starting lam closes many gates at once, so that on some steps fewer gates
     # are open than the top-k keeps.
     method = gates(optax.adam(0.2), sparsity=0.6, total_steps=12, ramp=0.0, lam=30.0,
-                   weight_init="model", score_bounds=(-1.0, 1.5))
+                   weight_init="model", score_bounds=(-1.0, 1.5), binarize=rule)
     step = jax.jit(make_train_step(method, stateless_loss(loss)))
     hard_masks = jax.jit(method.hard_masks)
     state = method.init(params, jax.random.PRNGKey(0))
@@ -310,11 +316,14 @@ def test_hard_masks_are_the_exact_topk_of_the_open_gates_at_every_step():
         expected = np.zeros(n, bool)
         expected[np.lexsort((np.arange(n), -mu.astype(np.float64)))[:k]] = True
         fewer_open += int(np.sum(mu > 0) < k)
-        expected &= mu > 0
+        if rule == "topk":
+            expected &= mu > 0
         masks = hard_masks(state)
         got = np.concatenate([np.asarray(masks["a"]["kernel"]).ravel(),
                               np.asarray(masks["b"]["kernel"]).ravel()])
         np.testing.assert_array_equal(got, expected, err_msg=f"step {i + 1}")
+        if rule == "exact":
+            assert int(got.sum()) == k
     assert 0 < fewer_open < 12  # both kinds of step were checked
 
 
@@ -334,10 +343,13 @@ def test_fixed_lam_penalty_prunes_more_with_larger_lam():
     ("half", [-0.1, 0.2, 0.7, 1.3], [False, False, True, True]),
     ("topk", [-0.1, 0.2, 0.7, 1.3], [False, False, True, True]),
     ("topk", [-0.1, -0.2, 0.7, -1.3], [False, False, True, False]),  # closed stays closed
+    ("exact", [-0.1, 0.2, 0.7, 1.3], [False, False, True, True]),  # more open than k
+    ("exact", [-0.1, -0.2, 0.7, -1.3], [True, False, True, False]),  # closed -0.1 fills up
 ])
 def test_binarize_rules(rule, mu, want):
-    method = gates(optax.sgd(0.1), sparsity=0.5 if rule == "topk" else None, binarize=rule,
-                   weight_init="model", lam_rate=0.0)
+    target = rule in ("topk", "exact")  # no lift: the update must leave the gates alone
+    method = gates(optax.sgd(0.1), sparsity=0.5 if target else None, binarize=rule,
+                   weight_init="model", lam_rate=0.0, lift_rate=0.0 if target else None)
     state = method.init({"w": jnp.ones((1, 4))}, jax.random.PRNGKey(0))
     mu = {"w": jnp.array([mu])}
     new = method.update(state.replace(scores=mu), jax.tree_util.tree_map(jnp.zeros_like, mu))
@@ -387,11 +399,155 @@ def test_rounding_penalty_matches_the_formula_and_pushes_gates_to_the_ends():
     np.testing.assert_allclose(grad, [0.0, 0.5 * 0.6, 0.5 * -0.4, 0.0], rtol=1e-5, atol=1e-7)
 
 
+def exact_case_params():
+    # 3 + 6 = 9 gates over two leaves; sparsity 5/9 keeps k = 4.
+    return {"a": {"kernel": jnp.ones((1, 3))}, "b": {"kernel": jnp.ones((2, 3))},
+            "bias": jnp.zeros(3)}
+
+
+@pytest.mark.parametrize("mu_a, mu_b, want_a, want_b", [
+    # two gates open (< k = 4): both kept, plus the two closed gates closest to opening
+    ([-0.3, 0.4, -1.0], [[-0.05, -1.0, 0.9], [-0.6, -0.2, -1.0]],
+     [False, True, False], [[True, False, True], [False, True, False]]),
+    # six gates open (> k): the four largest, the others dropped although open
+    ([0.3, 0.4, 1.2], [[0.05, -1.0, 0.9], [0.6, 0.2, -1.0]],
+     [False, True, True], [[False, False, True], [True, False, False]]),
+    # ties at the threshold (all closed at -1 but one): leaf order, then row-major order
+    ([-1.0, -1.0, -1.0], [[-1.0, 0.5, -1.0], [-1.0, -1.0, -1.0]],
+     [True, True, True], [[False, True, False], [False, False, False]]),
+])
+@pytest.mark.parametrize("gate", ["gaussian", "hard_concrete"])
+def test_exact_rule_keeps_exactly_k_under_jit(gate, mu_a, mu_b, want_a, want_b):
+    method = gates(optax.sgd(0.1), gate=gate, sparsity=5 / 9, binarize="exact",
+                   weight_init="model", lam_rate=0.0)
+    state = method.init(exact_case_params(), jax.random.PRNGKey(0))
+    # hard-concrete: log_alpha of 0 opens the test gate; shift so that the same cases
+    # straddle its opening point logit(1/12) = -2.40 alike
+    shift = 0.0 if gate == "gaussian" else -2.3978952728
+    scores = {"a": {"kernel": jnp.array([mu_a]) + shift},
+              "b": {"kernel": jnp.array(mu_b) + shift}, "bias": jnp.zeros((0,))}
+    state = state.replace(scores=scores)
+    form = gaussian_gate() if gate == "gaussian" else hard_concrete_gate()
+    opened = int(jnp.sum(form.test_gate(scores["a"]["kernel"]) > 0)
+                 + jnp.sum(form.test_gate(scores["b"]["kernel"]) > 0))
+    assert opened == int(np.sum(np.array(mu_a) > 0) + np.sum(np.array(mu_b) > 0))
+    masks = jax.jit(method.hard_masks)(state)
+    for m in jax.tree_util.tree_leaves(masks):
+        assert m.dtype == jnp.bool_
+    np.testing.assert_array_equal(masks["a"]["kernel"][0], want_a)
+    np.testing.assert_array_equal(masks["b"]["kernel"], want_b)
+    assert bool(masks["bias"].all())
+    assert int(masks["a"]["kernel"].sum() + masks["b"]["kernel"].sum()) == 4
+    eff = jax.jit(method.effective_params)(state)
+    np.testing.assert_array_equal(eff["b"]["kernel"], np.asarray(want_b, np.float32))
+    # the old rule, by name, on the same gates: only open ones, at most k
+    topk = gates(optax.sgd(0.1), gate=gate, sparsity=5 / 9, binarize="topk",
+                 weight_init="model", lam_rate=0.0)
+    old = jax.jit(topk.hard_masks)(state)
+    assert int(old["a"]["kernel"].sum() + old["b"]["kernel"].sum()) == min(opened, 4)
+
+
+def test_exact_is_the_default_with_a_target_and_open_without():
+    for sparsity, rule in ((5 / 9, "exact"), (None, "open")):
+        default = gates(optax.sgd(0.1), sparsity=sparsity, weight_init="model")
+        named = gates(optax.sgd(0.1), sparsity=sparsity, weight_init="model", binarize=rule)
+        state = default.init(exact_case_params(), jax.random.PRNGKey(0))
+        state = state.replace(scores={
+            "a": {"kernel": jnp.array([[-0.3, 0.4, -1.0]])},
+            "b": {"kernel": jnp.array([[-0.05, -1.0, 0.9], [-0.6, -0.2, -1.0]])},
+            "bias": jnp.zeros((0,))})
+        for a, b in zip(jax.tree_util.tree_leaves(default.hard_masks(state)),
+                        jax.tree_util.tree_leaves(named.hard_masks(state)), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("scope, mu, want", [
+    # open 1/4 < target 1/2: the closed gates up by 0.5 * 0.25, the open one unchanged
+    ("closed", [-0.1, -0.2, -0.3, 1.45], [0.025, -0.075, -0.175, 1.45]),
+    # lift_scope='all': every gate up, then clipped to the bounds [-1, 1.5]
+    ("all", [-0.1, -0.2, -0.3, 1.45], [0.025, -0.075, -0.175, 1.5]),
+    ("closed", [0.1, -0.2, 0.3, 1.45], [0.1, -0.2, 0.3, 1.45]),  # open 1/2: no lift
+    ("all", [0.1, -0.2, 0.3, 1.45], [0.1, -0.2, 0.3, 1.45]),
+    ("closed", [0.1, 0.2, 0.3, 1.45], [0.1, 0.2, 0.3, 1.45]),  # above: lam's job, no lift
+])
+@pytest.mark.parametrize("lam, with_lam", [(0.0, False), (0.5, True)])
+def test_lift_raises_the_gates_by_rate_times_the_deficit(scope, mu, want, lam, with_lam):
+    method = gates(optax.sgd(0.1), sparsity=0.5, weight_init="model", lam=lam, lam_rate=0.0,
+                   lift_rate=0.5, lift_scope=scope, lift_with_lam=with_lam,
+                   score_bounds=(-1.0, 1.5))
+    state = method.init({"w": jnp.ones((1, 4)), "b": jnp.zeros(4)}, jax.random.PRNGKey(0))
+    scores = {"w": jnp.array([mu]), "b": jnp.zeros((0,))}
+    new = jax.jit(method.update)(state.replace(scores=scores),
+                                 jax.tree_util.tree_map(jnp.zeros_like, scores))
+    np.testing.assert_allclose(new.scores["w"][0], want, rtol=0, atol=1e-6)
+    assert new.scores["b"].shape == (0,) and float(new.extra["lam"]) == lam
+
+
+def test_lift_is_on_by_default_with_a_target():
+    scores = {"w": jnp.array([[-0.1, -0.2, -0.3, 1.45]])}
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, scores)
+    for kwargs, want in (({}, [0.4, 0.3, 0.2, 1.5]),  # 2.0 * (0.5 - 0.25), clipped
+                         ({"lift_rate": 0.0}, [-0.1, -0.2, -0.3, 1.45])):
+        method = gates(optax.sgd(0.1), sparsity=0.5, weight_init="model", lam_rate=0.0,
+                       score_bounds=(-1.0, 1.5), **kwargs)
+        state = method.init({"w": jnp.ones((1, 4))}, jax.random.PRNGKey(0))
+        new = method.update(state.replace(scores=scores), zeros)
+        np.testing.assert_allclose(new.scores["w"][0], want, atol=1e-6)
+    method = gates(optax.sgd(0.1), lam=0.0, weight_init="model")  # no target: no lift
+    state = method.init({"w": jnp.ones((1, 4))}, jax.random.PRNGKey(0))
+    new = method.update(state.replace(scores=scores), zeros)
+    np.testing.assert_array_equal(new.scores["w"], scores["w"])
+
+
+def test_lift_waits_while_lam_is_positive():
+    # by default no lift while the controller's lam is above 0, whatever the deficit
+    method = gates(optax.sgd(0.1), sparsity=0.5, weight_init="model", lam=0.5, lam_rate=0.1,
+                   lift_rate=0.5, score_bounds=(-1.0, 1.5))
+    state = method.init({"w": jnp.ones((1, 4))}, jax.random.PRNGKey(0))
+    scores = {"w": jnp.array([[-0.1, -0.2, -0.3, 1.45]])}
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, scores)
+    new = jax.jit(method.update)(state.replace(scores=scores), zeros)
+    np.testing.assert_array_equal(new.scores["w"], scores["w"])  # lam 0.5 - 0.1 * 0.25 > 0
+    assert float(new.extra["lam"]) == pytest.approx(0.475)
+    # once lam has fallen to 0 in this step, the lift acts in the same step
+    low = state.replace(scores=scores, extra={**state.extra, "lam": jnp.float32(0.01)})
+    new = jax.jit(method.update)(low, zeros)
+    assert float(new.extra["lam"]) == 0.0
+    np.testing.assert_allclose(new.scores["w"][0], [0.025, -0.075, -0.175, 1.5], atol=1e-6)
+
+
+@pytest.mark.parametrize("scope", ["all", "closed"])
+def test_lift_holds_the_open_fraction_at_the_target(scope):
+    # a fixed large penalty (no controller on lam) closes far more gates than the target
+    # asks; the lift (with lift_with_lam, so although lam > 0) opens them again. With
+    # lift_scope='all' (a rigid shift of every gate) the open fraction stays near the
+    # target even under this constant push (Adam moves every gate down by up to lr = 0.05
+    # per step, the lift answers a deficit d with 2 d, so d settles near 0.05 / 2). With
+    # 'closed' the closed gates bunch up below the threshold and open together: at least
+    # the target is open, here far more (only the controller on lam, off here, closes
+    # gates).
+    n_gates, opened = 12 * 16 + 16 * 3, {}
+    for rate in (0.0, 2.0):
+        method = gates(optax.adam(0.05), sparsity=0.5, lam=5.0, lam_rate=0.0, ramp=0.0,
+                       lift_rate=rate, lift_scope=scope, lift_with_lam=True,
+                       score_bounds=(-1.0, 1.5), total_steps=200)
+        state = train(method, method.init(tiny_params(), jax.random.PRNGKey(0)), 200)
+        g = jnp.concatenate([state.scores["Dense_0"]["kernel"].ravel(),
+                             state.scores["Dense_1"]["kernel"].ravel()])
+        opened[rate] = int(jnp.sum(gaussian_gate().test_gate(g) > 0)) / n_gates
+    assert opened[0.0] < 0.3  # the fixed penalty alone closes too many
+    if scope == "all":
+        assert opened[2.0] == pytest.approx(0.5, abs=0.03)
+    else:
+        assert opened[2.0] > 0.47
+
+
 # --- errors and registry ----------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"gate": "bernoulli"}, "unknown gate"),
     ({"binarize": "topk"}, "needs a target sparsity"),
+    ({"binarize": "exact"}, "needs a target sparsity"),
     ({"gate": "hard_concrete", "mu_init": 0.3}, "mu_init belongs"),
     ({"gate": "gaussian", "drop_init": 0.3}, "drop_init belongs"),
     ({"sigma": 0.0}, "sigma must be"),
@@ -406,6 +562,9 @@ def test_rounding_penalty_matches_the_formula_and_pushes_gates_to_the_ends():
     ({"sigma_final": 0.0, "total_steps": 10}, "sigma_final must be"),
     ({"rounding": -1.0, "total_steps": 10}, "rounding must be"),
     ({"rounding": 1.0}, "rounding needs total_steps"),
+    ({"lift_rate": -1.0, "sparsity": 0.5}, "lift_rate must be"),
+    ({"lift_rate": 0.1}, "lift_rate needs a target sparsity"),
+    ({"lift_scope": "open", "sparsity": 0.5}, "lift_scope must be"),
 ])
 def test_bad_options_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
