@@ -33,6 +33,7 @@ import numpy as np
 
 from sparsejax._tree import path_str
 from sparsejax.masks import Prunable, default_prunable
+from sparsejax.patterns import Pattern, as_pattern, check_pattern, pattern_mask
 from sparsejax.topk import num_kept, topk_mask
 from sparsejax.validation import check_density, check_same_structure
 
@@ -287,6 +288,7 @@ def select_masks(
     *,
     prunable: Prunable = default_prunable,
     overrides: Mapping[str, float] | None = None,
+    pattern: str | Pattern = "unstructured",
 ) -> Any:
     """Score, then keep the top fraction: the masks that keep the largest ``scores``.
 
@@ -296,12 +298,34 @@ def select_masks(
     not prunable get all-``True`` masks. Works under ``jit`` (the split is computed from
     shapes alone).
 
+    ``pattern`` (:mod:`sparsejax.patterns`; default ``'unstructured'``, any entries)
+    restricts which sets of weights each prunable leaf may keep:
+
+    * ``'N:M'``: every prunable leaf keeps exactly ``N`` of every group of ``M``. The
+      pattern fixes the density, so ``density`` must be ``N / M`` (else ``ValueError``)
+      and ``distribution`` is ignored (every layer's density is ``N / M``, whatever the
+      distribution); ``overrides`` may only keep a leaf dense (density 1.0).
+    * ``'block:B'`` and ``'channel'``: each leaf keeps the density that ``distribution``
+      (and ``overrides``) give it, counted in whole blocks or output channels
+      (``num_kept(layer density, number of blocks or channels)``), ranked by the sum of
+      their scores. ``'global'`` ranks single weights and is refused with these patterns.
+
+    A prunable leaf whose shape cannot carry the pattern (a dimension not divisible by
+    ``M``, a block larger than the kernel, a rank-1 leaf) is a ``ValueError`` naming it.
+
     >>> import jax.numpy as jnp
     >>> s = {"w": jnp.array([[0.1, 0.9], [0.4, 0.2]]), "b": jnp.array([0.0, 1.0])}
     >>> select_masks(s, 0.5, "uniform")["w"]
     Array([[False,  True],
            [ True, False]], dtype=bool)
+    >>> select_masks({"w": jnp.arange(8.0).reshape(4, 2)}, 0.5, pattern="2:4")["w"].T
+    Array([[False, False,  True,  True],
+           [False, False,  True,  True]], dtype=bool)
     """
+    pattern = as_pattern(pattern)
+    if pattern.kind != "unstructured":
+        return _select_pattern_masks(scores, density, distribution, pattern, prunable,
+                                     overrides)
     counts = kept_counts(scores, density, distribution, prunable=prunable,
                          overrides=overrides)
     leaves, treedef = jax.tree_util.tree_flatten(scores)
@@ -313,4 +337,42 @@ def select_masks(
                            scope="global")
         for i, mask in zip(counts.shared, chosen, strict=True):
             masks[i] = mask
+    return jax.tree_util.tree_unflatten(treedef, masks)
+
+
+def _select_pattern_masks(scores: Any, density: float, distribution: str, pattern: Pattern,
+                          prunable: Prunable, overrides: Mapping[str, float] | None) -> Any:
+    """:func:`select_masks` with a structured ``pattern`` (see its docstring)."""
+    _check_distribution(distribution)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(scores)
+    leaves = [leaf for _, leaf in flat]
+    paths = [path_str(p) for p, _ in flat]
+    is_prunable = [bool(prunable(path, leaf)) for path, leaf in zip(paths, leaves, strict=True)]
+    fixed = _match_overrides(paths, is_prunable, overrides or {})
+    # Leaves an override keeps dense carry no pattern, so their shapes need not fit it.
+    dense = {paths[i] for i, d in fixed.items() if d == 1.0}
+    if pattern.kind == "nm":
+        partial = {paths[i]: d for i, d in fixed.items() if d != 1.0}
+        if partial:
+            raise ValueError(f"pattern {pattern} fixes every pruned leaf's density at "
+                             f"{pattern.fixed_density:g}; an override may only keep a leaf "
+                             f"dense (1.0), got {partial}")
+    check_pattern(pattern, scores, density,
+                  prunable=lambda path, leaf: path not in dense and prunable(path, leaf))
+    if pattern.kind == "nm":
+        if not any(p and i not in fixed for i, p in enumerate(is_prunable)):
+            raise ValueError(f"pattern {pattern}: no leaf of the params is left to prune")
+        masks = [pattern_mask(leaf, pattern) if p and i not in fixed
+                 else jnp.ones(np.shape(leaf), bool)
+                 for i, (leaf, p) in enumerate(zip(leaves, is_prunable, strict=True))]
+        return jax.tree_util.tree_unflatten(treedef, masks)
+    if distribution == "global":
+        raise ValueError(f"pattern {pattern} keeps whole blocks or channels per layer; "
+                         f"distribution 'global' ranks single weights across layers: choose "
+                         f"'uniform', 'erk' or 'erdos_renyi'")
+    counts = kept_counts(scores, density, distribution, prunable=prunable,
+                         overrides=overrides)
+    masks = [jnp.ones(np.shape(leaf), bool) if count is None or paths[i] in dense
+             else pattern_mask(leaf, pattern, count / max(math.prod(np.shape(leaf)), 1))
+             for i, (leaf, count) in enumerate(zip(leaves, counts.per_leaf, strict=True))]
     return jax.tree_util.tree_unflatten(treedef, masks)

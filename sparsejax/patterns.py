@@ -49,6 +49,9 @@ __all__ = [
     "check_pattern",
     "pattern_mask",
     "per_output_mask",
+    "nm_groups",
+    "nm_ungroup",
+    "nm_group_topk",
 ]
 
 PatternKind = Literal["unstructured", "nm", "block", "channel"]
@@ -238,7 +241,7 @@ def check_pattern(pattern: str | Pattern, params: Any, density: Any = None,
 
 
 def pattern_mask(scores: jax.Array, pattern: str | Pattern, density: Any = None, *,
-                 by_magnitude: bool = False) -> jax.Array:
+                 by_magnitude: bool = False, check_finite_scores: bool = True) -> jax.Array:
     """A boolean mask of ``scores``' shape that keeps the highest scores in ``pattern``.
 
     Exact counts: ``unstructured`` keeps ``num_kept(density, size)`` entries; ``N:M``
@@ -247,7 +250,8 @@ def pattern_mask(scores: jax.Array, pattern: str | Pattern, density: Any = None,
     ranked by the sum of their scores; ``channel`` keeps ``num_kept(density, channels)``
     output channels (last axis), ranked by the sum of their scores. Scores are
     importances, larger kept (e.g. ``|w|``); ``by_magnitude`` ranks ``|scores|`` instead.
-    Works under ``jit`` with ``pattern`` static.
+    Works under ``jit`` with ``pattern`` static. ``check_finite_scores=False`` skips the
+    NaN/inf check (a per-step top-k whose caller checked its scores, or knows them finite).
 
     >>> import jax.numpy as jnp
     >>> s = jnp.arange(16.0).reshape(4, 4)
@@ -265,8 +269,10 @@ def pattern_mask(scores: jax.Array, pattern: str | Pattern, density: Any = None,
     pattern.check_shape(shape, where="scores")
     scores = jnp.asarray(scores)
     if pattern.kind == "unstructured":
-        return topk_mask(scores, density, by_magnitude=by_magnitude)
-    check_finite(scores, "scores")
+        return topk_mask(scores, density, by_magnitude=by_magnitude,
+                         check_finite_scores=check_finite_scores)
+    if check_finite_scores:
+        check_finite(scores, "scores")
     if by_magnitude:
         scores = jnp.abs(scores)
     if pattern.kind == "nm":
@@ -318,3 +324,59 @@ def _topk_rows(rows: jax.Array, count: Any) -> jax.Array:
     # the caller checked the scores once for non-finite values
     return jax.vmap(lambda row: topk_mask(row, count=count, check_finite_scores=False))(rows)
 
+
+
+def nm_groups(x: jax.Array, pattern: str | Pattern) -> jax.Array:
+    """The groups of an N:M pattern as rows: ``x`` of a kernel's shape to an array of
+    shape ``(groups, M)`` (the axis moved last, then split into runs of ``M``);
+    :func:`nm_ungroup` is its inverse.
+
+    >>> import jax.numpy as jnp
+    >>> nm_groups(jnp.arange(8).reshape(4, 2), "2:4")  # each output's 4 inputs
+    Array([[0, 2, 4, 6],
+           [1, 3, 5, 7]], dtype=int32)
+    """
+    pattern = as_pattern(pattern)
+    if pattern.kind != "nm":
+        raise ValueError(f"nm_groups needs an N:M pattern, got {pattern}")
+    pattern.check_shape(np.shape(x), where="array")
+    return jnp.moveaxis(jnp.asarray(x), pattern.axis, -1).reshape(-1, pattern.m)
+
+
+def nm_ungroup(rows: jax.Array, pattern: str | Pattern, shape: tuple[int, ...]) -> jax.Array:
+    """The inverse of :func:`nm_groups`: rows ``(groups, M)`` back to ``shape``.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.arange(8).reshape(4, 2)
+    >>> bool(jnp.all(nm_ungroup(nm_groups(x, "2:4"), "2:4", x.shape) == x))
+    True
+    """
+    pattern = as_pattern(pattern)
+    shape = tuple(int(d) for d in shape)
+    moved = list(shape)
+    moved.append(moved.pop(pattern.axis % len(shape)))
+    return jnp.moveaxis(rows.reshape(moved), -1, pattern.axis)
+
+
+def nm_group_topk(scores: jax.Array, pattern: str | Pattern, counts: Any) -> jax.Array:
+    """Keep the ``counts[g]`` highest scores of every group ``g`` of an N:M pattern: a
+    boolean mask of ``scores``' shape. ``counts`` is one integer per group (shape
+    ``(groups,)``, in :func:`nm_groups` order; traced or not) or one for all; each group
+    runs the library's exact top-k (``topk_mask(row, count=...)``), so ties go to the
+    first entries along the axis. Scores are not checked for NaN or inf (``-inf`` is a
+    valid "never" score: the prune-and-regrow engine grows only where it is not).
+
+    >>> import jax.numpy as jnp
+    >>> s = jnp.array([[4.0, 1.0], [3.0, 2.0], [1.0, 5.0], [2.0, 6.0]])
+    >>> nm_group_topk(s, "2:4", jnp.array([1, 3])).astype(int).T
+    Array([[1, 0, 0, 0],
+           [0, 1, 1, 1]], dtype=int32)
+    """
+    pattern = as_pattern(pattern)
+    rows = nm_groups(scores, pattern)
+    if rows.shape[0] == 0:
+        return jnp.zeros(np.shape(scores), bool)
+    counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (rows.shape[0],))
+    kept = jax.vmap(lambda row, k: topk_mask(row, count=k, check_finite_scores=False))(
+        rows, counts)
+    return nm_ungroup(kept, pattern, np.shape(scores))

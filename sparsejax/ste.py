@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sparsejax.patterns import Pattern, as_pattern, pattern_mask
 from sparsejax.topk import Scope, topk_mask
 from sparsejax.validation import check_same_structure
 
-__all__ = ["supermask", "supermask_product", "ste_mask"]
+__all__ = ["supermask", "supermask_product", "ste_mask", "pattern_masks"]
 
 
 @jax.custom_vjp
@@ -58,6 +59,7 @@ def supermask(
     *,
     scope: Scope = "layer",
     check_finite_scores: bool = True,
+    pattern: str | Pattern = "unstructured",
 ) -> Any:
     """Edge-Popup's supermask: keep the weights whose ``|score|`` is in the top ``density``.
 
@@ -72,6 +74,11 @@ def supermask(
       density: fraction kept; one number or, with ``scope='layer'``, a tree of numbers.
       scope: ``'layer'`` (per leaf top-k, the paper's default) or ``'global'``.
       check_finite_scores: see :func:`sparsejax.topk_mask`.
+      pattern: the sparsity pattern of the mask (:mod:`sparsejax.patterns`):
+        ``'unstructured'`` (default, the top-k above), ``'N:M'`` (the top ``N`` of
+        ``|scores|`` in every group of ``M``; ``density`` may be ``None`` or must be
+        ``N / M``), ``'block:B'`` or ``'channel'``; per leaf (``scope='layer'``) only. The
+        backward pass is the same straight-through estimate.
 
     >>> import jax, jax.numpy as jnp
     >>> w = jnp.array([1.0, 2.0, 3.0, 4.0])
@@ -82,9 +89,41 @@ def supermask(
     Array([ 1., -2.,  3.,  4.], dtype=float32)
     """
     check_same_structure(w, scores, reference_name="weights", other_name="scores")
+    pattern = as_pattern(pattern)
+    if pattern.kind != "unstructured":
+        masks = pattern_masks(jax.tree_util.tree_map(lax.stop_gradient, scores), pattern,
+                              density, scope=scope, check_finite_scores=check_finite_scores)
+        return jax.tree_util.tree_map(supermask_product, w, scores, masks)
     masks = topk_mask(jax.tree_util.tree_map(lax.stop_gradient, scores), density, scope=scope,
                       check_finite_scores=check_finite_scores, by_magnitude=True)
     return jax.tree_util.tree_map(supermask_product, w, scores, masks)
+
+
+def pattern_masks(scores: Any, pattern: str | Pattern, density: Any, *,
+                  scope: Scope = "layer", check_finite_scores: bool = True) -> Any:
+    """The masks of the straight-through top-k with a pattern: per leaf of ``scores``,
+    :func:`sparsejax.patterns.pattern_mask` of ``|scores|`` (``density`` one number, or a
+    tree of them with the scores' structure; ``None`` for an N:M pattern).
+
+    >>> import jax.numpy as jnp
+    >>> pattern_masks({"w": jnp.array([[0.1], [-0.9], [0.5], [0.2]])}, "2:4", None)["w"].ravel()
+    Array([False,  True,  True, False], dtype=bool)
+    """
+    pattern = as_pattern(pattern)
+    if scope != "layer":
+        raise ValueError(f"pattern {pattern} chooses a mask per leaf; it needs "
+                         f"scope='layer', got scope={scope!r}")
+    leaves, treedef = jax.tree_util.tree_flatten(scores)
+    if density is None or jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(density)):
+        densities = [density] * len(leaves)
+    else:
+        check_same_structure(scores, density, reference_name="scores",
+                             other_name="densities", check_shapes=False)
+        densities = jax.tree_util.tree_leaves(density)
+    masks = [pattern_mask(leaf, pattern, d, by_magnitude=True,
+                          check_finite_scores=check_finite_scores)
+             for leaf, d in zip(leaves, densities, strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, masks)
 
 
 @jax.custom_vjp

@@ -32,6 +32,16 @@ SNFS   ``|w|``               ``|momentum|``        by mean momentum / ceil(p * a
 
 Static sparse training is :func:`sparsejax.static`; the dynamic methods start from its
 random mask.
+
+Sparsity patterns (``pattern``, :mod:`sparsejax.patterns`): with ``'N:M'`` the start mask
+keeps exactly ``N`` of every group of ``M`` in each prunable leaf (the pattern fixes the
+density at ``N / M``, so ``sparsity`` must be ``1 - N / M``; the distribution is moot),
+and every update keeps it so: the drop is the same leaf-wide choice of the ``n_drop``
+lowest drop scores among the active weights, and each group then grows back exactly as
+many as it lost, the highest grow scores among its own inactive weights
+(:func:`sparsejax.patterns.nm_group_topk`). Regrowth therefore stays in the leaf and the
+group: SNFS's redistribution among leaves does not apply under N:M. Block and channel
+patterns are not supported by this engine (a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -55,8 +65,13 @@ from sparsejax.methods.base import (
     select,
     step_key,
 )
-from sparsejax.methods.fixed import masked_optimizer, masked_weights_method, static
+from sparsejax.methods.fixed import (
+    masked_optimizer,
+    masked_weights_method,
+    static,
+)
 from sparsejax.methods.registry import register_method
+from sparsejax.patterns import Pattern, as_pattern, nm_group_topk, nm_groups
 from sparsejax.schedules import Schedule, constant, cosine_drop_fraction, is_update_step
 from sparsejax.topk import topk_mask
 from sparsejax.transforms import zero_masked
@@ -67,6 +82,7 @@ __all__ = [
     "RegrowRules",
     "prune_and_regrow",
     "regrow_masks",
+    "regrow_masks_nm",
     "reset_slots",
     "magnitude_drop",
     "noisy_magnitude_drop",
@@ -239,12 +255,17 @@ def _topk_count(scores: jax.Array, count: jax.Array) -> jax.Array:
     return topk_mask(scores, count=count, check_finite_scores=False)
 
 
-def regrow_masks(rules: RegrowRules, signals: Signals,
-                 fraction: jax.Array) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
+                 pattern: Pattern | None = None,
+                 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
     """One prune-and-regrow decision on the prunable leaves.
 
     Returns ``(new_masks, n_drop, n_grow)``. Nothing grows onto a weight that stays
     active, so ``sum(new) == sum(old) - n_drop + n_grow`` per leaf.
+
+    With an N:M ``pattern`` (masks that hold exactly ``N`` per group) the new masks do
+    too: see :func:`regrow_masks_nm`. ``None`` or ``'unstructured'``: the rules as they
+    are.
 
     >>> import jax, jax.numpy as jnp
     >>> s = Signals(params=[jnp.array([0.5, 0.1, 0.0, 0.0, 0.3])],
@@ -256,6 +277,12 @@ def regrow_masks(rules: RegrowRules, signals: Signals,
     >>> masks[0], int(n_drop[0]), int(n_grow[0])
     (Array([ True, False,  True, False,  True], dtype=bool), 1, 1)
     """
+    if pattern is not None:
+        pattern = as_pattern(pattern)
+        if pattern.kind == "nm":
+            return regrow_masks_nm(rules, signals, fraction, pattern)
+        if pattern.kind != "unstructured":
+            raise ValueError(_NO_BLOCK_REGROWTH.format(pattern=pattern))
     sizes = jnp.array([m.size for m in signals.masks], jnp.int32)
     n_active = jnp.stack([jnp.sum(m, dtype=jnp.int32) for m in signals.masks])
     n_drop = jnp.minimum(rules.drop_counts(fraction, n_active), n_active)
@@ -268,6 +295,60 @@ def regrow_masks(rules: RegrowRules, signals: Signals,
     new_masks = [k | _topk_count(jnp.where(k, -jnp.inf, g), n_grow[i])
                  for i, (k, g) in enumerate(zip(kept, grow_scores, strict=True))]
     return new_masks, n_drop, n_grow
+
+
+_NO_BLOCK_REGROWTH = ("prune-and-regrow keeps unstructured and N:M patterns; regrowth of "
+                      "pattern {pattern} (whole blocks or channels) is not implemented")
+
+
+def regrow_masks_nm(rules: RegrowRules, signals: Signals, fraction: jax.Array,
+                    pattern: Pattern) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """:func:`regrow_masks` under an N:M ``pattern``: every group that holds ``N`` active
+    weights before the update holds ``N`` after it.
+
+    The drop is that of the unstructured engine: ``n_drop = drop_counts(fraction,
+    n_active)`` per leaf, the active weights with the lowest drop scores (one exact top-k
+    per leaf). A group that lost ``d`` weights then grows ``d``: the highest grow scores
+    among its inactive weights after the drop (one exact top-k per group, ties to the
+    first along the axis), which may regrow a weight dropped in this update, as in the
+    unstructured engine. So ``n_grow == n_drop`` per leaf, and ``rules.redistribute`` is
+    not used (under N:M a leaf's density is fixed at ``N / M``).
+
+    >>> import jax, jax.numpy as jnp
+    >>> s = Signals(params=[jnp.array([[0.5], [0.1], [0.0], [0.0]])],
+    ...             masks=[jnp.array([[True], [True], [False], [False]])],
+    ...             grads=[jnp.array([[0.0], [0.0], [0.2], [0.9]])], momentum=None,
+    ...             key=jax.random.PRNGKey(0))
+    >>> rules = RegrowRules(magnitude_drop, gradient_grow, round_fraction, same_leaf)
+    >>> masks, n_drop, n_grow = regrow_masks(rules, s, jnp.float32(0.5), as_pattern("2:4"))
+    >>> masks[0].ravel(), int(n_drop[0]), int(n_grow[0])
+    (Array([ True, False, False,  True], dtype=bool), 1, 1)
+    """
+    n_active = jnp.stack([jnp.sum(m, dtype=jnp.int32) for m in signals.masks])
+    # a leaf whose shape cannot carry the pattern is one an override keeps dense: it
+    # drops and grows nothing
+    fits = jnp.array([_fits(pattern, m.shape) for m in signals.masks])
+    n_drop = jnp.where(fits, jnp.minimum(rules.drop_counts(fraction, n_active), n_active), 0)
+    drop_scores = rules.drop_scores(signals)
+    kept = [_topk_count(jnp.where(m, s, -jnp.inf), n_active[i] - n_drop[i])
+            for i, (m, s) in enumerate(zip(signals.masks, drop_scores, strict=True))]
+    grow_scores = rules.grow_scores(signals)
+    new_masks = []
+    for m, k, g in zip(signals.masks, kept, grow_scores, strict=True):
+        if not _fits(pattern, m.shape):
+            new_masks.append(m)
+            continue
+        lost = jnp.sum(nm_groups(m & ~k, pattern), axis=1, dtype=jnp.int32)
+        new_masks.append(k | nm_group_topk(jnp.where(k, -jnp.inf, g), pattern, lost))
+    return new_masks, n_drop, n_drop
+
+
+def _fits(pattern: Pattern, shape: tuple[int, ...]) -> bool:
+    try:
+        pattern.check_shape(shape)
+    except ValueError:
+        return False
+    return True
 
 
 def reset_slots(optimizer: optax.GradientTransformation, opt_state: optax.OptState,
@@ -311,6 +392,7 @@ def prune_and_regrow(
     prunable: Prunable = default_prunable,
     overrides: Mapping[str, float] | None = None,
     name: str = "prune_and_regrow",
+    pattern: str | Pattern = "unstructured",
 ) -> Method:
     """The dynamic-sparse-training engine: a fixed budget of active weights, moved every
     ``update_every`` steps by ``rules``.
@@ -330,6 +412,10 @@ def prune_and_regrow(
         ``state.extra['grad_momentum']`` for the rules (SNFS).
       prunable, overrides: which leaves are sparse, as in :func:`sparsejax.static`.
       name: the method's name.
+      pattern: ``'unstructured'`` (default) or ``'N:M'``: every group of ``M`` keeps
+        exactly ``N`` from init to the end (see the module docstring); ``sparsity`` must
+        then be ``1 - N / M``. A prunable leaf that cannot carry the pattern is an error
+        at ``init``, naming it.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> rules = RegrowRules(magnitude_drop, random_grow, round_fraction, same_leaf)
@@ -346,8 +432,14 @@ def prune_and_regrow(
         raise ValueError(f"end_step must be >= 1, got {end_step}")
     if momentum is not None and not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum (moving-average factor) must lie in [0, 1), got {momentum}")
+    pattern = as_pattern(pattern)
+    if pattern.kind not in ("unstructured", "nm"):
+        raise ValueError(f"{name}: " + _NO_BLOCK_REGROWTH.format(pattern=pattern))
     chained = masked_optimizer(optimizer)
-    start = static(optimizer, sparsity, distribution, prunable=prunable, overrides=overrides)
+    # the random start mask: static's; with an N:M pattern, checked and named as this method
+    start = static(optimizer, sparsity, distribution, prunable=prunable, overrides=overrides,
+                   **({} if pattern.kind == "unstructured" else {"pattern": pattern,
+                                                               "name": name}))
 
     def init(params: Any, rng: jax.Array, model_state: Any = None,
              context: InitContext | None = None) -> SparseState:
@@ -375,7 +467,8 @@ def prune_and_regrow(
             momentum=None if flat_momentum is None else [flat_momentum[i] for i in chosen],
             key=step_key(state, 0x44535421),
         )
-        new_masks, _, _ = regrow_masks(rules, signals, drop_fraction(state.step + 1))
+        new_masks, _, _ = regrow_masks(rules, signals, drop_fraction(state.step + 1),
+                                       None if pattern.kind == "unstructured" else pattern)
         masks = list(flat_masks)
         for i, mask in zip(chosen, new_masks, strict=True):
             masks[i] = mask
@@ -456,13 +549,15 @@ def sparse_evolutionary(
     total_steps: int | None = None,
     prunable: Prunable = default_prunable,
     overrides: Mapping[str, float] | None = None,
+    pattern: str = "unstructured",
 ) -> Method:
     """SET (Mocanu et al. 2018): every epoch drop ``drop_fraction`` of each leaf's active
     weights with the smallest ``|w|`` and regrow as many uniformly at random among the
     inactive ones, at zero. Erdos-Renyi layer densities by default.
 
     ``update_every`` defaults to ``batches_per_epoch``; ``end_step`` to ``total_steps``
-    (no update after the last step), else never.
+    (no update after the last step), else never. ``pattern='N:M'`` keeps exactly ``N`` of
+    every ``M`` throughout (see :func:`regrow_masks_nm`).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> m = sparse_evolutionary(optax.sgd(0.1), sparsity=0.75, update_every=1)
@@ -480,7 +575,7 @@ def sparse_evolutionary(
     return prune_and_regrow(optimizer, rules, sparsity=sparsity, distribution=distribution,
                             update_every=interval, drop_fraction=constant(drop_fraction),
                             end_step=end_step, prunable=prunable, overrides=overrides,
-                            name="set")
+                            name="set", pattern=pattern)
 
 
 def rigl(
@@ -496,6 +591,7 @@ def rigl(
     tie_noise: float = 1e-6,
     prunable: Prunable = default_prunable,
     overrides: Mapping[str, float] | None = None,
+    pattern: str = "unstructured",
 ) -> Method:
     """RigL (Evci et al. 2020): every ``update_every`` steps until ``end_step`` drop
     ``f_t = drop_fraction / 2 * (1 + cos(pi t / end_step))`` of each leaf's active weights
@@ -505,6 +601,8 @@ def rigl(
 
     ``end_step`` defaults to 75% of ``total_steps``; one of the two is required. By
     default the optimizer step is skipped on update steps, as in RigL's code.
+    ``pattern='N:M'`` keeps exactly ``N`` of every ``M`` throughout (each group regrows,
+    by gradient, what it lost; see :func:`regrow_masks_nm`).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> m = rigl(optax.sgd(0.1), sparsity=0.75, update_every=1, end_step=10)
@@ -529,7 +627,8 @@ def rigl(
                             update_every=update_every,
                             drop_fraction=cosine_drop_fraction(drop_fraction, end_step),
                             end_step=end_step, skip_optimizer_on_update=skip_optimizer_on_update,
-                            prunable=prunable, overrides=overrides, name="rigl")
+                            prunable=prunable, overrides=overrides, name="rigl",
+                            pattern=pattern)
 
 
 def snfs(
@@ -546,6 +645,7 @@ def snfs(
     total_steps: int | None = None,
     prunable: Prunable = default_prunable,
     overrides: Mapping[str, float] | None = None,
+    pattern: str = "unstructured",
 ) -> Method:
     """SNFS, sparse momentum (Dettmers & Zettlemoyer 2019): every epoch prune
     ``ceil(p * active)`` smallest-``|w|`` weights of each leaf, with ``p`` cosine-annealed
@@ -558,6 +658,9 @@ def snfs(
     ``state.extra['grad_momentum']`` (factor ``momentum``), not the optimizer's own
     trace: the optimizer only sees masked gradients (so inactive weights accumulate no
     slots) and need not have momentum at all (Adam works the same).
+
+    With ``pattern='N:M'`` each group regrows, by momentum, what it lost, so the
+    redistribution among leaves does not apply (every leaf keeps density ``N / M``).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> m = snfs(optax.sgd(0.1), sparsity=0.75, update_every=1, total_steps=10)
@@ -588,7 +691,7 @@ def snfs(
     return prune_and_regrow(optimizer, rules, sparsity=sparsity, distribution=distribution,
                             update_every=interval, drop_fraction=rate, end_step=end_step,
                             momentum=momentum, prunable=prunable, overrides=overrides,
-                            name="snfs")
+                            name="snfs", pattern=pattern)
 
 
 register_method("set", sparse_evolutionary)

@@ -21,6 +21,7 @@ from sparsejax.methods.base import (
     apply_optimizer,
     params_as_they_are,
 )
+from sparsejax.patterns import Pattern, as_pattern, pattern_density
 from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
 from sparsejax.validation import check_same_structure, check_sparsity
 
@@ -61,14 +62,21 @@ def masked_weights_method(name: str, init: Any, update: Any,
 
 
 def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
-               name: str = "fixed_mask") -> Method:
+               name: str = "fixed_mask", *, fresh_init: bool = False) -> Method:
     """Train the weights under masks from ``make_masks(params, rng, model_state, context)``,
     fixed for good.
 
     Pruned weights are zeroed at init and stay exactly zero (:func:`masked_optimizer`);
     since ``state.params`` is zero wherever the mask is, the forward pass uses it as it
     is, with no masking pass per step.
+
+    With ``fresh_init`` the masks are chosen on the ``params`` given to ``init`` and an
+    independent draw, ``context.init_params(key)`` (see
+    :class:`~sparsejax.methods.base.InitContext`), is trained under them: the protocol of
+    the SNIP reference code. The draw's key is ``fold_in(rng, ...)`` of the method's key.
     """
+    if not isinstance(fresh_init, bool):
+        raise TypeError(f"fresh_init must be true or false, got {fresh_init!r}")
     chained = masked_optimizer(optimizer)
 
     def init(params: Any, rng: jax.Array, model_state: Any = None,
@@ -76,6 +84,14 @@ def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
         model_state = {} if model_state is None else model_state
         masks = make_masks(params, jax.random.fold_in(rng, 0x6D61736B), model_state, context)
         check_same_structure(params, masks)
+        if fresh_init:
+            if context is None or context.init_params is None:
+                raise ValueError(f"{name} with fresh_init=True trains a second, independent "
+                                 "init: call init with context=InitContext(..., "
+                                 "init_params=key -> params) (sparsejax train passes it)")
+            fresh = context.init_params(jax.random.fold_in(rng, 0x66726573))
+            check_same_structure(params, fresh)
+            params = fresh
         params = zero_masked(params, masks)
         return SparseState.create(params=params, masks=masks, rng=rng,
                                   opt_state=chained.init(params), model_state=model_state)
@@ -108,10 +124,17 @@ def static(
     sparsity: float,
     distribution: str = "erk",
     *,
+    pattern: str | Pattern = "unstructured",
     prunable: Prunable = default_prunable,
     overrides: Mapping[str, float] | None = None,
+    name: str = "static",
 ) -> Method:
     """Static sparse training: a random mask with the given distribution, never changed.
+
+    ``pattern`` (:mod:`sparsejax.patterns`, e.g. ``"2:4"``) constrains which weights the
+    mask may keep; an N:M pattern fixes the density at N/M, so ``sparsity`` must be
+    ``1 - N/M``. ``name`` labels the method (and its errors): the dynamic methods start
+    from this mask under their own name.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> method = static(optax.sgd(0.1), sparsity=0.75, distribution="uniform")
@@ -120,11 +143,27 @@ def static(
     (4, 4.0)
     """
     check_sparsity(sparsity)
+    pattern = as_pattern(pattern)
+    if pattern.kind == "unstructured":
+        def make_masks(params: Any, rng: jax.Array, model_state: Any,
+                       context: InitContext | None) -> Any:
+            del model_state, context
+            return select_masks(random_scores(params, rng), 1.0 - sparsity, distribution,
+                                prunable=prunable, overrides=overrides)
 
-    def make_masks(params: Any, rng: jax.Array, model_state: Any,
-                   context: InitContext | None) -> Any:
+        return fixed_mask(optimizer, make_masks, name=name)
+    try:
+        pattern_density(pattern, 1.0 - sparsity)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+    def make_pattern_masks(params: Any, rng: jax.Array, model_state: Any,
+                           context: InitContext | None) -> Any:
         del model_state, context
-        return select_masks(random_scores(params, rng), 1.0 - sparsity, distribution,
-                            prunable=prunable, overrides=overrides)
+        try:  # select_masks checks every patterned leaf's shape, naming the misfits
+            return select_masks(random_scores(params, rng), 1.0 - sparsity, distribution,
+                                prunable=prunable, overrides=overrides, pattern=pattern)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
 
-    return fixed_mask(optimizer, make_masks, name="static")
+    return fixed_mask(optimizer, make_pattern_masks, name=name)

@@ -41,6 +41,7 @@ from sparsejax.methods.fixed import (
     random_scores,
 )
 from sparsejax.methods.registry import register_method
+from sparsejax.patterns import Pattern, as_pattern, pattern_density
 from sparsejax.schedules import cubic_sparsity
 from sparsejax.topk import topk_mask
 from sparsejax.transforms import zero_masked
@@ -54,6 +55,7 @@ __all__ = [
     "synflow_scores",
     "synflow_masks",
     "exclude_pruned",
+    "with_biases",
     "masks_for_densities",
     "magnitude",
     "gradual_magnitude",
@@ -337,8 +339,19 @@ def _synflow_rounds(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
 def _one_shot(optimizer: optax.GradientTransformation, name: str, sparsity: float,
               distribution: str, score: Callable[[PyTree, jax.Array, PyTree, Any], PyTree], *,
               prunable: Prunable, overrides: Mapping[str, float] | None,
-              invert: bool = False) -> Method:
+              invert: bool = False, fresh_init: bool = False,
+              pattern: str | Pattern = "unstructured") -> Method:
+    """Score once at init, keep the top ``1 - sparsity`` by ``distribution`` (and, with a
+    ``pattern``, within its groups: :func:`sparsejax.select_masks`), train the survivors."""
     check_sparsity(sparsity)
+    pattern = as_pattern(pattern)
+    if pattern.kind != "unstructured":
+        try:
+            pattern_density(pattern, 1.0 - sparsity)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+    # unstructured: select_masks exactly as before the pattern option existed
+    select = {} if pattern.kind == "unstructured" else {"pattern": pattern}
 
     def make_masks(params: PyTree, rng: jax.Array, model_state: PyTree,
                    context: InitContext | None) -> PyTree:
@@ -346,9 +359,24 @@ def _one_shot(optimizer: optax.GradientTransformation, name: str, sparsity: floa
         if invert:
             scores = jax.tree_util.tree_map(jnp.negative, scores)
         return select_masks(scores, 1.0 - sparsity, distribution, prunable=prunable,
-                            overrides=overrides)
+                            overrides=overrides, **select)
 
-    return fixed_mask(optimizer, make_masks, name)
+    return fixed_mask(optimizer, make_masks, name, fresh_init=fresh_init)
+
+
+def with_biases(prunable: Prunable = default_prunable) -> Prunable:
+    """``prunable`` that also takes every leaf named ``bias``: the biases then compete in
+    the selection with the kernels, as in the SNIP reference code.
+
+    >>> import jax.numpy as jnp
+    >>> with_biases()("fc1/bias", jnp.zeros(3)), with_biases()("BatchNorm_0/scale", jnp.ones(3))
+    (True, False)
+    """
+
+    def chosen(path: str, leaf: Any) -> bool:
+        return path.rsplit("/", 1)[-1] == "bias" or bool(prunable(path, leaf))
+
+    return chosen
 
 
 def _needs_context(context: InitContext | None, name: str) -> InitContext:
@@ -430,11 +458,12 @@ def scheduled_magnitude(
 
 def magnitude(
     optimizer: optax.GradientTransformation, *, sparsity: float, distribution: str = "global",
-    prune_step: int = 0, prunable: Prunable = default_prunable,
-    overrides: Mapping[str, float] | None = None,
+    prune_step: int = 0, pattern: str | Pattern = "unstructured",
+    prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
 ) -> Method:
     """One-shot magnitude pruning: keep the largest ``|w|`` at init (``prune_step=0``) or
-    after ``prune_step`` steps of dense training, then train the survivors.
+    after ``prune_step`` steps of dense training, then train the survivors. ``pattern``
+    (e.g. ``"2:4"``, :mod:`sparsejax.patterns`) applies to pruning at init only.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> m = magnitude(optax.sgd(0.1), sparsity=0.5)
@@ -446,11 +475,14 @@ def magnitude(
     if prune_step < 0:
         raise ValueError(f"prune_step must be >= 0, got {prune_step}")
     if prune_step:
+        if as_pattern(pattern).kind != "unstructured":
+            raise ValueError(f"magnitude: pattern {pattern} is implemented for pruning at "
+                             f"init (prune_step=0), not after {prune_step} steps")
         return scheduled_magnitude(optimizer, [prune_step], [sparsity], distribution,
                                    prunable=prunable, overrides=overrides, name="magnitude")
     return _one_shot(optimizer, "magnitude", sparsity, distribution,
                      lambda params, rng, state, context: magnitude_scores(params),
-                     prunable=prunable, overrides=overrides)
+                     prunable=prunable, overrides=overrides, pattern=pattern)
 
 
 def gradual_magnitude(
@@ -494,6 +526,7 @@ def gradual_magnitude(
 
 def random_prune(
     optimizer: optax.GradientTransformation, *, sparsity: float, distribution: str = "global",
+    pattern: str | Pattern = "unstructured",
     prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
 ) -> Method:
     """Random pruning at init (uniform random scores), then training the survivors.
@@ -505,15 +538,27 @@ def random_prune(
     """
     return _one_shot(optimizer, "random_prune", sparsity, distribution,
                      lambda params, rng, state, context: random_scores(params, rng),
-                     prunable=prunable, overrides=overrides)
+                     prunable=prunable, overrides=overrides, pattern=pattern)
 
 
 def snip(
     optimizer: optax.GradientTransformation, *, sparsity: float, distribution: str = "global",
+    prune_biases: bool = False, fresh_init: bool = False, pattern: str | Pattern = "unstructured",
     prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
 ) -> Method:
     """SNIP: keep the largest connection sensitivities ``|g * w|`` at init (scored on the
     batches of the :class:`~sparsejax.InitContext`), then train the survivors.
+
+    Two options give the protocol of the SNIP reference code (namhoonlee/snip-public):
+
+    * ``prune_biases``: the biases enter the global selection with the kernels, scored
+      ``|g * w|`` like them, which is 0 at the zero bias init, so every bias is pruned.
+      The kept count is taken over kernels and biases, ``num_kept(1 - sparsity, K + B)``,
+      and all of it goes to kernels: the kernels keep slightly more than ``1 - sparsity``
+      of theirs. Needs ``distribution="global"`` (a per-layer quota would keep biases).
+    * ``fresh_init``: the mask is scored on the init given to ``init`` and a second,
+      independent init (``context.init_params``, which ``sparsejax train`` passes) is
+      trained under it.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> from sparsejax.methods.base import InitContext
@@ -526,18 +571,29 @@ def snip(
            [False, False]], dtype=bool)
     """
 
+    for option, value in (("prune_biases", prune_biases), ("fresh_init", fresh_init)):
+        if not isinstance(value, bool):
+            raise TypeError(f"snip option {option} must be true or false, got {value!r}")
+    if prune_biases:
+        if distribution != "global":
+            raise ValueError(f"snip prune_biases=True puts the biases in the reference code's "
+                             f"global selection; it needs distribution 'global', got "
+                             f"{distribution!r}")
+        prunable = with_biases(prunable)
+
     def score(params: PyTree, rng: jax.Array, model_state: PyTree,
               context: InitContext | None) -> PyTree:
         ctx = _needs_context(context, "snip")
         return snip_scores(ctx.loss_fn, params, model_state, ctx.batches, prunable=prunable)
 
     return _one_shot(optimizer, "snip", sparsity, distribution, score, prunable=prunable,
-                     overrides=overrides)
+                     overrides=overrides, fresh_init=fresh_init, pattern=pattern)
 
 
 def grasp(
     optimizer: optax.GradientTransformation, *, sparsity: float, distribution: str = "global",
     temperature: float = 200.0, samples_per_class: int = 10, apply_fn: ApplyFn | None = None,
+    pattern: str | Pattern = "unstructured",
     prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
 ) -> Method:
     """GraSP: remove the weights with the largest ``-w * H g`` (keep the smallest) at init,
@@ -562,7 +618,7 @@ def grasp(
                             temperature=temperature, samples_per_class=samples_per_class)
 
     return _one_shot(optimizer, "grasp", sparsity, distribution, score, prunable=prunable,
-                     overrides=overrides, invert=True)
+                     overrides=overrides, invert=True, pattern=pattern)
 
 
 def synflow(

@@ -63,7 +63,8 @@ from sparsejax.masks import Prunable, default_prunable, prunable_except
 from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer
 from sparsejax.methods.outside import OutsideLoop, register_outside_loop
 from sparsejax.methods.registry import register_method
-from sparsejax.ste import supermask, supermask_product
+from sparsejax.patterns import Pattern, as_pattern, check_pattern, pattern_density
+from sparsejax.ste import pattern_masks, supermask, supermask_product
 from sparsejax.topk import Scope, topk_mask_tracked
 from sparsejax.validation import check_sparsity
 
@@ -262,6 +263,7 @@ def binarized_supermask(
     *,
     scope: Scope = "layer",
     check_finite_scores: bool = True,
+    pattern: str | Pattern = "unstructured",
 ) -> PyTree:
     """The binarized supermask of multi-prize tickets: forward ``sign(w) * alpha * mask``
     (see :func:`binarize`) with the mask of :func:`sparsejax.supermask`; backward the
@@ -277,7 +279,8 @@ def binarized_supermask(
     >>> jax.grad(lambda s: binarized_supermask(w, s, 0.5).sum())(s)
     Array([1., 3., 2., 4.], dtype=float32)
     """
-    masked = supermask(w, scores, density, scope=scope, check_finite_scores=check_finite_scores)
+    masked = supermask(w, scores, density, scope=scope, check_finite_scores=check_finite_scores,
+                       pattern=pattern)
     return jax.tree_util.tree_map(lambda u: _straight_through(_binarize_kept(u), u), masked)
 
 
@@ -305,6 +308,7 @@ def score_supermask(
     ramp_steps: int = 0,
     prunable: Prunable | None = None,
     dense_layers: Sequence[str] | str = (),
+    pattern: str | Pattern = "unstructured",
 ) -> Method:
     """The engine behind :func:`edge_popup`, :func:`biprop` and :func:`supermask_weights`:
     trainable scores that choose a top-``density`` subnetwork of the weights.
@@ -325,6 +329,12 @@ def score_supermask(
         at ``ramp_steps`` (each leaf's sparsity grows linearly).
       prunable: which leaves get scores (default: every kernel).
       dense_layers: regular expressions of paths kept dense, e.g. ``('^head/',)``.
+      pattern: the sparsity pattern of every step's top-k (:mod:`sparsejax.patterns`):
+        ``'unstructured'`` (default), ``'N:M'`` (the top ``N`` of ``|scores|`` in every
+        group of ``M``; ``sparsity`` must be ``1 - N / M`` and ``distribution`` is moot),
+        ``'block:B'`` or ``'channel'`` (each leaf's density from ``distribution``).
+        Structured patterns need ``scope='layer'`` and no ``ramp_steps``; a prunable leaf
+        that cannot carry the pattern is an error at ``init``, naming it.
     """
     check_sparsity(sparsity)
     _check_choice("weight_init", weight_init, WEIGHT_INITS)
@@ -341,13 +351,26 @@ def score_supermask(
     ramp_steps = int(ramp_steps)
     is_prunable = _resolve_prunable(prunable, dense_layers)
     target = 1.0 - float(sparsity)
+    pattern = as_pattern(pattern)
+    patterned = pattern.kind != "unstructured"
+    if patterned:
+        if scope == "global":
+            raise ValueError(f"{name}: pattern {pattern} chooses a mask per leaf; it cannot "
+                             f"be combined with scope='global' (or distribution 'global')")
+        if ramp_steps:
+            raise ValueError(f"{name}: pattern {pattern} is not supported with a density "
+                             f"ramp (ramp_steps/ramp_epochs); use ramp 0")
+        try:
+            pattern_density(pattern, target)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
 
     def target_densities(params: PyTree) -> dict[str, float]:
         """Target density per prunable path (Python floats, from shapes only)."""
         paths = _prunable_paths(params, is_prunable)
         if not paths:
             raise ValueError(f"{name}: the prunable filter selects no leaf of the params")
-        if scope == "global" or distribution == "uniform":
+        if scope == "global" or distribution == "uniform" or pattern.kind == "nm":
             return {p: target for p in paths}
         tree = layer_densities(params, target, distribution, prunable=is_prunable)
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -376,6 +399,16 @@ def score_supermask(
         """The top-k masks of ``scores`` and the cuts that start the next step's search
         (scores move little per step, so the search starts next to the last cut)."""
         density = densities_at(target_densities(params), step)
+        if patterned:
+            # One exact top-k per group (N:M), or of the block or channel sums, per leaf;
+            # no cuts to track: they keep their shape (one row per leaf), unused.
+            chosen = pattern_masks(scores, pattern, density, check_finite_scores=False)
+            if cuts is None:
+                cuts = jnp.zeros((len(scores), 2), jnp.float32)
+            masks = jax.tree_util.tree_map_with_path(
+                lambda p, leaf: chosen.get(path_str(p), jnp.ones(jnp.shape(leaf), bool)),
+                params)
+            return masks, cuts
         chosen, cuts = topk_mask_tracked(scores, density, cuts, scope=scope,
                                          check_finite_scores=False, by_magnitude=True)
         masks = jax.tree_util.tree_map_with_path(
@@ -395,6 +428,11 @@ def score_supermask(
     def init(params: PyTree, rng: jax.Array, model_state: PyTree = None,
              context: InitContext | None = None) -> SparseState:
         del context
+        if patterned:
+            try:
+                check_pattern(pattern, params, prunable=is_prunable)
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
         targets = target_densities(params)
         leaf_density = jax.tree_util.tree_map_with_path(
             lambda p, _: targets.get(path_str(p), 1.0), params)
@@ -474,11 +512,13 @@ def edge_popup(
     fan_mode: FanMode = "fan_in",
     prunable: Prunable | None = None,
     dense_layers: Sequence[str] | str = (),
+    pattern: str = "unstructured",
 ) -> Method:
     """Edge-Popup: train scores over frozen random weights; evaluate the hard top-k mask.
 
     ``--method edge_popup --sparsity 0.5 --method-option weight_init=kaiming_normal``;
-    options as in :func:`score_supermask`. Weights are drawn at init (default: signed
+    options as in :func:`score_supermask` (``--method-option pattern=2:4``: the top 2 of
+    every 4 scores, every step). Weights are drawn at init (default: signed
     Kaiming constant, the paper's best) and never change.
 
     >>> import jax, jax.numpy as jnp, optax
@@ -489,7 +529,8 @@ def edge_popup(
     """
     return score_supermask(optimizer, sparsity=sparsity, name="edge_popup",
                            weight_init=weight_init, scope=scope, distribution=distribution,
-                           fan_mode=fan_mode, prunable=prunable, dense_layers=dense_layers)
+                           fan_mode=fan_mode, prunable=prunable, dense_layers=dense_layers,
+                           pattern=pattern)
 
 
 def biprop(
@@ -504,6 +545,7 @@ def biprop(
     batches_per_epoch: int | None = None,
     prunable: Prunable | None = None,
     dense_layers: Sequence[str] | str = (),
+    pattern: str = "unstructured",
 ) -> Method:
     """Binarized multi-prize tickets: effective weights ``sign(w) * alpha * mask`` with
     the Edge-Popup scores choosing the mask (see :func:`binarized_supermask`).
@@ -523,7 +565,7 @@ def biprop(
                            binarized=True, scope=scope, distribution=distribution,
                            fan_mode=fan_mode, ramp_steps=_ramp_steps(ramp_epochs,
                                                                      batches_per_epoch),
-                           prunable=prunable, dense_layers=dense_layers)
+                           prunable=prunable, dense_layers=dense_layers, pattern=pattern)
 
 
 def supermask_weights(
@@ -536,6 +578,7 @@ def supermask_weights(
     fan_mode: FanMode = "fan_in",
     prunable: Prunable | None = None,
     dense_layers: Sequence[str] | str = (),
+    pattern: str = "unstructured",
 ) -> Method:
     """Edge-Popup scores with the weights trained too: the kept weights receive their
     gradient (``g * mask``, from :func:`sparsejax.supermask`), the scores theirs; one
@@ -551,7 +594,7 @@ def supermask_weights(
     return score_supermask(optimizer, sparsity=sparsity, name="supermask_weights",
                            weight_init=weight_init, train_weights=True, scope=scope,
                            distribution=distribution, fan_mode=fan_mode, prunable=prunable,
-                           dense_layers=dense_layers)
+                           dense_layers=dense_layers, pattern=pattern)
 
 
 _BUILDERS: dict[str, Callable[..., Method]] = {
