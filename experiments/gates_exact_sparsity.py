@@ -54,17 +54,16 @@ from sparsejax.training.loop import (  # noqa: E402
     measured_sparsity,
     prepare,
 )
+from sparsejax.training.recipes import RECIPES  # noqa: E402
 
 OUTPUT = RESULTS / "gates_exact_sparsity.json"
 RUNS = ROOT / "runs" / "gates_exact"
 TARGETS = (0.5, 0.7, 0.9, 0.8, 0.95)
 RULES = ("exact", "topk", "open")
 
-# The recipe scaled_anneal of experiments/gates_mnist.py.
-TRAINING = {"batch_size": 128, "optimizer": "adam", "lr": 0.05, "momentum": 0.9,
-            "weight_decay": 0.0, "lr_schedule": "cosine"}
-RECIPE = {"gate": "gaussian", "lam_rate": 2.0, "score_bounds": [-1.0, 1.5],
-          "weight_init": "scaled_signed_constant", "sigma_final": 0.05}
+# The recipe scaled_anneal of experiments/gates_mnist.py: the library's gates recipe.
+TRAINING = {k: v for k, v in RECIPES["gates/mlp"].training.items() if k != "epochs"}
+RECIPE = dict(RECIPES["gates/mlp"].method_options)
 # Variants: tag -> method option changes to RECIPE (the training differs only if an
 # option other than binarize changes).
 VARIANTS: dict[str, dict[str, Any]] = {
