@@ -38,7 +38,7 @@ import numpy as np
 
 from sparsejax._tree import map_with_path
 from sparsejax.masks import Prunable, default_prunable
-from sparsejax.topk import num_kept, topk_mask
+from sparsejax.topk import _order_key, num_kept, topk_mask
 from sparsejax.validation import check_density, check_finite, is_concrete, is_int
 
 __all__ = [
@@ -315,14 +315,30 @@ def per_output_mask(scores: jax.Array, density: Any) -> jax.Array:
     return kept.T.reshape(shape)
 
 
+# Rows this short (N:M groups) are ranked by direct comparison instead of the search.
+_SHORT_ROW = 16
+
+
 def _topk_rows(rows: jax.Array, count: Any) -> jax.Array:
-    """``topk_mask(row, count=count)`` of every row of a 2-D array, vectorised."""
+    """``topk_mask(row, count=count)`` of every row of a 2-D array, vectorised; ``count``
+    is one integer or one per row. Rows of at most ``_SHORT_ROW`` scores (N:M groups) are
+    ranked by comparing every pair: the same keys and ties as ``topk_mask`` (larger first,
+    then the first entries), and on CPU much cheaper than its search per row."""
     if rows.shape[0] == 0:
         return jnp.zeros(rows.shape, bool)
     if is_concrete(count) and not isinstance(count, jax.Array):
         count = np.int32(count)
+    if rows.shape[1] <= _SHORT_ROW:
+        keys = _order_key(rows)
+        index = jnp.arange(rows.shape[1])
+        ahead = (keys[:, None, :] > keys[:, :, None]) | (
+            (keys[:, None, :] == keys[:, :, None]) & (index[None, :] < index[:, None]))
+        rank = jnp.sum(ahead, axis=-1, dtype=jnp.int32)  # entries kept before each one
+        return rank < jnp.reshape(jnp.asarray(count, jnp.int32), (-1, 1))
     # the caller checked the scores once for non-finite values
-    return jax.vmap(lambda row: topk_mask(row, count=count, check_finite_scores=False))(rows)
+    counts = jnp.broadcast_to(jnp.asarray(count, jnp.int32), (rows.shape[0],))
+    return jax.vmap(lambda row, k: topk_mask(row, count=k, check_finite_scores=False))(
+        rows, counts)
 
 
 
@@ -362,8 +378,8 @@ def nm_group_topk(scores: jax.Array, pattern: str | Pattern, counts: Any) -> jax
     """Keep the ``counts[g]`` highest scores of every group ``g`` of an N:M pattern: a
     boolean mask of ``scores``' shape. ``counts`` is one integer per group (shape
     ``(groups,)``, in :func:`nm_groups` order; traced or not) or one for all; each group
-    runs the library's exact top-k (``topk_mask(row, count=...)``), so ties go to the
-    first entries along the axis. Scores are not checked for NaN or inf (``-inf`` is a
+    is ranked like the library's exact top-k (``topk_mask(row, count=...)``: the same
+    order keys), so ties go to the first entries along the axis. Scores are not checked for NaN or inf (``-inf`` is a
     valid "never" score: the prune-and-regrow engine grows only where it is not).
 
     >>> import jax.numpy as jnp
@@ -377,6 +393,4 @@ def nm_group_topk(scores: jax.Array, pattern: str | Pattern, counts: Any) -> jax
     if rows.shape[0] == 0:
         return jnp.zeros(np.shape(scores), bool)
     counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (rows.shape[0],))
-    kept = jax.vmap(lambda row, k: topk_mask(row, count=k, check_finite_scores=False))(
-        rows, counts)
-    return nm_ungroup(kept, pattern, np.shape(scores))
+    return nm_ungroup(_topk_rows(rows, counts), pattern, np.shape(scores))

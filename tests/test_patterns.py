@@ -15,7 +15,7 @@ from sparsejax.patterns import (
     pattern_mask,
     per_output_mask,
 )
-from sparsejax.topk import num_kept
+from sparsejax.topk import num_kept, topk_mask
 
 SETTINGS = settings(max_examples=10, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -168,3 +168,21 @@ def test_check_pattern_names_every_bad_leaf_and_skips_unprunable_ones():
     with pytest.raises(ValueError, match="fixes the density"):
         check_pattern("2:4", {"fc1": params["fc1"]}, density=0.25)
     check_pattern("channel", params)  # every kernel has output channels
+
+
+def test_short_rows_rank_exactly_like_topk_mask():
+    """N:M groups (rows of at most 16) are ranked by comparing pairs, not by topk_mask's
+    search: the same masks, ties (many, and +-0, -inf) to the first entries."""
+    from sparsejax.patterns import _topk_rows
+
+    rng = np.random.default_rng(0)
+    for m in (2, 4, 8, 16):
+        rows = rng.integers(-3, 4, size=(200, m)).astype(np.float32)  # many ties
+        rows[rng.random(rows.shape) < 0.1] = -np.inf
+        rows[rng.random(rows.shape) < 0.1] = -0.0
+        counts = rng.integers(0, m + 1, size=200).astype(np.int32)
+        fast = np.asarray(_topk_rows(jnp.asarray(rows), jnp.asarray(counts)))
+        for row, count, kept in zip(rows, counts, fast, strict=True):
+            expected = np.asarray(topk_mask(jnp.asarray(row), count=int(count),
+                                            check_finite_scores=False))
+            np.testing.assert_array_equal(kept, expected)
