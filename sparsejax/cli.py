@@ -1,5 +1,5 @@
 """The ``sparsejax`` command line: train, plot, lottery, instability, export-ticket,
-evaluate-ticket, demo."""
+evaluate-ticket, demo, prune."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ __all__ = ["main", "build_parser"]
 Handler = Callable[[argparse.Namespace], int]
 
 # Modules that add subcommands: each has ``add_commands(subparsers) -> {name: handler}``.
-_COMMAND_MODULES = ("sparsejax.lottery", "sparsejax.tickets", "sparsejax.demo")
+_COMMAND_MODULES = ("sparsejax.lottery", "sparsejax.tickets", "sparsejax.demo",
+                    "sparsejax.prune_run")
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -49,7 +50,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     train.add_argument("--dataset", default="mnist1d",
                        help=f"one of: {', '.join(DATASET_NAMES)} (mnist1d is generated locally)")
     train.add_argument("--data-dir", default=None,
-                       help="folder with the dataset (MNIST IDX files, or a TFDS data dir)")
+                       help="folder with the dataset (MNIST IDX files, tinyshakespeare's "
+                            "input.txt, or a TFDS data dir)")
     train.add_argument("--sparsity", type=float, default=None,
                        help="fraction of prunable weights removed, in [0, 1)")
     train.add_argument("--distribution", default=None,

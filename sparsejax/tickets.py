@@ -276,20 +276,12 @@ def export_ticket(run_dir: str | os.PathLike[str],
     good checkpoint is used). ``output`` defaults to ``RUN_DIR/ticket.npz``. Raises
     ``ValueError`` when the run's weights are not the frozen ones its seed draws.
     """
-    from sparsejax.checkpoint import Checkpointer
-    from sparsejax.training.loop import TrainConfig, prepare
+    from sparsejax.prune_run import restore_finished_run
 
     run_dir = Path(run_dir)
-    result_file = run_dir / "result.json"
-    if not result_file.exists():
-        raise FileNotFoundError(f"{result_file} not found: is {run_dir} a finished run folder?")
-    result = json.loads(result_file.read_text())
-    # a saved config holds the run's effective values: resolved again, a recipe (added
-    # after an older run was made) must not fill what that run left at the default
-    config = TrainConfig(**{**result["config"], "recipe": "none"})
-    run = prepare(config)
-    with Checkpointer(run_dir / "checkpoints") as checkpointer:
-        step, state, _ = checkpointer.restore(run.state)
+    finished = restore_finished_run(run_dir)
+    config, run, step, state = finished.config, finished.run, finished.step, finished.state
+    result = finished.result
     input_shape = tuple(int(d) for d in run.dataset.input_shape)
     regen = _regenerate(config, run.dataset.num_classes, input_shape, run.total_steps,
                         run.batches_per_epoch)
@@ -349,7 +341,7 @@ def export_ticket(run_dir: str | os.PathLike[str],
         "weights": total,
         "kept": int(sum(r["kept"] for r in rows)),
         "float32_params_bytes": _float32_bytes(state.params),
-        "checkpoint_bytes": _directory_bytes(checkpointer.directory / f"step_{step:08d}"),
+        "checkpoint_bytes": _directory_bytes(finished.checkpoint_dir),
         "checkpoint_step": int(step),
     }
 
@@ -443,7 +435,8 @@ def evaluate_ticket(ticket: Ticket, data_dir: str | None = None,
     from sparsejax.training.loop import evaluate, make_eval_step
 
     config = ticket.config
-    dataset = load_dataset(config.dataset, data_dir or config.data_dir, seed=config.seed)
+    dataset = load_dataset(config.dataset, data_dir or config.data_dir, seed=config.seed,
+                           context=config.model_options.get("context"))
     eval_step = jax.jit(make_eval_step(ticket.model))
     return evaluate(eval_step, (ticket.params, ticket.model_state), dataset, batch_size)
 

@@ -1,0 +1,171 @@
+"""``sparsejax prune``: one-shot post-training pruning of a finished ``sparsejax train`` run.
+
+The run's newest good checkpoint is restored, its effective weights are pruned layer
+after layer from calibration examples of its own training set
+(:func:`sparsejax.prune_mlp_sequential`: magnitude, Wanda or SparseGPT, unstructured or
+N:M), and the pruned model is evaluated on the test set. ``OUT/result.json`` holds the
+test accuracy and loss before and after, the measured sparsity, each layer's density and
+reconstruction error, the settings and the provenance. This version prunes the MLPs of
+:mod:`sparsejax.models` (``lenet300``, ``mlp``).
+
+    sparsejax prune --method sparsegpt --pattern 2:4 runs/dense_lenet300_mnist_seed0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from sparsejax.patterns import as_pattern, pattern_density
+from sparsejax.posttrain import POSTTRAIN_METHODS
+from sparsejax.provenance import provenance
+from sparsejax.validation import check_int, check_sparsity, check_writable_folder
+
+__all__ = ["MLP_MODELS", "FinishedRun", "restore_finished_run", "prune_run", "add_commands"]
+
+MLP_MODELS = ("lenet300", "mlp")
+
+
+@dataclasses.dataclass
+class FinishedRun:
+    """A finished run folder restored: its config (effective values), the prepared run
+    (data, model, method) and the state of its newest good checkpoint at ``step``."""
+
+    config: Any
+    run: Any
+    step: int
+    state: Any
+    result: dict[str, Any]  # the run's result.json
+    checkpoint_dir: Path  # the folder of the checkpoint restored
+
+
+def restore_finished_run(run_dir: str | Path) -> FinishedRun:
+    """Restore the run in ``run_dir`` (``result.json`` and ``checkpoints/``) as it ran."""
+    from sparsejax.checkpoint import Checkpointer
+    from sparsejax.training.loop import TrainConfig, prepare
+
+    run_dir = Path(run_dir)
+    result_file = run_dir / "result.json"
+    if not result_file.exists():
+        raise FileNotFoundError(f"{result_file} not found: is {run_dir} a finished run folder?")
+    result = json.loads(result_file.read_text())
+    # a saved config holds the run's effective values: resolved again, a recipe (added
+    # after an older run was made) must not fill what that run left at the default
+    config = TrainConfig(**{**result["config"], "recipe": "none"})
+    run = prepare(config)
+    with Checkpointer(run_dir / "checkpoints") as checkpointer:
+        step, state, _ = checkpointer.restore(run.state)
+        checkpoint_dir = checkpointer.directory / f"step_{step:08d}"
+    return FinishedRun(config, run, step, state, result, checkpoint_dir)
+
+
+def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
+              sparsity: float | None = None, *, calibration_examples: int = 1024,
+              seed: int = 0, out: str | Path | None = None,
+              overwrite: bool = False) -> dict[str, Any]:
+    """Prune the finished run in ``run_dir`` one-shot and write ``OUT/result.json``.
+
+    ``OUT`` defaults to ``RUN_DIR/prune/<method>_<pattern>[_s<sparsity>]_seed<seed>``;
+    calibration takes ``calibration_examples`` training examples drawn with ``seed``.
+    Returns the result.
+    """
+    from sparsejax.posttrain_sequential import prune_mlp_sequential
+    from sparsejax.training.loop import evaluate, make_eval_step, measured_sparsity
+
+    started = time.time()
+    if method not in POSTTRAIN_METHODS:
+        raise ValueError(f"unknown post-training method {method!r}; known: "
+                         f"{', '.join(POSTTRAIN_METHODS)}")
+    if as_pattern(pattern).kind == "nm":
+        pattern_density(pattern, None if sparsity is None else 1.0 - sparsity)
+    elif sparsity is None:
+        raise ValueError(f"--sparsity is needed with pattern {pattern} (only N:M fixes it)")
+    else:
+        check_sparsity(sparsity, "--sparsity")
+    check_int(calibration_examples, "--calibration-examples", minimum=1)
+    check_int(seed, "--seed", minimum=0, maximum=2**32 - 1)
+    run_dir = Path(run_dir)
+    tag = f"{method}_{pattern.replace(':', 'of')}"
+    tag += "" if sparsity is None else f"_s{sparsity:g}"
+    out = Path(out) if out is not None else run_dir / "prune" / f"{tag}_seed{seed}"
+    check_writable_folder(out, "--out")
+    if (out / "result.json").exists() and not overwrite:
+        raise FileExistsError(f"{out / 'result.json'} exists; pass --overwrite to replace it "
+                              "or choose another --out")
+    finished = restore_finished_run(run_dir)
+    config, run = finished.config, finished.run
+    if config.model not in MLP_MODELS:
+        raise ValueError(f"sparsejax prune handles the MLPs ({', '.join(MLP_MODELS)}) in this "
+                         f"version; the run in {run_dir} trained {config.model!r}")
+    params = jax.jit(run.method.effective_params)(finished.state)
+    model_state = finished.state.model_state
+    images = run.dataset.train_images
+    count = min(calibration_examples, len(images))
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(images))[:count])
+    pruned, layers = prune_mlp_sequential(params, images[chosen], method, pattern, sparsity)
+    eval_step = jax.jit(make_eval_step(run.model))
+    before = evaluate(eval_step, (params, model_state), run.dataset)
+    after = evaluate(eval_step, (pruned, model_state), run.dataset)
+    result = {
+        "command": "prune",
+        "run": str(run_dir),
+        "method": method,
+        "model": config.model,
+        "dataset": config.dataset,
+        "pattern": pattern,
+        "target_sparsity": sparsity,
+        "sparsity": measured_sparsity(pruned),
+        "test_accuracy": after["accuracy"],
+        "test_loss": after["loss"],
+        "before": {"test_accuracy": before["accuracy"], "test_loss": before["loss"],
+                   "sparsity": measured_sparsity(params), "method": config.method,
+                   "step": finished.step},
+        "layers": [layer._asdict() for layer in layers],
+        "calibration_examples": count,
+        "seed": seed,
+        "wall_seconds": time.time() - started,
+        "provenance": provenance(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def _prune_command(args: argparse.Namespace) -> int:
+    result = prune_run(args.run_dir, args.method, args.pattern, args.sparsity,
+                       calibration_examples=args.calibration_examples, seed=args.seed,
+                       out=args.out, overwrite=args.overwrite)
+    before = result["before"]
+    print(f"{result['method']} {result['pattern']}: test accuracy "
+          f"{100 * before['test_accuracy']:.2f}% -> {100 * result['test_accuracy']:.2f}% at "
+          f"sparsity {100 * result['sparsity']:.2f}% ({result['wall_seconds']:.1f} s)")
+    return 0
+
+
+def add_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add ``prune`` to the ``sparsejax`` parser."""
+    prune = commands.add_parser(
+        "prune", help="one-shot post-training pruning of a finished run (MLPs)")
+    prune.add_argument("run_dir", help="a finished run folder (result.json, checkpoints/)")
+    prune.add_argument("--method", required=True, choices=POSTTRAIN_METHODS,
+                       help="magnitude, wanda or sparsegpt")
+    prune.add_argument("--pattern", default="unstructured",
+                       help="unstructured (default) or N:M, e.g. 2:4 (fixes the sparsity)")
+    prune.add_argument("--sparsity", type=float, default=None,
+                       help="fraction of each kernel pruned (not with an N:M pattern)")
+    prune.add_argument("--calibration-examples", type=int, default=1024,
+                       help="training examples the layers are calibrated on")
+    prune.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+    prune.add_argument("--out", default=None,
+                       help="output folder (default: RUN_DIR/prune/<settings>)")
+    prune.add_argument("--overwrite", action="store_true",
+                       help="replace a result already in --out")
+    return {"prune": _prune_command}
