@@ -8,6 +8,16 @@ constants; labels ``int32``. Layouts:
 * ``mnist1d``: ``(N, 40, 1)`` (length, channels: ready for a 1-D convolution, an MLP
   flattens it). The ``mnist1d`` package already standardises the whole dataset to mean 0
   and standard deviation 1, so no further constants are applied.
+* ``tinyshakespeare`` (character-level language modelling, read from ``DIR/input.txt``):
+  "images" are ``int32`` character ids ``(N, context)`` and labels the next character of
+  each position, ``(N, context)`` ``int32``; ``num_classes`` is the vocabulary size (the
+  sorted distinct characters of the whole file, kept in ``Dataset.vocabulary``). The first
+  90% of the characters train and the last 10% are the validation text, which plays the
+  role of the test split. Training examples are the windows at *every* offset of the
+  training text (stride 1, like nanoGPT's random windows; read-only numpy views, no copy);
+  validation examples are consecutive non-overlapping windows (stride ``context``), so a
+  test evaluation scores every validation character once, as the next character of a
+  prefix of 0 to ``context - 1`` characters (loss in nats per character).
 
 Batching is keyed only by ``(seed, epoch)`` (order) and ``(seed, epoch, batch)``
 (augmentation), so a run restarted at a :class:`DataPosition` sees exactly the batches an
@@ -30,7 +40,16 @@ import numpy as np
 
 from sparsejax._extras import require
 
-DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100", "mnist1d")
+DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100", "mnist1d",
+                                  "tinyshakespeare")
+
+TEXT_DATASETS = frozenset({"tinyshakespeare"})
+"""Character-level datasets, read from ``DIR/input.txt`` (see the module docstring)."""
+TEXT_FILE = "input.txt"
+DEFAULT_CONTEXT = 64
+"""Characters per example of a text dataset when no ``context`` is given (the GPT's
+default context)."""
+TEXT_TRAIN_FRACTION = 0.9
 
 _NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "mnist1d": 10}
 
@@ -68,6 +87,7 @@ class Dataset(NamedTuple):
     test_images: np.ndarray
     test_labels: np.ndarray
     num_classes: int
+    vocabulary: str | None = None  # text datasets: the character of each id
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -84,7 +104,7 @@ class DatasetNotAvailableError(FileNotFoundError):
 
 def load_dataset(
     name: str, data_dir: str | os.PathLike[str] | None = None, *, seed: int = 0,
-    download: bool = False,
+    download: bool = False, context: int | None = None,
 ) -> Dataset:
     """Loads dataset ``name`` (one of :data:`DATASET_NAMES`) fully into host memory.
 
@@ -98,6 +118,10 @@ def load_dataset(
       default, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). TFDS downloads and
       prepares it only when ``download`` is true: without network TFDS retries for
       minutes before giving up, so it is never tried unasked.
+    * ``tinyshakespeare`` is read from ``data_dir/input.txt`` (any UTF-8 text works) and
+      cut into windows of ``context`` characters (``None``: :data:`DEFAULT_CONTEXT`);
+      ``context`` is ignored by the other datasets. TFDS's ``tiny_shakespeare`` is not
+      read (its single-record splits would need their own windowing).
 
     Raises ``ValueError`` for an unknown name or a corrupt IDX file, and
     :class:`DatasetNotAvailableError` when the data is neither present nor obtainable.
@@ -115,6 +139,8 @@ def load_dataset(
     if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise ValueError(f"data_dir (CLI: --data-dir) {data_dir} is a file, not a folder: "
                          f"pass the folder that holds the {name} files")
+    if name in TEXT_DATASETS:
+        return _load_text_dataset(name, data_dir, DEFAULT_CONTEXT if context is None else context)
     if name in _IDX_DATASETS and data_dir is not None:
         idx_paths = _find_idx_files(Path(data_dir))
         if idx_paths is not None:
@@ -149,6 +175,51 @@ def _generated_mnist1d(mnist1d_data: ModuleType, seed: int) -> Dataset:
     for array in arrays:
         array.flags.writeable = False
     return Dataset("mnist1d", *arrays, num_classes=_NUM_CLASSES["mnist1d"])
+
+
+def _load_text_dataset(name: str, data_dir: str | os.PathLike[str] | None,
+                       context: int) -> Dataset:
+    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 1:
+        raise ValueError(f"context must be a positive int, got {context!r}")
+    if data_dir is None:
+        raise DatasetNotAvailableError(
+            f"dataset {name!r} is read from DIR/{TEXT_FILE}: pass data_dir (CLI: --data-dir)")
+    path = Path(data_dir) / TEXT_FILE
+    if not path.is_file():
+        raise DatasetNotAvailableError(
+            f"{path} not found: data_dir (CLI: --data-dir) must be a folder holding the "
+            f"{name} text as {TEXT_FILE}")
+    stat = path.stat()
+    return _text_dataset(name, str(path.resolve()), stat.st_size, stat.st_mtime_ns, int(context))
+
+
+@functools.lru_cache(maxsize=4)
+def _text_dataset(name: str, path: str, size: int, mtime_ns: int, context: int) -> Dataset:
+    # size and mtime key the cache, so a file changed on disk is read again.
+    del size, mtime_ns
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from error
+    vocabulary = "".join(sorted(set(text)))
+    lookup = np.zeros(max(map(ord, vocabulary), default=0) + 1, np.int32)
+    lookup[[ord(c) for c in vocabulary]] = np.arange(len(vocabulary), dtype=np.int32)
+    ids = lookup[np.frombuffer(text.encode("utf-32-le"), np.uint32)]
+    split = int(len(ids) * TEXT_TRAIN_FRACTION)
+    train, valid = ids[:split], ids[split:]
+    num_valid = (len(valid) - 1) // context
+    if len(train) <= context or num_valid < 1:
+        raise ValueError(
+            f"{path}: {len(ids)} characters are too few for windows of context={context} "
+            f"(the first {TEXT_TRAIN_FRACTION:.0%} must hold more than {context} characters "
+            f"and the rest at least {context + 1})")
+    windows = np.lib.stride_tricks.sliding_window_view
+    arrays = [windows(train[:-1], context), windows(train[1:], context),
+              valid[:num_valid * context].reshape(num_valid, context),
+              valid[1:num_valid * context + 1].reshape(num_valid, context)]
+    for array in arrays:
+        array.flags.writeable = False
+    return Dataset(name, *arrays, num_classes=len(vocabulary), vocabulary=vocabulary)
 
 
 def _normalise_images(images: np.ndarray, name: str) -> np.ndarray:

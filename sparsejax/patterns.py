@@ -379,8 +379,9 @@ def nm_group_topk(scores: jax.Array, pattern: str | Pattern, counts: Any) -> jax
     boolean mask of ``scores``' shape. ``counts`` is one integer per group (shape
     ``(groups,)``, in :func:`nm_groups` order; traced or not) or one for all; each group
     is ranked like the library's exact top-k (``topk_mask(row, count=...)``: the same
-    order keys), so ties go to the first entries along the axis. Scores are not checked for NaN or inf (``-inf`` is a
-    valid "never" score: the prune-and-regrow engine grows only where it is not).
+    order keys), so ties go to the first entries along the axis. Scores are not checked
+    for NaN or inf (``-inf`` is a valid "never" score: the prune-and-regrow engine grows
+    only where it is not).
 
     >>> import jax.numpy as jnp
     >>> s = jnp.array([[4.0, 1.0], [3.0, 2.0], [1.0, 5.0], [2.0, 6.0]])

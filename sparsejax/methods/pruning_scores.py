@@ -103,6 +103,10 @@ def _examples_per_class(batches: Sequence[Any], num_classes: int,
     works under ``jit``): ``(images, labels, weights)``, weight 0 where a class has fewer."""
     images = jnp.concatenate([jnp.asarray(b["image"]) for b in batches])
     labels = jnp.concatenate([jnp.asarray(b["label"]) for b in batches])
+    if labels.ndim != 1:
+        raise ValueError(f"GraSP picks {per_class} examples per class and needs one label per "
+                         f"example (a classifier); got labels of shape {labels.shape} (a "
+                         f"sequence model?); use SNIP or SynFlow there")
     picked = [jnp.nonzero(labels == c, size=per_class, fill_value=-1)[0]
               for c in range(num_classes)]
     index = jnp.concatenate(picked)

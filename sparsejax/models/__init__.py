@@ -4,11 +4,15 @@ The models are plain: masks live outside, in a pytree shaped like ``params``. Le
 
 * ``params``: ``kernel`` (Dense ``(in, out)``, Conv ``(kh, kw, in, out)``; the only leaves a
   masker normally prunes), ``bias``, ``scale`` (batch norm / LayerNorm), and for ``vit_small``
-  the embeddings ``cls_token`` ``(1, 1, D)`` and ``pos_embedding`` ``(1, tokens, D)``;
+  the embeddings ``cls_token`` ``(1, 1, D)`` and ``pos_embedding`` ``(1, tokens, D)``; for
+  ``gpt`` the ``embedding`` tables of ``token_embed`` and ``pos_embed`` (not pruned by the
+  default filter);
 * ``batch_stats`` (model state, never masked): ``mean`` and ``var`` of each batch norm.
 
-Every model's classifier is the Dense submodule ``head``. A convolution directly followed by
-batch norm has no bias (the norm cancels it); ``use_bias`` governs all other layers.
+Every model's classifier is the Dense submodule ``head`` (``gpt``'s gives next-token logits
+``(batch, time, vocab)``; its ``num_classes`` is the vocabulary size). A convolution
+directly followed by batch norm has no bias (the norm cancels it); ``use_bias`` governs all
+other layers.
 
 Models (``get_model(name, num_classes, **options)``) and their options:
 
@@ -24,6 +28,8 @@ resnet20      CIFAR ResNet-20 (1x1-conv projection shortcuts). Same options as r
 wrn22_2       pre-activation Wide ResNet-22-2. Same options as resnet18
 vit_small     small ViT. ``use_bias``, ``patch_size`` (4), ``embed_dim`` (128), ``depth``
               (6), ``num_heads`` (4), ``mlp_ratio`` (2.0), ``pool`` ("cls" or "mean")
+gpt           small causal GPT over token ids ``(batch, time)``. ``use_bias``, ``n_layer``
+              (4), ``n_embd`` (128), ``n_head`` (4), ``context`` (64: positions learned)
 ============  ==========================================================================
 
 >>> import jax, jax.numpy as jnp
@@ -48,6 +54,7 @@ import jax.numpy as jnp
 
 from sparsejax.models._layers import KERNEL_INITS, NORM_KINDS
 from sparsejax.models.convnets import ConvNet
+from sparsejax.models.gpt import GPT
 from sparsejax.models.mlp import MLP, LeNet300
 from sparsejax.models.resnets import BasicBlock, PreActBlock, ResNet, WideResNet
 from sparsejax.models.vit import POOLS, ViT
@@ -68,9 +75,11 @@ __all__ = [
     "WideResNet",
     "PreActBlock",
     "ViT",
+    "GPT",
 ]
 
-PARAM_LEAF_NAMES: tuple[str, ...] = ("kernel", "bias", "scale", "cls_token", "pos_embedding")
+PARAM_LEAF_NAMES: tuple[str, ...] = ("kernel", "bias", "scale", "cls_token", "pos_embedding",
+                                     "embedding")
 """Every leaf name that occurs in a model's ``params``."""
 
 STATE_LEAF_NAMES: tuple[str, ...] = ("mean", "var")
@@ -98,6 +107,7 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any], tuple[str, ...]]] = 
         {},
         ("use_bias", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "pool"),
     ),
+    "gpt": (GPT, {}, ("use_bias", "n_layer", "n_embd", "n_head", "context")),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -151,6 +161,10 @@ _OPTION_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "embed_dim": _check_positive_int,
     "depth": _check_positive_int,
     "num_heads": _check_positive_int,
+    "n_layer": _check_positive_int,
+    "n_embd": _check_positive_int,
+    "n_head": _check_positive_int,
+    "context": _check_positive_int,
     "hidden": _check_widths,
     "kernel_init": _check_choice(tuple(KERNEL_INITS)),
 }
@@ -201,6 +215,10 @@ def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
         heads = options.get("num_heads", ViT.num_heads)
         if dim % heads != 0:
             raise ValueError(f"embed_dim={dim} is not divisible by num_heads={heads}")
+    if name == "gpt":
+        dim, heads = options.get("n_embd", GPT.n_embd), options.get("n_head", GPT.n_head)
+        if dim % heads != 0:
+            raise ValueError(f"n_embd={dim} is not divisible by n_head={heads}")
     return cls(num_classes=int(num_classes), **fixed, **options)
 
 

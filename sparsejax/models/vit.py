@@ -17,10 +17,12 @@ POOLS: tuple[str, ...] = ("cls", "mean")
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with separate ``query``, ``key``, ``value``, ``out`` Dense
-    layers, each with a 2-D ``(dim, dim)`` kernel (no 3-D ``DenseGeneral`` kernels)."""
+    layers, each with a 2-D ``(dim, dim)`` kernel (no 3-D ``DenseGeneral`` kernels).
+    ``causal``: position ``t`` attends to positions ``<= t`` only (a language model)."""
 
     num_heads: int
     use_bias: bool = True
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -39,6 +41,9 @@ class SelfAttention(nn.Module):
         k = split(project("key", x))
         v = split(project("value", x))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        if self.causal:
+            allowed = jnp.tril(jnp.ones((tokens, tokens), bool))
+            logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
         weights = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, dim)
         return project("out", out)
@@ -50,11 +55,12 @@ class EncoderBlock(nn.Module):
     num_heads: int
     mlp_dim: int
     use_bias: bool = True
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
-        x = x + SelfAttention(self.num_heads, self.use_bias, name="attn")(
+        x = x + SelfAttention(self.num_heads, self.use_bias, self.causal, name="attn")(
             nn.LayerNorm(name="norm1")(x)
         )
         y = nn.LayerNorm(name="norm2")(x)

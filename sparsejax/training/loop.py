@@ -125,7 +125,8 @@ class TrainConfig:
 
 def classification_loss(model: Any) -> LossFn:
     """Softmax cross-entropy of ``model`` on ``{"image", "label"}`` batches, with accuracy
-    as a metric and batch statistics threaded through ``model_state``."""
+    as a metric and batch statistics threaded through ``model_state``. Sequence models
+    (logits ``(B, T, V)``, labels ``(B, T)``) get both as means over every token."""
 
     def loss_fn(params: Any, model_state: Any, batch: dict[str, jax.Array]):
         logits, new_model_state = apply_model(model, params, model_state, batch["image"],
@@ -140,7 +141,8 @@ def classification_loss(model: Any) -> LossFn:
 
 def make_eval_step(model: Any):
     """``eval_step((params, model_state), batch) -> sums`` of correct predictions, loss and
-    examples; ``batch["weight"]`` marks padding. ``params`` are the method's
+    examples (tokens, for a sequence model: ``count`` is then examples x tokens);
+    ``batch["weight"]`` ``(B,)`` marks padding examples. ``params`` are the method's
     ``effective_params``, computed once per evaluation rather than once per batch (the
     gates derive their hard mask, a global top-k, when it is read).
     """
@@ -148,8 +150,10 @@ def make_eval_step(model: Any):
     def eval_step(arrays: tuple[Any, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         params, model_state = arrays
         logits, _ = apply_model(model, params, model_state, batch["image"], train=False)
-        weight = batch["weight"]
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        # one weight per example, broadcast over its tokens (labels (B,) or (B, T))
+        weight = batch["weight"].reshape(batch["weight"].shape + (1,) * (losses.ndim - 1))
+        weight = jnp.broadcast_to(weight, losses.shape)
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
         return {"correct": jnp.sum(correct * weight), "loss": jnp.sum(losses * weight),
                 "count": jnp.sum(weight)}
@@ -166,7 +170,7 @@ def _padded_test_batches(dataset: Dataset, batch_size: int) -> Iterator[dict[str
         weight = np.ones(len(label), np.float32)
         if pad:
             image = np.concatenate([image, np.zeros((pad, *image.shape[1:]), image.dtype)])
-            label = np.concatenate([label, np.zeros(pad, label.dtype)])
+            label = np.concatenate([label, np.zeros((pad, *label.shape[1:]), label.dtype)])
             weight = np.concatenate([weight, np.zeros(pad, np.float32)])
         yield {"image": image, "label": label, "weight": weight}
 
@@ -321,7 +325,8 @@ def _prepare(config: TrainConfig, *, abstract_state: bool = False) -> Run:
     """With ``abstract_state`` the state is only its shapes and dtypes (``jax.eval_shape``):
     a resume restores every value from the checkpoint, so it neither compiles nor runs the
     method's init (SynFlow's 100 rounds, SNIP's and GraSP's gradients)."""
-    dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+    dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed,
+                           context=config.model_options.get("context"))
     validation = None
     if config.validation_size:
         dataset, validation = split_validation(dataset, config.validation_size)
