@@ -46,6 +46,7 @@ __all__ = [
     "PatternKind",
     "as_pattern",
     "pattern_density",
+    "method_pattern",
     "check_pattern",
     "pattern_mask",
     "per_output_mask",
@@ -174,6 +175,26 @@ def as_pattern(pattern: str | Pattern) -> Pattern:
     True
     """
     return pattern if isinstance(pattern, Pattern) else Pattern.parse(pattern)
+
+
+def method_pattern(pattern: str | Pattern, sparsity: float, owner: str) -> Pattern:
+    """``pattern`` parsed for a method that prunes ``sparsity`` of its weights: an N:M
+    pattern must agree with it (:func:`pattern_density`); errors name ``owner``.
+
+    >>> method_pattern("2:4", 0.5, "rigl")
+    Pattern(kind='nm', n=2, m=4, axis=-2, block=0)
+    >>> method_pattern("2:4", 0.9, "rigl")
+    Traceback (most recent call last):
+    ...
+    ValueError: rigl: pattern 2:4 fixes the density at 0.5 (sparsity 0.5); got density 0.1
+    """
+    pattern = as_pattern(pattern)
+    if pattern.kind != "unstructured":
+        try:
+            pattern_density(pattern, 1.0 - sparsity)
+        except ValueError as error:
+            raise ValueError(f"{owner}: {error}") from None
+    return pattern
 
 
 def pattern_density(pattern: str | Pattern, density: Any = None) -> Any:

@@ -89,13 +89,13 @@ def supermask(
     Array([ 1., -2.,  3.,  4.], dtype=float32)
     """
     check_same_structure(w, scores, reference_name="weights", other_name="scores")
-    pattern = as_pattern(pattern)
-    if pattern.kind != "unstructured":
-        masks = pattern_masks(jax.tree_util.tree_map(lax.stop_gradient, scores), pattern,
-                              density, scope=scope, check_finite_scores=check_finite_scores)
-        return jax.tree_util.tree_map(supermask_product, w, scores, masks)
-    masks = topk_mask(jax.tree_util.tree_map(lax.stop_gradient, scores), density, scope=scope,
-                      check_finite_scores=check_finite_scores, by_magnitude=True)
+    fixed = jax.tree_util.tree_map(lax.stop_gradient, scores)
+    if as_pattern(pattern).kind == "unstructured":
+        masks = topk_mask(fixed, density, scope=scope, check_finite_scores=check_finite_scores,
+                          by_magnitude=True)
+    else:
+        masks = pattern_masks(fixed, pattern, density, scope=scope,
+                              check_finite_scores=check_finite_scores)
     return jax.tree_util.tree_map(supermask_product, w, scores, masks)
 
 

@@ -198,19 +198,18 @@ def regrow_masks_nm(rules: RegrowRules, signals: Signals, fraction: jax.Array,
     n_active = jnp.stack([jnp.sum(m, dtype=jnp.int32) for m in signals.masks])
     # a leaf whose shape cannot carry the pattern is one an override keeps dense: it
     # drops and grows nothing
-    fits = jnp.array([_fits(pattern, m.shape) for m in signals.masks])
-    n_drop = jnp.where(fits, jnp.minimum(rules.drop_counts(fraction, n_active), n_active), 0)
-    drop_scores = rules.drop_scores(signals)
-    kept = [_topk_count(jnp.where(m, s, -jnp.inf), n_active[i] - n_drop[i])
-            for i, (m, s) in enumerate(zip(signals.masks, drop_scores, strict=True))]
-    grow_scores = rules.grow_scores(signals)
+    fits = [_fits(pattern, m.shape) for m in signals.masks]
+    n_drop = jnp.where(jnp.array(fits),
+                       jnp.minimum(rules.drop_counts(fraction, n_active), n_active), 0)
     new_masks = []
-    for m, k, g in zip(signals.masks, kept, grow_scores, strict=True):
-        if not _fits(pattern, m.shape):
+    for i, (m, d, g) in enumerate(zip(signals.masks, rules.drop_scores(signals),
+                                      rules.grow_scores(signals), strict=True)):
+        if not fits[i]:
             new_masks.append(m)
             continue
-        lost = jnp.sum(nm_groups(m & ~k, pattern), axis=1, dtype=jnp.int32)
-        new_masks.append(k | nm_group_topk(jnp.where(k, -jnp.inf, g), pattern, lost))
+        kept = _topk_count(jnp.where(m, d, -jnp.inf), n_active[i] - n_drop[i])
+        lost = jnp.sum(nm_groups(m & ~kept, pattern), axis=1, dtype=jnp.int32)
+        new_masks.append(kept | nm_group_topk(jnp.where(kept, -jnp.inf, g), pattern, lost))
     return new_masks, n_drop, n_drop
 
 
@@ -307,10 +306,9 @@ def prune_and_regrow(
     if pattern.kind not in ("unstructured", "nm"):
         raise ValueError(f"{name}: " + _NO_BLOCK_REGROWTH.format(pattern=pattern))
     chained = masked_optimizer(optimizer)
-    # the random start mask: static's; with an N:M pattern, checked and named as this method
+    # the random start mask: static's, its pattern checked and named as this method
     start = static(optimizer, sparsity, distribution, prunable=prunable, overrides=overrides,
-                   **({} if pattern.kind == "unstructured" else {"pattern": pattern,
-                                                               "name": name}))
+                   pattern=pattern, name=name)
 
     def init(params: Any, rng: jax.Array, model_state: Any = None,
              context: InitContext | None = None) -> SparseState:
@@ -338,8 +336,7 @@ def prune_and_regrow(
             momentum=None if flat_momentum is None else [flat_momentum[i] for i in chosen],
             key=step_key(state, 0x44535421),
         )
-        new_masks, _, _ = regrow_masks(rules, signals, drop_fraction(state.step + 1),
-                                       None if pattern.kind == "unstructured" else pattern)
+        new_masks, _, _ = regrow_masks(rules, signals, drop_fraction(state.step + 1), pattern)
         masks = list(flat_masks)
         for i, mask in zip(chosen, new_masks, strict=True):
             masks[i] = mask

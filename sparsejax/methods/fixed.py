@@ -21,7 +21,7 @@ from sparsejax.methods.base import (
     apply_optimizer,
     params_as_they_are,
 )
-from sparsejax.patterns import Pattern, as_pattern, pattern_density
+from sparsejax.patterns import Pattern, method_pattern
 from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
 from sparsejax.validation import check_same_structure, check_sparsity
 
@@ -143,22 +143,10 @@ def static(
     (4, 4.0)
     """
     check_sparsity(sparsity)
-    pattern = as_pattern(pattern)
-    if pattern.kind == "unstructured":
-        def make_masks(params: Any, rng: jax.Array, model_state: Any,
-                       context: InitContext | None) -> Any:
-            del model_state, context
-            return select_masks(random_scores(params, rng), 1.0 - sparsity, distribution,
-                                prunable=prunable, overrides=overrides)
+    pattern = method_pattern(pattern, sparsity, name)
 
-        return fixed_mask(optimizer, make_masks, name=name)
-    try:
-        pattern_density(pattern, 1.0 - sparsity)
-    except ValueError as error:
-        raise ValueError(f"{name}: {error}") from None
-
-    def make_pattern_masks(params: Any, rng: jax.Array, model_state: Any,
-                           context: InitContext | None) -> Any:
+    def make_masks(params: Any, rng: jax.Array, model_state: Any,
+                   context: InitContext | None) -> Any:
         del model_state, context
         try:  # select_masks checks every patterned leaf's shape, naming the misfits
             return select_masks(random_scores(params, rng), 1.0 - sparsity, distribution,
@@ -166,4 +154,4 @@ def static(
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
 
-    return fixed_mask(optimizer, make_pattern_masks, name=name)
+    return fixed_mask(optimizer, make_masks, name=name)

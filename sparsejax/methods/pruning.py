@@ -49,7 +49,7 @@ from sparsejax.methods.pruning_scores import (
     synflow_scores,
 )
 from sparsejax.methods.registry import register_method
-from sparsejax.patterns import Pattern, as_pattern, pattern_density
+from sparsejax.patterns import Pattern, as_pattern, method_pattern
 from sparsejax.schedules import cubic_sparsity
 from sparsejax.topk import topk_mask
 from sparsejax.transforms import zero_masked
@@ -194,14 +194,7 @@ def _one_shot(optimizer: optax.GradientTransformation, name: str, sparsity: floa
     """Score once at init, keep the top ``1 - sparsity`` by ``distribution`` (and, with a
     ``pattern``, within its groups: :func:`sparsejax.select_masks`), train the survivors."""
     check_sparsity(sparsity)
-    pattern = as_pattern(pattern)
-    if pattern.kind != "unstructured":
-        try:
-            pattern_density(pattern, 1.0 - sparsity)
-        except ValueError as error:
-            raise ValueError(f"{name}: {error}") from None
-    # unstructured: select_masks exactly as before the pattern option existed
-    select = {} if pattern.kind == "unstructured" else {"pattern": pattern}
+    pattern = method_pattern(pattern, sparsity, name)
 
     def make_masks(params: PyTree, rng: jax.Array, model_state: PyTree,
                    context: InitContext | None) -> PyTree:
@@ -209,7 +202,7 @@ def _one_shot(optimizer: optax.GradientTransformation, name: str, sparsity: floa
         if invert:
             scores = jax.tree_util.tree_map(jnp.negative, scores)
         return select_masks(scores, 1.0 - sparsity, distribution, prunable=prunable,
-                            overrides=overrides, **select)
+                            overrides=overrides, pattern=pattern)
 
     return fixed_mask(optimizer, make_masks, name, fresh_init=fresh_init)
 

@@ -63,7 +63,7 @@ from sparsejax.masks import Prunable, default_prunable, prunable_except
 from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer
 from sparsejax.methods.outside import OutsideLoop, register_outside_loop
 from sparsejax.methods.registry import register_method
-from sparsejax.patterns import Pattern, as_pattern, check_pattern, pattern_density
+from sparsejax.patterns import Pattern, check_pattern, method_pattern
 from sparsejax.ste import pattern_masks, supermask, supermask_product
 from sparsejax.topk import Scope, topk_mask_tracked
 from sparsejax.validation import check_sparsity
@@ -351,7 +351,7 @@ def score_supermask(
     ramp_steps = int(ramp_steps)
     is_prunable = _resolve_prunable(prunable, dense_layers)
     target = 1.0 - float(sparsity)
-    pattern = as_pattern(pattern)
+    pattern = method_pattern(pattern, float(sparsity), name)
     patterned = pattern.kind != "unstructured"
     if patterned:
         if scope == "global":
@@ -360,10 +360,6 @@ def score_supermask(
         if ramp_steps:
             raise ValueError(f"{name}: pattern {pattern} is not supported with a density "
                              f"ramp (ramp_steps/ramp_epochs); use ramp 0")
-        try:
-            pattern_density(pattern, target)
-        except ValueError as error:
-            raise ValueError(f"{name}: {error}") from None
 
     def target_densities(params: PyTree) -> dict[str, float]:
         """Target density per prunable path (Python floats, from shapes only)."""
