@@ -68,8 +68,11 @@ def test_steps_get_different_windows_and_the_pool_never_changes():
         state = update(state, grads)
         np.testing.assert_array_equal(state.extra["noise_pool"], pool)
     assert len({a.tobytes() for a in seen}) == 5
-    again = method.materialize(state, state.scores)  # deterministic given the state
-    np.testing.assert_array_equal(again["fc1"]["kernel"],
+    # a second init from the same key (another process, a resume) draws the same pool,
+    # so the same step reads the same noise
+    twin = method.init(PARAMS, jax.random.key(0)).replace(step=state.step)
+    np.testing.assert_array_equal(twin.extra["noise_pool"], pool)
+    np.testing.assert_array_equal(method.materialize(twin, state.scores)["fc1"]["kernel"],
                                   method.materialize(state, state.scores)["fc1"]["kernel"])
 
 

@@ -537,16 +537,14 @@ def gates(
                 lift = lift_rate * jnp.maximum(-error, 0.0)
                 if not lift_with_lam:  # while lam closes gates, it is not undone
                     lift = jnp.where(lam_now > 0, 0.0, lift)
-                lift = lift.astype(jnp.float32)
 
                 def raise_gates(s: jax.Array) -> jax.Array:
-                    if lift_scope == "all":
-                        return s + lift.astype(s.dtype)
-                    return jnp.where(form.test_gate(s) > 0, s, s + lift.astype(s.dtype))
+                    up = s + lift.astype(s.dtype)
+                    if lift_scope == "closed":
+                        up = jnp.where(form.test_gate(s) > 0, s, up)
+                    return up if score_bounds is None else jnp.clip(up, low, high)
 
                 scores = jax.tree_util.tree_map(raise_gates, scores)
-                if score_bounds is not None:
-                    scores = jax.tree_util.tree_map(lambda s: jnp.clip(s, low, high), scores)
         return state.replace(step=state.step + 1, scores=scores,
                              extra={**state.extra, "lam": lam_now})
 
