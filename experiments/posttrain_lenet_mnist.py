@@ -10,7 +10,7 @@ calibration inputs that reached it.
 
     .venv/bin/python experiments/posttrain_lenet_mnist.py
 
-writes experiments/results/posttrain_lenet_mnist.json and .png (a few minutes of CPU;
+writes experiments/results/posttrain_lenet_mnist.json and .png (97 s here, as the JSON records;
 ``--plot-only`` redraws the PNG from the JSON).
 fc2 (300 inputs) and the head (100) are not multiples of 8, so the "4:8" setting prunes
 them 2:4 (the same density, a finer pattern) and fc1 (784 inputs, 88% of the weights) 4:8.

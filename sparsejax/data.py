@@ -250,6 +250,11 @@ def split_validation(dataset: Dataset, size: int,
     >>> len(train.train_labels), len(validation.test_labels), len(train.test_labels)
     (3600, 400, 1000)
     """
+    if dataset.vocabulary is not None:
+        raise ValueError(f"validation_size (CLI: --validation-size) holds out training "
+                         f"examples, but {dataset.name}'s overlapping text windows share "
+                         f"all but one character with their neighbours; its test split is "
+                         f"already the held-out last 10% of the text")
     total = len(dataset.train_labels)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 < size < total:
         raise ValueError(f"validation_size (CLI: --validation-size) must be an integer in "

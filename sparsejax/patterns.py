@@ -15,9 +15,10 @@ A :class:`Pattern` is one of
 
 Every structured pattern reduces to the library's one exact top-k (``topk_mask``, which
 keeps ``num_kept(density, size) = floor(density * size + 0.5)``): of the block or
-channel sums, or, for N:M, of each group (``count=N``, vectorised over the groups). So
-counts are exact and ties go to the first entries in row-major order (within a group:
-the first along the axis), as everywhere in sparsejax.
+channel sums, or, for N:M, of each group (``count=N``; a group of at most 16 is ranked
+by comparing its entries pairwise on ``topk_mask``'s own order keys, cheaper than its
+search). So counts are exact and ties go to the first entries in row-major order (within
+a group: the first along the axis), as everywhere in sparsejax.
 
 >>> import jax.numpy as jnp
 >>> scores = jnp.array([[4.0, 1.0], [3.0, 2.0], [1.0, 5.0], [2.0, 6.0]])  # (in=4, out=2)
@@ -297,10 +298,7 @@ def pattern_mask(scores: jax.Array, pattern: str | Pattern, density: Any = None,
     if by_magnitude:
         scores = jnp.abs(scores)
     if pattern.kind == "nm":
-        moved = jnp.moveaxis(scores, pattern.axis, -1)
-        groups = moved.reshape(-1, pattern.m)
-        kept = _topk_rows(groups, count=pattern.n)
-        return jnp.moveaxis(kept.reshape(moved.shape), -1, pattern.axis)
+        return nm_group_topk(scores, pattern, pattern.n)
     if pattern.kind == "block":
         b = pattern.block
         *lead, rows, cols = shape
@@ -347,8 +345,6 @@ def _topk_rows(rows: jax.Array, count: Any) -> jax.Array:
     then the first entries), and on CPU much cheaper than its search per row."""
     if rows.shape[0] == 0:
         return jnp.zeros(rows.shape, bool)
-    if is_concrete(count) and not isinstance(count, jax.Array):
-        count = np.int32(count)
     if rows.shape[1] <= _SHORT_ROW:
         keys = _order_key(rows)
         index = jnp.arange(rows.shape[1])
@@ -412,7 +408,5 @@ def nm_group_topk(scores: jax.Array, pattern: str | Pattern, counts: Any) -> jax
     """
     pattern = as_pattern(pattern)
     rows = nm_groups(scores, pattern)
-    if rows.shape[0] == 0:
-        return jnp.zeros(np.shape(scores), bool)
     counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (rows.shape[0],))
     return nm_ungroup(_topk_rows(rows, counts), pattern, np.shape(scores))

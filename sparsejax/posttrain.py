@@ -39,13 +39,14 @@ from jax import lax
 
 from sparsejax.patterns import (
     Pattern,
+    _topk_rows,
     as_pattern,
     pattern_density,
     pattern_mask,
     per_output_mask,
 )
 from sparsejax.topk import num_kept, topk_mask
-from sparsejax.validation import check_finite, check_sparsity
+from sparsejax.validation import check_finite, check_finite_number, check_int, check_sparsity
 
 __all__ = [
     "PrunedLayer",
@@ -73,14 +74,12 @@ class PrunedLayer(NamedTuple):
 
 def _density(pattern: Pattern, sparsity: Any) -> Any:
     """The density to keep from a ``sparsity`` (fraction removed) and a pattern."""
-    if sparsity is not None:
-        check_sparsity(sparsity)
-        if pattern.fixed_density is not None:
-            return pattern_density(pattern, 1.0 - float(sparsity))
-        return 1.0 - float(sparsity)
-    if pattern.fixed_density is None:
-        raise ValueError(f"pattern {pattern} needs a sparsity (fraction removed)")
-    return pattern.fixed_density
+    if sparsity is None:
+        if pattern.fixed_density is None:
+            raise ValueError(f"pattern {pattern} needs a sparsity (fraction removed)")
+        return pattern.fixed_density
+    check_sparsity(sparsity)
+    return pattern_density(pattern, 1.0 - float(sparsity))
 
 
 def _check_kernel(kernel: Any, inputs: Any = None,
@@ -200,11 +199,10 @@ def sparsegpt_prune(kernel: jax.Array, inputs: jax.Array,
     pattern = as_pattern(pattern)
     kernel, inputs = _check_kernel(kernel, inputs, required=True)
     density = _density(pattern, sparsity)
-    if not isinstance(blocksize, (int, np.integer)) or isinstance(blocksize, bool) \
-            or blocksize < 1:
-        raise ValueError(f"blocksize must be an integer >= 1, got {blocksize!r}")
-    if not np.isfinite(percdamp) or percdamp < 0:
-        raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
+    check_int(blocksize, "blocksize", minimum=1)
+    check_finite_number(percdamp, "percdamp")
+    if percdamp < 0:
+        raise ValueError(f"percdamp must be >= 0, got {percdamp!r}")
     if pattern.kind == "nm":
         pattern.check_shape(kernel.shape, where="kernel")
         if pattern.axis not in (-2, 0):
@@ -273,8 +271,7 @@ def _sparsegpt(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
                     group_diag = lax.dynamic_slice(block_diag, (j,), (m,))
                     group_unseen = lax.dynamic_slice(block_unseen, (j,), (m,))
                     scores = saliency(group, group_diag[None, :], group_unseen[None, :])
-                    group_keep = jax.vmap(lambda row: topk_mask(
-                        row, count=np.int32(pattern.n), check_finite_scores=False))(scores)
+                    group_keep = _topk_rows(scores, pattern.n)  # N of every row of M
                     return lax.dynamic_update_slice(keep, group_keep, (0, j))
 
                 keep = lax.cond(j % m == 0, choose, lambda keep: keep, keep)

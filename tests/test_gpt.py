@@ -19,7 +19,7 @@ from sparsejax.training.loop import TrainConfig, evaluate, make_eval_step, train
 
 TINY = dict(n_layer=1, n_embd=16, n_head=2, context=8)
 CONTEXT = 8
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare")
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare"
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,12 @@ def test_the_real_corpus():
     assert data.num_classes == 65 and data.input_shape == (64,)
     assert len(data.train_labels) == int(1115394 * 0.9) - 64
     assert data.test_images.shape == ((1115394 - int(1115394 * 0.9) - 1) // 64, 64)
+
+
+def test_text_datasets_refuse_a_validation_split(corpus):
+    """Overlapping windows would leak the held-out text into training."""
+    from sparsejax.data import split_validation
+
+    data = load_dataset("tinyshakespeare", corpus, context=CONTEXT)
+    with pytest.raises(ValueError, match="overlapping text windows"):
+        split_validation(data, 10)

@@ -109,11 +109,13 @@ def test_unstructured_is_the_layer_topk():
     np.testing.assert_array_equal(mask.ravel(), reference_topk(scores.ravel(), 12))
 
 
-def test_per_output_mask_keeps_the_same_count_in_every_output():
-    scores = scores_of((10, 7), 4, True)
+@pytest.mark.parametrize("fan_in", [10, 40])  # a short row (pairwise ranks), a long one
+def test_per_output_mask_keeps_the_same_count_in_every_output(fan_in):
+    scores = scores_of((fan_in, 7), 4, True)
     mask = np.asarray(per_output_mask(scores, 0.3))
     for o in range(7):
-        np.testing.assert_array_equal(mask[:, o], reference_topk(scores[:, o], 3))
+        np.testing.assert_array_equal(mask[:, o], reference_topk(scores[:, o],
+                                                                 num_kept(0.3, fan_in)))
 
 
 def test_pattern_mask_works_under_jit():

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparsejax import posttrain_sequential
 from sparsejax.models.mlp import MLP
 from sparsejax.posttrain import (
     input_hessian,
@@ -244,7 +245,7 @@ def test_sequential_driver_names_the_layer_that_does_not_fit():
                              "unstructured", 0.5)
 
 
-def test_sequential_driver_takes_one_pattern_per_layer_and_checks_all_first():
+def test_sequential_driver_takes_one_pattern_per_layer_and_checks_all_first(monkeypatch):
     params = MLP(num_classes=4, hidden=(8,)).init(jax.random.key(0), jnp.zeros((1, 16)))["params"]
     x = jax.random.normal(jax.random.key(1), (20, 16))
     pruned, report = prune_mlp_sequential(params, x, "magnitude", {"fc1": "4:8", "head": "2:4"})
@@ -254,5 +255,10 @@ def test_sequential_driver_takes_one_pattern_per_layer_and_checks_all_first():
         prune_mlp_sequential(params, x, "magnitude", {"fc1": "4:8"})
     with pytest.raises(ValueError, match="unknown post-training method"):
         prune_mlp_sequential(params, x, "obs", "2:4")
+    # head does not fit: refused before fc1 is pruned
+    pruned_layers = []
+    monkeypatch.setattr(posttrain_sequential, "prune_layer",
+                        lambda *args, **kw: pruned_layers.append(args) or None)
     with pytest.raises(ValueError, match="head/kernel: .*not divisible by 16"):
         prune_mlp_sequential(params, x, "wanda", {"fc1": "8:16", "head": "8:16"})
+    assert pruned_layers == []

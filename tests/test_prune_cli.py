@@ -47,7 +47,8 @@ def test_every_group_of_the_pruned_kernels_keeps_n_and_sparsegpt_beats_magnitude
     errors = {m: [layer["reconstruction_error"] for layer in r["layers"]]
               for m, r in results.items()}
     assert errors["sparsegpt"][0] < errors["magnitude"][0]  # fc1, the same inputs
-    assert results["sparsegpt"]["sparsity"] == pytest.approx(0.7, abs=0.01)
+    # per block of 128 columns: 192 of 640 and 48 of 160 kept, 240 of 800 in all
+    assert results["sparsegpt"]["sparsity"] == pytest.approx(0.7, abs=1e-9)
     # the N:M counts, on the pruned kernels themselves
     from sparsejax.posttrain_sequential import prune_mlp_sequential
 
@@ -56,7 +57,7 @@ def test_every_group_of_the_pruned_kernels_keeps_n_and_sparsegpt_beats_magnitude
                                      finished.run.dataset.train_images[:128], "wanda", "2:4")
     for layer in ("fc1", "head"):
         nonzero = nm_groups(jnp.asarray(pruned[layer]["kernel"]) != 0, "2:4").sum(axis=1)
-        assert np.all(np.asarray(nonzero) <= 2)
+        assert np.all(np.asarray(nonzero) == 2)  # Wanda keeps trained, non-zero weights
 
 
 def test_bad_requests_are_one_line_errors(run_dir, capsys, tmp_path):

@@ -82,7 +82,12 @@ def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
     def init(params: Any, rng: jax.Array, model_state: Any = None,
              context: InitContext | None = None) -> SparseState:
         model_state = {} if model_state is None else model_state
-        masks = make_masks(params, jax.random.fold_in(rng, 0x6D61736B), model_state, context)
+        try:  # e.g. select_masks naming a leaf that cannot carry the method's pattern
+            masks = make_masks(params, jax.random.fold_in(rng, 0x6D61736B), model_state,
+                               context)
+        except ValueError as error:
+            raise ValueError(str(error) if str(error).startswith(f"{name}:")
+                             else f"{name}: {error}") from None
         check_same_structure(params, masks)
         if fresh_init:
             if context is None or context.init_params is None:
@@ -148,10 +153,7 @@ def static(
     def make_masks(params: Any, rng: jax.Array, model_state: Any,
                    context: InitContext | None) -> Any:
         del model_state, context
-        try:  # select_masks checks every patterned leaf's shape, naming the misfits
-            return select_masks(random_scores(params, rng), 1.0 - sparsity, distribution,
-                                prunable=prunable, overrides=overrides, pattern=pattern)
-        except ValueError as error:
-            raise ValueError(f"{name}: {error}") from None
+        return select_masks(random_scores(params, rng), 1.0 - sparsity, distribution,
+                            prunable=prunable, overrides=overrides, pattern=pattern)
 
     return fixed_mask(optimizer, make_masks, name=name)

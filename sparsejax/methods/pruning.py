@@ -414,9 +414,9 @@ def snip(
            [False, False]], dtype=bool)
     """
 
-    for option, value in (("prune_biases", prune_biases), ("fresh_init", fresh_init)):
-        if not isinstance(value, bool):
-            raise TypeError(f"snip option {option} must be true or false, got {value!r}")
+    if not isinstance(prune_biases, bool):  # fresh_init: fixed_mask checks it
+        raise TypeError(f"snip option prune_biases must be true or false, got "
+                        f"{prune_biases!r}")
     if prune_biases:
         if distribution != "global":
             raise ValueError(f"snip prune_biases=True puts the biases in the reference code's "
