@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "train_config"]
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -135,14 +135,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     return parser, handlers
 
 
-def _train(args: argparse.Namespace) -> int:
-    from sparsejax.training.loop import TrainConfig, train
+def train_config(args: argparse.Namespace) -> Any:
+    """The :class:`~sparsejax.training.loop.TrainConfig` that ``sparsejax train`` runs for
+    the parsed ``args`` (its training fields still unresolved: the recipe fills them)."""
+    from sparsejax.training.loop import TrainConfig
 
-    fields = {f for f in TrainConfig.__dataclass_fields__}
+    fields = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["model_options"] = dict(args.model_options)
     values["method_options"] = dict(args.method_options)
-    config = TrainConfig(**values)
+    return TrainConfig(**values)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sparsejax.training.loop import train
+
+    config = train_config(args)
     _print_recipe(config)
     result = train(config)
     print(
@@ -150,7 +158,7 @@ def _train(args: argparse.Namespace) -> int:
         f"test accuracy {100 * result['test_accuracy']:.2f}% at sparsity "
         f"{100 * result['sparsity']:.2f}% after {result['steps']} steps "
         f"({result['wall_seconds']:.1f} s); result in "
-        f"{TrainConfig(**values).out or TrainConfig(**values).default_out()}/result.json"
+        f"{config.out or config.default_out()}/result.json"
     )
     return 0
 

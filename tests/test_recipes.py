@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsejax.cli import build_parser, main
+from sparsejax.cli import build_parser, main, train_config
 from sparsejax.methods import METHODS
 from sparsejax.training.loop import TrainConfig
 from sparsejax.training.recipes import LIBRARY_DEFAULTS, RECIPES, resolve_recipe
@@ -56,14 +56,9 @@ RECORDED = {  # method -> (training, distribution, model options, method options
 
 
 def bare(argv: list[str]) -> TrainConfig:
-    """The TrainConfig that ``sparsejax train ARGV`` builds, before resolution."""
+    """The TrainConfig that ``sparsejax train ARGV`` runs, before resolution."""
     parser, _ = build_parser()
-    args = parser.parse_args(["train", *argv])
-    fields = set(TrainConfig.__dataclass_fields__)
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["model_options"] = dict(args.model_options)
-    values["method_options"] = dict(args.method_options)
-    return TrainConfig(**values)
+    return train_config(parser.parse_args(["train", *argv]))
 
 
 def test_every_registered_method_has_a_recorded_row():

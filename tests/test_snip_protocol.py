@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from sparsejax.checkpoint import Checkpointer
-from sparsejax.cli import build_parser
+from sparsejax.cli import build_parser, train_config
 from sparsejax.data import Dataset, load_dataset, split_validation
 from sparsejax.methods import InitContext
 from sparsejax.methods.pruning import snip
@@ -247,9 +247,20 @@ def test_cli_flags_reach_the_config():
         ["train", "--lr-schedule", "step", "--lr-decay-every", "25000", "--validation-size",
          "6000", "--method-option", "prune_biases=true", "--model-option",
          "kernel_init=lecun_normal"])
-    assert (args.lr_schedule, args.lr_decay_every, args.validation_size) == ("step", 25000, 6000)
-    assert dict(args.method_options) == {"prune_biases": True}
-    assert dict(args.model_options) == {"kernel_init": "lecun_normal"}
+    config = train_config(args)  # what sparsejax train runs
+    assert (config.lr_schedule, config.lr_decay_every, config.validation_size) == (
+        "step", 25000, 6000)
+    assert config.method_options == {"prune_biases": True}
+    assert config.model_options == {"kernel_init": "lecun_normal"}
     defaults = build_parser()[0].parse_args(["train"])
     assert (defaults.lr_decay_every, defaults.validation_size) == (0, 0)
     assert (TrainConfig().lr_decay_every, TrainConfig().validation_size) == (0, 0)
+
+
+def test_the_step_schedule_is_checked_before_any_data_loads(tmp_path):
+    # the data folder does not exist: the schedule's error must come first
+    missing = str(tmp_path / "no_mnist")
+    with pytest.raises(ValueError, match="needs lr_decay_every"):
+        prepare(TrainConfig(dataset="mnist", data_dir=missing, steps=1, lr_schedule="step"))
+    with pytest.raises(ValueError, match="needs lr_schedule 'step'"):
+        prepare(TrainConfig(dataset="mnist", data_dir=missing, steps=1, lr_decay_every=5))

@@ -6,7 +6,8 @@ import numbers
 
 import optax
 
-__all__ = ["OPTIMIZERS", "LR_SCHEDULES", "make_optimizer", "step_lr_schedule"]
+__all__ = ["OPTIMIZERS", "LR_SCHEDULES", "make_optimizer", "check_lr_schedule",
+           "step_lr_schedule"]
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -35,17 +36,13 @@ def make_optimizer(
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr schedule {lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+    check_lr_schedule(lr_schedule, lr_decay_every)
     if learning_rate <= 0:
         raise ValueError(f"learning rate must be positive, got {learning_rate}")
     if weight_decay < 0:
         raise ValueError(f"weight decay must be >= 0, got {weight_decay}")
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    if lr_schedule != "step" and lr_decay_every:
-        raise ValueError(f"lr_decay_every (CLI: --lr-decay-every) sets the step schedule; "
-                         f"it needs lr_schedule 'step', got {lr_schedule!r}")
     if lr_schedule == "cosine":
         schedule = optax.cosine_decay_schedule(learning_rate, total_steps)
     elif lr_schedule == "step":
@@ -59,6 +56,25 @@ def make_optimizer(
     if weight_decay:
         return optax.chain(optax.add_decayed_weights(weight_decay), base)
     return optax.chain(base)
+
+
+def check_lr_schedule(lr_schedule: str, lr_decay_every: int = 0) -> None:
+    """Raise ``ValueError`` unless ``lr_schedule`` is known and ``lr_decay_every`` is set
+    exactly when it is ``'step'`` (``sparsejax train`` checks this before loading data).
+
+    >>> check_lr_schedule("step", 25_000)
+    >>> check_lr_schedule("cosine", 25_000)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: lr_decay_every (CLI: --lr-decay-every) sets the step schedule; ...
+    """
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+    if lr_schedule != "step" and lr_decay_every:
+        raise ValueError(f"lr_decay_every (CLI: --lr-decay-every) sets the step schedule; "
+                         f"it needs lr_schedule 'step', got {lr_schedule!r}")
+    if lr_schedule == "step":
+        step_lr_schedule(1.0, lr_decay_every)  # checks lr_decay_every
 
 
 def step_lr_schedule(learning_rate: float, decay_every: int,

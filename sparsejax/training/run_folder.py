@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sparsejax.checkpoint import Checkpointer, NoValidCheckpointError
+from sparsejax.training.optim import check_lr_schedule
 from sparsejax.training.parallel import PARALLEL_MODES
 from sparsejax.validation import check_finite_number, check_int, check_sparsity
 
@@ -45,6 +46,7 @@ def check_config(config: TrainConfig) -> None:
     check_int(config.init_batches, "--init-batches", minimum=0)
     check_int(config.validation_size, "--validation-size", minimum=0)
     check_int(config.lr_decay_every, "--lr-decay-every", minimum=0)
+    check_lr_schedule(config.lr_schedule, config.lr_decay_every)  # before any data loads
     check_finite_number(config.max_skipped_fraction, "--max-skipped-fraction")
     if not 0 <= config.max_skipped_fraction <= 1:
         raise ValueError(f"--max-skipped-fraction must lie in [0, 1], got "
