@@ -11,7 +11,9 @@ optimizer state and data order as the uninterrupted run (the state at ``k`` is r
 whole, with the new masks; pruned weights are zero and stay zero). Controls branch off
 each round with the round's mask: ``reinit`` (the same mask on a fresh random
 initialisation) and ``random_mask`` (a random mask with the same kept count in every
-layer, on the rewind weights).
+layer, on the rewind weights). With a sparsity ``pattern`` (``--pattern 2:4``,
+``block:4``, ``channel``) every round prunes by magnitude within it and the random mask
+keeps the same counts per group (the rules: :mod:`sparsejax.lottery_masks`).
 
 Each run lives in ``OUT_ROOT/<model>_<dataset>_<hash>``, the hash taken over the
 hyperparameters that differ from :class:`LotteryConfig`'s defaults (and over none of
@@ -28,7 +30,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -46,6 +47,12 @@ from sparsejax._tree import leaf_paths
 from sparsejax.checkpoint import Checkpointer
 from sparsejax.data import Dataset, epoch_permutation, load_dataset, steps_per_epoch
 from sparsejax.distributions import select_masks
+from sparsejax.lottery_masks import (
+    check_lottery_pattern,
+    pattern_imp_masks,
+    pattern_random_mask,
+    round_counts,
+)
 from sparsejax.masks import (
     Prunable,
     default_prunable,
@@ -57,6 +64,7 @@ from sparsejax.methods.base import Method, SparseState
 from sparsejax.methods.fixed import fixed_mask, random_scores
 from sparsejax.methods.pruning import exclude_pruned, magnitude_scores
 from sparsejax.models import get_model, init_model
+from sparsejax.patterns import as_pattern
 from sparsejax.provenance import provenance
 from sparsejax.training.loop import classification_loss, make_eval_step
 from sparsejax.training.optim import make_optimizer
@@ -116,6 +124,8 @@ class LotteryConfig:
       rewind: the rewind step, ``'0'`` (to init), ``'500it'`` or ``'2ep'``.
       controls: branches trained each round beside the ticket, from :data:`CONTROLS`.
       control_rounds: the rounds that get the controls (``None``: every round >= 1).
+      pattern: the sparsity pattern each round prunes within (:mod:`sparsejax.patterns`;
+        rules in :mod:`sparsejax.lottery_masks`); hashed only when not ``'unstructured'``.
       out: the run folder itself (``None``: ``out_root/<model>_<dataset>_<hash>``, see
         :func:`run_folder`).
     """
@@ -131,6 +141,7 @@ class LotteryConfig:
     rewind: str = "0it"
     controls: tuple[str, ...] = ("reinit",)
     control_rounds: tuple[int, ...] | None = None
+    pattern: str = "unstructured"
     epochs: int | None = None
     steps: int | None = None
     batch_size: int = 60
@@ -159,6 +170,8 @@ class LotteryConfig:
         unknown = [c for c in self.controls if c not in CONTROLS]
         if unknown:
             raise ValueError(f"unknown control(s) {unknown}; known: {', '.join(CONTROLS)}")
+        check_lottery_pattern(self.pattern, self.prune_fraction, self.output_fraction,
+                              self.distribution, self.rounds)
 
 
 _UNHASHED = ("rounds", "controls", "control_rounds", "out_root", "out", "data_dir")
@@ -210,19 +223,6 @@ def _check_same_run(root: Path, config: LotteryConfig) -> None:
 # --------------------------------------------------------------------------- pruning
 
 
-def round_counts(size: int, fraction: float, rounds: int) -> int:
-    """Weights kept of ``size`` after ``rounds`` rounds that each remove
-    ``ceil(fraction * remaining)``.
-
-    >>> [round_counts(1000, 0.2, r) for r in range(4)]
-    [1000, 800, 640, 512]
-    """
-    kept = size
-    for _ in range(rounds):
-        kept -= math.ceil(fraction * kept - 1e-9)
-    return kept
-
-
 def _output_filter(config: LotteryConfig) -> tuple[Prunable, str | None]:
     """The prunable filter and the output layer's regex (``None`` when it is dense or
     pruned like the others)."""
@@ -248,6 +248,11 @@ def imp_masks(config: LotteryConfig, params: PyTree, masks: PyTree, round_index:
            [ True, False]], dtype=bool)
     """
     prunable, output = _output_filter(config)
+    if as_pattern(config.pattern).kind != "unstructured":
+        return pattern_imp_masks(
+            as_pattern(config.pattern), params, masks, round_index, prunable,
+            lambda p: config.output_fraction if output and re.fullmatch(output, p)
+            else config.prune_fraction)
     paths = leaf_paths(params)
     leaves = jax.tree_util.tree_leaves(params)
     sizes = {p: int(np.size(leaf)) for p, leaf in zip(paths, leaves, strict=True)
@@ -272,8 +277,12 @@ def imp_masks(config: LotteryConfig, params: PyTree, masks: PyTree, round_index:
     return select_masks(scores, density, "global", prunable=prunable, overrides=overrides)
 
 
-def _same_counts_random_mask(masks: PyTree, rng: jax.Array, prunable: Prunable) -> PyTree:
-    """A random mask with the kept count of ``masks`` in every prunable leaf."""
+def _same_counts_random_mask(masks: PyTree, rng: jax.Array, prunable: Prunable,
+                             pattern: str = "unstructured") -> PyTree:
+    """A random mask with the kept count of ``masks`` in every prunable leaf (and in
+    every group of a structured ``pattern``)."""
+    if as_pattern(pattern).kind != "unstructured":
+        return pattern_random_mask(as_pattern(pattern), masks, rng, prunable)
     paths = leaf_paths(masks)
     leaves = jax.tree_util.tree_leaves(masks)
     overrides = {f"^{re.escape(p)}$": float(np.mean(np.asarray(m)))
@@ -488,7 +497,7 @@ def run_lottery(config: LotteryConfig, *, verbose: bool = True,
                 fresh, _ = trainer.init_params(key)
                 branch_start = start.replace(params=zero_masked(fresh, masks))
             else:
-                rmasks = _same_counts_random_mask(masks, key, prunable)
+                rmasks = _same_counts_random_mask(masks, key, prunable, config.pattern)
                 branch_start = rewind_state.replace(
                     params=zero_masked(rewind_state.params, rmasks), masks=rmasks)
             controls[control], _ = _branch(trainer, folder / control, branch_start,
@@ -619,6 +628,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, from: {', '.join(CONTROLS)} (or 'none')")
     parser.add_argument("--control-rounds", type=int, nargs="*", default=None,
                         help="rounds that get the controls (default: all)")
+    parser.add_argument("--pattern", default=d.pattern,
+                        help="sparsity pattern of every round: unstructured, N:M (the "
+                             "rounds step N down to it), block:B or channel")
     length = parser.add_mutually_exclusive_group(required=True)
     length.add_argument("--epochs", type=int, default=None, help="epochs per round")
     length.add_argument("--steps", type=int, default=None, help="steps per round")
@@ -652,7 +664,8 @@ def _config_from_args(args: argparse.Namespace) -> LotteryConfig:
         output_fraction=None if output in ("same", "None") else float(output),
         output_layer=args.output_layer, distribution=args.distribution, rewind=args.rewind,
         controls=controls, control_rounds=None if args.control_rounds is None
-        else tuple(args.control_rounds), epochs=args.epochs, steps=args.steps,
+        else tuple(args.control_rounds), pattern=str(as_pattern(args.pattern)),
+        epochs=args.epochs, steps=args.steps,
         batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, seed=args.seed,

@@ -213,8 +213,9 @@ def test_dst_pattern_errors():
     sgd = optax.sgd(0.1)
     with pytest.raises(ValueError, match=r"rigl: pattern 2:4 fixes the density at 0.5"):
         rigl(sgd, sparsity=0.8, total_steps=10, pattern="2:4")
-    with pytest.raises(ValueError, match=r"regrowth of pattern block:4 .*not implemented"):
-        rigl(sgd, sparsity=0.5, total_steps=10, pattern="block:4")
+    with pytest.raises(ValueError, match=r"rigl: .*distribution 'global' ranks single"):
+        rigl(sgd, sparsity=0.5, total_steps=10, distribution="global",
+             pattern="block:4").init(mlp_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
     with pytest.raises(ValueError, match=r"N:M pattern needs 1 <= N <= M, got N=3, M=2"):
         rigl(sgd, sparsity=0.5, total_steps=10, pattern="3:2")
     method = rigl(sgd, sparsity=0.5, total_steps=10, pattern="4:8")
@@ -242,8 +243,8 @@ def test_one_shot_pattern_errors():
         get_method("static", optax.sgd(0.1), sparsity=0.9, pattern="2:4")
     with pytest.raises(ValueError, match="snip: pattern 2:4 fixes the density at 0.5"):
         get_method("snip", optax.sgd(0.1), sparsity=0.75, pattern="2:4")
-    with pytest.raises(ValueError, match="pruning at init"):
-        get_method("magnitude", optax.sgd(0.1), sparsity=0.5, prune_step=5, pattern="2:4")
+    with pytest.raises(ValueError, match="magnitude: pattern 2:4 fixes the density at 0.5"):
+        get_method("magnitude", optax.sgd(0.1), sparsity=0.7, prune_step=5, pattern="2:4")
 
 
 # ---------------------------------------------------------------------------- strong

@@ -41,8 +41,12 @@ and every update keeps it so: the drop is the same leaf-wide choice of the ``n_d
 lowest drop scores among the active weights, and each group then grows back exactly as
 many as it lost, the highest grow scores among its own inactive weights
 (:func:`sparsejax.patterns.nm_group_topk`). Regrowth therefore stays in the leaf and the
-group: SNFS's redistribution among leaves does not apply under N:M. Block and channel
-patterns are not supported by this engine (a ``ValueError``).
+group: SNFS's redistribution among leaves does not apply under N:M. With ``'block:B'``
+or ``'channel'`` the engine moves whole blocks or output channels
+(:func:`regrow_masks_units`): each leaf drops the ``n_drop`` active units (blocks or
+channels, counted by the drop-count rule) with the lowest summed drop score and grows as
+many inactive units with the highest summed grow score, so every leaf keeps its count of
+units (no redistribution among leaves here either).
 """
 
 from __future__ import annotations
@@ -86,7 +90,14 @@ from sparsejax.methods.fixed import (
     static,
 )
 from sparsejax.methods.registry import register_method
-from sparsejax.patterns import Pattern, as_pattern, nm_group_topk, nm_groups
+from sparsejax.patterns import (
+    Pattern,
+    as_pattern,
+    nm_group_topk,
+    nm_groups,
+    pattern_counts,
+    pattern_topk,
+)
 from sparsejax.schedules import Schedule, constant, cosine_drop_fraction, is_update_step
 from sparsejax.topk import topk_mask
 from sparsejax.transforms import zero_masked
@@ -98,6 +109,7 @@ __all__ = [
     "prune_and_regrow",
     "regrow_masks",
     "regrow_masks_nm",
+    "regrow_masks_units",
     "reset_slots",
     "magnitude_drop",
     "noisy_magnitude_drop",
@@ -135,8 +147,8 @@ def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
     active, so ``sum(new) == sum(old) - n_drop + n_grow`` per leaf.
 
     With an N:M ``pattern`` (masks that hold exactly ``N`` per group) the new masks do
-    too: see :func:`regrow_masks_nm`. ``None`` or ``'unstructured'``: the rules as they
-    are.
+    too: see :func:`regrow_masks_nm`; with ``block:B`` or ``channel`` whole units move:
+    :func:`regrow_masks_units`. ``None`` or ``'unstructured'``: the rules as they are.
 
     >>> import jax, jax.numpy as jnp
     >>> s = Signals(params=[jnp.array([0.5, 0.1, 0.0, 0.0, 0.3])],
@@ -153,7 +165,7 @@ def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
         if pattern.kind == "nm":
             return regrow_masks_nm(rules, signals, fraction, pattern)
         if pattern.kind != "unstructured":
-            raise ValueError(_NO_BLOCK_REGROWTH.format(pattern=pattern))
+            return regrow_masks_units(rules, signals, fraction, pattern)
     sizes = jnp.array([m.size for m in signals.masks], jnp.int32)
     n_active = jnp.stack([jnp.sum(m, dtype=jnp.int32) for m in signals.masks])
     n_drop = jnp.minimum(rules.drop_counts(fraction, n_active), n_active)
@@ -166,10 +178,6 @@ def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
     new_masks = [k | _topk_count(jnp.where(k, -jnp.inf, g), n_grow[i])
                  for i, (k, g) in enumerate(zip(kept, grow_scores, strict=True))]
     return new_masks, n_drop, n_grow
-
-
-_NO_BLOCK_REGROWTH = ("prune-and-regrow keeps unstructured and N:M patterns; regrowth of "
-                      "pattern {pattern} (whole blocks or channels) is not implemented")
 
 
 def regrow_masks_nm(rules: RegrowRules, signals: Signals, fraction: jax.Array,
@@ -210,6 +218,45 @@ def regrow_masks_nm(rules: RegrowRules, signals: Signals, fraction: jax.Array,
         kept = _topk_count(jnp.where(m, d, -jnp.inf), n_active[i] - n_drop[i])
         lost = jnp.sum(nm_groups(m & ~kept, pattern), axis=1, dtype=jnp.int32)
         new_masks.append(kept | nm_group_topk(jnp.where(kept, -jnp.inf, g), pattern, lost))
+    return new_masks, n_drop, n_drop
+
+
+def regrow_masks_units(rules: RegrowRules, signals: Signals, fraction: jax.Array,
+                       pattern: Pattern) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """:func:`regrow_masks` under a ``block:B`` or ``channel`` ``pattern``: masks that
+    keep whole blocks or output channels keep them after the update, each leaf the same
+    number of units.
+
+    Per leaf, ``n_drop = drop_counts(fraction, active units)``: the active units with the
+    lowest sum of drop scores go (:func:`sparsejax.patterns.pattern_topk`), then as many
+    units grow, the highest sums of grow scores among the units inactive after the drop
+    (which may regrow a unit dropped in this update). Counts are in units, ``n_grow ==
+    n_drop``; ``rules.redistribute`` is not used. A leaf that cannot carry the pattern
+    (one an override keeps dense) is left as it is.
+
+    >>> import jax, jax.numpy as jnp
+    >>> s = Signals(params=[jnp.array([[0.5, 0.1, 0.0], [0.4, 0.2, 0.0]])],
+    ...             masks=[jnp.array([[True, True, False], [True, True, False]])],
+    ...             grads=[jnp.array([[0.0, 0.0, 0.3], [0.0, 0.0, 0.4]])], momentum=None,
+    ...             key=jax.random.PRNGKey(0))
+    >>> rules = RegrowRules(magnitude_drop, gradient_grow, round_fraction, same_leaf)
+    >>> masks, n_drop, n_grow = regrow_masks(rules, s, jnp.float32(0.5), as_pattern("channel"))
+    >>> masks[0][0], int(n_drop[0]), int(n_grow[0])  # channel 1 (|w| 0.3) moves to 2
+    (Array([ True, False,  True], dtype=bool), 1, 1)
+    """
+    fits = [_fits(pattern, m.shape) for m in signals.masks]
+    n_active = jnp.stack([pattern_counts(m, pattern) if ok else jnp.int32(0)
+                          for m, ok in zip(signals.masks, fits, strict=True)])
+    n_drop = jnp.minimum(rules.drop_counts(fraction, n_active), n_active)
+    new_masks = []
+    for i, (m, d, g) in enumerate(zip(signals.masks, rules.drop_scores(signals),
+                                      rules.grow_scores(signals), strict=True)):
+        if not fits[i]:
+            new_masks.append(m)
+            continue
+        kept = pattern_topk(jnp.where(m, d, -jnp.inf), pattern, n_active[i] - n_drop[i])
+        new_masks.append(kept | pattern_topk(jnp.where(kept, -jnp.inf, g), pattern,
+                                             n_drop[i]))
     return new_masks, n_drop, n_drop
 
 
@@ -282,10 +329,11 @@ def prune_and_regrow(
         ``state.extra['grad_momentum']`` for the rules (SNFS).
       prunable, overrides: which leaves are sparse, as in :func:`sparsejax.static`.
       name: the method's name.
-      pattern: ``'unstructured'`` (default) or ``'N:M'``: every group of ``M`` keeps
-        exactly ``N`` from init to the end (see the module docstring); ``sparsity`` must
-        then be ``1 - N / M``. A prunable leaf that cannot carry the pattern is an error
-        at ``init``, naming it.
+      pattern: ``'unstructured'`` (default), ``'N:M'``: every group of ``M`` keeps
+        exactly ``N`` from init to the end (``sparsity`` must then be ``1 - N / M``), or
+        ``'block:B'`` / ``'channel'``: whole blocks or output channels move, each leaf
+        keeping its count of them (see the module docstring). A prunable leaf that
+        cannot carry the pattern is an error at ``init``, naming it.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> rules = RegrowRules(magnitude_drop, random_grow, round_fraction, same_leaf)
@@ -303,8 +351,6 @@ def prune_and_regrow(
     if momentum is not None and not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum (moving-average factor) must lie in [0, 1), got {momentum}")
     pattern = as_pattern(pattern)
-    if pattern.kind not in ("unstructured", "nm"):
-        raise ValueError(f"{name}: " + _NO_BLOCK_REGROWTH.format(pattern=pattern))
     chained = masked_optimizer(optimizer)
     # the random start mask: static's, its pattern checked and named as this method
     start = static(optimizer, sparsity, distribution, prunable=prunable, overrides=overrides,

@@ -10,13 +10,17 @@ steps) recompute it inside ``update`` under ``jit`` at the steps of a schedule.
 The score functions live in :mod:`sparsejax.methods.pruning_scores` (re-exported here).
 Scores of weights that are already pruned are set to ``-1`` before a new selection
 (every score here is non-negative), so a weight once pruned is never chosen again.
+
+Every method here takes a sparsity ``pattern`` (:mod:`sparsejax.patterns`); where the
+density follows a schedule (SynFlow's rounds, gradual and scheduled magnitude pruning)
+every intermediate mask obeys it too (:mod:`sparsejax.methods.pruning_tables`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +28,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from sparsejax.distributions import kept_counts, select_masks
+from sparsejax.distributions import select_masks
 from sparsejax.masks import Prunable, default_prunable
 from sparsejax.methods.base import (
     InitContext,
@@ -48,10 +52,15 @@ from sparsejax.methods.pruning_scores import (
     snip_scores,
     synflow_scores,
 )
+from sparsejax.methods.pruning_tables import (
+    _CountTable,
+    _PatternTable,
+    masks_for_densities,
+    pattern_masks_for_densities,
+)
 from sparsejax.methods.registry import register_method
-from sparsejax.patterns import Pattern, as_pattern, method_pattern
+from sparsejax.patterns import Pattern, as_pattern, method_pattern, pattern_density
 from sparsejax.schedules import cubic_sparsity
-from sparsejax.topk import topk_mask
 from sparsejax.transforms import zero_masked
 from sparsejax.validation import check_int, check_sparsity
 
@@ -80,75 +89,27 @@ PyTree = Any
 # --------------------------------------------------------------------------- selection
 
 
-def masks_for_densities(
-    params: PyTree, densities: Sequence[float], distribution: str = "global", *,
-    prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
-) -> Callable[[PyTree, jax.Array], PyTree]:
-    """``select(scores, index) -> masks`` keeping the total ``densities[index]``, where
-    ``index`` may be traced: the per-leaf split of each density is computed here once (on
-    the host, from shapes) and the selection under ``jit`` is :func:`sparsejax.topk_mask`
-    with a traced density. It is :func:`select_masks` for schedules of densities.
-
-    >>> import jax.numpy as jnp
-    >>> select = masks_for_densities({"w": jnp.zeros((2, 2))}, [0.75, 0.25], "uniform")
-    >>> select({"w": jnp.array([[4.0, 3.0], [2.0, 1.0]])}, jnp.int32(1))["w"]
-    Array([[ True, False],
-           [False, False]], dtype=bool)
-    """
-    return _CountTable.of(params, densities, distribution, prunable, overrides).select
-
-
-class _CountTable(NamedTuple):
-    """The kept counts of each of several densities, from shapes alone: row ``j`` of
-    ``counts`` holds those of the leaves ``fixed`` (one column each); the leaves ``shared``
-    (distribution ``'global'``) keep ``shared_counts[j]`` jointly. Hashable, so it can be
-    a static argument of a compiled function."""
-
-    counts: tuple[tuple[int, ...], ...]
-    shared_counts: tuple[int, ...]
-    fixed: tuple[int, ...]
-    shared: tuple[int, ...]
-
-    @classmethod
-    def of(cls, params: PyTree, densities: Sequence[float], distribution: str,
-           prunable: Prunable, overrides: Mapping[str, float] | None) -> _CountTable:
-        if not densities:
-            raise ValueError("give at least one density")
-        plans = [kept_counts(params, float(d), distribution, prunable=prunable,
-                             overrides=overrides) for d in densities]
-        fixed = tuple(i for i, c in enumerate(plans[0].per_leaf) if c is not None)
-        return cls(tuple(tuple(p.per_leaf[i] for i in fixed) for p in plans),
-                   tuple(p.shared_count for p in plans), fixed, tuple(plans[0].shared))
-
-    def select(self, scores: PyTree, index: jax.Array) -> PyTree:
-        # numpy, then jnp here: select may first run inside a trace, and a jnp array
-        # made there and kept would leak that trace into later calls
-        counts = jnp.asarray(np.array(self.counts, np.int32).reshape(
-            len(self.shared_counts), len(self.fixed)))
-        shared_counts = jnp.asarray(np.array(self.shared_counts, np.int32))
-        score_leaves, treedef = jax.tree_util.tree_flatten(scores)
-        masks: list[Any] = [jnp.ones(np.shape(s), bool) for s in score_leaves]
-        if self.fixed:  # one search call, a count per leaf
-            chosen = topk_mask([score_leaves[i] for i in self.fixed],
-                               count=list(counts[index]), check_finite_scores=False)
-            for i, m in zip(self.fixed, chosen, strict=True):
-                masks[i] = m
-        if self.shared:
-            chosen = topk_mask([score_leaves[i] for i in self.shared],
-                               count=shared_counts[index], scope="global",
-                               check_finite_scores=False)
-            for i, m in zip(self.shared, chosen, strict=True):
-                masks[i] = m
-        return jax.tree_util.tree_unflatten(treedef, masks)
-
-
 def synflow_masks(
     apply_fn: ApplyFn, params: PyTree, model_state: PyTree, input_shape: tuple[int, ...],
-    density: float, distribution: str = "global", *, iterations: int = 100,
+    density: float | None, distribution: str = "global", *, iterations: int = 100,
+    pattern: str | Pattern = "unstructured",
     prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
 ) -> PyTree:
     """Iterative SynFlow: ``iterations`` rounds of scoring and pruning, round ``k`` keeping
     ``density ** (k / iterations)`` (an exponential schedule), pruned weights excluded.
+
+    With a structured ``pattern`` every round's mask obeys it
+    (:func:`~sparsejax.methods.pruning_tables.pattern_masks_for_densities`): ``block:B``
+    and ``channel`` rounds keep whole blocks or output channels, ranked by the sum of
+    their SynFlow scores, each layer at the density the distribution gives it (not
+    ``'global'``). ``N:M`` fixes the density at ``N / M`` (``density`` may be ``None``)
+    and the schedule runs inside the groups: round ``k`` keeps
+    ``num_kept(density ** (k / iterations), M)`` of every group of ``M``, so the masks
+    step through ``M-1:M``, ..., ``N:M`` as the exponential schedule passes those
+    densities, and the last round holds exactly ``N`` per group. Each group is a
+    separate top-k, so weights compete within their group only, as the pattern forces
+    in the end; rounds that would keep the count of the round before change nothing and
+    are skipped (at most ``M - N + 1`` rounds are scored).
 
     >>> import jax.numpy as jnp
     >>> f = lambda p, s, x: x @ p["a"] @ p["b"]
@@ -156,11 +117,27 @@ def synflow_masks(
     >>> m = synflow_masks(f, p, {}, (1,), 0.5, iterations=4)
     >>> int(m["a"].sum() + m["b"].sum())
     2
+    >>> m = synflow_masks(f, p, {}, (1,), None, iterations=4, pattern="1:2",
+    ...                   overrides={"a": 1.0})  # a dense; b keeps 1 of its 2 inputs:
+    >>> m["b"].ravel().astype(int), m["a"].ravel().astype(int)  # the flow 2*3 > 1*4
+    (Array([1, 0], dtype=int32), Array([1, 1], dtype=int32))
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
+    pattern = as_pattern(pattern)
+    try:
+        density = pattern_density(pattern, density)
+    except ValueError as error:
+        raise ValueError(f"synflow: {error}") from None
     schedule = [density ** (k / iterations) for k in range(1, iterations + 1)]
-    table = _CountTable.of(params, schedule, distribution, prunable, overrides)
+    if pattern.kind == "unstructured":
+        table = _CountTable.of(params, schedule, distribution, prunable, overrides)
+    else:
+        try:
+            table = _PatternTable.of(params, schedule, pattern, distribution, prunable,
+                                     overrides).distinct()
+        except ValueError as error:
+            raise ValueError(f"synflow: {error}") from None
     rounds = _synflow_rounds
     try:
         hash(apply_fn)
@@ -171,7 +148,8 @@ def synflow_masks(
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "input_shape", "table"))
 def _synflow_rounds(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
-                    input_shape: tuple[int, ...], table: _CountTable) -> PyTree:
+                    input_shape: tuple[int, ...], table: _CountTable | _PatternTable
+                    ) -> PyTree:
     """The rounds of :func:`synflow_masks`, compiled once per ``apply_fn``, shapes and
     counts (an eager loop over a fresh closure would compile again on every call)."""
     masks0 = jax.tree_util.tree_map(lambda p: jnp.ones(jnp.shape(p), bool), params)
@@ -232,12 +210,20 @@ def _needs_context(context: InitContext | None, name: str) -> InitContext:
 def scheduled_magnitude(
     optimizer: optax.GradientTransformation, steps: Sequence[int],
     sparsities: Sequence[float], distribution: str = "uniform", *,
-    prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
-    name: str = "scheduled_magnitude",
+    pattern: str | Pattern = "unstructured", prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None, name: str = "scheduled_magnitude",
 ) -> Method:
     """Magnitude pruning during training: after the update that reaches ``steps[j]`` the
     masks keep the largest ``|w|`` at ``sparsities[j]`` (pruned weights never return), and
     the newly pruned weights are set to exactly zero. Runs inside ``update`` under ``jit``.
+
+    With a structured ``pattern`` every pruning step's mask obeys it
+    (:func:`~sparsejax.methods.pruning_tables.pattern_masks_for_densities`): ``block:B``
+    and ``channel`` prune whole blocks or output channels (by the sum of their ``|w|``)
+    down to each step's layer density; ``N:M`` fixes the last sparsity at ``1 - N / M``
+    and steps the count per group down with the schedule: step ``j`` keeps
+    ``num_kept(1 - sparsities[j], M)`` of every group of ``M`` (e.g. 4:4, 3:4, 2:4).
+    The masks are checked against the params at ``init``.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> m = scheduled_magnitude(optax.sgd(0.0), [1], [0.5])
@@ -253,6 +239,7 @@ def scheduled_magnitude(
         raise ValueError(f"pruning steps must be increasing and >= 1, got {list(steps)}")
     for s in sparsities:
         check_sparsity(s)
+    pattern = method_pattern(pattern, sparsities[-1], name)
     chained = masked_optimizer(optimizer)
     steps_arr = jnp.asarray(np.asarray(steps, np.int32))
     pruning_steps = frozenset(steps)
@@ -261,6 +248,8 @@ def scheduled_magnitude(
     def init(params: PyTree, rng: jax.Array, model_state: Any = None,
              context: InitContext | None = None) -> SparseState:
         del context
+        if pattern.kind != "unstructured":
+            selector(params)  # the pattern's checks, before any training
         return SparseState.create(params=params, rng=rng, opt_state=chained.init(params),
                                   model_state=model_state)
 
@@ -269,9 +258,17 @@ def scheduled_magnitude(
                                         params)
         key = str(shapes)  # the per-leaf split depends on the shapes only
         if key not in select_holder:
-            select_holder[key] = masks_for_densities(
-                shapes, [1.0 - s for s in sparsities], distribution, prunable=prunable,
-                overrides=overrides)
+            densities = [1.0 - s for s in sparsities]
+            if pattern.kind == "unstructured":
+                select_holder[key] = masks_for_densities(
+                    shapes, densities, distribution, prunable=prunable, overrides=overrides)
+            else:
+                try:
+                    select_holder[key] = pattern_masks_for_densities(
+                        shapes, densities, pattern, distribution, prunable=prunable,
+                        overrides=overrides)
+                except ValueError as error:
+                    raise ValueError(f"{name}: {error}") from None
         return select_holder[key]
 
     def update_with(state: SparseState, grads: PyTree, due: jax.Array | bool) -> SparseState:
@@ -305,8 +302,9 @@ def magnitude(
     prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
 ) -> Method:
     """One-shot magnitude pruning: keep the largest ``|w|`` at init (``prune_step=0``) or
-    after ``prune_step`` steps of dense training, then train the survivors. ``pattern``
-    (e.g. ``"2:4"``, :mod:`sparsejax.patterns`) applies to pruning at init only.
+    after ``prune_step`` steps of dense training, then train the survivors, within
+    ``pattern`` (e.g. ``"2:4"``, :mod:`sparsejax.patterns`; after ``prune_step`` steps an
+    N:M pattern goes from dense to ``N:M`` in that one step).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> m = magnitude(optax.sgd(0.1), sparsity=0.5)
@@ -318,11 +316,9 @@ def magnitude(
     if prune_step < 0:
         raise ValueError(f"prune_step must be >= 0, got {prune_step}")
     if prune_step:
-        if as_pattern(pattern).kind != "unstructured":
-            raise ValueError(f"magnitude: pattern {pattern} is implemented for pruning at "
-                             f"init (prune_step=0), not after {prune_step} steps")
         return scheduled_magnitude(optimizer, [prune_step], [sparsity], distribution,
-                                   prunable=prunable, overrides=overrides, name="magnitude")
+                                   pattern=pattern, prunable=prunable, overrides=overrides,
+                                   name="magnitude")
     return _one_shot(optimizer, "magnitude", sparsity, distribution,
                      lambda params, rng, state, context: magnitude_scores(params),
                      prunable=prunable, overrides=overrides, pattern=pattern)
@@ -331,13 +327,18 @@ def magnitude(
 def gradual_magnitude(
     optimizer: optax.GradientTransformation, *, sparsity: float, total_steps: int,
     distribution: str = "uniform", initial_sparsity: float = 0.0, begin_step: int = 0,
-    end_step: int | None = None, frequency: int = 100, prunable: Prunable = default_prunable,
-    overrides: Mapping[str, float] | None = None,
+    end_step: int | None = None, frequency: int = 100, pattern: str | Pattern = "unstructured",
+    prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
 ) -> Method:
     """Gradual magnitude pruning on Zhu & Gupta's cubic schedule
     (:func:`sparsejax.cubic_sparsity`): every ``frequency`` steps from ``begin_step`` to
     ``end_step`` (default 75% of ``total_steps``) the smallest ``|w|`` are pruned up to the
     scheduled sparsity, reaching ``sparsity`` at ``end_step``.
+
+    With a ``pattern`` every pruning step keeps it (:func:`scheduled_magnitude`): blocks
+    and channels ramp by whole blocks or channels; ``N:M`` (``sparsity`` must be
+    ``1 - N / M``) keeps ``num_kept(1 - scheduled sparsity, M)`` of every group, so the
+    groups step from ``M:M`` down to ``N:M`` where the cubic ramp passes those densities.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> m = gradual_magnitude(optax.sgd(0.0), sparsity=0.75, total_steps=4, end_step=2,
@@ -350,6 +351,7 @@ def gradual_magnitude(
     2
     """
     check_sparsity(sparsity)
+    method_pattern(pattern, sparsity, "gradual_magnitude")
     check_int(frequency, "frequency (steps)", minimum=1)
     end = int(round(0.75 * total_steps)) if end_step is None else end_step
     if not 0 <= begin_step < end <= total_steps:
@@ -363,8 +365,9 @@ def gradual_magnitude(
     steps = [t for t in steps if t >= 1]
     sparsities = [float(schedule(t)) for t in steps]
     sparsities[-1] = sparsity
-    return scheduled_magnitude(optimizer, steps, sparsities, distribution, prunable=prunable,
-                               overrides=overrides, name="gradual_magnitude")
+    return scheduled_magnitude(optimizer, steps, sparsities, distribution, pattern=pattern,
+                               prunable=prunable, overrides=overrides,
+                               name="gradual_magnitude")
 
 
 def random_prune(
@@ -467,12 +470,13 @@ def grasp(
 def synflow(
     optimizer: optax.GradientTransformation, *, sparsity: float, distribution: str = "global",
     iterations: int = 100, apply_fn: ApplyFn | None = None,
-    input_shape: Sequence[int] | None = None, prunable: Prunable = default_prunable,
-    overrides: Mapping[str, float] | None = None,
+    input_shape: Sequence[int] | None = None, pattern: str | Pattern = "unstructured",
+    prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
 ) -> Method:
     """SynFlow: data-free iterative pruning at init (:func:`synflow_masks`), then training
     the survivors. Needs ``apply_fn`` (the harness gives it) and the input shape of one
-    example (``input_shape``, else read off the first batch of the init context).
+    example (``input_shape``, else read off the first batch of the init context). With a
+    ``pattern`` every round's mask obeys it (see :func:`synflow_masks`).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> f = lambda p, s, x: x @ p["a"] @ p["b"]
@@ -483,6 +487,7 @@ def synflow(
     2
     """
     check_sparsity(sparsity)
+    pattern = method_pattern(pattern, sparsity, "synflow")
     if apply_fn is None:
         raise ValueError("synflow needs apply_fn(params, model_state, inputs) -> outputs")
 
@@ -494,8 +499,8 @@ def synflow(
                 raise ValueError("synflow needs input_shape or an init context with a batch")
             shape = np.shape(context.batches[0]["image"])[1:]
         return synflow_masks(apply_fn, params, model_state, tuple(shape), 1.0 - sparsity,
-                             distribution, iterations=iterations, prunable=prunable,
-                             overrides=overrides)
+                             distribution, iterations=iterations, pattern=pattern,
+                             prunable=prunable, overrides=overrides)
 
     return fixed_mask(optimizer, make_masks, "synflow")
 

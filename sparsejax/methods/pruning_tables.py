@@ -1,0 +1,183 @@
+"""Masks for a schedule of densities, chosen under ``jit`` with a traced index: the kept
+counts of every density are computed on the host from shapes alone, once, and the
+selection inside a compiled loop or update is an exact top-k with a traced count.
+
+:func:`masks_for_densities` is :func:`sparsejax.select_masks` for such schedules
+(unstructured); :func:`pattern_masks_for_densities` the same within a sparsity pattern
+(:mod:`sparsejax.patterns`). SynFlow's rounds and the scheduled magnitude pruners
+(gradual magnitude, magnitude after ``prune_step`` steps) choose their masks here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax.distributions import kept_counts, select_masks
+from sparsejax.masks import Prunable, default_prunable
+from sparsejax.patterns import Pattern, as_pattern, pattern_topk, pattern_units
+from sparsejax.topk import num_kept, topk_mask
+
+__all__ = ["masks_for_densities", "pattern_masks_for_densities"]
+
+PyTree = Any
+
+
+def masks_for_densities(
+    params: PyTree, densities: Sequence[float], distribution: str = "global", *,
+    prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
+) -> Callable[[PyTree, jax.Array], PyTree]:
+    """``select(scores, index) -> masks`` keeping the total ``densities[index]``, where
+    ``index`` may be traced: the per-leaf split of each density is computed here once (on
+    the host, from shapes) and the selection under ``jit`` is :func:`sparsejax.topk_mask`
+    with a traced density. It is :func:`select_masks` for schedules of densities.
+
+    >>> import jax.numpy as jnp
+    >>> select = masks_for_densities({"w": jnp.zeros((2, 2))}, [0.75, 0.25], "uniform")
+    >>> select({"w": jnp.array([[4.0, 3.0], [2.0, 1.0]])}, jnp.int32(1))["w"]
+    Array([[ True, False],
+           [False, False]], dtype=bool)
+    """
+    return _CountTable.of(params, densities, distribution, prunable, overrides).select
+
+
+class _CountTable(NamedTuple):
+    """The kept counts of each of several densities, from shapes alone: row ``j`` of
+    ``counts`` holds those of the leaves ``fixed`` (one column each); the leaves ``shared``
+    (distribution ``'global'``) keep ``shared_counts[j]`` jointly. Hashable, so it can be
+    a static argument of a compiled function."""
+
+    counts: tuple[tuple[int, ...], ...]
+    shared_counts: tuple[int, ...]
+    fixed: tuple[int, ...]
+    shared: tuple[int, ...]
+
+    @classmethod
+    def of(cls, params: PyTree, densities: Sequence[float], distribution: str,
+           prunable: Prunable, overrides: Mapping[str, float] | None) -> _CountTable:
+        if not densities:
+            raise ValueError("give at least one density")
+        plans = [kept_counts(params, float(d), distribution, prunable=prunable,
+                             overrides=overrides) for d in densities]
+        fixed = tuple(i for i, c in enumerate(plans[0].per_leaf) if c is not None)
+        return cls(tuple(tuple(p.per_leaf[i] for i in fixed) for p in plans),
+                   tuple(p.shared_count for p in plans), fixed, tuple(plans[0].shared))
+
+    def select(self, scores: PyTree, index: jax.Array) -> PyTree:
+        # numpy, then jnp here: select may first run inside a trace, and a jnp array
+        # made there and kept would leak that trace into later calls
+        counts = jnp.asarray(np.array(self.counts, np.int32).reshape(
+            len(self.shared_counts), len(self.fixed)))
+        shared_counts = jnp.asarray(np.array(self.shared_counts, np.int32))
+        score_leaves, treedef = jax.tree_util.tree_flatten(scores)
+        masks: list[Any] = [jnp.ones(np.shape(s), bool) for s in score_leaves]
+        if self.fixed:  # one search call, a count per leaf
+            chosen = topk_mask([score_leaves[i] for i in self.fixed],
+                               count=list(counts[index]), check_finite_scores=False)
+            for i, m in zip(self.fixed, chosen, strict=True):
+                masks[i] = m
+        if self.shared:
+            chosen = topk_mask([score_leaves[i] for i in self.shared],
+                               count=shared_counts[index], scope="global",
+                               check_finite_scores=False)
+            for i, m in zip(self.shared, chosen, strict=True):
+                masks[i] = m
+        return jax.tree_util.tree_unflatten(treedef, masks)
+
+
+def pattern_masks_for_densities(
+    params: PyTree, densities: Sequence[float], pattern: str | Pattern,
+    distribution: str = "uniform", *, prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None,
+) -> Callable[[PyTree, jax.Array], PyTree]:
+    """:func:`masks_for_densities` within a structured ``pattern``: ``select(scores,
+    index)`` keeps, in every prunable leaf, what :func:`sparsejax.select_masks` with this
+    pattern keeps at ``densities[index]``, with ``index`` traced.
+
+    * ``block:B`` / ``channel``: each leaf's count of whole blocks or output channels,
+      ``num_kept(layer density, units)`` with the layer density the distribution (and
+      ``overrides``) give at ``densities[index]``.
+    * ``N:M``: the pattern fixes the final density, so ``densities[-1]`` must be
+      ``N / M``; an earlier density ``d`` keeps ``num_kept(d, M)`` of every group of
+      ``M`` (an ``N':M`` mask; e.g. 1.0, 0.8, 0.5 with 2:4 give 4:4, 3:4, 2:4), in every
+      prunable leaf whatever the distribution. No density may keep fewer than ``N``.
+
+    The checks of :func:`sparsejax.select_masks` (the leaves' shapes, ``'global'`` with
+    blocks or channels, partial overrides with N:M) run here, up front.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.zeros((8, 2))}
+    >>> select = pattern_masks_for_densities(params, [0.8, 0.5], "2:4")
+    >>> scores = {"w": jnp.arange(16.0).reshape(8, 2)}
+    >>> [int(select(scores, jnp.int32(i))["w"].sum()) for i in range(2)]  # 3:4, then 2:4
+    [12, 8]
+    """
+    return _PatternTable.of(params, densities, as_pattern(pattern), distribution, prunable,
+                            overrides).select
+
+
+class _PatternTable(NamedTuple):
+    """Per density (row of ``counts``), the :func:`~sparsejax.patterns.pattern_topk`
+    count of each patterned leaf ``leaves`` (one column each; per group for N:M, whole
+    blocks or channels otherwise); every other leaf is kept whole. Hashable, so it can
+    be a static argument of a compiled function."""
+
+    pattern: Pattern
+    counts: tuple[tuple[int, ...], ...]
+    leaves: tuple[int, ...]
+
+    @classmethod
+    def of(cls, params: PyTree, densities: Sequence[float], pattern: Pattern,
+           distribution: str, prunable: Prunable,
+           overrides: Mapping[str, float] | None) -> _PatternTable:
+        if not densities:
+            raise ValueError("give at least one density")
+        if pattern.kind == "unstructured":
+            raise ValueError("pattern_masks_for_densities needs a structured pattern; "
+                             "use masks_for_densities for 'unstructured'")
+        densities = [float(d) for d in densities]
+        # select_masks' own checks, on shapes, at the final density
+        jax.eval_shape(lambda p: select_masks(p, densities[-1], distribution,
+                                              prunable=prunable, overrides=overrides,
+                                              pattern=pattern), params)
+        shapes = [tuple(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)]
+        if pattern.kind == "nm":
+            final = kept_counts(params, densities[-1], "uniform", prunable=prunable,
+                                overrides=overrides).per_leaf
+            leaves = tuple(i for i, c in enumerate(final)
+                           if c is not None and c < int(np.prod(shapes[i])))
+            per_group = [num_kept(d, pattern.m) for d in densities[:-1]] + [pattern.n]
+            low = [d for d, n in zip(densities, per_group, strict=True) if n < pattern.n]
+            if low:
+                raise ValueError(f"pattern {pattern}: density {low[0]:g} would keep "
+                                 f"{num_kept(low[0], pattern.m)} of every {pattern.m}, "
+                                 f"fewer than the pattern's N={pattern.n}")
+            return cls(pattern, tuple((n,) * len(leaves) for n in per_group), leaves)
+        plans = [kept_counts(params, d, distribution, prunable=prunable,
+                             overrides=overrides).per_leaf for d in densities]
+        leaves = tuple(i for i, c in enumerate(plans[-1]) if c is not None)
+        rows = []
+        for plan in plans:
+            rows.append(tuple(
+                num_kept(plan[i] / max(int(np.prod(shapes[i])), 1),
+                         pattern_units(pattern, shapes[i])) for i in leaves))
+        return cls(pattern, tuple(rows), leaves)
+
+    def distinct(self) -> _PatternTable:
+        """The table without rows equal to the one before: with the pruned weights'
+        scores below every live one, such a row keeps exactly the mask it is given."""
+        rows = [r for j, r in enumerate(self.counts) if j == 0 or r != self.counts[j - 1]]
+        return self._replace(counts=tuple(rows))
+
+    def select(self, scores: PyTree, index: jax.Array) -> PyTree:
+        counts = jnp.asarray(np.array(self.counts, np.int32).reshape(
+            len(self.counts), len(self.leaves)))[index]
+        score_leaves, treedef = jax.tree_util.tree_flatten(scores)
+        masks: list[Any] = [jnp.ones(np.shape(s), bool) for s in score_leaves]
+        for column, i in enumerate(self.leaves):
+            masks[i] = pattern_topk(score_leaves[i], self.pattern, counts[column])
+        return jax.tree_util.tree_unflatten(treedef, masks)
