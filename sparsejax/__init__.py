@@ -20,6 +20,17 @@ from sparsejax.distributions import (
     layer_densities,
     select_masks,
 )
+from sparsejax.export import (
+    NMPacked,
+    export_state,
+    nm_matmul,
+    nm_pack,
+    nm_unpack,
+    sparse_apply,
+    sparse_matmul,
+    sparse_params,
+    to_bcoo,
+)
 from sparsejax.masks import (
     LayerSparsity,
     Prunable,
@@ -118,7 +129,8 @@ from sparsejax.posttrain import (
     wanda_prune,
     wanda_scores,
 )
-from sparsejax.posttrain_sequential import LayerReport, prune_mlp_sequential
+from sparsejax.posttrain_capture import capture_dense_inputs, capture_linear_inputs
+from sparsejax.posttrain_sequential import LayerReport, prune_mlp_sequential, prune_sequential
 from sparsejax.schedules import (
     constant,
     cosine_drop_fraction,
@@ -135,6 +147,16 @@ from sparsejax.validation import check_density, check_same_structure, check_spar
 __version__ = "0.1.0"
 
 __all__ = [
+    # sparse export for inference
+    "NMPacked",
+    "export_state",
+    "nm_matmul",
+    "nm_pack",
+    "nm_unpack",
+    "sparse_apply",
+    "sparse_matmul",
+    "sparse_params",
+    "to_bcoo",
     # sparsity patterns and post-training pruning
     "Pattern",
     "as_pattern",
@@ -153,6 +175,9 @@ __all__ = [
     "wanda_scores",
     "LayerReport",
     "prune_mlp_sequential",
+    "prune_sequential",
+    "capture_dense_inputs",
+    "capture_linear_inputs",
     "linen",
     "nnx",
     "InitContext",
