@@ -39,9 +39,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # The longest test files first, so that with one file per xdist worker at a time (see
 # pyproject.toml) neither worker is left running a long file alone at the end. Measured
 # with --durations; a file missing from the list runs after these, in collection order.
-_LONGEST_FIRST = ["test_docs.py", "test_training_loop.py", "test_optax_form.py",
-                  "test_pruning.py", "test_strong.py", "test_topk.py", "test_dst.py",
-                  "test_gates.py", "test_parallel.py", "test_models.py"]
+_LONGEST_FIRST = ["test_docs.py", "test_multiprocess.py", "test_device_suite.py",
+                  "test_training_loop.py", "test_optax_form.py", "test_pruning.py",
+                  "test_strong.py", "test_topk.py", "test_dst.py", "test_gates.py",
+                  "test_parallel.py", "test_models.py"]
 
 
 def pytest_collection_modifyitems(session, config, items):

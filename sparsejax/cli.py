@@ -1,5 +1,5 @@
 """The ``sparsejax`` command line: train, plot, lottery, instability, export-ticket,
-evaluate-ticket, demo, prune."""
+evaluate-ticket, demo, prune, launch."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 # Modules that add subcommands: each has ``add_commands(subparsers) -> {name: handler}``.
 _COMMAND_MODULES = ("sparsejax.lottery", "sparsejax.tickets", "sparsejax.demo",
-                    "sparsejax.prune_run")
+                    "sparsejax.prune_run", "sparsejax.launch")
 
 
 def _option(text: str) -> tuple[str, Any]:

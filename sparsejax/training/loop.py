@@ -9,6 +9,7 @@ with parameters bitwise identical to an uninterrupted run of the same configurat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import itertools
@@ -43,7 +44,7 @@ from sparsejax.methods import METHODS, InitContext, Method, SparseState, get_met
 from sparsejax.models import apply_model, get_model, init_model
 from sparsejax.provenance import provenance
 from sparsejax.training.optim import make_optimizer
-from sparsejax.training.parallel import initialize_distributed, make_trainer
+from sparsejax.training.parallel import join_processes, make_trainer
 from sparsejax.training.recipes import resolve_recipe
 from sparsejax.training.run_folder import (
     CONFIG_FILE,
@@ -368,28 +369,55 @@ def train(config: TrainConfig) -> dict[str, Any]:
     started = time.time()
     config, sources = resolve_recipe(config)
     check_config(config)
+    join_processes(config.parallel)
     out = Path(config.out or config.default_out())
     check_writable_folder(out, "--out")
-    with run_lock(out):  # a second process on the same --out fails here, at once
+    # a second run on the same --out fails here, at once; of several processes of one
+    # run, only process 0 writes into --out (see _train_in), so only it holds the lock
+    lock = run_lock(out) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
         return _train_in(config, sources, out, started)
+
+
+class _NoLog:
+    """The metrics log of a process that writes no files (not process 0)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
               started: float) -> dict[str, Any]:
-    checkpointer = Checkpointer(out / "checkpoints", max_to_keep=config.keep_checkpoints)
+    # Of several processes, process 0 alone writes config, metrics and result (every
+    # process computes the same values); checkpoints are written by all of them together
+    # (orbax's CheckpointManager), from the sharded trainer's global arrays. pmap's state
+    # is a per-process replica, which no process-coordinated save takes: not saved.
+    primary = jax.process_index() == 0
+    checkpoints = jax.process_count() == 1 or config.parallel == "sharded"
+    if config.resume and not checkpoints:
+        raise ValueError(
+            f"--resume with {jax.process_count()} processes and --parallel pmap: such runs "
+            "write no checkpoints; run several processes with --parallel sharded")
+    if not checkpoints and primary:
+        print(f"{jax.process_count()} processes with --parallel pmap: no checkpoints are "
+              "written (they need --parallel sharded)", file=sys.stderr)
+    # async: training goes on while a checkpoint is written; close() (finally, below) waits
+    checkpointer = Checkpointer(out / "checkpoints", max_to_keep=config.keep_checkpoints,
+                                async_save=True)
     resume_step = None
     previous: dict[str, Any] | None = None
     if config.resume:
         resume_step = check_resume(config, out, checkpointer)
         previous = saved_run(out, checkpointer, resume_step)
-    else:
+    elif primary:  # the others do not look: process 0 may have begun writing
         existing = holds_run(out)
         if existing and not config.overwrite:
             raise FileExistsError(
                 f"{out} already holds a run ({', '.join(existing)}); pass --resume to "
                 "continue it, --overwrite to replace it, or choose another --out")
-    if config.parallel != "none":
-        initialize_distributed()
     # check_config ran at the top of train
     run = _prepare(config, abstract_state=resume_step is not None)
     dataset, model, method, state = run.dataset, run.model, run.method, run.state
@@ -400,7 +428,7 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
         raise ValueError(
             f"--resume: {length} ends before the checkpoint at step {resume_step} in "
             f"{checkpointer.directory}; pass a length of at least {resume_step} steps")
-    if config.overwrite and not config.resume:
+    if config.overwrite and not config.resume and primary:
         clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     previous_steps = None if previous is None else previous.get(
@@ -417,10 +445,11 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
     elif config.resume:
         print(f"no checkpoint in {checkpointer.directory}; starting fresh", file=sys.stderr)
     # OUT/config.json: what --resume checks a later run against (written atomically).
-    _write_json(out / CONFIG_FILE, {"config": jsonable(dataclasses.asdict(config)),
-                                    "config_sources": sources,
-                                    "total_steps": total_steps,
-                                    "batches_per_epoch": batches_per_epoch})
+    if primary:
+        _write_json(out / CONFIG_FILE, {"config": jsonable(dataclasses.asdict(config)),
+                                        "config_sources": sources,
+                                        "total_steps": total_steps,
+                                        "batches_per_epoch": batches_per_epoch})
 
     trainer = make_trainer(config.parallel, method, classification_loss(model),
                            skip_nonfinite=config.nonfinite == "skip")
@@ -438,8 +467,9 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
             metrics.update(validation_accuracy=held["accuracy"], validation_loss=held["loss"])
         return metrics, measured_sparsity(params)
 
-    log = _MetricsLog(out / "metrics.jsonl", start_step, tensorboard=config.tensorboard)
-    progress = _progress_bar(config.progress, total_steps, start_step)
+    log = (_MetricsLog(out / "metrics.jsonl", start_step, tensorboard=config.tensorboard)
+           if primary else _NoLog())
+    progress = _progress_bar(config.progress and primary, total_steps, start_step)
     stream = train_batches(dataset, config.batch_size, config.seed,
                            DataPosition.from_step(start_step, batches_per_epoch))
     pending: list[dict[str, jax.Array]] = []
@@ -475,7 +505,7 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
             if log_now or eval_now:
                 log.write(record)
                 progress.update(step, record)
-            if save_now:
+            if save_now and checkpoints:
                 checkpointer.save(step, logical, {
                     "position": DataPosition.from_step(step, batches_per_epoch)._asdict(),
                     "config": dataclasses.asdict(config),
@@ -502,6 +532,7 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
         "skipped_nonfinite_steps": skipped_before + skipped,
         "parallel": config.parallel,
         "devices": jax.device_count() if config.parallel != "none" else 1,
+        "processes": jax.process_count(),
         "wall_seconds": time.time() - started,
         "backend": jax.default_backend(),
         "config": dataclasses.asdict(config),
@@ -512,7 +543,8 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
         result["extended_from_steps"] = previous_steps  # the length the run began with
     failure = _nonfinite_failure(config, result, final_step_finite)
     result["failed"] = failure
-    _write_json(out / "result.json", jsonable(result))
+    if primary:
+        _write_json(out / "result.json", jsonable(result))
     if failure is not None:
         raise FloatingPointError(f"{failure}; the facts are in {out / 'result.json'}")
     return result

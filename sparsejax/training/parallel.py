@@ -20,9 +20,12 @@ copy of the step counter, so the steps in between run without an untaken branch.
 Random decisions (SET's regrowth, gate noise) are keyed by ``fold_in(rng, step)`` from
 the replicated state, so all devices draw the same numbers and masks never diverge.
 
-Multi-host: call :func:`initialize_distributed` first on every host; each host loads its
-own part of the global batch (``sparsejax.data.shard_for_process``), and
-:func:`ShardedTrainer.put_batch` assembles the global array from the per-host parts.
+Several processes (hosts, or local processes started by ``sparsejax launch``): call
+:func:`initialize_distributed` first in every process; each loads its own rows of the
+global batch (``sparsejax.data.shard_for_process``); :func:`ShardedTrainer.put_batch`
+assembles the global array from the per-process parts, and :class:`PmapTrainer` maps
+over every process's devices. The step is the same program as on one process, so the
+masks are the same in every process (``tests/test_multiprocess.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "PARALLEL_MODES",
     "ParallelMode",
     "initialize_distributed",
+    "join_processes",
     "replicate",
     "unreplicate",
     "split_batch",
@@ -102,13 +106,18 @@ class _PhasedStep:
 
 
 def initialize_distributed(**kwargs: Any) -> bool:
-    """Start JAX's multi-host runtime when this process is one of several.
+    """Start JAX's multi-process runtime when this process is one of several.
 
     On TPU pods and SLURM/Open MPI clusters ``jax.distributed.initialize()`` finds its
     peers by itself; elsewhere pass ``coordinator_address``, ``num_processes`` and
     ``process_id`` (or set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID``). Returns ``False`` (and does nothing) for a single process.
+    ``JAX_PROCESS_ID``, as ``sparsejax launch`` does). Returns ``False`` (and does
+    nothing) for a single process, ``True`` once the runtime is up (also when it already
+    was). Call it before anything else touches JAX's devices. On CPU the processes'
+    collectives go through gloo, JAX's default ``jax_cpu_collectives_implementation``.
     """
+    if jax.distributed.is_initialized():
+        return True
     env = {
         "coordinator_address": os.environ.get("JAX_COORDINATOR_ADDRESS"),
         "num_processes": os.environ.get("JAX_NUM_PROCESSES"),
@@ -121,6 +130,18 @@ def initialize_distributed(**kwargs: Any) -> bool:
         return False
     jax.distributed.initialize(**kwargs)
     return True
+
+
+def join_processes(mode: str) -> None:
+    """Join the other processes of a run (``sparsejax launch``, a cluster's coordinator
+    variables) before anything touches a device: ``train`` calls it first. Several
+    processes train one model only in a parallel ``mode`` (pmap or sharded)."""
+    if mode != "none":
+        initialize_distributed()
+    elif int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+        raise ValueError(
+            f"JAX_NUM_PROCESSES={os.environ['JAX_NUM_PROCESSES']}: several processes train "
+            "one model only with --parallel sharded or --parallel pmap")
 
 
 def replicate(tree: Any, num_devices: int | None = None) -> Any:
@@ -151,7 +172,11 @@ def split_batch(batch: Any, num_devices: int) -> Any:
 
 
 class PmapTrainer:
-    """``jax.pmap`` data parallelism over the local devices.
+    """``jax.pmap`` data parallelism over every device of every process.
+
+    With several processes (:func:`initialize_distributed`) the pmap spans all their
+    devices, so ``lax.pmean`` averages over the global batch; each process passes its
+    own rows (``shard_for_process``) and holds the replicas of its local devices.
 
     >>> import jax, jax.numpy as jnp, optax, sparsejax
     >>> method = sparsejax.dense(optax.sgd(0.1))
@@ -167,16 +192,21 @@ class PmapTrainer:
     def __init__(self, method: Method, loss_fn: LossFn,
                  devices: list[jax.Device] | None = None, *,
                  skip_nonfinite: bool = False) -> None:
-        self.devices = devices or jax.local_devices()
+        # all processes' devices: a pmap over this process's devices alone would average
+        # each process's gradients apart, and the replicas would drift apart
+        self.devices = devices or jax.devices()
+        self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
         self._step = _PhasedStep(method, lambda m: jax.pmap(
             make_train_step(m, loss_fn, axis_name=AXIS_NAME, skip_nonfinite=skip_nonfinite),
             axis_name=AXIS_NAME, devices=self.devices))
 
     def put_state(self, state: SparseState) -> SparseState:
-        return replicate(state, len(self.devices))
+        return replicate(state, len(self.local_devices))
 
     def put_batch(self, batch: Any) -> Any:
-        return split_batch(batch, len(self.devices))
+        """This process's rows (all of the global batch for one process), one slice per
+        local device."""
+        return split_batch(batch, len(self.local_devices))
 
     def get_state(self, state: SparseState) -> SparseState:
         return unreplicate(state)
@@ -184,6 +214,17 @@ class PmapTrainer:
     def step(self, state: SparseState, batch: Any) -> tuple[SparseState, Metrics]:
         state, metrics = self._step(state, batch)
         return state, unreplicate(metrics)
+
+
+def _to_host_if_local(x: Any) -> Any:
+    """``x`` as numpy where it is a process-local ``jax.Array`` (PRNG keys as key data
+    wrapped again), else ``x``."""
+    if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+        return x
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(np.asarray(jax.random.key_data(x)),
+                                        impl=jax.random.key_impl(x))
+    return np.asarray(x)
 
 
 def make_mesh(num_model: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
@@ -245,6 +286,11 @@ class ShardedTrainer:
                               min_size=self.min_shard_size)
 
     def put_state(self, state: SparseState) -> SparseState:
+        """Place ``state`` (the same in every process) on the mesh. With several
+        processes, arrays that live on this process's devices alone (a state made or
+        restored here) go through the host: JAX moves no array between processes."""
+        if jax.process_count() > 1:
+            state = jax.tree_util.tree_map(_to_host_if_local, state)
         return jax.device_put(state, self.state_sharding(state))
 
     def batch_sharding(self, batch: Any) -> Any:

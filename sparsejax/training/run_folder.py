@@ -100,25 +100,29 @@ def config_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
 def saved_run(out: Path, checkpointer: Checkpointer, step: int | None) -> dict[str, Any] | None:
     """What ``out`` records of its run (``{"config": ..., ...}``): ``config.json``, else the
     metadata of checkpoint ``step``, else ``result.json``; ``None`` if nothing."""
-    candidates = [out / CONFIG_FILE, out / "result.json"]
-    if step is not None:
-        candidates.insert(1, checkpointer.directory / f"step_{step:08d}" / "metadata.json")
-    for path in candidates:
-        if path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{path} cannot be read ({e}), so --resume cannot check "
-                                 "that it continues the same run") from e
-            if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
-                return saved
+    def from_file(path: Path) -> Any:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    readers = [(out / CONFIG_FILE, lambda: from_file(out / CONFIG_FILE))]
+    if step is not None:  # the metadata saved with the checkpoint
+        readers.append((checkpointer.directory / f"step {step}",
+                        lambda: checkpointer.read_metadata(step)))
+    readers.append((out / "result.json", lambda: from_file(out / "result.json")))
+    for path, read in readers:
+        try:
+            saved = read()
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{path} cannot be read ({e}), so --resume cannot check "
+                             "that it continues the same run") from e
+        if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
+            return saved
     return None
 
 
 def holds_run(out: Path) -> list[str]:
     """The files of a run already in ``out``."""
     found = [name for name in ("result.json", "metrics.jsonl") if (out / name).exists()]
-    if Checkpointer(out / "checkpoints")._step_dirs():
+    if Checkpointer(out / "checkpoints").step_dirs():
         found.append("checkpoints/")
     return found
 
@@ -146,10 +150,9 @@ def check_resume(config: TrainConfig, out: Path, checkpointer: Checkpointer) -> 
                 f"--resume would continue the run in {out} with another configuration: "
                 f"{'; '.join(differences)} (use the run's options, or another --out)")
     if step is None:
-        damaged = checkpointer._step_dirs()
+        damaged = checkpointer.problems()
         if damaged:
-            reasons = "; ".join(f"{p.name}: {checkpointer._problem(s, p)}"
-                                for s, p in damaged.items())
+            reasons = "; ".join(f"step {s}: {problem}" for s, problem in damaged.items())
             raise NoValidCheckpointError(
                 f"--resume found no good checkpoint in {checkpointer.directory} ({reasons}); "
                 "nothing was changed in --out: restore a checkpoint, or start the run "

@@ -1,0 +1,192 @@
+"""``sparsejax launch``: several JAX processes on this machine as one job, in one command.
+
+``sparsejax launch -n 2 --devices-per-process 4 -- train --parallel sharded ...`` starts
+two processes that find each other through ``jax.distributed`` (a coordinator on a free
+local port, handed over in ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+``JAX_PROCESS_ID``, which :func:`~sparsejax.training.parallel.initialize_distributed`
+reads), prefixes every line they print with ``[i]``, and fails fast: when one process
+exits with an error the others are stopped and the launcher exits with that code.
+
+The command after ``--`` is a sparsejax command (``train ...``) or any other program
+(``python my_script.py ...``), which then calls ``initialize_distributed()`` itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
+
+__all__ = ["free_port", "process_env", "launch", "add_commands"]
+
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def free_port() -> int:
+    """A TCP port that no one listens on now (the coordinator's, picked by the OS).
+
+    >>> 0 < free_port() < 65536
+    True
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def process_env(process_id: int, num_processes: int, port: int,
+                devices_per_process: int | None = None,
+                base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of process ``process_id``: ``base`` (default: this process's) plus
+    the coordinator variables and, with ``devices_per_process``, that many simulated CPU
+    devices (the XLA flag replaced, other XLA flags kept).
+
+    >>> env = process_env(1, 2, 1234, devices_per_process=4, base={"XLA_FLAGS": "--a=1"})
+    >>> env["JAX_COORDINATOR_ADDRESS"], env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]
+    ('localhost:1234', '2', '1')
+    >>> env["XLA_FLAGS"]
+    '--a=1 --xla_force_host_platform_device_count=4'
+    """
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
+    env = dict(os.environ if base is None else base)
+    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(num_processes),
+               JAX_PROCESS_ID=str(process_id))
+    if devices_per_process is not None:
+        flags = re.sub(rf"{_DEVICE_FLAG}=\S*", "", env.get("XLA_FLAGS", "")).split()
+        env["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_FLAG}={devices_per_process}"])
+    env.setdefault("PYTHONUNBUFFERED", "1")  # lines reach the prefixes as they are printed
+    return env
+
+
+def _command(argv: Sequence[str]) -> list[str]:
+    """``argv`` as a program to run: a sparsejax command runs under this interpreter."""
+    from sparsejax.cli import build_parser
+
+    _, handlers = build_parser()
+    if argv[0] in handlers:
+        return [sys.executable, "-m", "sparsejax.cli", *argv]
+    return list(argv)
+
+
+def _relay(index: int, stream: IO[bytes], out: IO[str], lock: threading.Lock) -> None:
+    """Copy ``stream`` to ``out`` line by line, each line prefixed with ``[index]`` (a
+    progress bar's carriage returns end lines too)."""
+    for raw in iter(stream.readline, b""):
+        lines = raw.decode(errors="replace").rstrip("\r\n").split("\r")
+        with lock:
+            out.writelines(f"[{index}] {line}\n" for line in lines if line)
+            out.flush()
+    stream.close()
+
+
+def _exit_code(returncode: int) -> int:
+    """A child's exit status as a shell reports it (128 + N for a signal N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _stop(processes: Sequence[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM the processes still running, SIGKILL those left after ``grace`` seconds."""
+    for p in processes:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in processes:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def launch(num_processes: int, argv: Sequence[str], *, devices_per_process: int | None = None,
+           port: int | None = None, out: IO[str] | None = None, grace: float = 5.0,
+           on_start: Callable[[list[subprocess.Popen[bytes]]], Any] | None = None) -> int:
+    """Run ``argv`` as ``num_processes`` coordinated processes; return the exit code.
+
+    0 when every process exits 0; else the code of the first process that failed, after
+    the others are stopped (SIGTERM, then SIGKILL after ``grace`` seconds). Their output,
+    stdout and stderr together, goes to ``out`` (default: stdout), each line prefixed
+    with ``[process id]``.
+    """
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"-n must be a positive number of processes, got {num_processes!r}")
+    if devices_per_process is not None and devices_per_process < 1:
+        raise ValueError(f"--devices-per-process must be >= 1, got {devices_per_process}")
+    if not argv:
+        raise ValueError("nothing to launch: give the command after --, e.g. "
+                         "sparsejax launch -n 2 -- train --parallel sharded")
+    command = _command(argv)
+    port = free_port() if port is None else port
+    out = sys.stdout if out is None else out
+    lock = threading.Lock()
+    processes: list[subprocess.Popen[bytes]] = []
+    relays: list[threading.Thread] = []
+    failed: int | None = None
+    try:
+        for i in range(num_processes):
+            p = subprocess.Popen(command, env=process_env(i, num_processes, port,
+                                                          devices_per_process),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            processes.append(p)
+            relay = threading.Thread(target=_relay, args=(i, p.stdout, out, lock), daemon=True)
+            relay.start()
+            relays.append(relay)
+        if on_start is not None:
+            on_start(processes)
+        while failed is None and any(p.poll() is None for p in processes):
+            failed = next((p.returncode for p in processes if p.poll() not in (None, 0)), None)
+            time.sleep(0.05)
+        if failed is None:
+            failed = next((p.returncode for p in processes if p.returncode), None)
+    finally:
+        _stop(processes, grace)  # a failure, or an interrupt of the launcher itself
+        for relay in relays:
+            relay.join(timeout=grace)
+    if failed is not None:
+        with lock:
+            out.write(f"sparsejax launch: a process exited with status {_exit_code(failed)}; "
+                      "the others were stopped\n")
+            out.flush()
+        return _exit_code(failed)
+    return 0
+
+
+def _launch_command(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    # a launcher stopped by SIGTERM stops its processes too (launch's finally)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return launch(args.num_processes, argv, devices_per_process=args.devices_per_process,
+                      port=args.port)
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+
+
+def add_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add ``launch`` to the ``sparsejax`` parser."""
+    launch_parser = commands.add_parser(
+        "launch", help="run a command as several coordinated JAX processes on this machine",
+        description="Start N processes of COMMAND that form one JAX job (jax.distributed, "
+                    "a coordinator on a free local port), e.g. "
+                    "sparsejax launch -n 2 --devices-per-process 4 -- train --parallel "
+                    "sharded. A process that fails stops the others.")
+    launch_parser.add_argument("-n", "--num-processes", type=int, required=True,
+                               help="how many processes, >= 1")
+    launch_parser.add_argument("--devices-per-process", type=int, default=None,
+                               help="simulated CPU devices per process (sets XLA's "
+                                    f"{_DEVICE_FLAG}); default: the real devices")
+    launch_parser.add_argument("--port", type=int, default=None,
+                               help="the coordinator's local port (default: a free one)")
+    launch_parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                               help="a sparsejax command (train ...) or a program to run")
+    return {"launch": _launch_command}
