@@ -52,9 +52,11 @@ from sparsejax.models import get_model, init_model
 from sparsejax.training.loop import classification_loss
 from sparsejax.training.parallel import SingleDeviceTrainer
 
-# model -> (input shape, batch size); CIFAR-sized inputs for the conv nets
+# model -> (input shape, batch size); CIFAR-sized inputs for the conv nets; the GPT reads
+# 64 character ids (tinyshakespeare's 65-character vocabulary) and predicts the next ones
 MODELS = {"lenet300": ((28, 28, 1), 128), "conv6": ((32, 32, 3), 64),
-          "resnet18": ((32, 32, 3), 32)}
+          "resnet18": ((32, 32, 3), 32), "gpt": ((64,), 32)}
+VOCAB = {"gpt": 65}
 
 # method -> options; update intervals are the papers' (RigL: 100 steps)
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
@@ -75,21 +77,34 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 VARIANTS = {"gates_pool": "gates"}
 
 
-def setup(model_name: str) -> tuple[Any, Any, Any, dict[str, jax.Array]]:
-    """``(loss_fn, params, model_state, batch)`` for ``model_name``: the model initialised
-    from key 0 and one fixed batch of random inputs and labels of the benchmark's size."""
-    shape, batch_size = MODELS[model_name]
-    model = get_model(model_name, 10)
+def setup(model_name: str, batch_size: int | None = None, **model_options: Any
+          ) -> tuple[Any, Any, Any, dict[str, jax.Array]]:
+    """``(loss_fn, params, model_state, batch)`` for ``model_name``: the model (with
+    ``model_options``) initialised from key 0 and one fixed batch of random inputs and
+    labels of the benchmark's size (or ``batch_size``)."""
+    shape, default_batch = MODELS[model_name]
+    batch_size = batch_size or default_batch
+    classes = VOCAB.get(model_name, 10)
+    model = get_model(model_name, classes, **model_options)
+    if model_name == "gpt":
+        shape = (min(shape[0], model.context),)
     params, model_state = init_model(model, jax.random.PRNGKey(0), (1, *shape))
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.normal(size=(batch_size, *shape)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
+    if model_name in VOCAB:  # token ids in, the next token of each position out
+        tokens = rng.integers(0, classes, (batch_size, shape[0] + 1))
+        batch = {"image": jnp.asarray(tokens[:, :-1], jnp.int32),
+                 "label": jnp.asarray(tokens[:, 1:], jnp.int32)}
+    else:
+        batch = {"image": jnp.asarray(rng.normal(size=(batch_size, *shape)), jnp.float32),
+                 "label": jnp.asarray(rng.integers(0, classes, batch_size), jnp.int32)}
     return classification_loss(model), params, model_state, batch
 
 
 def host() -> dict[str, Any]:
-    """Where a row ran: the backend, the cores the process may use, the XLA flags."""
-    return {"backend": jax.default_backend(), "host_cpus": len(os.sched_getaffinity(0)),
+    """Where a row ran: the backend, the device, the cores the process may use, the XLA
+    flags."""
+    return {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "host_cpus": len(os.sched_getaffinity(0)),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
@@ -159,57 +174,58 @@ def warm_up(step, method: sparsejax.Method, state, batch):
     return state
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--methods", nargs="+", default=[m for m in METHOD_OPTIONS
-                                                         if m != "dense"])
-    parser.add_argument("--block", type=int, default=100, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--amortize", choices=("blocks", "separate"), default="blocks",
-                        help="time interval updates inside blocks of N steps, or apart")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--optax-baseline", action="store_true",
-                        help="also time the user's plain optax dense step of each model")
-    args = parser.parse_args()
-
+def time_steps(models: list[str], methods: list[str], *, block: int = 100, repeats: int = 5,
+               amortize: str = "blocks", optax_baseline: bool = False,
+               batch_size: int | None = None,
+               model_options: dict[str, dict[str, Any]] | None = None,
+               deadline: float | None = None) -> list[dict[str, Any]]:
+    """One row per (model, method): the method's step time against the dense step's (and
+    the user's plain optax step's, with ``optax_baseline``), timed in alternation.
+    ``batch_size`` and ``model_options`` (per model) shrink the models for a smoke run;
+    past ``deadline`` (``time.monotonic()``) the rows not yet started are skipped."""
     rows = []
     backend = jax.default_backend()
-    for model_name in args.models:
-        batch_size = MODELS[model_name][1]
-        loss_fn, params, model_state, batch = setup(model_name)
+    for model_name in models:
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"skip {model_name}: past the deadline")
+            continue
+        loss_fn, params, model_state, batch = setup(
+            model_name, batch_size, **(model_options or {}).get(model_name, {}))
+        batch_size_used = int(batch["image"].shape[0])
         total = 10**6  # long enough that interval updates keep happening while timed
         dense = build("dense", total)
         dense_step = SingleDeviceTrainer(dense, loss_fn).step
         dense_state = init_state(dense, loss_fn, params, model_state, batch)
         _, dense_state = block_time(dense_step, dense_state, batch, 3)
         steps, states = {"dense": dense_step}, {"dense": dense_state}
-        if args.optax_baseline:
+        if optax_baseline:
             from own_loop import start, user_step  # own_loop imports this module
 
             tx = optax.sgd(0.1, momentum=0.9)
             steps["optax"] = user_step(loss_fn, tx)
             _, states["optax"] = block_time(steps["optax"], start(tx, params, model_state),
                                             batch, 3)
-        for name in args.methods:
+        for name in methods:
             if VARIANTS.get(name, name) not in sparsejax.METHODS:
                 print(f"skip {name}: not registered")
+                continue
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"skip {model_name} {name}: past the deadline")
                 continue
             method = build(name, total)
             step = SingleDeviceTrainer(method, loss_fn).step
             state = warm_up(step, method, init_state(method, loss_fn, params, model_state,
                                                       batch), batch)
             medians, timed = interleaved_medians(
-                {**steps, name: step}, {**states, name: state}, batch, args.block,
-                args.repeats)
+                {**steps, name: step}, {**states, name: state}, batch, block, repeats)
             state = timed.pop(name)
             states.update(timed)
             interval = METHOD_OPTIONS[name].get("update_every")
-            row = {"method": name, "model": model_name, "batch_size": batch_size,
+            row = {"method": name, "model": model_name, "batch_size": batch_size_used,
                    "dense_ms": round(medians["dense"], 4),
                    "method_ms": round(medians[name], 4),
-                   "update_interval": interval, "amortize": args.amortize, **host()}
-            if interval and args.amortize == "separate":
+                   "update_interval": interval, "amortize": amortize, **host()}
+            if interval and amortize == "separate":
                 if int(state.step) >= interval:  # an update fell inside a timed block
                     raise SystemExit("--amortize separate needs blocks free of updates: "
                                      "use fewer --repeats/--block steps than the interval")
@@ -227,6 +243,25 @@ def main() -> None:
             rows.append(row)
             print(f"{backend} {model_name:9s} {name:18s} dense {row['dense_ms']:8.3f} ms  "
                   f"method {row['method_ms']:8.3f} ms  ratio {row['ratio']:.3f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHOD_OPTIONS
+                                                         if m != "dense"])
+    parser.add_argument("--block", type=int, default=100, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--amortize", choices=("blocks", "separate"), default="blocks",
+                        help="time interval updates inside blocks of N steps, or apart")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--optax-baseline", action="store_true",
+                        help="also time the user's plain optax dense step of each model")
+    args = parser.parse_args()
+
+    rows = time_steps(args.models, args.methods, block=args.block, repeats=args.repeats,
+                      amortize=args.amortize, optax_baseline=args.optax_baseline)
     write_json(args.json, rows)
 
 

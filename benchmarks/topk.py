@@ -93,24 +93,18 @@ def time_compiled(fn: Callable[[], jax.Array], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6, 1e7])
-    parser.add_argument("--algorithms", nargs="+", default=list(CANDIDATES))
-    parser.add_argument("--density", type=float, default=0.1)
-    parser.add_argument("--max-slow-size", type=float, default=1e7,
-                        help="skip sort/top_k/approx above this size (they take seconds)")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-
+def time_topk(sizes: list[float], algorithms: list[str], density: float = 0.1,
+              max_slow_size: float = 1e7) -> list[dict]:
+    """One row per (size, algorithm): the compiled time of finding the exact k-th largest
+    of ``size`` scores (k = ``density`` x size), each checked against ``sort``."""
     rows = []
     backend = jax.default_backend()
-    for size in map(int, args.sizes):
+    for size in map(int, sizes):
         x = jax.random.normal(jax.random.PRNGKey(0), (size,))
-        k = max(1, int(args.density * size))
-        reference = float(jnp.sort(x)[size - k]) if size <= args.max_slow_size else None
-        for name in args.algorithms:
-            if name not in ("sampled", "bitwise", "radix8") and size > args.max_slow_size:
+        k = max(1, int(density * size))
+        reference = float(jnp.sort(x)[size - k]) if size <= max_slow_size else None
+        for name in algorithms:
+            if name not in ("sampled", "bitwise", "radix8") and size > max_slow_size:
                 continue
             fn = jax.jit(lambda v, f=CANDIDATES[name], k=k: f(v, k))
             value = float(fn(x))
@@ -122,6 +116,20 @@ def main() -> None:
                          "ns_per_score": round(ms * 1e6 / size, 3), **host()})
             print(f"{backend:4s} n={size:>10,d} {name:8s} {ms:10.3f} ms "
                   f"{ms * 1e6 / size:8.2f} ns/score", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6, 1e7])
+    parser.add_argument("--algorithms", nargs="+", default=list(CANDIDATES))
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--max-slow-size", type=float, default=1e7,
+                        help="skip sort/top_k/approx above this size (they take seconds)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    rows = time_topk(args.sizes, args.algorithms, args.density, args.max_slow_size)
     write_json(args.json, rows)
 
 

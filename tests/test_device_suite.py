@@ -1,0 +1,38 @@
+"""The device suite (benchmarks/device_suite.py) runs end to end with ``--tiny`` on a CPU,
+so the script that times a GPU when one is lent cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_tiny_suite_writes_every_row(tmp_path):
+    out = tmp_path / "suite.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "device_suite.py"), "--tiny",
+                    "--json", str(out)], check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["tiny"] is True and result["skipped"] == []
+    assert result["device_kind"] and result["backend"] == "cpu"
+    rows = {(r["model"], r["method"]): r for r in result["step_time"]}
+    assert set(rows) == {("lenet300", "static"), ("lenet300", "rigl"),
+                         ("lenet300", "edge_popup"), ("gpt", "rigl")}
+    for row in rows.values():
+        assert row["dense_ms"] > 0 and row["method_ms"] > 0
+        assert row["ratio"] == round(row["method_ms"] / row["dense_ms"], 3)
+        assert row["optax_dense_ms"] > 0
+    assert {r["algorithm"] for r in result["topk"]} >= {"sampled", "bitwise", "sort"}
+
+
+def test_a_spent_budget_lists_what_it_skipped(tmp_path):
+    out = tmp_path / "suite.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "device_suite.py"), "--tiny",
+                    "--budget-seconds", "0", "--json", str(out)], check=True,
+                   capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["step_time"] == [] and result["topk"] == []
+    assert result["skipped"] == ["step_time lenet300 static", "step_time lenet300 rigl",
+                                 "step_time lenet300 edge_popup", "step_time gpt rigl",
+                                 "topk"]
