@@ -5,12 +5,18 @@ Every method of ``METHOD_OPTIONS`` trains a small MLP for ``STEPS`` steps on fix
 batches, each process feeding its own rows (``shard_for_process``); the final masks,
 params and scores go to ``OUT/<mode>_<method>_p<process>.npz``. ``train:<mode>`` runs
 ``sparsejax.training.loop.train`` (:func:`train_config`) into ``OUT/train_<mode>`` for 4
-steps, then resumes it there to 6.
+steps, then resumes it there to 6. ``killed:<mode>`` (run last) trains 6 steps into
+``OUT/killed_<mode>`` with a checkpoint every 2, and process 1 SIGKILLs itself while its
+part of the step-4 save is being written (``save`` has returned: the write is async).
 Run as ``python tests/multiprocess_worker.py OUT sharded:dense,rigl pmap:rigl
-train:sharded`` with the coordinator variables set (``sparsejax launch`` sets them).
+train:sharded killed:sharded`` with the coordinator variables set (``sparsejax launch``
+sets them).
 """
 
+import dataclasses
 import inspect
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -128,21 +134,60 @@ def run_train(mode, out):
     train(resumed)
 
 
+def killed_config(mode, out):
+    """The run that :func:`run_killed` starts and a test resumes: 6 steps, a checkpoint
+    every 2."""
+    return dataclasses.replace(train_config(mode, out / f"killed_{mode}", steps=6),
+                               checkpoint_every=2)
+
+
+def run_killed(mode, out):
+    """Train :func:`killed_config`; process 1 dies by SIGKILL right after starting its
+    part of the step-4 save (the launcher then stops process 0)."""
+    from sparsejax.checkpoint import Checkpointer
+    from sparsejax.training.loop import train
+
+    real_save = Checkpointer.save
+
+    def save(self, step, *args, **kwargs):
+        real_save(self, step, *args, **kwargs)
+        if step == 4 and jax.process_index() == 1:
+            print("process 1: SIGKILL during the save of step 4", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Checkpointer.save = save
+    train(killed_config(mode, out))
+
+
 def main(out, runs):
-    """``runs``: ``(mode, method)`` pairs, run in this order (method ``None``: train)."""
+    """``runs``: ``(mode, method)`` pairs, run in this order (method ``None``: train,
+    ``"killed"``: :func:`run_killed`, after the line that says the others are done)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for mode, name in runs:
         if name is None:
             run_train(mode, out)
-            continue
-        arrays = run_method(name, mode)
-        np.savez(out / f"{mode}_{name}_p{jax.process_index()}.npz", **arrays)
+        elif name != "killed":
+            arrays = run_method(name, mode)
+            np.savez(out / f"{mode}_{name}_p{jax.process_index()}.npz", **arrays)
     print(f"process {jax.process_index()} of {jax.process_count()}: "
           f"{jax.local_device_count()} of {jax.device_count()} devices, done")
+    for mode, name in runs:
+        if name == "killed":
+            run_killed(mode, out)
+
+
+def parse_runs(args):
+    """``["sharded:dense,rigl", "train:sharded", "killed:sharded"]`` -> ``[("sharded",
+    "dense"), ("sharded", "rigl"), ("sharded", None), ("sharded", "killed")]``."""
+    runs = []
+    for arg in args:
+        kind, names = arg.split(":")
+        for name in names.split(","):
+            special = {"train": None, "killed": "killed"}
+            runs.append((name, special[kind]) if kind in special else (kind, name))
+    return runs
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], [(name, None) if mode == "train" else (mode, name)
-                       for arg in sys.argv[2:] for mode, names in [arg.split(":")]
-                       for name in names.split(",")])
+    main(sys.argv[1], parse_runs(sys.argv[2:]))

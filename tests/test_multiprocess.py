@@ -9,7 +9,9 @@ agree to float rounding (the cross-process all-reduce adds the devices' partial 
 in another order than the in-process one, so their last bits may differ). The same pair
 then runs ``train`` (the loop behind ``sparsejax train --parallel sharded``) for 4 steps
 and resumes it to 6: process 0 alone writes config, metrics and result, both write the
-checkpoints, and the run matches a one-process run of 6 steps.
+checkpoints, and the run matches a one-process run of 6 steps. Last, process 1 is
+SIGKILLed while a checkpoint is being written: the checkpoint before it stays good, and
+this one process (8 devices) resumes the 2-process run from it to the same result.
 """
 
 import json
@@ -40,7 +42,7 @@ def two_processes(tmp_path_factory):
     if jax.device_count() != 8:
         pytest.skip("the one-process reference needs 8 simulated devices (conftest.py)")
     out = tmp_path_factory.mktemp("multiprocess")
-    args = [*(f"{mode}:{name}" for mode, name in RUNS), "train:sharded"]
+    args = [*(f"{mode}:{name}" for mode, name in RUNS), "train:sharded", "killed:sharded"]
     pair = subprocess.Popen(
         [sys.executable, "-m", "sparsejax.cli", "launch", "-n", "2",
          "--devices-per-process", "4", "--", sys.executable,
@@ -57,7 +59,9 @@ def two_processes(tmp_path_factory):
                 pair.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pair.kill()
-    assert pair.returncode == 0, output
+    # process 1 died by SIGKILL (the last run), and the launcher passed its signal on
+    assert pair.returncode == 128 + 9, output
+    assert "[1] process 1: SIGKILL during the save of step 4" in output
     return out, reference, output
 
 
@@ -155,6 +159,23 @@ def test_train_across_processes_resumes_and_matches_one_process(two_processes):
         assert got["test_accuracy"] == want["test_accuracy"]
         for key in ("loss", "accuracy", "sparsity", "test_loss"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
+
+
+def test_a_process_killed_during_a_save_leaves_a_run_one_process_resumes(two_processes):
+    out, reference, _ = two_processes
+    config = worker.killed_config("sharded", out)
+    checkpoints = Path(config.out) / "checkpoints"
+    committed = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_")
+                       and p.name[5:].isdigit())
+    assert committed == ["step_00000002"]  # the step-4 save never committed
+    config.resume = True
+    result = train(config)  # this one process, 8 devices
+    expected = reference["train"]
+    assert (result["processes"], result["devices"]) == (1, 8)
+    assert (result["steps"], result["resumed_from_step"]) == (6, 2)
+    assert result["sparsity"] == expected["sparsity"]
+    assert result["test_accuracy"] == expected["test_accuracy"]
+    np.testing.assert_allclose(result["test_loss"], expected["test_loss"], rtol=1e-5)
 
 
 def test_pmap_resume_with_several_processes_is_a_clear_error(tmp_path, monkeypatch):
