@@ -347,7 +347,8 @@ class SingleDeviceTrainer:
         # The state is donated: the step writes the new state into the old one's buffers,
         # which halves the state's memory and, on CPU too, saves a copy of every buffer the
         # step passes through (a LeNet-300-100 step: about 10% faster). The loop never
-        # touches a state after stepping it (checkpoints are written synchronously).
+        # touches a state after stepping it; an async checkpoint copies the arrays to host
+        # memory before save() returns, so a donated state is never read by the writer.
         self._step = _PhasedStep(method, lambda m: jax.jit(
             make_train_step(m, loss_fn, skip_nonfinite=skip_nonfinite), donate_argnums=(0,)))
 
