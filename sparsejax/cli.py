@@ -90,6 +90,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
                        help="steps between checkpoints, >= 0; 0: once per epoch")
     train.add_argument("--keep-checkpoints", type=int, default=3,
                        help="newest checkpoints kept in --out")
+    train.add_argument("--keep-best", choices=("validation_loss", "validation_accuracy"),
+                       default=None,
+                       help="keep the --keep-checkpoints best checkpoints by this held-out "
+                            "metric (and the newest), instead of the newest; needs "
+                            "--validation-size")
     train.add_argument("--out", default=None, help="output folder (default: runs/<config>)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest good checkpoint in --out")

@@ -102,6 +102,9 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch
     keep_checkpoints: int = 3
+    # keep the keep_checkpoints best checkpoints by this held-out metric (and always the
+    # newest, to resume from) instead of the newest: validation_loss | validation_accuracy
+    keep_best: str | None = None
     init_batches: int = 1  # training batches a method may score weights on at init
     # training examples held out (a fixed seeded choice, sparsejax.data.split_validation)
     # and evaluated beside the test set; 0: train on the whole training set
@@ -406,7 +409,9 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
               "written (they need --parallel sharded)", file=sys.stderr)
     # async: training goes on while a checkpoint is written; close() (finally, below) waits
     checkpointer = Checkpointer(out / "checkpoints", max_to_keep=config.keep_checkpoints,
-                                async_save=True)
+                                async_save=True, best_metric=config.keep_best,
+                                best_mode="min" if config.keep_best == "validation_loss"
+                                else "max")
     resume_step = None
     previous: dict[str, Any] | None = None
     if config.resume:
@@ -485,8 +490,10 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
             state, metrics = trainer.step(state, trainer.put_batch(batch))
             pending.append(metrics)
             log_now = step % config.log_every == 0 or step == total_steps
-            eval_now = step % eval_every == 0 or step == total_steps
             save_now = step % checkpoint_every == 0 or step == total_steps
+            # keep-best ranks every checkpoint by a metric of its own state
+            eval_now = (step % eval_every == 0 or step == total_steps
+                        or (save_now and config.keep_best is not None))
             if not (log_now or eval_now or save_now):
                 continue
             # Every pending step is checked before anything is logged or saved, so a
@@ -509,7 +516,9 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
                 checkpointer.save(step, logical, {
                     "position": DataPosition.from_step(step, batches_per_epoch)._asdict(),
                     "config": dataclasses.asdict(config),
-                    "skipped_nonfinite_steps": skipped_before + skipped})
+                    "skipped_nonfinite_steps": skipped_before + skipped},
+                    metrics=None if config.keep_best is None
+                    else {config.keep_best: last_eval[config.keep_best]})
                 last_saved = step
     finally:
         progress.close()

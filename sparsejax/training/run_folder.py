@@ -51,6 +51,12 @@ def check_config(config: TrainConfig) -> None:
     if not 0 <= config.max_skipped_fraction <= 1:
         raise ValueError(f"--max-skipped-fraction must lie in [0, 1], got "
                          f"{config.max_skipped_fraction}")
+    if config.keep_best not in (None, "validation_loss", "validation_accuracy"):
+        raise ValueError(f"--keep-best must be validation_loss or validation_accuracy, got "
+                         f"{config.keep_best!r}")
+    if config.keep_best is not None and not config.validation_size:
+        raise ValueError(f"--keep-best {config.keep_best} needs a held-out split "
+                         "(--validation-size N): the test set must not choose the checkpoint")
     if config.resume and config.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: --resume continues the "
                          "run in --out, --overwrite replaces it")
