@@ -13,8 +13,11 @@ and its mask (:class:`PrunedLayer`):
   (``H = X^T X`` over the calibration tokens, ``F`` the columns not yet processed) and
   update the columns not yet processed to compensate each pruned weight.
 
-:func:`sparsejax.posttrain_sequential.prune_mlp_sequential` drives them over a whole
-model, layer after layer. Memory is bounded by one layer's ``in x in`` Hessian.
+:func:`wanda_prune_hessian`, :func:`sparsegpt_prune_hessian` and
+:func:`prune_layer_hessian` take ``H = X^T X`` instead of ``X`` (Wanda needs only its
+diagonal ``||X_i||^2``), so ``H`` can be summed over calibration batches;
+:func:`sparsejax.posttrain_sequential.prune_sequential` drives them over a whole model,
+layer after layer. Memory is bounded by one layer's ``in x in`` Hessian.
 
 ``sparsity`` is the fraction removed. For an N:M pattern it may be omitted; if given it
 must be ``1 - N / M``.
@@ -29,7 +32,6 @@ must be ``1 - N / M``.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -39,13 +41,13 @@ from jax import lax
 
 from sparsejax.patterns import (
     Pattern,
-    _topk_rows,
     as_pattern,
     pattern_density,
     pattern_mask,
     per_output_mask,
 )
-from sparsejax.topk import num_kept, topk_mask
+from sparsejax.posttrain_sparsegpt import _sparsegpt
+from sparsejax.topk import num_kept
 from sparsejax.validation import check_finite, check_finite_number, check_int, check_sparsity
 
 __all__ = [
@@ -59,6 +61,10 @@ __all__ = [
     "input_hessian",
     "reconstruction_error",
     "prune_layer",
+    "wanda_prune_hessian",
+    "sparsegpt_prune_hessian",
+    "hessian_reconstruction_error",
+    "prune_layer_hessian",
 ]
 
 PosttrainMethod = Literal["magnitude", "wanda", "sparsegpt"]
@@ -142,15 +148,50 @@ def wanda_prune(kernel: jax.Array, inputs: jax.Array, pattern: str | Pattern = "
     Array([[ True,  True],
            [False, False]], dtype=bool)
     """
-    pattern = as_pattern(pattern)
     kernel, inputs = _check_kernel(kernel, inputs, required=True)
+    return _wanda(kernel, wanda_scores(kernel, inputs), pattern, sparsity, per_output)
+
+
+def wanda_prune_hessian(kernel: jax.Array, hessian: jax.Array,
+                        pattern: str | Pattern = "unstructured", sparsity: float | None = None,
+                        per_output: bool = True) -> PrunedLayer:
+    """:func:`wanda_prune` from ``H = X^T X`` (only its diagonal ``||X_i||^2`` is used).
+
+    >>> import jax.numpy as jnp
+    >>> kernel = jnp.array([[1.0, 1.0], [2.0, 2.0]])
+    >>> wanda_prune_hessian(kernel, jnp.diag(jnp.array([25.0, 1.0])), sparsity=0.5).mask
+    Array([[ True,  True],
+           [False, False]], dtype=bool)
+    """
+    kernel, hessian = _check_hessian(kernel, hessian)
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(hessian), 0.0))
+    return _wanda(kernel, jnp.abs(kernel.astype(jnp.float32)) * norms[:, None], pattern,
+                  sparsity, per_output)
+
+
+def _wanda(kernel: jax.Array, scores: jax.Array, pattern: str | Pattern, sparsity: Any,
+           per_output: bool) -> PrunedLayer:
+    pattern = as_pattern(pattern)
     density = _density(pattern, sparsity)
-    scores = wanda_scores(kernel, inputs)
     if pattern.kind == "unstructured" and per_output:
         mask = per_output_mask(scores, density)
     else:
         mask = pattern_mask(scores, pattern, density)
     return PrunedLayer(jnp.where(mask, kernel, 0).astype(kernel.dtype), mask)
+
+
+def _check_hessian(kernel: Any, hessian: Any) -> tuple[jax.Array, jax.Array]:
+    """``kernel`` checked as by :func:`_check_kernel` and ``hessian`` as a finite float32
+    ``(in, in)`` array; ``ValueError`` otherwise."""
+    kernel, _ = _check_kernel(kernel)
+    if hessian is None:
+        raise ValueError("this method needs the calibration Hessian X^T X (in, in); got None")
+    hessian = jnp.asarray(hessian, jnp.float32)
+    if hessian.shape != (kernel.shape[0],) * 2:
+        raise ValueError(f"the Hessian X^T X must be (in, in) = {(kernel.shape[0],) * 2} for "
+                         f"a kernel of shape {kernel.shape}, got shape {hessian.shape}")
+    check_finite(hessian, "Hessian")
+    return kernel, hessian
 
 
 @jax.jit
@@ -196,8 +237,19 @@ def sparsegpt_prune(kernel: jax.Array, inputs: jax.Array,
     >>> int(pruned.mask.sum()), bool(jnp.all(pruned.kernel[~pruned.mask] == 0))
     (32, True)
     """
-    pattern = as_pattern(pattern)
     kernel, inputs = _check_kernel(kernel, inputs, required=True)
+    return sparsegpt_prune_hessian(kernel, input_hessian(inputs), pattern, sparsity,
+                                   blocksize, percdamp)
+
+
+def sparsegpt_prune_hessian(kernel: jax.Array, hessian: jax.Array,
+                            pattern: str | Pattern = "unstructured",
+                            sparsity: float | None = None, blocksize: int = 128,
+                            percdamp: float = 0.01) -> PrunedLayer:
+    """:func:`sparsegpt_prune` from ``H = X^T X`` (e.g. summed over calibration batches)
+    instead of the inputs ``X``: the same walk, the same result for the same ``H``."""
+    pattern = as_pattern(pattern)
+    kernel, hessian = _check_hessian(kernel, hessian)
     density = _density(pattern, sparsity)
     check_int(blocksize, "blocksize", minimum=1)
     check_finite_number(percdamp, "percdamp")
@@ -218,82 +270,10 @@ def sparsegpt_prune(kernel: jax.Array, inputs: jax.Array,
     # the count each block keeps (unstructured), on the host: the library's rounding
     block_counts = np.array([num_kept(density, n_out * (min(start + blocksize, n_in) - start))
                              for start in range(0, n_in, blocksize)], np.int32)
-    new_kernel, mask = _sparsegpt(kernel.astype(jnp.float32), input_hessian(inputs),
+    new_kernel, mask = _sparsegpt(kernel.astype(jnp.float32), hessian,
                                   jnp.float32(percdamp), block_counts,
                                   pattern=pattern, blocksize=int(blocksize))
     return PrunedLayer(new_kernel.astype(kernel.dtype), mask)
-
-
-@functools.partial(jax.jit, static_argnames=("pattern", "blocksize"))
-def _sparsegpt(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
-               block_counts: jax.Array, *, pattern: Pattern,
-               blocksize: int) -> tuple[jax.Array, jax.Array]:
-    """The SparseGPT walk (see :func:`sparsegpt_prune`) on ``W = kernel.T``."""
-    weights = kernel.T  # (out, in): column j holds input j's weight in every output row
-    n_out, n_in = weights.shape
-    unseen = jnp.diagonal(hessian) == 0  # inputs the calibration data never uses
-    hessian = hessian + jnp.diag(jnp.where(unseen, 1.0, 0.0))
-    damp = percdamp * jnp.mean(jnp.diagonal(hessian))
-    hessian = hessian + damp * jnp.eye(n_in, dtype=jnp.float32)
-    lower = jax.scipy.linalg.cholesky(hessian, lower=True)
-    hessian_inv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(n_in, dtype=jnp.float32))
-    upper = jax.scipy.linalg.cholesky(hessian_inv, lower=False)  # H^-1 = U^T U
-
-    masks = []
-    for index, start in enumerate(range(0, n_in, blocksize)):
-        end = min(start + blocksize, n_in)
-        width = end - start
-        block = weights[:, start:end]
-        block_upper = upper[start:end, start:end]
-        block_diag = jnp.diagonal(block_upper)
-        block_unseen = unseen[start:end]
-
-        def saliency(w: jax.Array, d: jax.Array, unseen: jax.Array) -> jax.Array:
-            # an unseen input's weight costs nothing on the calibration data: OBS error 0
-            return jnp.where(unseen, 0.0, jnp.square(w) / jnp.square(d))
-
-        if pattern.kind == "unstructured":
-            keep = topk_mask(saliency(block, block_diag[None, :], block_unseen[None, :]),
-                             count=block_counts[index], check_finite_scores=False)
-        else:
-            keep = jnp.ones((n_out, width), bool)
-
-        def column(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array],
-                   block_upper: jax.Array = block_upper, block_diag: jax.Array = block_diag,
-                   block_unseen: jax.Array = block_unseen,
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-            block, errors, keep = carry
-            if pattern.kind == "nm":
-                m = pattern.m
-
-                def choose(keep: jax.Array) -> jax.Array:
-                    group = lax.dynamic_slice(block, (0, j), (n_out, m))
-                    group_diag = lax.dynamic_slice(block_diag, (j,), (m,))
-                    group_unseen = lax.dynamic_slice(block_unseen, (j,), (m,))
-                    scores = saliency(group, group_diag[None, :], group_unseen[None, :])
-                    group_keep = _topk_rows(scores, pattern.n)  # N of every row of M
-                    return lax.dynamic_update_slice(keep, group_keep, (0, j))
-
-                keep = lax.cond(j % m == 0, choose, lambda keep: keep, keep)
-            w = lax.dynamic_index_in_dim(block, j, axis=1, keepdims=False)
-            kept = lax.dynamic_index_in_dim(keep, j, axis=1, keepdims=False)
-            q = jnp.where(kept, w, 0.0)
-            error = (w - q) / block_upper[j, j]
-            row = lax.dynamic_index_in_dim(block_upper, j, axis=0, keepdims=False)
-            block = block - error[:, None] * row[None, :]  # U is upper: columns > j move
-            block = lax.dynamic_update_index_in_dim(block, q, j, axis=1)  # exact zeros
-            errors = lax.dynamic_update_index_in_dim(errors, error, j, axis=1)
-            return block, errors, keep
-
-        errors = jnp.zeros((n_out, width), jnp.float32)
-        block, errors, keep = lax.fori_loop(0, width, column, (block, errors, keep))
-        weights = weights.at[:, start:end].set(block)
-        if end < n_in:
-            weights = weights.at[:, end:].add(
-                -jnp.matmul(errors, upper[start:end, end:], precision=lax.Precision.HIGHEST))
-        masks.append(keep)
-    mask = jnp.concatenate(masks, axis=1)
-    return jnp.where(mask, weights, 0.0).T, mask.T
 
 
 def reconstruction_error(kernel: jax.Array, pruned_kernel: jax.Array,
@@ -333,3 +313,43 @@ def prune_layer(method: PosttrainMethod, kernel: jax.Array, inputs: jax.Array | 
         return sparsegpt_prune(kernel, inputs, pattern, sparsity, **options)
     raise ValueError(f"unknown post-training method {method!r}; known: "
                      f"{', '.join(POSTTRAIN_METHODS)}")
+
+
+def hessian_reconstruction_error(kernel: jax.Array, pruned_kernel: jax.Array,
+                                 hessian: jax.Array) -> jax.Array:
+    """:func:`reconstruction_error` from ``H = X^T X``: ``sqrt(tr(dW^T H dW) / tr(W^T H W))``
+    with ``dW = W - W'`` (``||X dW||_F^2 = tr(dW^T H dW)``).
+
+    >>> import jax.numpy as jnp
+    >>> float(hessian_reconstruction_error(jnp.eye(2), jnp.diag(jnp.array([1.0, 0.0])),
+    ...                                    jnp.eye(2)))
+    0.7071067690849304
+    """
+    hessian = jnp.asarray(hessian, jnp.float32)
+    kernel = jnp.asarray(kernel, jnp.float32)
+    diff = kernel - jnp.asarray(pruned_kernel, jnp.float32)
+
+    def energy(w: jax.Array) -> jax.Array:
+        return jnp.sum(w * jnp.matmul(hessian, w, precision=lax.Precision.HIGHEST))
+
+    return jnp.sqrt(jnp.maximum(energy(diff), 0.0) / jnp.maximum(energy(kernel), 1e-30))
+
+
+def prune_layer_hessian(method: PosttrainMethod, kernel: jax.Array, hessian: jax.Array | None,
+                        pattern: str | Pattern = "unstructured", sparsity: float | None = None,
+                        **options: Any) -> PrunedLayer:
+    """:func:`prune_layer` from ``H = X^T X`` instead of the inputs (magnitude ignores it).
+
+    >>> import jax.numpy as jnp
+    >>> prune_layer_hessian("wanda", jnp.array([[1.0], [2.0]]), jnp.diag(jnp.array([9.0, 1.0])),
+    ...                     sparsity=0.5).mask
+    Array([[ True],
+           [False]], dtype=bool)
+    """
+    if method == "magnitude":
+        return prune_layer(method, kernel, None, pattern, sparsity, **options)
+    if method == "wanda":
+        return wanda_prune_hessian(kernel, hessian, pattern, sparsity, **options)
+    if method == "sparsegpt":
+        return sparsegpt_prune_hessian(kernel, hessian, pattern, sparsity, **options)
+    return prune_layer(method, kernel, None, pattern, sparsity)  # the unknown-method error

@@ -2,11 +2,14 @@
 
 The run's newest good checkpoint is restored, its effective weights are pruned layer
 after layer from calibration examples of its own training set
-(:func:`sparsejax.prune_mlp_sequential`: magnitude, Wanda or SparseGPT, unstructured or
-N:M), and the pruned model is evaluated on the test set. ``OUT/result.json`` holds the
-test accuracy and loss before and after, the measured sparsity, each layer's density and
-reconstruction error, the settings and the provenance. This version prunes the MLPs of
-:mod:`sparsejax.models` (``lenet300``, ``mlp``).
+(:func:`sparsejax.posttrain_sequential.prune_sequential`: magnitude, Wanda or SparseGPT,
+unstructured or N:M), and the pruned model is evaluated on the test set.
+``OUT/result.json`` holds the test accuracy and loss before and after (for a language
+model such as ``gpt`` on ``tinyshakespeare`` the test split is the held-out validation
+text, and ``validation_loss_nats_per_char`` repeats its loss), the measured sparsity,
+each layer's density and reconstruction error, the settings and the provenance. Every
+model whose prunable kernels are all ``nn.Dense`` kernels can be pruned (``lenet300``,
+``mlp``, ``gpt``); models with prunable Conv kernels are refused (not supported yet).
 
     sparsejax prune --method sparsegpt --pattern 2:4 runs/dense_lenet300_mnist_seed0
 """
@@ -29,9 +32,10 @@ from sparsejax.posttrain import POSTTRAIN_METHODS
 from sparsejax.provenance import provenance
 from sparsejax.validation import check_int, check_sparsity, check_writable_folder
 
-__all__ = ["MLP_MODELS", "FinishedRun", "restore_finished_run", "prune_run", "add_commands"]
+__all__ = ["FinishedRun", "restore_finished_run", "prune_run", "add_commands"]
 
-MLP_MODELS = ("lenet300", "mlp")
+CALIBRATION_BATCH = 256
+"""Calibration examples run through the model at a time (their Hessians are summed)."""
 
 
 @dataclasses.dataclass
@@ -77,7 +81,7 @@ def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
     calibration takes ``calibration_examples`` training examples drawn with ``seed``.
     Returns the result.
     """
-    from sparsejax.posttrain_sequential import prune_mlp_sequential
+    from sparsejax.posttrain_sequential import prune_sequential
     from sparsejax.training.loop import evaluate, make_eval_step, measured_sparsity
 
     started = time.time()
@@ -102,15 +106,18 @@ def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
                               "or choose another --out")
     finished = restore_finished_run(run_dir)
     config, run = finished.config, finished.run
-    if config.model not in MLP_MODELS:
-        raise ValueError(f"sparsejax prune handles the MLPs ({', '.join(MLP_MODELS)}) in this "
-                         f"version; the run in {run_dir} trained {config.model!r}")
     params = jax.jit(run.method.effective_params)(finished.state)
     model_state = finished.state.model_state
     images = run.dataset.train_images
     count = min(calibration_examples, len(images))
     chosen = np.sort(np.random.default_rng(seed).permutation(len(images))[:count])
-    pruned, layers = prune_mlp_sequential(params, images[chosen], method, pattern, sparsity)
+    try:
+        pruned, layers = prune_sequential(
+            run.model, params, images[chosen], method, pattern, sparsity,
+            model_state=model_state, batch_size=CALIBRATION_BATCH,
+            apply_kwargs={"train": False})
+    except ValueError as error:
+        raise ValueError(f"cannot prune the {config.model!r} of {run_dir}: {error}") from None
     eval_step = jax.jit(make_eval_step(run.model))
     before = evaluate(eval_step, (params, model_state), run.dataset)
     after = evaluate(eval_step, (pruned, model_state), run.dataset)
@@ -130,10 +137,14 @@ def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
                    "step": finished.step},
         "layers": [layer._asdict() for layer in layers],
         "calibration_examples": count,
+        "calibration_batch": CALIBRATION_BATCH,
         "seed": seed,
         "wall_seconds": time.time() - started,
         "provenance": provenance(),
     }
+    if run.dataset.vocabulary is not None:  # a language model: the test split is validation
+        result["validation_loss_nats_per_char"] = after["loss"]
+        result["before"]["validation_loss_nats_per_char"] = before["loss"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
@@ -144,16 +155,21 @@ def _prune_command(args: argparse.Namespace) -> int:
                        calibration_examples=args.calibration_examples, seed=args.seed,
                        out=args.out, overwrite=args.overwrite)
     before = result["before"]
-    print(f"{result['method']} {result['pattern']}: test accuracy "
-          f"{100 * before['test_accuracy']:.2f}% -> {100 * result['test_accuracy']:.2f}% at "
-          f"sparsity {100 * result['sparsity']:.2f}% ({result['wall_seconds']:.1f} s)")
+    if "validation_loss_nats_per_char" in result:
+        change = (f"validation loss {before['validation_loss_nats_per_char']:.4f} -> "
+                  f"{result['validation_loss_nats_per_char']:.4f} nats/char")
+    else:
+        change = (f"test accuracy {100 * before['test_accuracy']:.2f}% -> "
+                  f"{100 * result['test_accuracy']:.2f}%")
+    print(f"{result['method']} {result['pattern']}: {change} at sparsity "
+          f"{100 * result['sparsity']:.2f}% ({result['wall_seconds']:.1f} s)")
     return 0
 
 
 def add_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add ``prune`` to the ``sparsejax`` parser."""
     prune = commands.add_parser(
-        "prune", help="one-shot post-training pruning of a finished run (MLPs)")
+        "prune", help="one-shot post-training pruning of a finished run (Dense layers)")
     prune.add_argument("run_dir", help="a finished run folder (result.json, checkpoints/)")
     prune.add_argument("--method", required=True, choices=POSTTRAIN_METHODS,
                        help="magnitude, wanda or sparsegpt")

@@ -257,7 +257,7 @@ def test_sequential_driver_takes_one_pattern_per_layer_and_checks_all_first(monk
         prune_mlp_sequential(params, x, "obs", "2:4")
     # head does not fit: refused before fc1 is pruned
     pruned_layers = []
-    monkeypatch.setattr(posttrain_sequential, "prune_layer",
+    monkeypatch.setattr(posttrain_sequential, "prune_layer_hessian",
                         lambda *args, **kw: pruned_layers.append(args) or None)
     with pytest.raises(ValueError, match="head/kernel: .*not divisible by 16"):
         prune_mlp_sequential(params, x, "wanda", {"fc1": "8:16", "head": "8:16"})

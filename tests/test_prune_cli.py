@@ -71,3 +71,38 @@ def test_bad_requests_are_one_line_errors(run_dir, capsys, tmp_path):
     assert main(first) == 0
     fails(capsys, first, "exists; pass --overwrite")
     assert main([*first, "--overwrite"]) == 0
+
+
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory):
+    """A tiny GPT (1 layer, 16 wide, context 8) trained 20 steps on a generated text."""
+    folder = tmp_path_factory.mktemp("gpt")
+    words = ["to be ", "or not ", "that is ", "the question\n", "Whether! "]
+    rng = np.random.default_rng(0)
+    (folder / "input.txt").write_text("".join(words[i] for i in rng.integers(0, 5, 400))[:1000])
+    out = folder / "run"
+    assert main(["train", "--method", "dense", "--model", "gpt", "--model-option", "n_layer=1",
+                 "--model-option", "n_embd=16", "--model-option", "n_head=2",
+                 "--model-option", "context=8", "--dataset", "tinyshakespeare", "--data-dir",
+                 str(folder), "--steps", "20", "--batch-size", "16", "--optimizer", "adam",
+                 "--lr", "1e-2", "--recipe", "none", "--out", str(out), "--no-progress",
+                 "--no-tensorboard"]) == 0
+    return out
+
+
+def test_prune_a_gpt_run_reports_nats_per_char_and_every_dense_layer(gpt_run, capsys):
+    assert main(["prune", "--method", "wanda", "--pattern", "4:8", "--calibration-examples",
+                 "300", "--seed", "1", str(gpt_run)]) == 0
+    assert "nats/char" in capsys.readouterr().out
+    result = json.loads((gpt_run / "prune" / "wanda_4of8_seed1" / "result.json").read_text())
+    assert [layer["name"] for layer in result["layers"]] == [
+        "block1/attn/query", "block1/attn/key", "block1/attn/value", "block1/attn/out",
+        "block1/fc1", "block1/fc2", "head"]
+    assert all(layer["density"] == 0.5 for layer in result["layers"])
+    assert result["calibration_examples"] == 300  # two batches: 256 + 44 windows
+    trained = json.loads((gpt_run / "result.json").read_text())
+    assert result["before"]["validation_loss_nats_per_char"] == trained["test_loss"]
+    assert result["validation_loss_nats_per_char"] == result["test_loss"]
+    assert result["validation_loss_nats_per_char"] > trained["test_loss"] - 0.05
+    # the head and every projection are pruned; embeddings and LayerNorms stay dense
+    assert 0.49 < result["sparsity"] <= 0.5
