@@ -229,12 +229,14 @@ def _to_host_if_local(x: Any) -> Any:
 
 def make_mesh(num_model: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
     """A ``(data, model)`` device mesh over all (global) devices; ``num_model`` devices
-    per model-parallel group (1: pure data parallelism)."""
+    per model-parallel group (1: pure data parallelism). ``jax.make_mesh`` lays the
+    devices out for the hardware's topology; the axes are ``Auto`` (the compiler
+    propagates the shardings that ``ShardedTrainer`` gives its inputs and outputs)."""
     devices = devices or jax.devices()
-    if len(devices) % num_model:
+    if not isinstance(num_model, int) or num_model < 1 or len(devices) % num_model:
         raise ValueError(f"{len(devices)} devices do not split into groups of {num_model}")
-    grid = np.asarray(devices).reshape(len(devices) // num_model, num_model)
-    return Mesh(grid, ("data", "model"))
+    return jax.make_mesh((len(devices) // num_model, num_model), ("data", "model"),
+                         (jax.sharding.AxisType.Auto,) * 2, devices=devices)
 
 
 def state_sharding(state: Any, mesh: Mesh, *, shard_model_axis: bool = False,
