@@ -17,13 +17,12 @@ def test_tiny_suite_writes_every_row(tmp_path):
     assert result["tiny"] is True and result["skipped"] == []
     assert result["device_kind"] and result["backend"] == "cpu"
     rows = {(r["model"], r["method"]): r for r in result["step_time"]}
-    assert set(rows) == {("lenet300", "static"), ("lenet300", "rigl"),
-                         ("lenet300", "edge_popup"), ("gpt", "rigl")}
+    assert set(rows) == {("lenet300", "rigl"), ("gpt", "edge_popup")}
     for row in rows.values():
         assert row["dense_ms"] > 0 and row["method_ms"] > 0
         assert row["ratio"] == round(row["method_ms"] / row["dense_ms"], 3)
         assert row["optax_dense_ms"] > 0
-    assert {r["algorithm"] for r in result["topk"]} >= {"sampled", "bitwise", "sort"}
+    assert {r["algorithm"] for r in result["topk"]} == {"sampled", "bitwise", "sort"}
 
 
 def test_a_spent_budget_lists_what_it_skipped(monkeypatch):
@@ -32,6 +31,5 @@ def test_a_spent_budget_lists_what_it_skipped(monkeypatch):
 
     result = device_suite.run_suite(tiny=True, budget_seconds=0)  # nothing compiles
     assert result["step_time"] == [] and result["topk"] == []
-    assert result["skipped"] == ["step_time lenet300 static", "step_time lenet300 rigl",
-                                 "step_time lenet300 edge_popup", "step_time gpt rigl",
+    assert result["skipped"] == ["step_time lenet300 rigl", "step_time gpt edge_popup",
                                  "topk"]

@@ -197,8 +197,8 @@ def nm_masks(kernel, pattern):
 
 @pytest.mark.parametrize("name", ["lenet", "gpt"])
 @pytest.mark.parametrize("form,pattern,density,product", [
-    ("bcoo", "unstructured", 0.2, "gather"), ("bcoo", "2:4", None, "gather"),
-    ("2:4", "2:4", None, "gather"), ("2:4", "2:4", None, "unpack")])
+    ("bcoo", "unstructured", 0.2, "gather"), ("2:4", "2:4", None, "gather"),
+    ("2:4", "2:4", None, "unpack")])
 def test_sparse_forward_equals_the_dense_masked_forward(request, name, form, pattern,
                                                         density, product):
     model, params, x = request.getfixturevalue(name)

@@ -517,8 +517,8 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
                     "position": DataPosition.from_step(step, batches_per_epoch)._asdict(),
                     "config": dataclasses.asdict(config),
                     "skipped_nonfinite_steps": skipped_before + skipped},
-                    metrics=None if config.keep_best is None
-                    else {config.keep_best: last_eval[config.keep_best]})
+                    **({} if config.keep_best is None
+                       else {"metrics": {config.keep_best: last_eval[config.keep_best]}}))
                 last_saved = step
     finally:
         progress.close()
