@@ -120,6 +120,8 @@ def launch(num_processes: int, argv: Sequence[str], *, devices_per_process: int 
         raise ValueError(f"-n must be a positive number of processes, got {num_processes!r}")
     if devices_per_process is not None and devices_per_process < 1:
         raise ValueError(f"--devices-per-process must be >= 1, got {devices_per_process}")
+    if not isinstance(grace, (int, float)) or not 0 <= grace < float("inf"):
+        raise ValueError(f"--grace must be a number of seconds >= 0, got {grace!r}")
     if not argv:
         raise ValueError("nothing to launch: give the command after --, e.g. "
                          "sparsejax launch -n 2 -- train --parallel sharded")
@@ -167,7 +169,7 @@ def _launch_command(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return launch(args.num_processes, argv, devices_per_process=args.devices_per_process,
-                      port=args.port)
+                      port=args.port, grace=args.grace)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
 
@@ -187,6 +189,10 @@ def add_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], int]
                                     f"{_DEVICE_FLAG}); default: the real devices")
     launch_parser.add_argument("--port", type=int, default=None,
                                help="the coordinator's local port (default: a free one)")
+    launch_parser.add_argument("--grace", type=float, default=5.0,
+                               help="seconds the others get to stop after one fails, then "
+                                    "SIGKILL (a JAX process waiting on a dead peer may "
+                                    "catch SIGTERM: jax.distributed's preemption notice)")
     launch_parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                                help="a sparsejax command (train ...) or a program to run")
     return {"launch": _launch_command}

@@ -45,7 +45,7 @@ def two_processes(tmp_path_factory):
     args = [*(f"{mode}:{name}" for mode, name in RUNS), "train:sharded", "killed:sharded"]
     pair = subprocess.Popen(
         [sys.executable, "-m", "sparsejax.cli", "launch", "-n", "2",
-         "--devices-per-process", "4", "--", sys.executable,
+         "--devices-per-process", "4", "--grace", "1", "--", sys.executable,
          str(TESTS / "multiprocess_worker.py"), str(out), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -131,6 +131,8 @@ def test_launcher_returns_zero_when_all_succeed_and_rejects_bad_input(tmp_path):
         launch(0, [sys.executable, "-c", "pass"])
     with pytest.raises(ValueError, match="nothing to launch"):
         launch(2, [])
+    with pytest.raises(ValueError, match="--grace must be a number of seconds >= 0"):
+        launch(2, [sys.executable, "-c", "pass"], grace=-1)
 
 
 def _metrics(folder):
