@@ -94,12 +94,16 @@ def time_compiled(fn: Callable[[], jax.Array], repeats: int) -> float:
 
 
 def time_topk(sizes: list[float], algorithms: list[str], density: float = 0.1,
-              max_slow_size: float = 1e7) -> list[dict]:
+              max_slow_size: float = 1e7, deadline: float | None = None) -> list[dict]:
     """One row per (size, algorithm): the compiled time of finding the exact k-th largest
-    of ``size`` scores (k = ``density`` x size), each checked against ``sort``."""
+    of ``size`` scores (k = ``density`` x size), each checked against ``sort``; past
+    ``deadline`` (``time.monotonic()``) the sizes not yet started are skipped."""
     rows = []
     backend = jax.default_backend()
     for size in map(int, sizes):
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"skip n={size}: past the deadline")
+            continue
         x = jax.random.normal(jax.random.PRNGKey(0), (size,))
         k = max(1, int(density * size))
         reference = float(jnp.sort(x)[size - k]) if size <= max_slow_size else None

@@ -28,14 +28,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 from sparsejax import checkpoint_leaves as leaves_lib
 from sparsejax.checkpoint_manifest import FORMAT_NAME, FORMAT_VERSION
 from sparsejax.checkpoint_manifest import manifest_problem as _manifest_problem
 from sparsejax.checkpoint_manifest import write_manifest as _write_manifest
+from sparsejax.validation import check_local_path
 
 __all__ = ["Checkpointer", "CheckpointError", "CorruptCheckpointError",
            "NoValidCheckpointError", "TemplateMismatchError"]
@@ -119,6 +122,7 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}")
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        check_local_path(directory, "checkpoint directory")
         self._directory = Path(directory).expanduser().absolute()
         self._max_to_keep = max_to_keep
         self._async = bool(async_save)
@@ -236,6 +240,24 @@ class Checkpointer:
         steps = self.all_steps(verify_checksums=verify_checksums)
         return steps[-1] if steps else None
 
+    def best_step(self) -> int | None:
+        """The good step with the best ``best_metric`` (keep-best), or ``None`` if no good
+        step has metrics; restore it with ``restore(template, step=best_step())``."""
+        if self._best_metric is None:
+            raise ValueError("best_step needs a Checkpointer made with best_metric=...")
+        scored = []
+        for step in self.all_steps():  # good steps only; orbax's metrics file of each
+            path = self._directory / f"step_{step:08d}" / "metrics" / "metrics"
+            try:
+                value = json.loads(path.read_text())[self._best_metric]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            scored.append((float(value), step))
+        if not scored:
+            return None
+        pick = min if self._best_mode == "min" else max
+        return pick(scored)[1]
+
     def read_metadata(self, step: int) -> dict[str, Any]:
         """The metadata dict saved with ``step`` (JSON only: nothing is verified)."""
         self.wait_until_finished()
@@ -280,8 +302,12 @@ class Checkpointer:
             logger.warning("checkpoint: saving step %d in %s although newer checkpoints %s "
                            "exist; restore() prefers the newest good one",
                            step, self._directory, newer)
-        if step in existing:
-            logger.warning("checkpoint: replacing existing checkpoint %s", existing[step])
+        replace = step in existing
+        if jax.process_count() > 1:  # one decision for all: orbax's delete is collective
+            replace = bool(multihost_utils.broadcast_one_to_all(np.int32(replace)))
+        if replace:
+            logger.warning("checkpoint: replacing existing checkpoint step %d in %s", step,
+                           self._directory)
             manager.reload()
             manager.delete(step)
         self._pending = self._writing = step

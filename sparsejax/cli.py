@@ -198,13 +198,22 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_error() -> type[Exception]:
+    """sparsejax.checkpoint's error (a failed save, no usable checkpoint), imported only
+    when needed: orbax is slow to import."""
+    from sparsejax.checkpoint import CheckpointError
+
+    return CheckpointError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparsejax`` console script."""
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
     try:
         return handlers[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError,
+            _checkpoint_error()) as e:  # (evaluated only when an exception arrives)
         print(f"sparsejax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:

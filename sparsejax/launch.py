@@ -46,13 +46,14 @@ def process_env(process_id: int, num_processes: int, port: int,
                 base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of process ``process_id``: ``base`` (default: this process's) plus
     the coordinator variables and, with ``devices_per_process``, that many simulated CPU
-    devices (the XLA flag replaced, other XLA flags kept).
+    devices (the XLA flag replaced, other XLA flags kept) on the CPU platform alone
+    (``JAX_PLATFORMS=cpu``: on a GPU host every process would otherwise claim every GPU).
 
     >>> env = process_env(1, 2, 1234, devices_per_process=4, base={"XLA_FLAGS": "--a=1"})
     >>> env["JAX_COORDINATOR_ADDRESS"], env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]
     ('localhost:1234', '2', '1')
-    >>> env["XLA_FLAGS"]
-    '--a=1 --xla_force_host_platform_device_count=4'
+    >>> env["XLA_FLAGS"], env["JAX_PLATFORMS"]
+    ('--a=1 --xla_force_host_platform_device_count=4', 'cpu')
     """
     if not 0 <= process_id < num_processes:
         raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
@@ -62,6 +63,7 @@ def process_env(process_id: int, num_processes: int, port: int,
     if devices_per_process is not None:
         flags = re.sub(rf"{_DEVICE_FLAG}=\S*", "", env.get("XLA_FLAGS", "")).split()
         env["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_FLAG}={devices_per_process}"])
+        env["JAX_PLATFORMS"] = "cpu"
     env.setdefault("PYTHONUNBUFFERED", "1")  # lines reach the prefixes as they are printed
     return env
 

@@ -32,6 +32,7 @@ __all__ = [
     "check_binary_masks",
     "check_int",
     "check_finite_number",
+    "check_local_path",
     "check_writable_folder",
     "is_concrete",
     "is_int",
@@ -127,11 +128,27 @@ def check_finite_number(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
+def check_local_path(path: str | os.PathLike[str], name: str) -> None:
+    """Raise ``ValueError`` if ``path`` is a URL (``gs://...``): sparsejax writes runs and
+    checkpoints to local or mounted shared folders only, and ``pathlib`` would silently
+    turn the URL into a local path.
+
+    >>> check_local_path("gs://bucket/run", "--out")
+    Traceback (most recent call last):
+    ...
+    ValueError: --out gs://bucket/run: only local or mounted shared folders are supported, not URLs (gs://, s3://, ...)
+    """
+    if "://" in str(path):
+        raise ValueError(f"{name} {path}: only local or mounted shared folders are supported, "
+                         "not URLs (gs://, s3://, ...)")
+
+
 def check_writable_folder(path: str | os.PathLike[str], name: str = "--out") -> None:
     """Raise ``ValueError`` unless ``path`` is a folder, or can be created as one, that
     this process may write in: the message names the path and the file or folder in the
     way. Checked before any work starts, so a run does not fail at its first write.
     """
+    check_local_path(path, name)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} {path} is a file, not a folder")

@@ -32,4 +32,4 @@ def test_a_spent_budget_lists_what_it_skipped(monkeypatch):
     result = device_suite.run_suite(tiny=True, budget_seconds=0)  # nothing compiles
     assert result["step_time"] == [] and result["topk"] == []
     assert result["skipped"] == ["step_time lenet300 rigl", "step_time gpt edge_popup",
-                                 "topk"]
+                                 "topk n=1000"]

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from sparsejax.checkpoint import Checkpointer
 from sparsejax.training.loop import TrainConfig, train
 
 FAST = dict(dataset="mnist1d", model="mlp", model_options={"hidden": [16]}, batch_size=32,
@@ -24,6 +25,10 @@ def test_keeps_the_best_by_validation_loss_and_the_newest(tmp_path):
     kept = sorted(int(p.name[5:]) for p in (out / "checkpoints").iterdir()
                   if p.name.startswith("step_") and p.name[5:].isdigit())
     assert best != 6 and kept == [best, 6]
+    with Checkpointer(out / "checkpoints", best_metric="validation_loss") as ckpt:
+        assert ckpt.best_step() == best and ckpt.latest_step() == 6
+    with pytest.raises(ValueError, match="best_step needs a Checkpointer made with"):
+        Checkpointer(out / "checkpoints").best_step()
 
 
 def test_keep_best_needs_a_validation_split(tmp_path):

@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 from sparsejax.checkpoint import Checkpointer, NoValidCheckpointError
 from sparsejax.training.optim import check_lr_schedule
 from sparsejax.training.parallel import PARALLEL_MODES
-from sparsejax.validation import check_finite_number, check_int, check_sparsity
+from sparsejax.validation import (
+    check_finite_number,
+    check_int,
+    check_local_path,
+    check_sparsity,
+)
 
 if TYPE_CHECKING:
     from sparsejax.training.loop import TrainConfig
@@ -51,6 +56,8 @@ def check_config(config: TrainConfig) -> None:
     if not 0 <= config.max_skipped_fraction <= 1:
         raise ValueError(f"--max-skipped-fraction must lie in [0, 1], got "
                          f"{config.max_skipped_fraction}")
+    if config.out is not None:
+        check_local_path(config.out, "--out")  # before Path() turns a URL into a local path
     if config.keep_best not in (None, "validation_loss", "validation_accuracy"):
         raise ValueError(f"--keep-best must be validation_loss or validation_accuracy, got "
                          f"{config.keep_best!r}")
