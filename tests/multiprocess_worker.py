@@ -7,7 +7,8 @@ params and scores go to ``OUT/<mode>_<method>_p<process>.npz``. ``train:<mode>``
 ``sparsejax.training.loop.train`` (:func:`train_config`) into ``OUT/train_<mode>`` for 4
 steps, then resumes it there to 6. ``killed:<mode>`` (run last) trains 6 steps into
 ``OUT/killed_<mode>`` with a checkpoint every 2, and process 1 SIGKILLs itself while its
-part of the step-4 save is being written (``save`` has returned: the write is async).
+part of the step-4 save has started (``save`` has returned; the write is async and the
+commit needs both processes, so the step never commits).
 Run as ``python tests/multiprocess_worker.py OUT sharded:dense,rigl pmap:rigl
 train:sharded killed:sharded`` with the coordinator variables set (``sparsejax launch``
 sets them).
