@@ -118,10 +118,10 @@ def load_dataset(
       default, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). TFDS downloads and
       prepares it only when ``download`` is true: without network TFDS retries for
       minutes before giving up, so it is never tried unasked.
-    * ``tinyshakespeare`` is read from ``data_dir/input.txt`` (any UTF-8 text works) and
-      cut into windows of ``context`` characters (``None``: :data:`DEFAULT_CONTEXT`);
-      ``context`` is ignored by the other datasets. TFDS's ``tiny_shakespeare`` is not
-      read (its single-record splits would need their own windowing).
+    * ``tinyshakespeare`` is read from ``data_dir/input.txt`` (any UTF-8 text works), else
+      through TFDS's ``tiny_shakespeare`` (the same text), and cut into windows of
+      ``context`` characters (``None``: :data:`DEFAULT_CONTEXT`; :mod:`sparsejax.data_text`);
+      ``context`` is ignored by the other datasets.
 
     Raises ``ValueError`` for an unknown name or a corrupt IDX file, and
     :class:`DatasetNotAvailableError` when the data is neither present nor obtainable.
@@ -140,7 +140,10 @@ def load_dataset(
         raise ValueError(f"data_dir (CLI: --data-dir) {data_dir} is a file, not a folder: "
                          f"pass the folder that holds the {name} files")
     if name in TEXT_DATASETS:
-        return _load_text_dataset(name, data_dir, DEFAULT_CONTEXT if context is None else context)
+        from sparsejax.data_text import load_text_dataset
+
+        return load_text_dataset(name, data_dir, DEFAULT_CONTEXT if context is None else context,
+                                 download)
     if name in _IDX_DATASETS and data_dir is not None:
         idx_paths = _find_idx_files(Path(data_dir))
         if idx_paths is not None:
@@ -175,51 +178,6 @@ def _generated_mnist1d(mnist1d_data: ModuleType, seed: int) -> Dataset:
     for array in arrays:
         array.flags.writeable = False
     return Dataset("mnist1d", *arrays, num_classes=_NUM_CLASSES["mnist1d"])
-
-
-def _load_text_dataset(name: str, data_dir: str | os.PathLike[str] | None,
-                       context: int) -> Dataset:
-    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 1:
-        raise ValueError(f"context must be a positive int, got {context!r}")
-    if data_dir is None:
-        raise DatasetNotAvailableError(
-            f"dataset {name!r} is read from DIR/{TEXT_FILE}: pass data_dir (CLI: --data-dir)")
-    path = Path(data_dir) / TEXT_FILE
-    if not path.is_file():
-        raise DatasetNotAvailableError(
-            f"{path} not found: data_dir (CLI: --data-dir) must be a folder holding the "
-            f"{name} text as {TEXT_FILE}")
-    stat = path.stat()
-    return _text_dataset(name, str(path.resolve()), stat.st_size, stat.st_mtime_ns, int(context))
-
-
-@functools.lru_cache(maxsize=4)
-def _text_dataset(name: str, path: str, size: int, mtime_ns: int, context: int) -> Dataset:
-    # size and mtime key the cache, so a file changed on disk is read again.
-    del size, mtime_ns
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from error
-    vocabulary = "".join(sorted(set(text)))
-    lookup = np.zeros(max(map(ord, vocabulary), default=0) + 1, np.int32)
-    lookup[[ord(c) for c in vocabulary]] = np.arange(len(vocabulary), dtype=np.int32)
-    ids = lookup[np.frombuffer(text.encode("utf-32-le"), np.uint32)]
-    split = int(len(ids) * TEXT_TRAIN_FRACTION)
-    train, valid = ids[:split], ids[split:]
-    num_valid = (len(valid) - 1) // context
-    if len(train) <= context or num_valid < 1:
-        raise ValueError(
-            f"{path}: {len(ids)} characters are too few for windows of context={context} "
-            f"(the first {TEXT_TRAIN_FRACTION:.0%} must hold more than {context} characters "
-            f"and the rest at least {context + 1})")
-    windows = np.lib.stride_tricks.sliding_window_view
-    arrays = [windows(train[:-1], context), windows(train[1:], context),
-              valid[:num_valid * context].reshape(num_valid, context),
-              valid[1:num_valid * context + 1].reshape(num_valid, context)]
-    for array in arrays:
-        array.flags.writeable = False
-    return Dataset(name, *arrays, num_classes=len(vocabulary), vocabulary=vocabulary)
 
 
 def _normalise_images(images: np.ndarray, name: str) -> np.ndarray:
@@ -362,25 +320,31 @@ def _load_idx_dataset(name: str, idx_paths: Mapping[str, Path]) -> Dataset:
 # --------------------------------------------------------------------------- TFDS
 
 
-def _load_from_tfds(name: str, data_dir: str | os.PathLike[str] | None, download: bool) -> Dataset:
+def tfds_sources(name: str, tfds_name: str, splits: list[str],
+                 data_dir: str | os.PathLike[str] | None, download: bool) -> list[Any]:
+    """TFDS's data sources of ``splits`` of ``tfds_name`` (array_record, no TensorFlow);
+    :class:`DatasetNotAvailableError` saying how to provide it when it is missing."""
     tfds = require("tensorflow_datasets")  # the ``data`` extra
 
     try:
-        train_source, test_source = tfds.data_source(
-            name, split=["train", "test"], data_dir=data_dir, download=download
-        )
+        return [tfds.data_source(tfds_name, split=split, data_dir=data_dir,
+                                 download=download) for split in splits]
     # What TFDS raises for a missing dataset depends on the case: a NotImplementedError
     # about the TFRecord format, a KeyError about empty splits (default data_dir absent),
     # requests' ConnectionError after minutes of retries (download=True, no network), an
     # ImportError from a missing optional dependency of its downloader.
     except Exception as error:
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
         prepared = builder.is_prepared()
         if prepared and not isinstance(error, NotImplementedError):
             raise
         raise DatasetNotAvailableError(
             _not_available_message(name, builder.data_dir, prepared, download, error)
         ) from error
+
+
+def _load_from_tfds(name: str, data_dir: str | os.PathLike[str] | None, download: bool) -> Dataset:
+    train_source, test_source = tfds_sources(name, name, ["train", "test"], data_dir, download)
     train_images, train_labels = _read_data_source(train_source)
     test_images, test_labels = _read_data_source(test_source)
     return Dataset(
@@ -425,6 +389,8 @@ def _not_available_message(
         "so that TFDS prepares it in data_dir (default $TFDS_DATA_DIR or "
         "~/tensorflow_datasets)"
     )
+    if name in TEXT_DATASETS:
+        how_to_provide += f", or pass data_dir (CLI: --data-dir) holding the text as {TEXT_FILE}"
     if name in _IDX_DATASETS:
         how_to_provide += (
             ", or pass data_dir (CLI: --data-dir) pointing at a folder with the four IDX "

@@ -148,3 +148,26 @@ def test_text_datasets_refuse_a_validation_split(corpus):
     data = load_dataset("tinyshakespeare", corpus, context=CONTEXT)
     with pytest.raises(ValueError, match="overlapping text windows"):
         split_validation(data, 10)
+
+
+def test_tinyshakespeare_through_tfds_equals_the_text_file(tmp_path):
+    """Without DIR/input.txt the text comes from TFDS's tiny_shakespeare (mocked here with
+    the test corpus cut as TFDS cuts it: train, then validation and test) and gives the
+    same dataset as the file."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    text = "".join(["to be ", "or not ", "to be, that is ", "the question\n"] * 20)
+    (tmp_path / "file").mkdir()
+    (tmp_path / "file" / "input.txt").write_text(text)
+    split = int(len(text) * 0.9)
+    parts = {"train": text[:split], "validation": text[split:split + 20],
+             "test": text[split + 20:]}
+
+    def source(self, split, **kwargs):
+        return [{"text": parts[split].encode()}]
+
+    with tfds.testing.mock_data(as_data_source_fn=source):
+        from_tfds = load_dataset("tinyshakespeare", tmp_path / "tfds", context=8)
+    from_file = load_dataset("tinyshakespeare", tmp_path / "file", context=8)
+    assert from_tfds.vocabulary == from_file.vocabulary
+    for a, b in zip(from_tfds[1:5], from_file[1:5], strict=True):
+        np.testing.assert_array_equal(a, b)
