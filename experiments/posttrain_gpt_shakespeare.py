@@ -15,7 +15,10 @@ data: one run). Records the validation loss (nats per character, the whole held-
     nice -n 5 .venv/bin/python experiments/posttrain_gpt_shakespeare.py
 
 writes experiments/results/posttrain_gpt_shakespeare.json (after every run, so a stopped
-run keeps what it finished) and .png; ``--plot-only`` redraws the PNG from the JSON.
+run keeps what it finished) and .png; ``--plot-only`` redraws the PNG from the JSON, and
+``--summary-only`` recomputes the JSON's summary (mean and sample std, ``ddof=1``, over
+the calibration seeds) from the per-seed runs it holds, then redraws the PNG: no training
+and no pruning.
 """
 
 from __future__ import annotations
@@ -79,11 +82,13 @@ def summarise(runs: list[dict]) -> dict:
             if not chosen:
                 continue
             loss = np.array([r["validation_loss"] for r in chosen])
+            # the sample std over the calibration seeds (none for magnitude's one run)
+            std = float(loss.std(ddof=1)) if len(chosen) > 1 else None
             errors = np.array([[layer["reconstruction_error"] for layer in r["layers"]]
                                for r in chosen])
             summary.setdefault(name, {})[method] = {
                 "validation_loss_mean": float(loss.mean()),
-                "validation_loss_std": float(loss.std()), "seeds": len(chosen),
+                "validation_loss_std": std, "seeds": len(chosen),
                 "reconstruction_error_mean": dict(zip(
                     [layer["name"] for layer in chosen[0]["layers"]],
                     errors.mean(axis=0).tolist(), strict=True)),
@@ -94,6 +99,12 @@ def summarise(runs: list[dict]) -> dict:
 def main() -> None:
     if sys.argv[1:] == ["--plot-only"]:
         plot(json.loads(OUT.read_text()))
+        return
+    if sys.argv[1:] == ["--summary-only"]:
+        payload = json.loads(OUT.read_text())
+        payload["summary"] = summarise(payload["runs"])
+        save(payload)
+        plot(payload)
         return
     t0 = time.time()
     finished = restore_finished_run(trained_run())
@@ -161,7 +172,7 @@ def plot(payload: dict) -> None:
         xs = np.arange(len(settings)) + (i - 1) * width
         rows = [payload["summary"][s].get(method) for s in settings]
         ax.bar(xs, [r["validation_loss_mean"] if r else np.nan for r in rows], width,
-               yerr=[r["validation_loss_std"] if r else 0 for r in rows], label=method,
+               yerr=[(r["validation_loss_std"] or 0) if r else 0 for r in rows], label=method,
                capsize=2)
     ax.axhline(dense, color="black", lw=1, ls="--", label=f"dense {dense:.3f}")
     ax.axhline(np.log(65), color="gray", lw=1, ls=":", label="uniform over 65 characters")
@@ -171,7 +182,8 @@ def plot(payload: dict) -> None:
     ax.legend(fontsize=8)
     ax.set_title("GPT 4x128 / tinyshakespeare: one-shot pruning of every Dense kernel, no "
                  f"retraining\n({payload['calibration_windows']} calibration windows, "
-                 f"mean and std over {len(payload['calibration_seeds'])} seeds)", fontsize=9)
+                 f"mean and sample std over {len(payload['calibration_seeds'])} calibration "
+                 "seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(OUT.with_suffix(".png"), dpi=120)
 

@@ -44,6 +44,7 @@ from jax.experimental import sparse
 from sparsejax._tree import map_with_path
 from sparsejax.masks import Prunable, apply_masks, default_prunable
 from sparsejax.patterns import Pattern, as_pattern, nm_group_topk, nm_groups, nm_ungroup
+from sparsejax.posttrain_capture import dense_input
 from sparsejax.validation import _raise_if, check_binary_masks, check_same_structure, is_concrete
 
 __all__ = [
@@ -314,7 +315,7 @@ def _sparse_dense(nm_product: NMProduct) -> Any:
         kernel = module.get_variable("params", "kernel")
         if not _is_sparse(kernel):
             return next_fun(*args, **kwargs)
-        x = args[0] if args else kwargs["inputs"]
+        x = dense_input(args, kwargs)
         dtype = module.dtype or jnp.result_type(x, kernel.dtype)
         y = sparse_matmul(jnp.asarray(x, dtype), kernel, module.precision, nm_product)
         y = y.astype(dtype)

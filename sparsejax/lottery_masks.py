@@ -14,8 +14,10 @@ of what survives each round, as unstructured IMP does with weights):
   ``round_counts(M, prune_fraction, r)`` of every group of ``M`` (the largest ``|w|``
   of the group's survivors), in every pruned layer alike, and the run ends at ``N:M``:
   the steps must land on ``N`` (2:4 with 0.2 per round: 4:4, 3:4, 2:4 at round 2) and
-  no round may go past it, else :func:`check_lottery_pattern` raises. The output layer
-  follows the others or stays dense (``output_fraction`` ``None`` or ``0``).
+  ``rounds`` must be exactly the round that reaches it (fewer would end at another
+  ``N``, e.g. 3:4; more would prune past it), else :func:`check_lottery_pattern`
+  raises. The output layer follows the others or stays dense (``output_fraction``
+  ``None`` or ``0``).
 """
 
 from __future__ import annotations
@@ -32,14 +34,8 @@ from sparsejax._tree import map_with_path
 from sparsejax.masks import Prunable
 from sparsejax.methods.fixed import random_scores
 from sparsejax.methods.pruning_scores import exclude_pruned, magnitude_scores
-from sparsejax.patterns import (
-    Pattern,
-    as_pattern,
-    check_pattern,
-    pattern_counts,
-    pattern_topk,
-    pattern_units,
-)
+from sparsejax.pattern_units import pattern_counts, pattern_topk, pattern_units
+from sparsejax.patterns import Pattern, as_pattern, check_pattern
 
 __all__ = ["round_counts", "nm_rounds", "check_lottery_pattern", "pattern_imp_masks",
            "pattern_random_mask"]
@@ -92,10 +88,12 @@ def check_lottery_pattern(pattern: str | Pattern, prune_fraction: float,
     """Raise ``ValueError`` for settings of the lottery driver that ``pattern`` cannot
     follow (see the module's rules); returns the parsed pattern.
 
-    >>> check_lottery_pattern("2:4", 0.2, None, "uniform", 3)  # doctest: +ELLIPSIS
+    >>> print(check_lottery_pattern("2:4", 0.2, None, "uniform", 2))
+    2:4
+    >>> check_lottery_pattern("2:4", 0.2, None, "uniform", 1)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: pattern 2:4 is reached at round 2 ... (4, 3, 2 per group of 4); ...
+    ValueError: pattern 2:4 is reached at round 2 ... rounds 1 would end at 3:4, not 2:4: ...
     """
     try:
         pattern = as_pattern(pattern)
@@ -107,13 +105,17 @@ def check_lottery_pattern(pattern: str | Pattern, prune_fraction: float,
                              f"every {pattern.m}; output_fraction must be 'same' (None) "
                              f"or 0 (dense), got {output_fraction}")
         last = nm_rounds(pattern, prune_fraction)
-        if rounds > last:
+        if rounds != last:
             path = ", ".join(str(round_counts(pattern.m, prune_fraction, r))
                              for r in range(last + 1))
+            if rounds > last:
+                ends = "would prune past it"
+            else:
+                ends = (f"would end at {round_counts(pattern.m, prune_fraction, rounds)}:"
+                        f"{pattern.m}, not {pattern}")
             raise ValueError(f"pattern {pattern} is reached at round {last} with "
                              f"prune_fraction {prune_fraction:g} ({path} per group of "
-                             f"{pattern.m}); rounds {rounds} would prune past it: give "
-                             f"rounds <= {last}")
+                             f"{pattern.m}); rounds {rounds} {ends}: give rounds = {last}")
     elif pattern.kind != "unstructured" and distribution != "uniform":
         raise ValueError(f"pattern {pattern} prunes whole blocks or channels layer by "
                          f"layer; it needs distribution 'uniform', got {distribution!r}")

@@ -54,6 +54,8 @@ __all__ = [
     "PrunedLayer",
     "PosttrainMethod",
     "POSTTRAIN_METHODS",
+    "check_posttrain_method",
+    "check_posttrain_pattern",
     "magnitude_prune",
     "wanda_prune",
     "sparsegpt_prune",
@@ -69,6 +71,49 @@ __all__ = [
 
 PosttrainMethod = Literal["magnitude", "wanda", "sparsegpt"]
 POSTTRAIN_METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+_BLOCKSIZE = 128  # sparsegpt's default block of input columns
+
+
+def check_posttrain_method(method: str) -> None:
+    """``ValueError`` unless ``method`` is one of :data:`POSTTRAIN_METHODS`.
+
+    >>> check_posttrain_method("obs")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown post-training method 'obs'; known: magnitude, wanda, sparsegpt
+    """
+    if method not in POSTTRAIN_METHODS:
+        raise ValueError(f"unknown post-training method {method!r}; known: "
+                         f"{', '.join(POSTTRAIN_METHODS)}")
+
+
+def check_posttrain_pattern(method: str, pattern: str | Pattern,
+                            blocksize: int = _BLOCKSIZE) -> Pattern:
+    """``pattern`` parsed, or ``ValueError`` when ``method`` cannot prune in it: magnitude
+    and Wanda take every pattern; SparseGPT only unstructured and N:M along the kernel's
+    input axis, with a ``blocksize`` that is a multiple of ``M``. Checks no shapes.
+
+    >>> check_posttrain_pattern("sparsegpt", "channel")
+    Traceback (most recent call last):
+    ...
+    ValueError: sparsegpt supports the unstructured and N:M patterns, got channel
+    """
+    check_posttrain_method(method)
+    pattern = as_pattern(pattern)
+    if method != "sparsegpt":
+        return pattern
+    check_int(blocksize, "blocksize", minimum=1)
+    if pattern.kind == "nm":
+        if pattern.axis not in (-2, 0):
+            raise ValueError(f"sparsegpt prunes N:M along the kernel's input axis (-2 or 0),"
+                             f" got pattern {pattern}")
+        if blocksize % pattern.m:
+            raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.m} "
+                             f"for pattern {pattern}")
+    elif pattern.kind != "unstructured":
+        raise ValueError(f"sparsegpt supports the unstructured and N:M patterns, got "
+                         f"{pattern}")
+    return pattern
 
 
 class PrunedLayer(NamedTuple):
@@ -210,7 +255,7 @@ def input_hessian(inputs: jax.Array) -> jax.Array:
 
 def sparsegpt_prune(kernel: jax.Array, inputs: jax.Array,
                     pattern: str | Pattern = "unstructured", sparsity: float | None = None,
-                    blocksize: int = 128, percdamp: float = 0.01) -> PrunedLayer:
+                    blocksize: int = _BLOCKSIZE, percdamp: float = 0.01) -> PrunedLayer:
     """SparseGPT: prune with optimal-brain-surgeon updates of the remaining weights.
 
     In the paper's layout ``W`` is ``(out, in)`` (here ``kernel.T``). ``H = X^T X`` is
@@ -244,28 +289,18 @@ def sparsegpt_prune(kernel: jax.Array, inputs: jax.Array,
 
 def sparsegpt_prune_hessian(kernel: jax.Array, hessian: jax.Array,
                             pattern: str | Pattern = "unstructured",
-                            sparsity: float | None = None, blocksize: int = 128,
+                            sparsity: float | None = None, blocksize: int = _BLOCKSIZE,
                             percdamp: float = 0.01) -> PrunedLayer:
     """:func:`sparsegpt_prune` from ``H = X^T X`` (e.g. summed over calibration batches)
     instead of the inputs ``X``: the same walk, the same result for the same ``H``."""
-    pattern = as_pattern(pattern)
+    pattern = check_posttrain_pattern("sparsegpt", pattern, blocksize)
     kernel, hessian = _check_hessian(kernel, hessian)
     density = _density(pattern, sparsity)
-    check_int(blocksize, "blocksize", minimum=1)
     check_finite_number(percdamp, "percdamp")
     if percdamp < 0:
         raise ValueError(f"percdamp must be >= 0, got {percdamp!r}")
     if pattern.kind == "nm":
         pattern.check_shape(kernel.shape, where="kernel")
-        if pattern.axis not in (-2, 0):
-            raise ValueError(f"sparsegpt prunes N:M along the kernel's input axis (-2 or 0),"
-                             f" got pattern {pattern}")
-        if blocksize % pattern.m:
-            raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.m} "
-                             f"for pattern {pattern}")
-    elif pattern.kind != "unstructured":
-        raise ValueError(f"sparsegpt supports the unstructured and N:M patterns, got "
-                         f"{pattern}")
     n_in, n_out = kernel.shape
     # the count each block keeps (unstructured), on the host: the library's rounding
     block_counts = np.array([num_kept(density, n_out * (min(start + blocksize, n_in) - start))
@@ -303,16 +338,22 @@ def prune_layer(method: PosttrainMethod, kernel: jax.Array, inputs: jax.Array | 
     >>> prune_layer("magnitude", jnp.array([[1.0, 2.0]]), None, "channel", 0.5).mask
     Array([[False,  True]], dtype=bool)
     """
+    return _prune(method, False, kernel, inputs, pattern, sparsity, options)
+
+
+def _prune(method: str, hessian: bool, kernel: jax.Array, data: jax.Array | None,
+           pattern: str | Pattern, sparsity: float | None,
+           options: dict[str, Any]) -> PrunedLayer:
+    """:func:`prune_layer` (``data`` the inputs) or, with ``hessian``,
+    :func:`prune_layer_hessian` (``data`` the Hessian): one dispatch for both."""
+    check_posttrain_method(method)
     if method == "magnitude":
         if options:
             raise ValueError(f"magnitude pruning takes no options, got {sorted(options)}")
         return magnitude_prune(kernel, pattern, sparsity)
-    if method == "wanda":
-        return wanda_prune(kernel, inputs, pattern, sparsity, **options)
-    if method == "sparsegpt":
-        return sparsegpt_prune(kernel, inputs, pattern, sparsity, **options)
-    raise ValueError(f"unknown post-training method {method!r}; known: "
-                     f"{', '.join(POSTTRAIN_METHODS)}")
+    prune = {"wanda": (wanda_prune, wanda_prune_hessian),
+             "sparsegpt": (sparsegpt_prune, sparsegpt_prune_hessian)}[method][hessian]
+    return prune(kernel, data, pattern, sparsity, **options)
 
 
 def hessian_reconstruction_error(kernel: jax.Array, pruned_kernel: jax.Array,
@@ -346,10 +387,4 @@ def prune_layer_hessian(method: PosttrainMethod, kernel: jax.Array, hessian: jax
     Array([[ True],
            [False]], dtype=bool)
     """
-    if method == "magnitude":
-        return prune_layer(method, kernel, None, pattern, sparsity, **options)
-    if method == "wanda":
-        return wanda_prune_hessian(kernel, hessian, pattern, sparsity, **options)
-    if method == "sparsegpt":
-        return sparsegpt_prune_hessian(kernel, hessian, pattern, sparsity, **options)
-    return prune_layer(method, kernel, None, pattern, sparsity)  # the unknown-method error
+    return _prune(method, True, kernel, hessian, pattern, sparsity, options)

@@ -27,9 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.tracers import TraceState
 
 __all__ = ["LayerPath", "DenseCall", "capture_dense_inputs", "dense_calls",
-           "capture_linear_inputs"]
+           "capture_linear_inputs", "dense_input"]
 
 LayerPath = tuple[str, ...]
 """A Dense layer's path in the params tree, e.g. ``('block1', 'attn', 'query')``; its
@@ -46,6 +47,22 @@ class DenseCall(NamedTuple):
     group: int
 
 
+def dense_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The input ``x`` of a call ``layer(*args, **kwargs)`` to ``nn.Dense`` or
+    ``nnx.Linear``: the first positional argument, or the keyword ``inputs`` (their
+    ``__call__(self, inputs)``). ``ValueError`` when neither is given.
+
+    >>> dense_input((1,), {}), dense_input((), {"inputs": 2})
+    (1, 2)
+    """
+    if args:
+        return args[0]
+    if "inputs" in kwargs:
+        return kwargs["inputs"]
+    raise ValueError(f"a Dense/Linear call without its input (no positional argument and no "
+                     f"'inputs=' keyword; got keywords {sorted(kwargs)})")
+
+
 class _Stop(Exception):
     """Raised by the interceptor once the last layer asked for is captured: the rest of
     the forward is not needed."""
@@ -56,7 +73,7 @@ def _intercept(record: Callable[[LayerPath, jax.Array], None]) -> Iterator[None]
     def interceptor(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                     context: Any) -> Any:
         if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-            record(tuple(str(name) for name in context.module.path), args[0])
+            record(tuple(str(name) for name in context.module.path), dense_input(args, kwargs))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -150,6 +167,13 @@ def capture_linear_inputs(model: nnx.Module, *args: Any,
     kernel is ``nnx.state(model)`` at ``path + ('kernel',)``), in call order.
     ``nnx.Linear.__call__`` is wrapped for the duration of the call (not thread-safe).
 
+    The forward must run its Linear layers un-jitted, in the trace the capture is called
+    in: a forward compiled with ``nnx.jit`` calls copies of the layers while tracing and
+    no ``__call__`` at all once cached, and a layer called under an inner ``jax.jit``
+    (or another transform) would hand back a tracer of that trace (a leak). Both are a
+    ``ValueError`` (so is a forward that calls no ``nnx.Linear`` of ``model``); jit the
+    whole capture instead.
+
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> class Net(nnx.Module):
@@ -165,11 +189,19 @@ def capture_linear_inputs(model: nnx.Module, *args: Any,
              for path, module in nnx.iter_graph(model) if isinstance(module, nnx.Linear)}
     captured, record = _recorder(layers, flatten=True)
     original = nnx.Linear.__call__
+    trace = TraceState()  # the trace the capture runs in
+    called: list[LayerPath] = []  # the model's Linear layers called, captured or not
 
-    def call(self: nnx.Linear, x: jax.Array, *rest: Any, **options: Any) -> jax.Array:
+    def call(self: nnx.Linear, *args: Any, **kwargs: Any) -> jax.Array:
         if id(self) in paths:
-            record(paths[id(self)], x)
-        return original(self, x, *rest, **options)
+            if not trace.is_valid():
+                raise ValueError(
+                    f"nnx.Linear {'/'.join(paths[id(self)])} is called inside a transform "
+                    "of the forward (nnx.jit, nnx.vmap, ...): its input would be a leaked "
+                    "tracer; run the forward un-jitted (jit the capture instead)")
+            called.append(paths[id(self)])
+            record(paths[id(self)], dense_input(args, kwargs))
+        return original(self, *args, **kwargs)
 
     nnx.Linear.__call__ = call  # type: ignore[method-assign]
     try:
@@ -178,5 +210,9 @@ def capture_linear_inputs(model: nnx.Module, *args: Any,
         pass
     finally:
         nnx.Linear.__call__ = original  # type: ignore[method-assign]
+    if paths and not called:
+        raise ValueError("the forward called no nnx.Linear of the model (a forward compiled "
+                         "with nnx.jit and cached skips the capture); run the forward "
+                         "un-jitted (jit the capture instead)")
     _check_found(captured, layers, "nnx.Linear")
     return captured

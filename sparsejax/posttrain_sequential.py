@@ -29,9 +29,10 @@ from sparsejax.masks import Prunable, default_prunable
 from sparsejax.models.mlp import LeNet300
 from sparsejax.patterns import Pattern, as_pattern
 from sparsejax.posttrain import (
-    POSTTRAIN_METHODS,
     PosttrainMethod,
     _density,
+    check_posttrain_method,
+    check_posttrain_pattern,
     hessian_reconstruction_error,
     input_hessian,
     prune_layer_hessian,
@@ -148,7 +149,7 @@ def prune_sequential(model: nn.Module, params: Any, calibration_inputs: jax.Arra
     calls = dense_calls(model, {"params": params, **state}, batches[0], **dict(kwargs))
     layers = _prunable_layers(params, calls, prunable)
     patterns = _layer_patterns({"/".join(c.path): _leaf_shape(params, c.path) for c in layers},
-                               method, pattern, sparsity)
+                               method, pattern, sparsity, options)
     flat = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     report = []
     for group in dict.fromkeys(c.group for c in layers):
@@ -209,9 +210,11 @@ def _batch_hessian(model: nn.Module, path: LayerPath, kwargs: tuple[tuple[str, A
 
 def _layer_patterns(shapes: Mapping[str, tuple[int, ...]], method: str,
                     pattern: str | Pattern | Mapping[str, str | Pattern],
-                    sparsity: float | None) -> dict[str, Pattern]:
+                    sparsity: float | None, options: Mapping[str, Any]) -> dict[str, Pattern]:
     """Every layer's pattern (one for all, or a mapping naming every layer), each checked
-    against its kernel's shape and ``sparsity`` up front, before minutes of pruning."""
+    against ``method`` (and its ``blocksize`` option), its kernel's shape and
+    ``sparsity`` up front, before any Hessian forward and minutes of pruning."""
+    check_posttrain_method(method)
     names = list(shapes)
     if isinstance(pattern, Mapping):
         if set(pattern) != set(names):
@@ -220,11 +223,10 @@ def _layer_patterns(shapes: Mapping[str, tuple[int, ...]], method: str,
         patterns = {name: as_pattern(pattern[name]) for name in names}
     else:
         patterns = dict.fromkeys(names, as_pattern(pattern))
-    if method not in POSTTRAIN_METHODS:
-        raise ValueError(f"unknown post-training method {method!r}; known: "
-                         f"{', '.join(POSTTRAIN_METHODS)}")
+    blocksize = {"blocksize": options["blocksize"]} if "blocksize" in options else {}
     for name in names:
         try:
+            check_posttrain_pattern(method, patterns[name], **blocksize)
             patterns[name].check_shape(shapes[name], where=f"{name}/kernel")
             _density(patterns[name], sparsity)
         except ValueError as error:

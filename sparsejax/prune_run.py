@@ -2,8 +2,9 @@
 
 The run's newest good checkpoint is restored, its effective weights are pruned layer
 after layer from calibration examples of its own training set
-(:func:`sparsejax.posttrain_sequential.prune_sequential`: magnitude, Wanda or SparseGPT,
-unstructured or N:M), and the pruned model is evaluated on the test set.
+(:func:`sparsejax.posttrain_sequential.prune_sequential`: magnitude, Wanda or SparseGPT;
+unstructured or N:M, and for magnitude and Wanda also ``block:B`` or ``channel``), and
+the pruned model is evaluated on the test set.
 ``OUT/result.json`` holds the test accuracy and loss before and after (for a language
 model such as ``gpt`` on ``tinyshakespeare`` the test split is the held-out validation
 text, and ``validation_loss_nats_per_char`` repeats its loss), the measured sparsity,
@@ -27,8 +28,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from sparsejax.patterns import as_pattern, pattern_density
-from sparsejax.posttrain import POSTTRAIN_METHODS
+from sparsejax.patterns import pattern_density
+from sparsejax.posttrain import POSTTRAIN_METHODS, check_posttrain_pattern
 from sparsejax.provenance import provenance
 from sparsejax.validation import check_int, check_sparsity, check_writable_folder
 
@@ -85,10 +86,7 @@ def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
     from sparsejax.training.loop import evaluate, make_eval_step, measured_sparsity
 
     started = time.time()
-    if method not in POSTTRAIN_METHODS:
-        raise ValueError(f"unknown post-training method {method!r}; known: "
-                         f"{', '.join(POSTTRAIN_METHODS)}")
-    if as_pattern(pattern).kind == "nm":
+    if check_posttrain_pattern(method, pattern).kind == "nm":
         pattern_density(pattern, None if sparsity is None else 1.0 - sparsity)
     elif sparsity is None:
         raise ValueError(f"--sparsity is needed with pattern {pattern} (only N:M fixes it)")
@@ -174,7 +172,8 @@ def add_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], int]
     prune.add_argument("--method", required=True, choices=POSTTRAIN_METHODS,
                        help="magnitude, wanda or sparsegpt")
     prune.add_argument("--pattern", default="unstructured",
-                       help="unstructured (default) or N:M, e.g. 2:4 (fixes the sparsity)")
+                       help="unstructured (default); N:M, e.g. 2:4 (fixes the sparsity); "
+                            "block:B or channel (magnitude and wanda only)")
     prune.add_argument("--sparsity", type=float, default=None,
                        help="fraction of each kernel pruned (not with an N:M pattern)")
     prune.add_argument("--calibration-examples", type=int, default=1024,

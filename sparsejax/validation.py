@@ -133,10 +133,10 @@ def check_local_path(path: str | os.PathLike[str], name: str) -> None:
     checkpoints to local or mounted shared folders only, and ``pathlib`` would silently
     turn the URL into a local path.
 
-    >>> check_local_path("gs://bucket/run", "--out")
+    >>> check_local_path("gs://bucket/run", "--out")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: --out gs://bucket/run: only local or mounted shared folders are supported, not URLs (gs://, s3://, ...)
+    ValueError: --out gs://bucket/run: only local or mounted shared folders are supported, ...
     """
     if "://" in str(path):
         raise ValueError(f"{name} {path}: only local or mounted shared folders are supported, "

@@ -10,8 +10,9 @@ in another order than the in-process one, so their last bits may differ). The sa
 then runs ``train`` (the loop behind ``sparsejax train --parallel sharded``) for 4 steps
 and resumes it to 6: process 0 alone writes config, metrics and result, both write the
 checkpoints, and the run matches a one-process run of 6 steps. Last, process 1 is
-SIGKILLed right after starting its part of an async save (before the commit): the checkpoint before it stays good, and
-this one process (8 devices) resumes the 2-process run from it to the same result.
+SIGKILLed right after starting its part of an async save (before the commit): the
+checkpoint before it stays good, and this one process (8 devices) resumes the 2-process
+run from it to the same result.
 """
 
 import json

@@ -35,14 +35,8 @@ from sparsejax.methods.pruning import (
     synflow_scores,
 )
 from sparsejax.methods.pruning_tables import _PatternTable, pattern_masks_for_densities
-from sparsejax.patterns import (
-    as_pattern,
-    nm_groups,
-    pattern_counts,
-    pattern_mask,
-    pattern_topk,
-    pattern_units,
-)
+from sparsejax.pattern_units import pattern_counts, pattern_topk, pattern_units
+from sparsejax.patterns import as_pattern, nm_groups, pattern_mask
 from sparsejax.schedules import cubic_sparsity
 from sparsejax.training.loop import TrainConfig, build_method
 
@@ -328,8 +322,18 @@ def test_lottery_pattern_errors():
                                          r"exactly N=3"):
         LotteryConfig(epochs=1, pattern="3:8", prune_fraction=0.5, output_fraction=None,
                       rounds=1).check()
-    with pytest.raises(ValueError, match=r"reached at round 2 .*give rounds <= 2"):
+    with pytest.raises(ValueError, match=r"reached at round 2 .*rounds 18 would prune past "
+                                         r"it: give rounds = 2"):
         LotteryConfig(epochs=1, pattern="2:4", output_fraction=None).check()  # rounds 18
+    # too few rounds would end the run at another N: 4:4 -> 3:4 after one round
+    with pytest.raises(ValueError, match=r"2:4 is reached at round 2 .*\(4, 3, 2 per group of "
+                                         r"4\); rounds 1 would end at 3:4, not 2:4: give "
+                                         r"rounds = 2"):
+        LotteryConfig(epochs=1, pattern="2:4", prune_fraction=0.2, output_fraction=None,
+                      rounds=1).check()
+    with pytest.raises(ValueError, match=r"rounds 0 would end at 4:4, not 2:4"):
+        LotteryConfig(epochs=1, pattern="2:4", output_fraction=None, rounds=0).check()
+    LotteryConfig(epochs=1, pattern="2:4", output_fraction=None, rounds=2).check()
     with pytest.raises(ValueError, match=r"output_fraction must be 'same' \(None\) or 0"):
         LotteryConfig(epochs=1, pattern="2:4", rounds=2).check()  # output_fraction 0.1
     with pytest.raises(ValueError, match=r"needs distribution 'uniform'"):

@@ -9,9 +9,11 @@ import pytest
 from sparsejax import posttrain_sequential
 from sparsejax.models.mlp import MLP
 from sparsejax.posttrain import (
+    check_posttrain_pattern,
     input_hessian,
     magnitude_prune,
     prune_layer,
+    prune_layer_hessian,
     reconstruction_error,
     sparsegpt_prune,
     wanda_prune,
@@ -111,15 +113,19 @@ def correlated_layer(n_in=16, n_out=6, tokens=128, seed=0):
     return kernel, inputs
 
 
-def reference_sparsegpt(kernel, inputs, keep_count, blocksize, nm=None):
+def reference_sparsegpt(kernel, inputs, keep_count, blocksize, nm=None, percdamp=0.0):
     """SparseGPT from the OBS formulas, in float64 and without any Cholesky factor or
-    lazy update: for each column j (paper layout, W = kernel.T), with F = {j, j+1, ...}
+    lazy update. H = X^T X, with H_jj = 1 for an input the data never uses, is dampened
+    by ``percdamp`` times its mean diagonal (REFERENCES.md). Then for each column j
+    (paper layout, W = kernel.T), with F = {j, j+1, ...}
     the columns not yet processed, [H_F^-1] = inv(H[F, F]); the saliency of column k
     is w_k^2 / inv(H[k:, k:])[0, 0], the mask is chosen at each block's (or group's)
     start, and pruning w_j adds -(w_j / [H_F^-1]_jj) [H_F^-1]_{j, :} to the columns F."""
     w = np.asarray(kernel, np.float64).T.copy()
     x = np.asarray(inputs, np.float64)
     h = x.T @ x
+    h[np.diag_indices_from(h)] += np.diagonal(h) == 0
+    h[np.diag_indices_from(h)] += percdamp * np.mean(np.diagonal(h))
     n_out, n_in = w.shape
     keep = np.ones_like(w, bool)
 
@@ -147,16 +153,17 @@ def reference_sparsegpt(kernel, inputs, keep_count, blocksize, nm=None):
     return w.T, keep.T
 
 
+@pytest.mark.parametrize("percdamp", [0.0, 0.01])  # 0.01: the default
 @pytest.mark.parametrize("pattern,sparsity,blocksize", [("unstructured", 0.6, 8),
                                                         ("2:4", None, 8)])
 def test_sparsegpt_matches_a_float64_reference_from_the_formulas(pattern, sparsity,
-                                                                 blocksize):
+                                                                 blocksize, percdamp):
     kernel, inputs = correlated_layer()
     expected, expected_mask = reference_sparsegpt(
         kernel, inputs, lambda size: num_kept(1 - 0.6, size), blocksize,
-        nm=(2, 4) if pattern == "2:4" else None)
+        nm=(2, 4) if pattern == "2:4" else None, percdamp=percdamp)
     pruned = sparsegpt_prune(kernel, inputs, pattern, sparsity, blocksize=blocksize,
-                             percdamp=0.0)
+                             percdamp=percdamp)
     np.testing.assert_array_equal(np.asarray(pruned.mask), expected_mask)
     np.testing.assert_allclose(np.asarray(pruned.kernel), expected, rtol=2e-3, atol=2e-4)
 
@@ -243,6 +250,45 @@ def test_sequential_driver_names_the_layer_that_does_not_fit():
     with pytest.raises(ValueError, match="fc1 ... fcN and head"):
         prune_mlp_sequential({"Dense_0": params["fc1"]}, jnp.ones((4, 8)), "magnitude",
                              "unstructured", 0.5)
+
+
+def test_sequential_driver_checks_method_and_pattern_before_any_hessian(monkeypatch):
+    params = MLP(num_classes=4, hidden=(8,)).init(jax.random.key(0), jnp.zeros((1, 16)))["params"]
+    x = jnp.ones((4, 16))
+    forwards = []
+    monkeypatch.setattr(posttrain_sequential, "_batch_hessian",
+                        lambda *args: forwards.append(args) or None)
+    for pattern, options, message in [
+            ("channel", {}, "fc1/kernel: sparsegpt supports the unstructured and N:M patterns,"
+                            " got channel"),
+            ("block:4", {}, "fc1/kernel: sparsegpt supports .* got block:4"),
+            ("2:4", {"blocksize": 6}, "fc1/kernel: blocksize 6 must be a multiple of M=4"),
+            ("2:4", {"blocksize": 0}, "fc1/kernel: blocksize must be")]:
+        with pytest.raises(ValueError, match=message):
+            prune_mlp_sequential(params, x, "sparsegpt", pattern, 0.5, **options)
+    with pytest.raises(ValueError, match="unknown post-training method 'obs'"):
+        prune_mlp_sequential(params, x, "obs", "channel", 0.5)
+    assert forwards == []  # every refusal came before the first Hessian forward
+    assert check_posttrain_pattern("wanda", "channel").kind == "channel"
+    with pytest.raises(ValueError, match="unknown post-training method 'obs'"):
+        prune_layer_hessian("obs", jnp.ones((4, 2)), jnp.eye(4), sparsity=0.5)
+
+
+def test_prune_command_checks_method_and_pattern_first(tmp_path):
+    import argparse
+
+    from sparsejax.prune_run import add_commands, prune_run
+
+    # refused before the run folder (here empty) is even read
+    with pytest.raises(ValueError, match="sparsegpt supports the unstructured and N:M"):
+        prune_run(tmp_path, "sparsegpt", "channel", 0.5)
+    with pytest.raises(ValueError, match="unknown post-training method 'obs'"):
+        prune_run(tmp_path, "obs", "2:4")
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    prune = parser._subparsers._group_actions[0].choices["prune"]
+    help_text = next(a.help for a in prune._actions if a.dest == "pattern")
+    assert "block:B or channel (magnitude and wanda only)" in help_text
 
 
 def test_sequential_driver_takes_one_pattern_per_layer_and_checks_all_first(monkeypatch):

@@ -111,6 +111,68 @@ def test_nnx_capture_is_every_linear_input_in_call_order():
     assert list(capture_linear_inputs(model, x, layers=[("head",)])) == [("head",)]
 
 
+class _KeywordMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.relu(nn.Dense(4, name="fc1")(inputs=x))  # the input as a keyword
+        return nn.Dense(2, name="head")(h)
+
+
+class _KeywordNnx(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.fc1, self.head = nnx.Linear(3, 4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(inputs=nnx.relu(self.fc1(inputs=x)))
+
+
+def test_capture_takes_the_input_given_as_the_inputs_keyword():
+    x = jax.random.normal(jax.random.key(3), (5, 3))
+    model = _KeywordMLP()
+    variables = model.init(jax.random.key(0), x)
+    captured = capture_dense_inputs(model, variables, x)
+    hidden = nn.relu(x @ variables["params"]["fc1"]["kernel"] + variables["params"]["fc1"]["bias"])
+    assert list(captured) == [("fc1",), ("head",)]
+    np.testing.assert_array_equal(captured[("fc1",)], x)
+    np.testing.assert_allclose(captured[("head",)], hidden, rtol=1e-6, atol=1e-6)
+    assert [c.features_in for c in dense_calls(model, variables, x)] == [3, 4]
+    net = _KeywordNnx(nnx.Rngs(0))
+    captured = capture_linear_inputs(net, x)
+    assert list(captured) == [("fc1",), ("head",)]
+    np.testing.assert_array_equal(captured[("fc1",)], x)
+    np.testing.assert_allclose(captured[("head",)], nnx.relu(net.fc1(x)), rtol=1e-6, atol=1e-6)
+
+
+_nnx_jitted = nnx.jit(lambda net, x: net(x))
+
+
+class _Jitted(nnx.Module):
+    """A forward compiled inside the model: by ``nnx.jit`` (which calls copies of the
+    layers) or by ``jax.jit`` closing over them (which calls the layers themselves)."""
+
+    def __init__(self, net: nnx.Module, nnx_jit: bool) -> None:
+        self.net, self.nnx_jit = net, nnx_jit
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _nnx_jitted(self.net, x) if self.nnx_jit else jax.jit(self.net)(x)
+
+
+def test_nnx_capture_refuses_a_jitted_forward():
+    net = _KeywordNnx(nnx.Rngs(0))
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="net/fc1 is called inside a transform.*un-jitted"):
+        capture_linear_inputs(_Jitted(net, nnx_jit=False), x)  # it would leak a tracer
+    assert nnx.Linear.__call__.__name__ == "__call__"
+    for _ in range(2):  # traced (on copies of the layers), then cached: no call captured
+        with pytest.raises(ValueError, match="called no nnx.Linear.*un-jitted"):
+            capture_linear_inputs(_Jitted(net, nnx_jit=True), x)
+    with pytest.raises(ValueError, match="called no nnx.Linear.*un-jitted"):
+        capture_linear_inputs(_Jitted(net, nnx_jit=True), x, layers=[("net", "head")])
+    # jitting the whole capture is fine: the forward runs in the capture's own trace
+    jitted = nnx.jit(lambda model, x: capture_linear_inputs(model, x))(net, x)
+    np.testing.assert_array_equal(jitted[("fc1",)], x)
+
+
 def test_hessian_summed_over_batches_is_the_one_shot_hessian(gpt):
     model, params, tokens = gpt
     one = prune_sequential(model, params, tokens, "sparsegpt", "2:4")

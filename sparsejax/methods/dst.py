@@ -90,14 +90,8 @@ from sparsejax.methods.fixed import (
     static,
 )
 from sparsejax.methods.registry import register_method
-from sparsejax.patterns import (
-    Pattern,
-    as_pattern,
-    nm_group_topk,
-    nm_groups,
-    pattern_counts,
-    pattern_topk,
-)
+from sparsejax.pattern_units import pattern_counts, pattern_topk
+from sparsejax.patterns import Pattern, as_pattern, nm_group_topk, nm_groups
 from sparsejax.schedules import Schedule, constant, cosine_drop_fraction, is_update_step
 from sparsejax.topk import topk_mask
 from sparsejax.transforms import zero_masked
@@ -228,7 +222,7 @@ def regrow_masks_units(rules: RegrowRules, signals: Signals, fraction: jax.Array
     number of units.
 
     Per leaf, ``n_drop = drop_counts(fraction, active units)``: the active units with the
-    lowest sum of drop scores go (:func:`sparsejax.patterns.pattern_topk`), then as many
+    lowest sum of drop scores go (:func:`sparsejax.pattern_units.pattern_topk`), then as many
     units grow, the highest sums of grow scores among the units inactive after the drop
     (which may regrow a unit dropped in this update). Counts are in units, ``n_grow ==
     n_drop``; ``rules.redistribute`` is not used. A leaf that cannot carry the pattern

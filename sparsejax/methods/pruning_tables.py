@@ -19,7 +19,8 @@ import numpy as np
 
 from sparsejax.distributions import kept_counts, select_masks
 from sparsejax.masks import Prunable, default_prunable
-from sparsejax.patterns import Pattern, as_pattern, pattern_topk, pattern_units
+from sparsejax.pattern_units import pattern_topk, pattern_units
+from sparsejax.patterns import Pattern, as_pattern
 from sparsejax.topk import num_kept, topk_mask
 
 __all__ = ["masks_for_densities", "pattern_masks_for_densities"]
@@ -121,7 +122,7 @@ def pattern_masks_for_densities(
 
 
 class _PatternTable(NamedTuple):
-    """Per density (row of ``counts``), the :func:`~sparsejax.patterns.pattern_topk`
+    """Per density (row of ``counts``), the :func:`~sparsejax.pattern_units.pattern_topk`
     count of each patterned leaf ``leaves`` (one column each; per group for N:M, whole
     blocks or channels otherwise); every other leaf is kept whole. Hashable, so it can
     be a static argument of a compiled function."""
