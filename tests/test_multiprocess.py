@@ -153,6 +153,8 @@ def test_train_across_processes_resumes_and_matches_one_process(two_processes):
     assert (result["processes"], result["devices"], expected["processes"]) == (2, 8, 1)
     assert (result["steps"], result["resumed_from_step"], result["extended_from_steps"]) == (
         6, 4, 4)
+    assert [layout["from_step"] for layout in result["layouts"]] == [0, 4]
+    assert {layout["processes"] for layout in result["layouts"]} == {2}
     assert result["sparsity"] == expected["sparsity"]
     assert result["test_accuracy"] == expected["test_accuracy"]
     np.testing.assert_allclose(result["test_loss"], expected["test_loss"], rtol=1e-5)
@@ -176,6 +178,9 @@ def test_a_process_killed_during_a_save_leaves_a_run_one_process_resumes(two_pro
     expected = reference["train"]
     assert (result["processes"], result["devices"]) == (1, 8)
     assert (result["steps"], result["resumed_from_step"]) == (6, 2)
+    assert result["layouts"] == [  # a resumed run says where each stretch of it ran
+        {"from_step": 0, "parallel": "sharded", "processes": 2, "devices": 8},
+        {"from_step": 2, "parallel": "sharded", "processes": 1, "devices": 8}]
     assert result["sparsity"] == expected["sparsity"]
     assert result["test_accuracy"] == expected["test_accuracy"]
     np.testing.assert_allclose(result["test_loss"], expected["test_loss"], rtol=1e-5)

@@ -442,13 +442,20 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
     checkpoint_every = config.checkpoint_every or batches_per_epoch
 
     start_step, skipped_before, last_saved = 0, 0, None
+    # the device layout of every stretch of the run (a resume may change it): checkpoints
+    # carry the history, result.json reports it
+    layout = {"parallel": config.parallel, "processes": jax.process_count(),
+              "devices": jax.device_count() if config.parallel != "none" else 1}
+    layouts: list[dict[str, Any]] = []
     if resume_step is not None:
         start_step, state, metadata = checkpointer.restore(state)
         skipped_before = int(metadata.get("skipped_nonfinite_steps", 0))
+        layouts = list(metadata.get("layouts", []))
         last_saved = start_step
         print(f"resumed from step {start_step} in {checkpointer.directory}", file=sys.stderr)
     elif config.resume:
         print(f"no checkpoint in {checkpointer.directory}; starting fresh", file=sys.stderr)
+    layouts.append({"from_step": start_step, **layout})
     # OUT/config.json: what --resume checks a later run against (written atomically).
     if primary:
         _write_json(out / CONFIG_FILE, {"config": jsonable(dataclasses.asdict(config)),
@@ -516,7 +523,8 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
                 checkpointer.save(step, logical, {
                     "position": DataPosition.from_step(step, batches_per_epoch)._asdict(),
                     "config": dataclasses.asdict(config),
-                    "skipped_nonfinite_steps": skipped_before + skipped},
+                    "skipped_nonfinite_steps": skipped_before + skipped,
+                    "layouts": layouts},
                     **({} if config.keep_best is None
                        else {"metrics": {config.keep_best: last_eval[config.keep_best]}}))
                 last_saved = step
@@ -539,9 +547,8 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
         "steps": total_steps,
         "resumed_from_step": start_step,
         "skipped_nonfinite_steps": skipped_before + skipped,
-        "parallel": config.parallel,
-        "devices": jax.device_count() if config.parallel != "none" else 1,
-        "processes": jax.process_count(),
+        **layout,  # this stretch's; "layouts": every stretch's, from its first step
+        "layouts": layouts,
         "wall_seconds": time.time() - started,
         "backend": jax.default_backend(),
         "config": dataclasses.asdict(config),
