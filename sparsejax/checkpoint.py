@@ -171,9 +171,8 @@ class Checkpointer:
         """orbax's hook on the primary process: all processes have written the pending
         step, which is not committed yet; its manifest goes in before the commit."""
         step = self._writing
-        name = f"step_{step:08d}"
-        tmp = sorted(self._directory.glob(name + _TMP_MARK + "*"),
-                     key=lambda p: p.stat().st_mtime_ns)
+        name = self.step_dir(step).name
+        tmp = sorted(self._directory.glob(name + _TMP_MARK + "*"))
         if not tmp:
             raise CheckpointError(f"checkpoint: orbax's temporary folder for {name} is missing")
         _write_manifest(tmp[-1], step)
@@ -218,16 +217,23 @@ class Checkpointer:
                  if (m := _STEP_RE.match(c.name)) and c.is_dir()}
         return dict(sorted(found.items()))
 
+    def step_dir(self, step: int) -> Path:
+        """The folder of checkpoint ``step`` (committed or not)."""
+        return self._directory / f"step_{step:08d}"
+
+    @staticmethod
+    def _problem(step: int, path: Path, verify_checksums: bool = True) -> str | None:
+        """Why checkpoint ``step`` in ``path`` is not usable, or ``None`` if it verifies."""
+        try:
+            return _manifest_problem(path, step, verify_checksums)
+        except OSError as e:
+            return f"it cannot be read ({type(e).__name__}: {e})"
+
     def problems(self, *, verify_checksums: bool = True) -> dict[int, str | None]:
         """Per committed step, why it is not usable, or ``None`` if its files verify."""
         self.wait_until_finished()
-        out = {}
-        for step, path in self.step_dirs().items():
-            try:
-                out[step] = _manifest_problem(path, step, verify_checksums)
-            except OSError as e:
-                out[step] = f"it cannot be read ({type(e).__name__}: {e})"
-        return out
+        return {step: self._problem(step, path, verify_checksums)
+                for step, path in self.step_dirs().items()}
 
     def all_steps(self, *, verify_checksums: bool = True) -> list[int]:
         """Steps of the good checkpoints (manifest intact, every file it lists present
@@ -236,9 +242,13 @@ class Checkpointer:
                 if p is None]
 
     def latest_step(self, *, verify_checksums: bool = True) -> int | None:
-        """The newest good step, or ``None`` if there is none (e.g. an empty directory)."""
-        steps = self.all_steps(verify_checksums=verify_checksums)
-        return steps[-1] if steps else None
+        """The newest good step, or ``None`` if there is none (e.g. an empty directory);
+        checked newest first, so only the checkpoints newer than it are read too."""
+        self.wait_until_finished()
+        for step, path in reversed(self.step_dirs().items()):
+            if self._problem(step, path, verify_checksums) is None:
+                return step
+        return None
 
     def best_step(self) -> int | None:
         """The good step with the best ``best_metric`` (keep-best), or ``None`` if no good
@@ -247,7 +257,7 @@ class Checkpointer:
             raise ValueError("best_step needs a Checkpointer made with best_metric=...")
         scored = []
         for step in self.all_steps():  # good steps only; orbax's metrics file of each
-            path = self._directory / f"step_{step:08d}" / "metrics" / "metrics"
+            path = self.step_dir(step) / "metrics" / "metrics"
             try:
                 value = json.loads(path.read_text())[self._best_metric]
             except (OSError, ValueError, KeyError, TypeError):
@@ -261,7 +271,7 @@ class Checkpointer:
     def read_metadata(self, step: int) -> dict[str, Any]:
         """The metadata dict saved with ``step`` (JSON only: nothing is verified)."""
         self.wait_until_finished()
-        return self._read_json(self._directory / f"step_{step:08d}")[1]
+        return self._read_json(self.step_dir(step))[1]
 
     # ------------------------------------------------------------------ save
 
@@ -333,7 +343,8 @@ class Checkpointer:
         or ``CorruptCheckpointError`` / ``NoValidCheckpointError`` is raised.
         """
         _, wanted, _ = leaves_lib.flatten(template)
-        problems, dirs = self.problems(), self.step_dirs()
+        self.wait_until_finished()
+        dirs = self.step_dirs()
         if step is not None:
             step = operator.index(step)
             if step not in dirs:
@@ -344,7 +355,7 @@ class Checkpointer:
                            "interrupted)", tmp)
         skipped: list[str] = []
         for s in [step] if step is not None else reversed(list(dirs)):
-            problem = problems[s]
+            problem = self._problem(s, dirs[s])  # newest first: older ones only if needed
             if problem is None:
                 try:
                     state, meta = self._load(dirs[s], template, wanted)

@@ -123,13 +123,20 @@ class PrunedLayer(NamedTuple):
     mask: jax.Array
 
 
-def _density(pattern: Pattern, sparsity: Any) -> Any:
-    """The density to keep from a ``sparsity`` (fraction removed) and a pattern."""
+def posttrain_density(pattern: str | Pattern, sparsity: Any, name: str = "sparsity") -> Any:
+    """The density to keep from a ``sparsity`` (fraction removed; ``name`` in messages) and
+    a pattern: required unless the pattern fixes it (N:M), and then it must agree.
+
+    >>> posttrain_density("2:4", None), posttrain_density("unstructured", 0.75)
+    (0.5, 0.25)
+    """
+    pattern = as_pattern(pattern)
     if sparsity is None:
         if pattern.fixed_density is None:
-            raise ValueError(f"pattern {pattern} needs a sparsity (fraction removed)")
+            raise ValueError(f"pattern {pattern} needs a {name} (fraction removed); only "
+                             "N:M fixes it")
         return pattern.fixed_density
-    check_sparsity(sparsity)
+    check_sparsity(sparsity, name)
     return pattern_density(pattern, 1.0 - float(sparsity))
 
 
@@ -168,7 +175,7 @@ def magnitude_prune(kernel: jax.Array, pattern: str | Pattern = "unstructured",
     """
     pattern = as_pattern(pattern)
     kernel, _ = _check_kernel(kernel)
-    mask = pattern_mask(jnp.abs(kernel), pattern, _density(pattern, sparsity))
+    mask = pattern_mask(jnp.abs(kernel), pattern, posttrain_density(pattern, sparsity))
     return PrunedLayer(jnp.where(mask, kernel, 0).astype(kernel.dtype), mask)
 
 
@@ -217,7 +224,7 @@ def wanda_prune_hessian(kernel: jax.Array, hessian: jax.Array,
 def _wanda(kernel: jax.Array, scores: jax.Array, pattern: str | Pattern, sparsity: Any,
            per_output: bool) -> PrunedLayer:
     pattern = as_pattern(pattern)
-    density = _density(pattern, sparsity)
+    density = posttrain_density(pattern, sparsity)
     if pattern.kind == "unstructured" and per_output:
         mask = per_output_mask(scores, density)
     else:
@@ -295,7 +302,7 @@ def sparsegpt_prune_hessian(kernel: jax.Array, hessian: jax.Array,
     instead of the inputs ``X``: the same walk, the same result for the same ``H``."""
     pattern = check_posttrain_pattern("sparsegpt", pattern, blocksize)
     kernel, hessian = _check_hessian(kernel, hessian)
-    density = _density(pattern, sparsity)
+    density = posttrain_density(pattern, sparsity)
     check_finite_number(percdamp, "percdamp")
     if percdamp < 0:
         raise ValueError(f"percdamp must be >= 0, got {percdamp!r}")

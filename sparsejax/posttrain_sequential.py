@@ -30,11 +30,11 @@ from sparsejax.models.mlp import LeNet300
 from sparsejax.patterns import Pattern, as_pattern
 from sparsejax.posttrain import (
     PosttrainMethod,
-    _density,
     check_posttrain_method,
     check_posttrain_pattern,
     hessian_reconstruction_error,
     input_hessian,
+    posttrain_density,
     prune_layer_hessian,
 )
 from sparsejax.posttrain_capture import LayerPath, _capture, dense_calls
@@ -228,7 +228,7 @@ def _layer_patterns(shapes: Mapping[str, tuple[int, ...]], method: str,
         try:
             check_posttrain_pattern(method, patterns[name], **blocksize)
             patterns[name].check_shape(shapes[name], where=f"{name}/kernel")
-            _density(patterns[name], sparsity)
+            posttrain_density(patterns[name], sparsity)
         except ValueError as error:
             raise ValueError(f"{name}/kernel: {error}" if not str(error).startswith(name)
                              else str(error)) from None

@@ -18,7 +18,6 @@ model whose prunable kernels are all ``nn.Dense`` kernels can be pruned (``lenet
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -28,48 +27,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from sparsejax.patterns import pattern_density
-from sparsejax.posttrain import POSTTRAIN_METHODS, check_posttrain_pattern
+from sparsejax.posttrain import POSTTRAIN_METHODS, check_posttrain_pattern, posttrain_density
 from sparsejax.provenance import provenance
-from sparsejax.validation import check_int, check_sparsity, check_writable_folder
+from sparsejax.training.run_folder import restore_finished_run
+from sparsejax.validation import check_int, check_writable_folder
 
-__all__ = ["FinishedRun", "restore_finished_run", "prune_run", "add_commands"]
+__all__ = ["prune_run", "add_commands"]
 
 CALIBRATION_BATCH = 256
 """Calibration examples run through the model at a time (their Hessians are summed)."""
-
-
-@dataclasses.dataclass
-class FinishedRun:
-    """A finished run folder restored: its config (effective values), the prepared run
-    (data, model, method) and the state of its newest good checkpoint at ``step``."""
-
-    config: Any
-    run: Any
-    step: int
-    state: Any
-    result: dict[str, Any]  # the run's result.json
-    checkpoint_dir: Path  # the folder of the checkpoint restored
-
-
-def restore_finished_run(run_dir: str | Path) -> FinishedRun:
-    """Restore the run in ``run_dir`` (``result.json`` and ``checkpoints/``) as it ran."""
-    from sparsejax.checkpoint import Checkpointer
-    from sparsejax.training.loop import TrainConfig, prepare
-
-    run_dir = Path(run_dir)
-    result_file = run_dir / "result.json"
-    if not result_file.exists():
-        raise FileNotFoundError(f"{result_file} not found: is {run_dir} a finished run folder?")
-    result = json.loads(result_file.read_text())
-    # a saved config holds the run's effective values: resolved again, a recipe (added
-    # after an older run was made) must not fill what that run left at the default
-    config = TrainConfig(**{**result["config"], "recipe": "none"})
-    run = prepare(config)
-    with Checkpointer(run_dir / "checkpoints") as checkpointer:
-        step, state, _ = checkpointer.restore(run.state)
-        checkpoint_dir = checkpointer.directory / f"step_{step:08d}"
-    return FinishedRun(config, run, step, state, result, checkpoint_dir)
 
 
 def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
@@ -86,12 +52,7 @@ def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
     from sparsejax.training.loop import evaluate, make_eval_step, measured_sparsity
 
     started = time.time()
-    if check_posttrain_pattern(method, pattern).kind == "nm":
-        pattern_density(pattern, None if sparsity is None else 1.0 - sparsity)
-    elif sparsity is None:
-        raise ValueError(f"--sparsity is needed with pattern {pattern} (only N:M fixes it)")
-    else:
-        check_sparsity(sparsity, "--sparsity")
+    posttrain_density(check_posttrain_pattern(method, pattern), sparsity, "--sparsity")
     check_int(calibration_examples, "--calibration-examples", minimum=1)
     check_int(seed, "--seed", minimum=0, maximum=2**32 - 1)
     run_dir = Path(run_dir)

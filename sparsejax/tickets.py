@@ -276,7 +276,7 @@ def export_ticket(run_dir: str | os.PathLike[str],
     good checkpoint is used). ``output`` defaults to ``RUN_DIR/ticket.npz``. Raises
     ``ValueError`` when the run's weights are not the frozen ones its seed draws.
     """
-    from sparsejax.prune_run import restore_finished_run
+    from sparsejax.training.run_folder import restore_finished_run
 
     run_dir = Path(run_dir)
     finished = restore_finished_run(run_dir)
@@ -404,7 +404,7 @@ def load_ticket(path: str | os.PathLike[str]) -> Ticket:
         raise ValueError(f"{path} was exported from a model ({header.get('source')}); load "
                          "it with that module's load_ticket")
     _check_contents(path, header, arrays, _TICKET_KEYS)
-    config = TrainConfig(**{**header["config"], "recipe": "none"})  # effective values
+    config = TrainConfig.from_saved(header["config"])
     regen = _regenerate(config, header["num_classes"], tuple(header["input_shape"]),
                         header["total_steps"], header["batches_per_epoch"])
     if tree_digest(regen.state.params) != header["frozen_params_sha256"]:
@@ -431,12 +431,9 @@ def load_ticket(path: str | os.PathLike[str]) -> Ticket:
 def evaluate_ticket(ticket: Ticket, data_dir: str | None = None,
                     batch_size: int = 1000) -> dict[str, float]:
     """Test accuracy and loss of a loaded ticket on its run's dataset."""
-    from sparsejax.data import load_dataset
-    from sparsejax.training.loop import evaluate, make_eval_step
+    from sparsejax.training.loop import evaluate, load_run_dataset, make_eval_step
 
-    config = ticket.config
-    dataset = load_dataset(config.dataset, data_dir or config.data_dir, seed=config.seed,
-                           context=config.model_options.get("context"))
+    dataset = load_run_dataset(ticket.config, data_dir)
     eval_step = jax.jit(make_eval_step(ticket.model))
     return evaluate(eval_step, (ticket.params, ticket.model_state), dataset, batch_size)
 

@@ -11,7 +11,8 @@ from cli_checks import fails
 
 from sparsejax.cli import main
 from sparsejax.patterns import nm_groups
-from sparsejax.prune_run import prune_run, restore_finished_run
+from sparsejax.prune_run import prune_run
+from sparsejax.training.run_folder import restore_finished_run
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_every_group_of_the_pruned_kernels_keeps_n_and_sparsegpt_beats_magnitude
 def test_bad_requests_are_one_line_errors(run_dir, capsys, tmp_path):
     fails(capsys, ["prune", "--method", "wanda", "--pattern", "2:4", "--sparsity", "0.7",
                    str(run_dir)], "2:4 fixes the density at 0.5")
-    fails(capsys, ["prune", "--method", "wanda", str(run_dir)], "--sparsity is needed")
+    fails(capsys, ["prune", "--method", "wanda", str(run_dir)], "needs a --sparsity")
     fails(capsys, ["prune", "--method", "wanda", "--sparsity", "0.5",
                    str(tmp_path / "none")], "not found")
     first = ["prune", "--method", "magnitude", "--sparsity", "0.5", "--out",

@@ -122,6 +122,13 @@ class TrainConfig:
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainConfig:
+        """The config a run saved (``result.json``'s or a ticket's ``config``): it holds the
+        run's effective values, so no recipe is applied again (one added after an older run
+        was made must not fill what that run left at the default)."""
+        return cls(**{**saved, "recipe": "none"})
+
     def default_out(self) -> str:
         sparsity = "" if self.sparsity is None else f"_s{self.sparsity:g}"
         return f"runs/{self.method}_{self.model}_{self.dataset}{sparsity}_seed{self.seed}"
@@ -325,12 +332,18 @@ def prepare(config: TrainConfig) -> Run:
     return _prepare(config)
 
 
+def load_run_dataset(config: TrainConfig, data_dir: str | None = None) -> Dataset:
+    """The dataset of ``config`` (from ``data_dir`` if given): a text dataset in windows of
+    the model's ``context`` option."""
+    return load_dataset(config.dataset, data_dir or config.data_dir, seed=config.seed,
+                        context=config.model_options.get("context"))
+
+
 def _prepare(config: TrainConfig, *, abstract_state: bool = False) -> Run:
     """With ``abstract_state`` the state is only its shapes and dtypes (``jax.eval_shape``):
     a resume restores every value from the checkpoint, so it neither compiles nor runs the
     method's init (SynFlow's 100 rounds, SNIP's and GraSP's gradients)."""
-    dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed,
-                           context=config.model_options.get("context"))
+    dataset = load_run_dataset(config)
     validation = None
     if config.validation_size:
         dataset, validation = split_validation(dataset, config.validation_size)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SEED_MAX", "RESUMABLE_FIELDS", "CONFIG_FILE", "RUN_FILES", "check_config",
            "config_differences", "check_resume", "holds_run", "clear_run", "jsonable",
-           "saved_run", "run_lock", "LOCK_FILE"]
+           "saved_run", "run_lock", "LOCK_FILE", "FinishedRun", "restore_finished_run"]
 
 
 SEED_MAX = 2**32 - 1  # the data generators (mnist1d, numpy) take 32-bit seeds
@@ -200,3 +200,33 @@ def run_lock(out: Path) -> Iterator[None]:
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+@dataclasses.dataclass
+class FinishedRun:
+    """A finished run folder restored: its config (effective values), the prepared run
+    (data, model, method) and the state of its newest good checkpoint at ``step``."""
+
+    config: Any
+    run: Any
+    step: int
+    state: Any
+    result: dict[str, Any]  # the run's result.json
+    checkpoint_dir: Path  # the folder of the checkpoint restored
+
+
+def restore_finished_run(run_dir: str | Path) -> FinishedRun:
+    """Restore the run in ``run_dir`` (``result.json`` and ``checkpoints/``) as it ran."""
+    from sparsejax.training.loop import TrainConfig, prepare
+
+    run_dir = Path(run_dir)
+    result_file = run_dir / "result.json"
+    if not result_file.exists():
+        raise FileNotFoundError(f"{result_file} not found: is {run_dir} a finished run folder?")
+    result = json.loads(result_file.read_text())
+    config = TrainConfig.from_saved(result["config"])
+    run = prepare(config)
+    with Checkpointer(run_dir / "checkpoints") as checkpointer:
+        step, state, _ = checkpointer.restore(run.state)
+        checkpoint_dir = checkpointer.step_dir(step)
+    return FinishedRun(config, run, step, state, result, checkpoint_dir)
