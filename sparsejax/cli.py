@@ -40,6 +40,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     from sparsejax.training import LR_SCHEDULES, OPTIMIZERS
     from sparsejax.training.parallel import PARALLEL_MODES
     from sparsejax.training.recipes import RECIPE_CHOICES
+    from sparsejax.training.run_folder import KEEP_BEST
 
     parser = argparse.ArgumentParser(prog="sparsejax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,7 +91,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
                        help="steps between checkpoints, >= 0; 0: once per epoch")
     train.add_argument("--keep-checkpoints", type=int, default=3,
                        help="newest checkpoints kept in --out")
-    train.add_argument("--keep-best", choices=("validation_loss", "validation_accuracy"),
+    train.add_argument("--keep-best", choices=tuple(KEEP_BEST),
                        default=None,
                        help="keep the --keep-checkpoints best checkpoints by this held-out "
                             "metric (and the newest), instead of the newest; needs "

@@ -44,7 +44,7 @@ from jax.experimental import sparse
 from sparsejax._tree import map_with_path
 from sparsejax.masks import Prunable, apply_masks, default_prunable
 from sparsejax.patterns import Pattern, as_pattern, nm_group_topk, nm_groups, nm_ungroup
-from sparsejax.posttrain_capture import dense_input
+from sparsejax.posttrain_capture import dense_input, is_dense_call
 from sparsejax.validation import _raise_if, check_binary_masks, check_same_structure, is_concrete
 
 __all__ = [
@@ -310,7 +310,7 @@ def _sparse_dense(nm_product: NMProduct) -> Any:
 
     def intercept(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
         module = context.module
-        if not (isinstance(module, nn.Dense) and context.method_name == "__call__"):
+        if not is_dense_call(context):
             return next_fun(*args, **kwargs)
         kernel = module.get_variable("params", "kernel")
         if not _is_sparse(kernel):

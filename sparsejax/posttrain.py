@@ -179,9 +179,12 @@ def magnitude_prune(kernel: jax.Array, pattern: str | Pattern = "unstructured",
     return PrunedLayer(jnp.where(mask, kernel, 0).astype(kernel.dtype), mask)
 
 
-def wanda_scores(kernel: jax.Array, inputs: jax.Array) -> jax.Array:
-    """Wanda's importance ``|W_ij| * ||X_i||_2`` (``i`` the input, over all tokens)."""
-    norms = jnp.sqrt(jnp.sum(jnp.square(inputs.astype(jnp.float32)), axis=0))
+def wanda_scores(kernel: jax.Array, inputs: jax.Array | None = None, *,
+                 norms: jax.Array | None = None) -> jax.Array:
+    """Wanda's importance ``|W_ij| * ||X_i||_2`` (``i`` the input, over all tokens), from
+    the inputs or from their per-input ``norms``."""
+    if norms is None:
+        norms = jnp.sqrt(jnp.sum(jnp.square(inputs.astype(jnp.float32)), axis=0))
     return jnp.abs(kernel.astype(jnp.float32)) * norms[:, None]
 
 
@@ -217,7 +220,7 @@ def wanda_prune_hessian(kernel: jax.Array, hessian: jax.Array,
     """
     kernel, hessian = _check_hessian(kernel, hessian)
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(hessian), 0.0))
-    return _wanda(kernel, jnp.abs(kernel.astype(jnp.float32)) * norms[:, None], pattern,
+    return _wanda(kernel, wanda_scores(kernel, norms=norms), pattern,
                   sparsity, per_output)
 
 

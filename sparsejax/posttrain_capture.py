@@ -47,6 +47,11 @@ class DenseCall(NamedTuple):
     group: int
 
 
+def is_dense_call(context: Any) -> bool:
+    """Whether a ``flax.linen.intercept_methods`` context is an ``nn.Dense`` being called."""
+    return isinstance(context.module, nn.Dense) and context.method_name == "__call__"
+
+
 def dense_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The input ``x`` of a call ``layer(*args, **kwargs)`` to ``nn.Dense`` or
     ``nnx.Linear``: the first positional argument, or the keyword ``inputs`` (their
@@ -72,7 +77,7 @@ class _Stop(Exception):
 def _intercept(record: Callable[[LayerPath, jax.Array], None]) -> Iterator[None]:
     def interceptor(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                     context: Any) -> Any:
-        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+        if is_dense_call(context):
             record(tuple(str(name) for name in context.module.path), dense_input(args, kwargs))
         return next_fun(*args, **kwargs)
 

@@ -148,9 +148,10 @@ def prune_sequential(model: nn.Module, params: Any, calibration_inputs: jax.Arra
     state = dict(model_state or {})
     calls = dense_calls(model, {"params": params, **state}, batches[0], **dict(kwargs))
     layers = _prunable_layers(params, calls, prunable)
-    patterns = _layer_patterns({"/".join(c.path): _leaf_shape(params, c.path) for c in layers},
-                               method, pattern, sparsity, options)
     flat = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    names = ["/".join(c.path) for c in layers]
+    patterns = _layer_patterns({n: np.shape(flat[f"{n}/kernel"]) for n in names},
+                               method, pattern, sparsity, options)
     report = []
     for group in dict.fromkeys(c.group for c in layers):
         members = [c for c in layers if c.group == group]
@@ -169,13 +170,6 @@ def prune_sequential(model: nn.Module, params: Any, calibration_inputs: jax.Arra
             error = hessian_reconstruction_error(kernel, result.kernel, hessian)
             report.append(LayerReport(name, float(jnp.mean(result.mask)), float(error)))
     return _rebuild(params, flat), report
-
-
-def _leaf_shape(params: Any, path: LayerPath) -> tuple[int, ...]:
-    node = params
-    for key in (*path, "kernel"):
-        node = node[key]
-    return tuple(np.shape(node))
 
 
 def _prunable_layers(params: Any, calls: list[Any], prunable: Prunable) -> list[Any]:

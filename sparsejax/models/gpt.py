@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparsejax.data import DEFAULT_CONTEXT
 from sparsejax.models.vit import EncoderBlock, embedding_init, xavier_uniform
 
 
@@ -37,7 +38,7 @@ class GPT(nn.Module):
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
-    context: int = 64
+    context: int = DEFAULT_CONTEXT  # the windows a text dataset is cut into by default
     use_bias: bool = True
 
     @nn.compact
@@ -49,8 +50,6 @@ class GPT(nn.Module):
         if time > self.context:
             raise ValueError(f"gpt got {time} tokens per sequence, more than its "
                              f"context={self.context}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         tokens = x.astype(jnp.int32)  # init_model feeds float zeros
         h = nn.Embed(self.num_classes, self.n_embd, embedding_init=embedding_init,
                      name="token_embed")(tokens)

@@ -48,6 +48,7 @@ from sparsejax.training.parallel import join_processes, make_trainer
 from sparsejax.training.recipes import resolve_recipe
 from sparsejax.training.run_folder import (
     CONFIG_FILE,
+    KEEP_BEST,
     check_config,
     check_resume,
     clear_run,
@@ -423,8 +424,7 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
     # async: training goes on while a checkpoint is written; close() (finally, below) waits
     checkpointer = Checkpointer(out / "checkpoints", max_to_keep=config.keep_checkpoints,
                                 async_save=True, best_metric=config.keep_best,
-                                best_mode="min" if config.keep_best == "validation_loss"
-                                else "max")
+                                best_mode=KEEP_BEST.get(config.keep_best, "min"))
     resume_step = None
     previous: dict[str, Any] | None = None
     if config.resume:

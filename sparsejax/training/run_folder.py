@@ -28,10 +28,14 @@ if TYPE_CHECKING:
 
 __all__ = ["SEED_MAX", "RESUMABLE_FIELDS", "CONFIG_FILE", "RUN_FILES", "check_config",
            "config_differences", "check_resume", "holds_run", "clear_run", "jsonable",
-           "saved_run", "run_lock", "LOCK_FILE", "FinishedRun", "restore_finished_run"]
+           "saved_run", "run_lock", "LOCK_FILE", "KEEP_BEST", "FinishedRun", "restore_finished_run"]
 
 
 SEED_MAX = 2**32 - 1  # the data generators (mnist1d, numpy) take 32-bit seeds
+
+
+KEEP_BEST = {"validation_loss": "min", "validation_accuracy": "max"}
+"""The held-out metrics ``--keep-best`` may rank checkpoints by, and which way is best."""
 
 
 def check_config(config: TrainConfig) -> None:
@@ -58,8 +62,8 @@ def check_config(config: TrainConfig) -> None:
                          f"{config.max_skipped_fraction}")
     if config.out is not None:
         check_local_path(config.out, "--out")  # before Path() turns a URL into a local path
-    if config.keep_best not in (None, "validation_loss", "validation_accuracy"):
-        raise ValueError(f"--keep-best must be validation_loss or validation_accuracy, got "
+    if config.keep_best not in (None, *KEEP_BEST):
+        raise ValueError(f"--keep-best must be {' or '.join(KEEP_BEST)}, got "
                          f"{config.keep_best!r}")
     if config.keep_best is not None and not config.validation_size:
         raise ValueError(f"--keep-best {config.keep_best} needs a held-out split "
