@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from sparsejax._extras import require
+from sparsejax.validation import is_int
 
 DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100", "mnist1d",
                                   "tinyshakespeare")
@@ -214,7 +215,7 @@ def split_validation(dataset: Dataset, size: int,
                          f"all but one character with their neighbours; its test split is "
                          f"already the held-out last 10% of the text")
     total = len(dataset.train_labels)
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 < size < total:
+    if not is_int(size) or not 0 < size < total:
         raise ValueError(f"validation_size (CLI: --validation-size) must be an integer in "
                          f"[1, {total - 1}] for the {total} training examples of "
                          f"{dataset.name}, got {size!r}")

@@ -32,6 +32,7 @@ from sparsejax.data import (
     DatasetNotAvailableError,
     tfds_sources,
 )
+from sparsejax.validation import is_int
 
 __all__ = ["load_text_dataset", "text_windows"]
 
@@ -42,7 +43,7 @@ def load_text_dataset(name: str, data_dir: str | os.PathLike[str] | None, contex
                       download: bool = False) -> Dataset:
     """The text dataset ``name`` in windows of ``context`` characters (module docstring);
     ``DatasetNotAvailableError`` naming both ways to provide it when neither has it."""
-    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 1:
+    if not is_int(context) or context < 1:
         raise ValueError(f"context must be a positive int, got {context!r}")
     path = None if data_dir is None else Path(data_dir) / TEXT_FILE
     if path is not None and path.is_file():

@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
+from sparsejax.validation import is_int
+
 __all__ = ["free_port", "process_env", "launch", "add_commands"]
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -118,7 +120,7 @@ def launch(num_processes: int, argv: Sequence[str], *, devices_per_process: int 
     stdout and stderr together, goes to ``out`` (default: stdout), each line prefixed
     with ``[process id]``.
     """
-    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+    if not is_int(num_processes) or num_processes < 1:
         raise ValueError(f"-n must be a positive number of processes, got {num_processes!r}")
     if devices_per_process is not None and devices_per_process < 1:
         raise ValueError(f"--devices-per-process must be >= 1, got {devices_per_process}")

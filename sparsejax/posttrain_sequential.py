@@ -38,6 +38,7 @@ from sparsejax.posttrain import (
     prune_layer_hessian,
 )
 from sparsejax.posttrain_capture import LayerPath, _capture, dense_calls
+from sparsejax.validation import is_int
 
 __all__ = ["LayerReport", "prune_sequential", "prune_mlp_sequential"]
 
@@ -141,7 +142,7 @@ def prune_sequential(model: nn.Module, params: Any, calibration_inputs: jax.Arra
         raise ValueError(f"calibration inputs must hold at least one example, got shape "
                          f"{inputs.shape}")
     size = inputs.shape[0] if batch_size is None else batch_size
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+    if not is_int(size) or size < 1:
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     batches = [inputs[i:i + size] for i in range(0, inputs.shape[0], size)]
     kwargs = tuple(sorted((apply_kwargs or {}).items()))
