@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
+from typing import Any
 
 import optax
+
+from sparsejax.validation import is_int
 
 __all__ = ["OPTIMIZERS", "LR_SCHEDULES", "make_optimizer", "check_lr_schedule",
            "step_lr_schedule"]
@@ -74,7 +76,13 @@ def check_lr_schedule(lr_schedule: str, lr_decay_every: int = 0) -> None:
         raise ValueError(f"lr_decay_every (CLI: --lr-decay-every) sets the step schedule; "
                          f"it needs lr_schedule 'step', got {lr_schedule!r}")
     if lr_schedule == "step":
-        step_lr_schedule(1.0, lr_decay_every)  # checks lr_decay_every
+        _check_decay_every(lr_decay_every)
+
+
+def _check_decay_every(decay_every: Any) -> None:
+    if not is_int(decay_every) or decay_every < 1:
+        raise ValueError(f"the step lr schedule needs lr_decay_every (CLI: --lr-decay-every), "
+                         f"the steps between decays, an int >= 1; got {decay_every!r}")
 
 
 def step_lr_schedule(learning_rate: float, decay_every: int,
@@ -88,10 +96,7 @@ def step_lr_schedule(learning_rate: float, decay_every: int,
     >>> [round(float(schedule(n)), 6) for n in (0, 24_999, 25_000, 50_000, 75_000)]
     [0.1, 0.1, 0.01, 0.001, 0.0001]
     """
-    if isinstance(decay_every, bool) or not isinstance(decay_every, numbers.Integral) or (
-            decay_every < 1):
-        raise ValueError(f"the step lr schedule needs lr_decay_every (CLI: --lr-decay-every), "
-                         f"the steps between decays, an int >= 1; got {decay_every!r}")
+    _check_decay_every(decay_every)
     if not 0 < factor < 1:
         raise ValueError(f"the decay factor must lie in (0, 1), got {factor}")
     return optax.exponential_decay(learning_rate, transition_steps=decay_every,
