@@ -12,7 +12,8 @@ this one process so machine noise hits all alike:
 
 Each variant runs ``--steps`` steps per round, ``--rounds`` rounds; the JSON row gives the
 median ms per step of each, the save's cost per checkpoint (``(variant - none) x steps /
-saves per round``)
+saves per round``),
+the steps each saver holds at the end (``committed_steps``, read back from disk)
 and the fraction of the synchronous save that the async one hides. Saves fall every
 ``--every`` steps but not on a round's last step, so each async write has ``--every``
 steps of training to hide behind, as in a run. The state's size is recorded.
@@ -80,6 +81,9 @@ def measure(model: str, method_name: str, steps: int, every: int, rounds: int,
             for variant in VARIANTS:
                 ms, state = run_round(step, state, batch, steps, every, savers[variant])
                 times[variant].append(ms)
+        # the steps each saver holds at the end (verified on disk), so a row shows that
+        # its saves were really written
+        committed = {v: saver.all_steps() for v, saver in savers.items() if saver is not None}
         for saver in savers.values():
             if saver is not None:
                 saver.close()
@@ -90,7 +94,7 @@ def measure(model: str, method_name: str, steps: int, every: int, rounds: int,
     async_cost = (ms["async"] - ms["none"]) * steps / saves
     return {"model": model, "method": method_name, "batch_size": int(batch["image"].shape[0]),
             "state_bytes": tree_bytes(state), "every": every, "steps": steps,
-            "saves_per_round": saves,
+            "saves_per_round": saves, "committed_steps": committed,
             "rounds": rounds, **{f"{v}_ms_per_step": round(ms[v], 3) for v in VARIANTS},
             "sync_save_ms": round(sync_cost, 1), "async_save_ms": round(async_cost, 1),
             "hidden_fraction": round(1 - async_cost / sync_cost, 3) if sync_cost > 0 else None,

@@ -34,7 +34,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from sparse_forward import build, device_name  # same folder
+from sparse_forward import build  # same folder
 from step_time import host, write_json
 from topk import time_compiled
 
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     tokens = args.windows * args.context
     common = {"tokens": tokens, "inputs": "random normal", "sparsity": args.sparsity,
               "repeats": args.repeats,
-              "load_average_1m": round(os.getloadavg()[0], 2), "note": args.note, **host(),
-              "device": device_name()}  # after host(): the CPU's model too
+              "load_average_1m": round(os.getloadavg()[0], 2), "note": args.note, **host()}
     rng = np.random.default_rng(0)
     seen: set[tuple[Any, ...]] = set()
     rows = []

@@ -73,20 +73,6 @@ def build(name: str, tiny: bool) -> tuple[Any, Any, jax.Array]:
     return model, params, inputs
 
 
-def device_name() -> str:
-    """The device the rows ran on: the accelerator's kind, or the CPU's model name."""
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        return f"{device.platform}: {device.device_kind}"
-    try:
-        with open("/proc/cpuinfo") as info:
-            names = [line.split(":", 1)[1].strip() for line in info if
-                     line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"cpu: {names[0] if names else 'unknown model'}"
-
-
 @functools.partial(jax.jit, static_argnames=("pattern", "density"))
 def magnitude_masks(params: Any, pattern: str, density: float | None) -> Any:
     """Masks keeping the largest ``|w|`` of every prunable leaf in ``pattern``."""
@@ -148,8 +134,7 @@ def model_rows(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                      "dense_kernel_bytes": dense_bytes,
                      "bytes_ratio": round(info["kernel_bytes"] / dense_bytes, 3),
                      "load_average_1m": round(load, 2), "note": args.note,
-                     "repeats": args.repeats, "block": args.block, **host(),
-                     "device": device_name()})  # after host(): the CPU's model too
+                     "repeats": args.repeats, "block": args.block, **host()})
         stored = info["kernel_bytes"]
         print(f"{name:8s} {key:24s} {ms:9.3f} ms  ratio {ms / dense_ms:6.2f}  "
               f"kernel bytes {stored:>9,d} ({stored / dense_bytes:.2f})", flush=True)

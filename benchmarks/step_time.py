@@ -100,10 +100,24 @@ def setup(model_name: str, batch_size: int | None = None, **model_options: Any
     return classification_loss(model), params, model_state, batch
 
 
+def device_name() -> str:
+    """The device the rows ran on: the accelerator's kind, or the CPU's model name."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return f"{device.platform}: {device.device_kind}"
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if
+                     line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"cpu: {names[0] if names else 'unknown model'}"
+
+
 def host() -> dict[str, Any]:
-    """Where a row ran: the backend, the device, the cores the process may use, the XLA
-    flags."""
-    return {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+    """Where a row ran: the backend, the device (:func:`device_name`: an accelerator's kind,
+    or the CPU's model), the cores the process may use, the XLA flags."""
+    return {"backend": jax.default_backend(), "device": device_name(),
             "host_cpus": len(os.sched_getaffinity(0)),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 

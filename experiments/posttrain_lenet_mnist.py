@@ -11,7 +11,9 @@ calibration inputs that reached it.
     .venv/bin/python experiments/posttrain_lenet_mnist.py
 
 writes experiments/results/posttrain_lenet_mnist.json and .png (97 s here, as the JSON records;
-``--plot-only`` redraws the PNG from the JSON).
+``--plot-only`` redraws the PNG from the JSON; ``--summary-only`` recomputes the JSON's
+summary, mean and sample std (``ddof=1``) over the calibration seeds, from the per-seed
+runs it holds, then redraws the PNG: no training and no pruning).
 fc2 (300 inputs) and the head (100) are not multiples of 8, so the "4:8" setting prunes
 them 2:4 (the same density, a finer pattern) and fc1 (784 inputs, 88% of the weights) 4:8.
 """
@@ -87,9 +89,45 @@ def train_dense(data, model):
     return params
 
 
+def summarise(runs: list[dict]) -> dict:
+    """Per setting and method: the test accuracy's mean and sample std (``ddof=1``) over
+    the calibration seeds, and each layer's mean reconstruction error."""
+    summary: dict = {}
+    for pattern, sparsity in SETTINGS:
+        name = label(pattern, sparsity)
+        summary[name] = {}
+        for method in METHODS:
+            chosen = [r for r in runs if r["setting"] == name and r["method"] == method]
+            acc = np.array([r["test_accuracy"] for r in chosen])
+            errors = np.array([[layer["reconstruction_error"] for layer in r["layers"]]
+                               for r in chosen])
+            summary[name][method] = {
+                "test_accuracy_mean": float(acc.mean()),
+                "test_accuracy_std": float(acc.std(ddof=1)),
+                "reconstruction_error_mean": dict(zip(
+                    [layer["name"] for layer in chosen[0]["layers"]],
+                    errors.mean(axis=0).tolist(), strict=True)),
+            }
+    return summary
+
+
+def save(payload: dict) -> None:
+    """Write the JSON atomically."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = OUT.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, OUT)
+
+
 def main() -> None:
     if sys.argv[1:] == ["--plot-only"]:
         plot(json.loads(OUT.read_text()))
+        return
+    if sys.argv[1:] == ["--summary-only"]:
+        payload = json.loads(OUT.read_text())
+        payload["summary"] = summarise(payload["runs"])
+        save(payload)
+        plot(payload)
         return
     t0 = time.time()
     data = load_dataset("mnist", mnist_dir())
@@ -145,21 +183,7 @@ def main() -> None:
             print(f"{label(pattern, sparsity):18s} wanda per-layer seed {seed}: acc "
                   f"{ablation[-1]['test_accuracy']:.4f}", flush=True)
 
-    summary = {}
-    for pattern, sparsity in SETTINGS:
-        name = label(pattern, sparsity)
-        summary[name] = {}
-        for method in METHODS:
-            chosen = [r for r in runs if r["setting"] == name and r["method"] == method]
-            acc = np.array([r["test_accuracy"] for r in chosen])
-            errors = np.array([[layer["reconstruction_error"] for layer in r["layers"]]
-                               for r in chosen])
-            summary[name][method] = {
-                "test_accuracy_mean": float(acc.mean()), "test_accuracy_std": float(acc.std()),
-                "reconstruction_error_mean": dict(zip(
-                    [layer["name"] for layer in chosen[0]["layers"]],
-                    errors.mean(axis=0).tolist(), strict=True)),
-            }
+    summary = summarise(runs)
 
     payload = {
         "description": __doc__.strip().splitlines()[0],
@@ -178,10 +202,7 @@ def main() -> None:
         },
         "provenance": provenance(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, OUT)
+    save(payload)
     plot(payload)
     print(f"wrote {OUT} ({payload['total_seconds']:.0f} s)")
 

@@ -15,7 +15,6 @@ sets them).
 """
 
 import dataclasses
-import inspect
 import os
 import signal
 import sys
@@ -27,11 +26,9 @@ if __name__ == "__main__":
     initialize_distributed()  # before anything touches a device
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
+from toy_mlp import build_toy_method, fc_loss, fc_params  # noqa: E402
 
-import sparsejax  # noqa: E402
 from sparsejax.data import shard_for_process  # noqa: E402
 from sparsejax.training import stateless_loss  # noqa: E402
 from sparsejax.training.parallel import PmapTrainer, ShardedTrainer, make_mesh  # noqa: E402
@@ -49,15 +46,10 @@ METHOD_OPTIONS = {
 
 
 def params():
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    return {"fc1": {"kernel": jax.random.normal(k1, (12, 16)) * 0.3, "bias": jnp.zeros(16)},
-            "head": {"kernel": jax.random.normal(k2, (16, 4)) * 0.3, "bias": jnp.zeros(4)}}
+    return fc_params(12, 16, 4)
 
 
-def mlp_loss(p, batch):
-    h = jax.nn.relu(batch["x"] @ p["fc1"]["kernel"] + p["fc1"]["bias"])
-    logits = h @ p["head"]["kernel"] + p["head"]["bias"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+mlp_loss = fc_loss
 
 
 def global_batches():
@@ -69,10 +61,7 @@ def global_batches():
 
 
 def build(name):
-    opts = dict(METHOD_OPTIONS[name])
-    if "total_steps" in inspect.signature(sparsejax.METHODS[name]).parameters:
-        opts["total_steps"] = 10
-    return sparsejax.get_method(name, optax.sgd(0.1, momentum=0.9), **opts)
+    return build_toy_method(name, METHOD_OPTIONS[name])
 
 
 def _local_copies(tree, leading_axis):

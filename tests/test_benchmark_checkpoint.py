@@ -1,4 +1,4 @@
-"""benchmarks/checkpoint_async.py runs (tiny) and its row adds up."""
+"""benchmarks/checkpoint_async.py runs (tiny) and its savers write the checkpoints it times."""
 
 from pathlib import Path
 
@@ -14,5 +14,6 @@ def test_checkpoint_async_row(monkeypatch):
     assert row["every"] == 1 and row["saves_per_round"] == 2 and row["state_bytes"] > 0
     for variant in ("none", "sync", "async"):
         assert row[f"{variant}_ms_per_step"] > 0
-    cost = (row["sync_ms_per_step"] - row["none_ms_per_step"]) * 3 / 2  # x steps / saves
-    assert abs(row["sync_save_ms"] - cost) < 0.06
+    # 2 compile steps, then per variant a round of 3 steps saving after its first two;
+    # each saver keeps its last 2 (max_to_keep=2): sync saved steps 6, 7, async 9, 10
+    assert row["committed_steps"] == {"sync": [6, 7], "async": [9, 10]}

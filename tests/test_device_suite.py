@@ -9,19 +9,29 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def test_tiny_suite_writes_every_row(tmp_path):
+def test_tiny_suite_writes_every_row(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from step_time import METHOD_OPTIONS
+
     out = tmp_path / "suite.json"
     subprocess.run([sys.executable, str(BENCHMARKS / "device_suite.py"), "--tiny",
                     "--json", str(out)], check=True, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
     assert result["tiny"] is True and result["skipped"] == []
     assert result["device_kind"] and result["backend"] == "cpu"
+    assert result["device"].startswith("cpu: ")  # host() names the CPU model
     rows = {(r["model"], r["method"]): r for r in result["step_time"]}
     assert set(rows) == {("lenet300", "rigl"), ("gpt", "edge_popup")}
-    for row in rows.values():
-        assert row["dense_ms"] > 0 and row["method_ms"] > 0
-        assert row["ratio"] == round(row["method_ms"] / row["dense_ms"], 3)
-        assert row["optax_dense_ms"] > 0
+    for (model, method), row in rows.items():
+        # each row times what the suite asked for: --tiny's batch of 4, the options of
+        # step_time.py (RigL's update interval, none for Edge-Popup), updates inside blocks
+        assert row["model"] == model and row["method"] == method
+        assert row["batch_size"] == 4 and row["amortize"] == "blocks"
+        assert row["update_interval"] == METHOD_OPTIONS[method].get("update_every")
+        assert row["dense_ms"] > 0 and row["method_ms"] > 0 and row["optax_dense_ms"] > 0
+        assert row["device"] == result["device"]
+    assert rows[("lenet300", "rigl")]["update_interval"] == 100
+    assert rows[("gpt", "edge_popup")]["update_interval"] is None
     assert {r["algorithm"] for r in result["topk"]} == {"sampled", "bitwise", "sort"}
 
 

@@ -57,16 +57,23 @@ def test_each_step_reads_the_window_at_its_offset_cut_into_the_leaves():
 
 
 def test_steps_get_different_windows_and_the_pool_never_changes():
-    method = pool_method()
+    # no anneal and a fixed mu, and the weights are frozen: between steps only the window
+    # the step reads can change what materialize returns
+    method = gates(optax.adam(0.05), sparsity=0.5, total_steps=50, noise="pool")
     state = method.init(PARAMS, jax.random.key(0))
     pool = np.asarray(state.extra["noise_pool"])
+    weights = jax.tree.map(np.asarray, state.params)
+    mu = {"fc1": {"kernel": jnp.full((6, 5), 0.5), "bias": jnp.zeros((0,))},
+          "head": {"kernel": jnp.full((5, 3), 0.5), "bias": jnp.zeros((0,))}}
     grads = jax.tree.map(jnp.ones_like, state.scores)
     update = jax.jit(method.update)
     seen = []
     for _ in range(5):
-        seen.append(np.asarray(method.materialize(state, state.scores)["fc1"]["kernel"]))
+        seen.append(np.asarray(method.materialize(state, mu)["fc1"]["kernel"]))
         state = update(state, grads)
         np.testing.assert_array_equal(state.extra["noise_pool"], pool)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(weights), strict=True):
+            np.testing.assert_array_equal(a, b)
     assert len({a.tobytes() for a in seen}) == 5
     # a second init from the same key (another process, a resume) draws the same pool,
     # so the same step reads the same noise

@@ -3,10 +3,10 @@ masks identical on every device, results equal to a single-device run on the sam
 batch, and checkpoints that move between device counts."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from toy_mlp import build_toy_method, fc_loss, fc_params
 
 import sparsejax
 from sparsejax.checkpoint import Checkpointer
@@ -41,15 +41,10 @@ AVAILABLE = [name for name in METHOD_OPTIONS if name in sparsejax.METHODS]
 
 
 def params():
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    return {"fc1": {"kernel": jax.random.normal(k1, (20, 32)) * 0.3, "bias": jnp.zeros(32)},
-            "head": {"kernel": jax.random.normal(k2, (32, 4)) * 0.3, "bias": jnp.zeros(4)}}
+    return fc_params(20, 32, 4)
 
 
-def mlp_loss(p, batch):
-    h = jax.nn.relu(batch["x"] @ p["fc1"]["kernel"] + p["fc1"]["bias"])
-    logits = h @ p["head"]["kernel"] + p["head"]["bias"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+mlp_loss = fc_loss
 
 
 def batches(n):
@@ -60,16 +55,7 @@ def batches(n):
 
 
 def build(name):
-    opts = dict(METHOD_OPTIONS[name])
-    builder = sparsejax.METHODS[name]
-    import inspect
-
-    accepted = inspect.signature(builder).parameters
-    if "total_steps" in accepted:
-        opts["total_steps"] = 10
-    if "batches_per_epoch" in accepted:
-        opts["batches_per_epoch"] = 2
-    return sparsejax.get_method(name, optax.sgd(0.1, momentum=0.9), **opts)
+    return build_toy_method(name, METHOD_OPTIONS[name], batches_per_epoch=2)
 
 
 def run(trainer, method, steps, state=None, first_batch=0):

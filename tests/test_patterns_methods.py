@@ -1,6 +1,7 @@
 """Sparsity patterns through the mask-choosing methods (issue 20): select_masks (static and
 the one-shot pruners), SET / RigL / SNFS regrowth, Edge-Popup / biprop per-step top-k."""
 
+import hashlib
 import inspect
 
 import jax
@@ -191,22 +192,47 @@ def test_dst_with_nm_keeps_every_group_at_n_through_jitted_updates(name):
     assert moved > 0, "the masks never moved"
 
 
-def test_rigl_unstructured_default_is_unchanged():
-    """No pattern and ``pattern='unstructured'`` run today's engine: the same states."""
-    def run(**extra):
-        method = rigl(optax.sgd(0.1, momentum=0.9), sparsity=0.8, update_every=2,
-                      end_step=8, total_steps=10, **extra)
-        step = jax.jit(make_train_step(method, stateless_loss(mlp_loss)))
-        state = method.init(mlp_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
-        xs, ys = batches(6)
-        for i in range(6):
-            state, _ = step(state, (xs[i], ys[i]))
-        return state
+def run_toy(make_method, steps):
+    """Train ``make_method()`` on the toy MLP for ``steps`` jitted steps; the final state."""
+    method = make_method()
+    step = jax.jit(make_train_step(method, stateless_loss(mlp_loss)))
+    state = method.init(mlp_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    xs, ys = batches(steps)
+    for i in range(steps):
+        state, _ = step(state, (xs[i], ys[i]))
+    return state
 
-    default, explicit = run(), run(pattern="unstructured")
-    for a, b in zip(jax.tree_util.tree_leaves((default.masks, default.params)),
-                    jax.tree_util.tree_leaves((explicit.masks, explicit.params)), strict=True):
-        np.testing.assert_array_equal(a, b)
+
+# RigL's state after 6 steps below, computed with the engine before patterns existed
+# (sparsejax/ at commit 402fcc890e9499c6bcf257dcdb5447bd5a16cfe2, run from a scratch
+# script with the same toy MLP, seeds and options): per kernel, the active count, the
+# sha256 of np.packbits(mask) and three active weights (the first three in row-major order).
+RIGL_BASE = {
+    "Dense_0": (50, "32df1f2344290bc454a400319e052625341f639cd9b7713417ab82fa45e1996e",
+                {(0, 2): -0.22502614557743073, (0, 6): 0.22306659817695618,
+                 (0, 9): -0.5477299094200134}),
+    "Dense_1": (27, "611bf33c02a0d69a0683fb798fce584f8b7984fc0ff38ff2f8b2556f1ddb0c01",
+                {(0, 1): -0.6149784326553345, (0, 3): -0.11672493070363998,
+                 (1, 0): -0.2304341346025467}),
+}
+
+
+@pytest.mark.parametrize("extra", [{}, {"pattern": "unstructured"}], ids=["default", "explicit"])
+def test_rigl_unstructured_matches_the_engine_before_patterns(extra):
+    """No pattern and ``pattern='unstructured'`` give the pre-pattern engine's masks and
+    weights (recorded above), not merely each other's."""
+    state = run_toy(lambda: rigl(optax.sgd(0.1, momentum=0.9), sparsity=0.8, update_every=2,
+                                 end_step=8, total_steps=10, **extra), 6)
+    for layer, (count, digest, weights) in RIGL_BASE.items():
+        mask = np.asarray(state.masks[layer]["kernel"])
+        assert int(mask.sum()) == count
+        assert hashlib.sha256(np.packbits(mask).tobytes()).hexdigest() == digest
+        kernel = np.asarray(state.params[layer]["kernel"])
+        assert [tuple(int(j) for j in i) for i in np.argwhere(mask)[:3]] == list(weights)
+        np.testing.assert_allclose([kernel[i] for i in weights], list(weights.values()),
+                                   rtol=1e-6)
+        assert not np.any(kernel[~mask])
+        np.testing.assert_array_equal(state.masks[layer]["bias"], True)
 
 
 def test_dst_pattern_errors():
@@ -273,13 +299,8 @@ def test_score_methods_with_nm_choose_n_per_group_every_step(builder):
 
 def test_edge_popup_unstructured_default_is_unchanged():
     def run(**extra):
-        method = edge_popup(optax.sgd(0.5, momentum=0.9), sparsity=0.7, **extra)
-        step = jax.jit(make_train_step(method, stateless_loss(mlp_loss)))
-        state = method.init(mlp_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
-        xs, ys = batches(4)
-        for i in range(4):
-            state, _ = step(state, (xs[i], ys[i]))
-        return state
+        return run_toy(lambda: edge_popup(optax.sgd(0.5, momentum=0.9), sparsity=0.7,
+                                          **extra), 4)
 
     default, explicit = run(), run(pattern="unstructured")
     for a, b in zip(jax.tree_util.tree_leaves((default.masks, default.scores, default.extra)),

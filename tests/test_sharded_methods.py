@@ -13,14 +13,13 @@ searches its own block, so the cuts are per device: they travel with ``P(axis)``
 stack of rows per device (tests below), not replicated.
 """
 
-import inspect
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding
+from toy_mlp import build_toy_method, fc_params
 
 import sparsejax
 from sparsejax.methods.strong import TOPK_CUTS_KEY
@@ -50,19 +49,11 @@ OPTIONS = {
 
 
 def build(name):
-    options = dict(OPTIONS[name])
-    accepted = inspect.signature(sparsejax.METHODS[name]).parameters
-    if "total_steps" in accepted:
-        options["total_steps"] = 10
-    if "batches_per_epoch" in accepted:
-        options["batches_per_epoch"] = 2
-    return sparsejax.get_method(name, optax.sgd(0.1, momentum=0.9), **options)
+    return build_toy_method(name, OPTIONS[name], batches_per_epoch=2)
 
 
 def params():
-    k1, k2 = jax.random.split(jax.random.key(0))
-    return {"fc1": {"kernel": jax.random.normal(k1, (64, 16)), "bias": jnp.zeros(16)},
-            "head": {"kernel": jax.random.normal(k2, (16, 8)), "bias": jnp.zeros(8)}}
+    return fc_params(64, 16, 8, scale=1.0, key=jax.random.key(0))
 
 
 def split(x):

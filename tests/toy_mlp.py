@@ -1,10 +1,15 @@
-"""A two-layer MLP (20 -> 16 -> 4) and a fixed batch stream, shared by the method tests."""
+"""A two-layer MLP (20 -> 16 -> 4) and a fixed batch stream, shared by the method tests;
+and the ``fc1``/``head`` MLP on ``{"x", "y"}`` batches of the parallel, multi-process and
+sharded tests (:func:`fc_params`, :func:`fc_loss`, :func:`build_toy_method`)."""
+
+import inspect
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import sparsejax
 from sparsejax import make_train_step, stateless_loss
 from sparsejax.training.parallel import SingleDeviceTrainer
 
@@ -29,6 +34,36 @@ def batches(n):
     x = jax.random.normal(key, (n, 32, 20))
     y = jax.random.randint(jax.random.fold_in(key, 1), (n, 32), 0, 4)
     return x, y
+
+
+def fc_params(n_in, n_hidden, n_out, *, scale=0.3, key=None):
+    """``{"fc1", "head"}`` Dense params: normal kernels times ``scale`` drawn from the two
+    halves of ``key`` (default ``jax.random.PRNGKey(0)``), zero biases."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0) if key is None else key)
+    return {"fc1": {"kernel": jax.random.normal(k1, (n_in, n_hidden)) * scale,
+                    "bias": jnp.zeros(n_hidden)},
+            "head": {"kernel": jax.random.normal(k2, (n_hidden, n_out)) * scale,
+                     "bias": jnp.zeros(n_out)}}
+
+
+def fc_loss(p, batch):
+    """Cross-entropy of the :func:`fc_params` MLP (ReLU) on ``batch["x"]``, ``batch["y"]``."""
+    h = jax.nn.relu(batch["x"] @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+    logits = h @ p["head"]["kernel"] + p["head"]["bias"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+
+def build_toy_method(name, options, *, total_steps=10, batches_per_epoch=None):
+    """``sparsejax.get_method(name, sgd(0.1, momentum=0.9), **options)``, with
+    ``total_steps`` (and ``batches_per_epoch`` when given) passed to the methods that
+    take them."""
+    options = dict(options)
+    accepted = inspect.signature(sparsejax.METHODS[name]).parameters
+    if "total_steps" in accepted:
+        options["total_steps"] = total_steps
+    if batches_per_epoch is not None and "batches_per_epoch" in accepted:
+        options["batches_per_epoch"] = batches_per_epoch
+    return sparsejax.get_method(name, optax.sgd(0.1, momentum=0.9), **options)
 
 
 def assert_trainer_phases_match_update(method, n_steps, *, jump_at=None):
