@@ -61,7 +61,7 @@ from sparsejax.masks import (
     sparsity_report,
 )
 from sparsejax.methods.base import Method, SparseState
-from sparsejax.methods.fixed import fixed_mask, random_scores
+from sparsejax.methods.fixed import fixed_mask
 from sparsejax.methods.pruning import exclude_pruned, magnitude_scores
 from sparsejax.models import get_model, init_model
 from sparsejax.patterns import as_pattern
@@ -281,17 +281,7 @@ def _same_counts_random_mask(masks: PyTree, rng: jax.Array, prunable: Prunable,
                              pattern: str = "unstructured") -> PyTree:
     """A random mask with the kept count of ``masks`` in every prunable leaf (and in
     every group of a structured ``pattern``)."""
-    if as_pattern(pattern).kind != "unstructured":
-        return pattern_random_mask(as_pattern(pattern), masks, rng, prunable)
-    paths = leaf_paths(masks)
-    leaves = jax.tree_util.tree_leaves(masks)
-    overrides = {f"^{re.escape(p)}$": float(np.mean(np.asarray(m)))
-                 for p, m in zip(paths, leaves, strict=True) if prunable(p, m)}
-    kept = sum(int(np.sum(np.asarray(m))) for p, m in zip(paths, leaves, strict=True)
-               if prunable(p, m))
-    total = sum(int(np.size(m)) for p, m in zip(paths, leaves, strict=True) if prunable(p, m))
-    return select_masks(random_scores(masks, rng), kept / total, "uniform",
-                        prunable=prunable, overrides=overrides)
+    return pattern_random_mask(as_pattern(pattern), masks, rng, prunable)
 
 
 # --------------------------------------------------------------------------- training

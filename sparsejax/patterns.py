@@ -297,8 +297,7 @@ def pattern_mask(scores: jax.Array, pattern: str | Pattern, density: Any = None,
         check_finite(scores, "scores")
     if by_magnitude:
         scores = jnp.abs(scores)
-    if pattern.kind == "nm":
-        return nm_group_topk(scores, pattern, pattern.n)
+    # N:M: num_kept(N / M, M) == N
     from sparsejax.pattern_units import pattern_topk, pattern_units  # it builds on this module
 
     return pattern_topk(scores, pattern, num_kept(density, pattern_units(pattern, shape)))

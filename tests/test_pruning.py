@@ -63,6 +63,14 @@ def test_snip_method_uses_context_and_requires_it():
         method.init(HAND_PARAMS, jax.random.PRNGKey(0))
 
 
+def test_missing_context_error_names_the_method_once():
+    with pytest.raises(ValueError) as info:
+        snip(optax.sgd(0.1), sparsity=0.9).init(HAND_PARAMS, jax.random.PRNGKey(0))
+    message = str(info.value)
+    assert message.startswith("snip scores weights on training data")
+    assert message.count("snip") == 1
+
+
 def test_harness_snip_mask_is_global_topk_of_dense_init_saliency_on_first_batch():
     # Issue #4: the mask `sparsejax train --method snip` builds must be the paper's: |g * w|
     # with g the gradient of the mean loss on the run's first batch at the dense w_0 of the

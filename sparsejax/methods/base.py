@@ -47,6 +47,21 @@ __all__ = [
 PyTree = Any
 
 
+def named_error(name: str, error: ValueError) -> ValueError:
+    """``error`` as a ValueError whose message names the method ``name`` once: prefixed
+    with ``name: `` unless it already starts with the name.
+
+    >>> str(named_error("snip", ValueError("bad density")))
+    'snip: bad density'
+    >>> str(named_error("snip", ValueError("snip scores weights on training data")))
+    'snip scores weights on training data'
+    """
+    message = str(error)
+    if message.startswith((f"{name}:", f"{name} ")):
+        return ValueError(message)
+    return ValueError(f"{name}: {message}")
+
+
 class SparseState(struct.PyTreeNode):
     """Everything a method carries from one step to the next.
 

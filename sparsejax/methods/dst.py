@@ -60,6 +60,7 @@ import optax
 
 from sparsejax._tree import leaf_paths
 from sparsejax.masks import Prunable, default_prunable
+from sparsejax.methods import dst_rules
 from sparsejax.methods.base import (
     InitContext,
     Method,
@@ -71,9 +72,12 @@ from sparsejax.methods.base import (
     step_key,
 )
 from sparsejax.methods.dst_rules import (
+    DropCountFn,  # noqa: F401  (re-exported: dst_rules.__all__)
+    RedistributeFn,  # noqa: F401  (re-exported: dst_rules.__all__)
     RegrowRules,
+    ScoreFn,  # noqa: F401  (re-exported: dst_rules.__all__)
     Signals,
-    allocate,
+    allocate,  # noqa: F401  (re-exported: dst_rules.__all__)
     ceil_fraction,
     gradient_grow,
     magnitude_drop,
@@ -91,30 +95,18 @@ from sparsejax.methods.fixed import (
 )
 from sparsejax.methods.registry import register_method
 from sparsejax.pattern_units import pattern_counts, pattern_topk
-from sparsejax.patterns import Pattern, as_pattern, nm_group_topk, nm_groups
+from sparsejax.patterns import Pattern, as_pattern
 from sparsejax.schedules import Schedule, constant, cosine_drop_fraction, is_update_step
 from sparsejax.topk import topk_mask
 from sparsejax.transforms import zero_masked
 from sparsejax.validation import check_density, check_int, check_sparsity
 
 __all__ = [
-    "Signals",
-    "RegrowRules",
+    *dst_rules.__all__,
     "prune_and_regrow",
     "regrow_masks",
-    "regrow_masks_nm",
     "regrow_masks_units",
     "reset_slots",
-    "magnitude_drop",
-    "noisy_magnitude_drop",
-    "random_grow",
-    "gradient_grow",
-    "momentum_grow",
-    "round_fraction",
-    "ceil_fraction",
-    "same_leaf",
-    "momentum_redistribution",
-    "allocate",
     "sparse_evolutionary",
     "rigl",
     "snfs",
@@ -141,8 +133,8 @@ def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
     active, so ``sum(new) == sum(old) - n_drop + n_grow`` per leaf.
 
     With an N:M ``pattern`` (masks that hold exactly ``N`` per group) the new masks do
-    too: see :func:`regrow_masks_nm`; with ``block:B`` or ``channel`` whole units move:
-    :func:`regrow_masks_units`. ``None`` or ``'unstructured'``: the rules as they are.
+    too: see :func:`regrow_masks_units`; with ``block:B`` or ``channel`` whole units move
+    (the same function). ``None`` or ``'unstructured'``: the rules as they are.
 
     >>> import jax, jax.numpy as jnp
     >>> s = Signals(params=[jnp.array([0.5, 0.1, 0.0, 0.0, 0.3])],
@@ -156,8 +148,6 @@ def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
     """
     if pattern is not None:
         pattern = as_pattern(pattern)
-        if pattern.kind == "nm":
-            return regrow_masks_nm(rules, signals, fraction, pattern)
         if pattern.kind != "unstructured":
             return regrow_masks_units(rules, signals, fraction, pattern)
     sizes = jnp.array([m.size for m in signals.masks], jnp.int32)
@@ -174,72 +164,44 @@ def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
     return new_masks, n_drop, n_grow
 
 
-def regrow_masks_nm(rules: RegrowRules, signals: Signals, fraction: jax.Array,
-                    pattern: Pattern) -> tuple[list[jax.Array], jax.Array, jax.Array]:
-    """:func:`regrow_masks` under an N:M ``pattern``: every group that holds ``N`` active
-    weights before the update holds ``N`` after it.
+def regrow_masks_units(rules: RegrowRules, signals: Signals, fraction: jax.Array,
+                       pattern: Pattern) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """:func:`regrow_masks` under a structured ``pattern`` (N:M, ``block:B`` or
+    ``channel``): masks that obey the pattern obey it after the update, each leaf with
+    the same number of units (:func:`sparsejax.pattern_units.pattern_units`).
 
-    The drop is that of the unstructured engine: ``n_drop = drop_counts(fraction,
-    n_active)`` per leaf, the active weights with the lowest drop scores (one exact top-k
-    per leaf). A group that lost ``d`` weights then grows ``d``: the highest grow scores
-    among its inactive weights after the drop (one exact top-k per group, ties to the
-    first along the axis), which may regrow a weight dropped in this update, as in the
-    unstructured engine. So ``n_grow == n_drop`` per leaf, and ``rules.redistribute`` is
-    not used (under N:M a leaf's density is fixed at ``N / M``).
+    Per leaf, ``n_drop = drop_counts(fraction, active)`` and the active ones with the
+    lowest drop scores go: weights under N:M (one exact top-k per leaf), otherwise the
+    blocks or channels with the lowest sum of drop scores
+    (:func:`sparsejax.pattern_units.pattern_topk`). Then what was dropped grows back in
+    the pattern's units: under N:M each group grows as many as it lost, the highest grow
+    scores among its inactive weights (ties to the first along the axis); otherwise as
+    many units as were dropped, the highest sums of grow scores among the inactive
+    units. Either may regrow what this update dropped, as in the unstructured engine.
+    ``n_grow == n_drop``; ``rules.redistribute`` is not used. A leaf that cannot carry
+    the pattern (one an override keeps dense) is left as it is.
 
     >>> import jax, jax.numpy as jnp
+    >>> rules = RegrowRules(magnitude_drop, gradient_grow, round_fraction, same_leaf)
     >>> s = Signals(params=[jnp.array([[0.5], [0.1], [0.0], [0.0]])],
     ...             masks=[jnp.array([[True], [True], [False], [False]])],
     ...             grads=[jnp.array([[0.0], [0.0], [0.2], [0.9]])], momentum=None,
     ...             key=jax.random.PRNGKey(0))
-    >>> rules = RegrowRules(magnitude_drop, gradient_grow, round_fraction, same_leaf)
     >>> masks, n_drop, n_grow = regrow_masks(rules, s, jnp.float32(0.5), as_pattern("2:4"))
     >>> masks[0].ravel(), int(n_drop[0]), int(n_grow[0])
     (Array([ True, False, False,  True], dtype=bool), 1, 1)
-    """
-    n_active = jnp.stack([jnp.sum(m, dtype=jnp.int32) for m in signals.masks])
-    # a leaf whose shape cannot carry the pattern is one an override keeps dense: it
-    # drops and grows nothing
-    fits = [_fits(pattern, m.shape) for m in signals.masks]
-    n_drop = jnp.where(jnp.array(fits),
-                       jnp.minimum(rules.drop_counts(fraction, n_active), n_active), 0)
-    new_masks = []
-    for i, (m, d, g) in enumerate(zip(signals.masks, rules.drop_scores(signals),
-                                      rules.grow_scores(signals), strict=True)):
-        if not fits[i]:
-            new_masks.append(m)
-            continue
-        kept = _topk_count(jnp.where(m, d, -jnp.inf), n_active[i] - n_drop[i])
-        lost = jnp.sum(nm_groups(m & ~kept, pattern), axis=1, dtype=jnp.int32)
-        new_masks.append(kept | nm_group_topk(jnp.where(kept, -jnp.inf, g), pattern, lost))
-    return new_masks, n_drop, n_drop
-
-
-def regrow_masks_units(rules: RegrowRules, signals: Signals, fraction: jax.Array,
-                       pattern: Pattern) -> tuple[list[jax.Array], jax.Array, jax.Array]:
-    """:func:`regrow_masks` under a ``block:B`` or ``channel`` ``pattern``: masks that
-    keep whole blocks or output channels keep them after the update, each leaf the same
-    number of units.
-
-    Per leaf, ``n_drop = drop_counts(fraction, active units)``: the active units with the
-    lowest sum of drop scores go (:func:`sparsejax.pattern_units.pattern_topk`), then as many
-    units grow, the highest sums of grow scores among the units inactive after the drop
-    (which may regrow a unit dropped in this update). Counts are in units, ``n_grow ==
-    n_drop``; ``rules.redistribute`` is not used. A leaf that cannot carry the pattern
-    (one an override keeps dense) is left as it is.
-
-    >>> import jax, jax.numpy as jnp
     >>> s = Signals(params=[jnp.array([[0.5, 0.1, 0.0], [0.4, 0.2, 0.0]])],
     ...             masks=[jnp.array([[True, True, False], [True, True, False]])],
     ...             grads=[jnp.array([[0.0, 0.0, 0.3], [0.0, 0.0, 0.4]])], momentum=None,
     ...             key=jax.random.PRNGKey(0))
-    >>> rules = RegrowRules(magnitude_drop, gradient_grow, round_fraction, same_leaf)
     >>> masks, n_drop, n_grow = regrow_masks(rules, s, jnp.float32(0.5), as_pattern("channel"))
     >>> masks[0][0], int(n_drop[0]), int(n_grow[0])  # channel 1 (|w| 0.3) moves to 2
     (Array([ True, False,  True], dtype=bool), 1, 1)
     """
+    # N:M drops weights leaf-wide, then regrows per group
+    drop_pattern = Pattern() if pattern.kind == "nm" else pattern
     fits = [_fits(pattern, m.shape) for m in signals.masks]
-    n_active = jnp.stack([pattern_counts(m, pattern) if ok else jnp.int32(0)
+    n_active = jnp.stack([pattern_counts(m, drop_pattern) if ok else jnp.int32(0)
                           for m, ok in zip(signals.masks, fits, strict=True)])
     n_drop = jnp.minimum(rules.drop_counts(fraction, n_active), n_active)
     new_masks = []
@@ -248,9 +210,9 @@ def regrow_masks_units(rules: RegrowRules, signals: Signals, fraction: jax.Array
         if not fits[i]:
             new_masks.append(m)
             continue
-        kept = pattern_topk(jnp.where(m, d, -jnp.inf), pattern, n_active[i] - n_drop[i])
-        new_masks.append(kept | pattern_topk(jnp.where(kept, -jnp.inf, g), pattern,
-                                             n_drop[i]))
+        kept = pattern_topk(jnp.where(m, d, -jnp.inf), drop_pattern, n_active[i] - n_drop[i])
+        lost = pattern_counts(m & ~kept, pattern)
+        new_masks.append(kept | pattern_topk(jnp.where(kept, -jnp.inf, g), pattern, lost))
     return new_masks, n_drop, n_drop
 
 
@@ -465,7 +427,7 @@ def sparse_evolutionary(
 
     ``update_every`` defaults to ``batches_per_epoch``; ``end_step`` to ``total_steps``
     (no update after the last step), else never. ``pattern='N:M'`` keeps exactly ``N`` of
-    every ``M`` throughout (see :func:`regrow_masks_nm`).
+    every ``M`` throughout (see :func:`regrow_masks_units`).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> m = sparse_evolutionary(optax.sgd(0.1), sparsity=0.75, update_every=1)
@@ -510,7 +472,7 @@ def rigl(
     ``end_step`` defaults to 75% of ``total_steps``; one of the two is required. By
     default the optimizer step is skipped on update steps, as in RigL's code.
     ``pattern='N:M'`` keeps exactly ``N`` of every ``M`` throughout (each group regrows,
-    by gradient, what it lost; see :func:`regrow_masks_nm`).
+    by gradient, what it lost; see :func:`regrow_masks_units`).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> m = rigl(optax.sgd(0.1), sparsity=0.75, update_every=1, end_step=10)

@@ -19,6 +19,7 @@ from sparsejax.methods.base import (
     Method,
     SparseState,
     apply_optimizer,
+    named_error,
     params_as_they_are,
 )
 from sparsejax.patterns import Pattern, method_pattern
@@ -86,8 +87,7 @@ def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
             masks = make_masks(params, jax.random.fold_in(rng, 0x6D61736B), model_state,
                                context)
         except ValueError as error:
-            raise ValueError(str(error) if str(error).startswith(f"{name}:")
-                             else f"{name}: {error}") from None
+            raise named_error(name, error) from None
         check_same_structure(params, masks)
         if fresh_init:
             if context is None or context.init_params is None:

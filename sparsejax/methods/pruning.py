@@ -36,6 +36,7 @@ from sparsejax.methods.base import (
     SparseState,
     apply_optimizer,
     branch,
+    named_error,
     scheduled_update,
 )
 from sparsejax.methods.fixed import (
@@ -128,7 +129,7 @@ def synflow_masks(
     try:
         density = pattern_density(pattern, density)
     except ValueError as error:
-        raise ValueError(f"synflow: {error}") from None
+        raise named_error("synflow", error) from None
     schedule = [density ** (k / iterations) for k in range(1, iterations + 1)]
     if pattern.kind == "unstructured":
         table = _CountTable.of(params, schedule, distribution, prunable, overrides)
@@ -137,7 +138,7 @@ def synflow_masks(
             table = _PatternTable.of(params, schedule, pattern, distribution, prunable,
                                      overrides).distinct()
         except ValueError as error:
-            raise ValueError(f"synflow: {error}") from None
+            raise named_error("synflow", error) from None
     rounds = _synflow_rounds
     try:
         hash(apply_fn)
@@ -268,7 +269,7 @@ def scheduled_magnitude(
                         shapes, densities, pattern, distribution, prunable=prunable,
                         overrides=overrides)
                 except ValueError as error:
-                    raise ValueError(f"{name}: {error}") from None
+                    raise named_error(name, error) from None
         return select_holder[key]
 
     def update_with(state: SparseState, grads: PyTree, due: jax.Array | bool) -> SparseState:
@@ -351,7 +352,6 @@ def gradual_magnitude(
     2
     """
     check_sparsity(sparsity)
-    method_pattern(pattern, sparsity, "gradual_magnitude")
     check_int(frequency, "frequency (steps)", minimum=1)
     end = int(round(0.75 * total_steps)) if end_step is None else end_step
     if not 0 <= begin_step < end <= total_steps:

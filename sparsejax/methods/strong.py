@@ -60,7 +60,13 @@ from jax import lax
 from sparsejax._tree import path_str
 from sparsejax.distributions import layer_densities
 from sparsejax.masks import Prunable, default_prunable, prunable_except
-from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer
+from sparsejax.methods.base import (
+    InitContext,
+    Method,
+    SparseState,
+    apply_optimizer,
+    named_error,
+)
 from sparsejax.methods.outside import OutsideLoop, register_outside_loop
 from sparsejax.methods.registry import register_method
 from sparsejax.patterns import Pattern, check_pattern, method_pattern
@@ -401,12 +407,9 @@ def score_supermask(
             chosen = pattern_masks(scores, pattern, density, check_finite_scores=False)
             if cuts is None:
                 cuts = jnp.zeros((len(scores), 2), jnp.float32)
-            masks = jax.tree_util.tree_map_with_path(
-                lambda p, leaf: chosen.get(path_str(p), jnp.ones(jnp.shape(leaf), bool)),
-                params)
-            return masks, cuts
-        chosen, cuts = topk_mask_tracked(scores, density, cuts, scope=scope,
-                                         check_finite_scores=False, by_magnitude=True)
+        else:
+            chosen, cuts = topk_mask_tracked(scores, density, cuts, scope=scope,
+                                             check_finite_scores=False, by_magnitude=True)
         masks = jax.tree_util.tree_map_with_path(
             lambda p, leaf: chosen.get(path_str(p), jnp.ones(jnp.shape(leaf), bool)), params)
         return masks, cuts
@@ -428,7 +431,7 @@ def score_supermask(
             try:
                 check_pattern(pattern, params, prunable=is_prunable)
             except ValueError as error:
-                raise ValueError(f"{name}: {error}") from None
+                raise named_error(name, error) from None
         targets = target_densities(params)
         leaf_density = jax.tree_util.tree_map_with_path(
             lambda p, _: targets.get(path_str(p), 1.0), params)
