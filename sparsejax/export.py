@@ -45,7 +45,12 @@ from sparsejax._tree import map_with_path
 from sparsejax.masks import Prunable, apply_masks, default_prunable
 from sparsejax.patterns import Pattern, as_pattern, nm_group_topk, nm_groups, nm_ungroup
 from sparsejax.posttrain_capture import dense_input, is_dense_call
-from sparsejax.validation import _raise_if, check_binary_masks, check_same_structure, is_concrete
+from sparsejax.validation import (
+    check_binary_masks,
+    check_same_structure,
+    check_traced,
+    is_concrete,
+)
 
 __all__ = [
     "NMPacked",
@@ -174,8 +179,8 @@ def nm_pack(kernel: jax.Array, pattern: str | Pattern, mask: jax.Array | None = 
                                      "keep" if over > 1 else "keeps",
                                      f"up to {int(np.asarray(counts).max())}"))
     else:
-        jax.debug.callback(_raise_if(message("a group", "keeps", "checked under jit")),
-                           jnp.any(counts > pattern.n))
+        check_traced(jnp.all(counts <= pattern.n),
+                     message("a group", "keeps", "checked under checkify"))
     return NMPacked(values, positions, tuple(int(d) for d in kernel.shape), pattern)
 
 

@@ -39,7 +39,8 @@ import numpy as np
 
 from sparsejax._tree import map_with_path
 from sparsejax.masks import Prunable, default_prunable
-from sparsejax.topk import _order_key, num_kept, topk_mask
+from sparsejax.topk import num_kept, topk_mask
+from sparsejax.topk_search import order_key
 from sparsejax.validation import check_density, check_finite, is_concrete, is_int
 
 __all__ = [
@@ -338,7 +339,7 @@ def _topk_rows(rows: jax.Array, count: Any) -> jax.Array:
     if rows.shape[0] == 0:
         return jnp.zeros(rows.shape, bool)
     if rows.shape[1] <= _SHORT_ROW:
-        keys = _order_key(rows)
+        keys = order_key(rows)
         index = jnp.arange(rows.shape[1])
         ahead = (keys[:, None, :] > keys[:, :, None]) | (
             (keys[:, None, :] == keys[:, :, None]) & (index[None, :] < index[:, None]))

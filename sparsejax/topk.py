@@ -1,24 +1,14 @@
 """Exact top-k masks without sorting.
 
 ``topk_mask`` keeps exactly ``num_kept(density, size)`` entries with the largest scores,
-per leaf or jointly across leaves. Scores are ranked through an order-preserving uint32
-image of their float32 values (the *keys*), and the mask is ``key >= t`` for a cut ``t``
-found by counting, never by sorting: each pass over the scores counts the keys at or
-above a few candidate cuts, which is linear in the number of scores and much faster than
+per leaf or jointly across leaves. The search itself (:mod:`sparsejax.topk_search`)
+counts instead of sorting, which is linear in the number of scores and much faster than
 ``jnp.sort`` or ``lax.top_k`` on CPU (see docs/design.md and benchmarks/topk.py).
 
-* Small groups (at most ``_SAMPLE_SIZE`` scores) use a bitwise binary search: 32
-  passes, one bit of the k-th largest key per pass.
-* Larger groups start from two cuts: order statistics of a strided sample of
-  ``_SAMPLE_SIZE`` scores, or (:func:`topk_mask_tracked`) either side of the previous
-  call's cut. Each later pass counts float32 values at two cuts interpolated from the
-  counts of the current bracket, and the search stops as soon as one cut keeps exactly
-  ``k``. A pass usually shrinks the number of scores left in the bracket from ``U`` to
-  about ``sqrt(U)``; once few are left, one extraction pass (each row's largest and
-  smallest entry inside the bracket) usually recovers all of them. After
-  ``_INTERPOLATION_ROUNDS`` passes it bisects the bracket, so adversarial scores (mass
-  ties, spikes) cost at most 40 passes in all. Whatever the data, the result is exact: a
-  pass only ever narrows a bracket that provably holds the k-th largest score.
+One compiled search serves a whole tree: leaves of one size are stacked as the rows of
+one array and searched together (all leaves of a global top-k are one row), so the
+program's size grows with the number of distinct leaf sizes, not with the number of
+leaves, and a model of 2 or 128 equal layers compiles the same search.
 
 Ties at the k-th largest score are broken deterministically: the entries that come first
 (in leaf order, then row-major order) are kept.
@@ -28,44 +18,26 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from sparsejax.topk_search import (
+    SAMPLE_SIZE,
+    bitwise_topk,
+    key_value,
+    kth_largest_keys,
+    order_key,
+    sampled_topk,
+    zero_subnormals,
+)
 from sparsejax.validation import check_density, check_finite, check_same_structure, is_concrete
 
 __all__ = ["num_kept", "topk_mask", "topk_mask_tracked", "kth_largest"]
 
 Scope = Literal["layer", "global"]
-
-_SIGN_BIT = 0x80000000
-_SAMPLE_SIZE = 2048
-"""Groups up to this size are searched bitwise; larger ones seed their search with a
-strided sample of about this many keys."""
-_HINT_SPREADS = 4.0
-"""With a hint, the first two cuts sit this many times the cut's last move either side of
-the previous cut."""
-_HINT_FLOOR = 2.0**-16
-"""... and at least this fraction of the previous cut away from it."""
-_SAMPLE_SPREADS = 2.0
-"""The first two cuts sit this many binomial spreads either side of the sample's estimate
-of the k-th largest entry (both fall on one side about 5% of the time)."""
-_CUT_SPREADS = 1.0
-"""Later cuts sit this many spreads either side of the interpolated cut."""
-_ROWS_PER_ROOT = 8
-"""An extraction pass views a leaf of ``n`` entries as about ``8 * sqrt(n)`` rows of
-about ``sqrt(n) / 8`` entries (see ``_row_views``)."""
-_ENDGAME = 3
-"""When at most this many entries are left in the bracket, one pass finds its lowest and
-highest entries and the next counts just above the lowest and at the highest."""
-_INTERPOLATION_ROUNDS = 8
-"""Passes that place cuts by interpolation before the search falls back to bisection."""
-_EXACT_FLOAT_COUNT = 2**24
-"""Counts of up to this many entries are exact as float32 sums (see ``_count``)."""
 
 
 def num_kept(density: Any, size: int) -> Any:
@@ -81,357 +53,6 @@ def num_kept(density: Any, size: int) -> Any:
         return int(min(size, max(0, math.floor(float(density) * size + 0.5))))
     k = jnp.floor(jnp.asarray(density, jnp.float32) * size + 0.5)
     return jnp.clip(k, 0, size).astype(jnp.int32)
-
-
-def _order_key(scores: jax.Array) -> jax.Array:
-    """uint32 keys with the same order as the float32 ``scores`` (``-0.0``, and subnormals,
-    equal to ``0.0``)."""
-    x = _zero_subnormals(jnp.asarray(scores).astype(jnp.float32))
-    bits = lax.bitcast_convert_type(x, jnp.uint32)
-    negative = (bits & jnp.uint32(_SIGN_BIT)) != 0
-    # Non-negative floats: set the sign bit so they sort above all negatives. Negative
-    # floats: flip every bit so that larger magnitudes come first.
-    return jnp.where(negative, ~bits, bits | jnp.uint32(_SIGN_BIT))
-
-
-def _kth_largest_keys(groups: Sequence[Sequence[jax.Array]], ks: Sequence[Any]) -> list[jax.Array]:
-    """For each group of key arrays, its ``ks[g]``-th largest value (1-based), all found
-    in one loop of 32 counting passes.
-
-    Builds each answer from the most significant bit down: a bit is set when at least
-    ``k`` keys of the group are >= the candidate with that bit set. Searching every group
-    in the same loop (rather than one loop per leaf) lets XLA fuse the counts of a pass.
-    """
-
-    def body(i: jax.Array, answers: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
-        updated = []
-        for keys, k, answer in zip(groups, ks, answers, strict=True):
-            candidate = answer | bit
-            count = sum((_count(key >= candidate) for key in keys), jnp.int32(0))
-            updated.append(jnp.where(count >= k, candidate, answer))
-        return tuple(updated)
-
-    # Inside ``shard_map`` the carries must vary over the mesh axes the keys vary over.
-    start = _vary(tuple(jnp.uint32(0) for _ in groups), _varying_axes(groups, list(ks)))
-    return list(lax.fori_loop(0, 32, body, start))
-
-
-def _masks_at_threshold(keys: Sequence[jax.Array], threshold: jax.Array,
-                        k: Any) -> list[jax.Array]:
-    """Masks keeping exactly ``k`` of ``keys`` (order keys, or float32 values, which
-    compare alike) given their exact k-th largest value."""
-    above = [key > threshold for key in keys]
-    n_above = sum((_count(a) for a in above), jnp.int32(0))
-    ties = [key == threshold for key in keys]
-    n_ties = sum((_count(t) for t in ties), jnp.int32(0))
-    ties_needed = jnp.asarray(k, jnp.int32) - n_above
-
-    def keep_all_ties(_: None) -> list[jax.Array]:
-        return [a | t for a, t in zip(above, ties, strict=True)]
-
-    def keep_first_ties(_: None) -> list[jax.Array]:
-        masks, offset = [], jnp.int32(0)
-        for a, t in zip(above, ties, strict=True):
-            # jnp.cumsum, not lax.associative_scan: the scan runs 4x faster on CPU but
-            # adds seconds to every compile, for a branch that rarely runs.
-            rank = jnp.cumsum(t.ravel(), dtype=jnp.int32).reshape(t.shape) + offset
-            masks.append(a | (t & (rank <= ties_needed)))
-            offset = offset + _count(t)
-        return masks
-
-    # The cumulative sum that ranks ties costs several counting passes, so it runs only
-    # when more entries tie at the threshold than may be kept.
-    masks = lax.cond(n_ties > ties_needed, keep_first_ties, keep_all_ties, None)
-    keep_none = jnp.asarray(k) <= 0
-    return [jnp.where(keep_none, False, m) for m in masks]
-
-
-def _count(flags: jax.Array) -> jax.Array:
-    """The number of ``True`` entries of a boolean array, as int32, exactly.
-
-    Summing 1.0s in float32 runs about twice as fast on CPU as summing the booleans as
-    int32 (measured: 37 against 84 us for 235,200 entries), and is exact in any order of
-    addition while every partial sum stays at or below 2**24; larger arrays are counted in
-    slices of 2**24 entries whose counts are added as int32.
-    """
-    flat = flags.ravel()
-    total = jnp.int32(0)
-    for start in range(0, max(int(flat.size), 1), _EXACT_FLOAT_COUNT):
-        part = flat[start:start + _EXACT_FLOAT_COUNT]
-        total = total + jnp.sum(jnp.where(part, jnp.float32(1), jnp.float32(0))).astype(jnp.int32)
-    return total
-
-
-def _count_at_least(values: Sequence[jax.Array], cut: jax.Array) -> jax.Array:
-    return sum((_count(v >= cut) for v in values), jnp.int32(0))
-
-
-def _strided_sample(values: Sequence[jax.Array], size: int) -> jax.Array:
-    """Every ``stride``-th entry of each leaf (one stride for the group), about ``size``
-    in all: a systematic sample whose order statistics track the group's."""
-    stride = max(1, sum(int(v.size) for v in values) // size)
-    return jnp.concatenate([v.ravel()[::stride] for v in values])
-
-
-_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
-
-
-def _zero_subnormals(x: jax.Array) -> jax.Array:
-    """``x`` with subnormal values and ``-0.0`` replaced by ``+0.0``. XLA's CPU backend
-    compares float32 subnormals as zero, so a search must see them flushed in every pass
-    (and step over them in :func:`_above` / :func:`_below`), or its counts disagree with
-    its cuts: ``x >= nextafter(0, inf)`` held for every zero, and a 5,000-entry top-k of
-    zeros kept nothing. Flushed everywhere, the ranking is the same on every backend."""
-    return jnp.where(jnp.abs(x) < _FLOAT32_TINY, jnp.float32(0), x)
-
-
-def _zero_subnormals_abs(x: jax.Array) -> jax.Array:
-    return _zero_subnormals(jnp.abs(x))
-
-
-def _above(x: jax.Array) -> jax.Array:
-    """The next float32 above ``x``, skipping the subnormals (which compare as zero, see
-    :func:`_zero_subnormals`): above ``0`` comes the smallest normal, above ``-tiny`` zero."""
-    return jnp.where(x == 0, jnp.float32(_FLOAT32_TINY),
-                     jnp.where(x == -_FLOAT32_TINY, jnp.float32(0),
-                               jnp.nextafter(x, jnp.float32(jnp.inf))))
-
-
-def _below(x: jax.Array) -> jax.Array:
-    """The next float32 below ``x``, skipping the subnormals (see :func:`_above`)."""
-    return jnp.where(x == 0, jnp.float32(-_FLOAT32_TINY),
-                     jnp.where(x == _FLOAT32_TINY, jnp.float32(0),
-                               jnp.nextafter(x, jnp.float32(-jnp.inf))))
-
-
-def _identity(x: jax.Array) -> jax.Array:
-    return x
-
-
-def _sampled_cut(values: Sequence[jax.Array], k: Any,
-                 hint: jax.Array | None = None,
-                 view: Callable[[jax.Array], jax.Array] = _identity,
-                 ) -> tuple[jax.Array, jax.Array]:
-    """``(cut, is_cut)`` for a large group of float32 leaves: with ``is_cut`` exactly
-    ``k`` entries are ``>= cut``; otherwise (a tie straddles the k-th largest entry)
-    ``cut`` is the exact k-th largest entry.
-
-    The loop keeps a bracket ``lo <= (k-th largest) <= hi`` with its counts
-    ``c_lo = #(x >= lo) >= k`` and ``c_above = #(x > hi) < k``, and every pass only
-    narrows it, so it can only end exact. A pass counts at two cuts; or, once at most
-    ``extract_limit`` entries are left in the bracket, extracts them row by row; or
-    (when the group has no rows view and at most ``_ENDGAME`` are left, or a bracket end
-    is still infinite) finds the bracket's extreme entries, after which cuts just above
-    the lowest and at the highest settle it.
-
-    ``hint``, ``[previous cut, how far it last moved]``, replaces the sample's first two
-    cuts by two cuts around the previous one (see :func:`topk_mask_tracked`).
-
-    ``view`` (e.g. ``jnp.abs``) ranks ``view(values)`` instead, applied inside every pass
-    so that XLA fuses it into the pass rather than writing a transformed copy first.
-    """
-    n = sum(int(v.size) for v in values)
-    k = jnp.asarray(k, jnp.int32)
-    kf = k.astype(jnp.float32)
-
-    def sample_cuts():
-        sample = view(_strided_sample(values, _SAMPLE_SIZE))
-        share = jnp.clip(kf / n, 0.0, 1.0)
-        expected_rank = kf * sample.size / n
-        spread = jnp.sqrt(sample.size * share * (1.0 - share)) + 1.0
-        ranks = [jnp.clip(jnp.round(expected_rank + z * spread), 1, sample.size)
-                 .astype(jnp.int32) for z in (-_SAMPLE_SPREADS, _SAMPLE_SPREADS)]
-        return _key_value(jnp.stack(_kth_largest_keys([[_order_key(sample)]] * 2, ranks)))
-
-    if hint is None:
-        first_cuts = sample_cuts()
-    else:
-        previous, moved = hint[0], hint[1]
-        width = jnp.maximum(_HINT_SPREADS * moved, jnp.abs(previous) * _HINT_FLOOR)
-        usable = jnp.isfinite(previous) & jnp.isfinite(width) & (width > 0)
-        axes = _varying_axes(values, k, hint)
-        first_cuts = lax.cond(
-            usable, lambda: _vary(jnp.stack([previous - width, previous + width]), axes),
-            lambda: _vary(sample_cuts(), axes))
-
-    def interpolated_cuts(lo, hi, c_lo, c_above):
-        # Model the bracket's entries as uniform in value between lo and hi. The cut lies
-        # above the ``c_lo - k`` lowest of its ``inside`` entries, expected at
-        # ``(c_lo - k + 1/2) / (inside + 1)`` of the way up, with the spread of that order
-        # statistic: one cut a spread below, one a spread above.
-        inside = jnp.maximum(c_lo - c_above, 1).astype(jnp.float32)
-        center = jnp.clip((c_lo - kf + 0.5) / (inside + 1.0), 0.0, 1.0)
-        spread = _CUT_SPREADS * jnp.sqrt(center * (1.0 - center) / (inside + 2.0))
-        shares = jnp.clip(jnp.stack([center - spread, center + spread]), 0.0, 1.0)
-        cuts = jnp.clip(lo + (hi - lo) * shares, _above(lo), hi)
-        # Infinite bracket ends give no usable value: bisect the keys instead.
-        return jnp.where(jnp.isfinite(cuts), cuts, bisected_cuts(lo, hi))
-
-    def bisected_cuts(lo, hi):
-        lo_key, hi_key = _order_key(lo), _order_key(hi)
-        third = (hi_key - lo_key) // jnp.uint32(3)
-        keys = jnp.stack([lo_key + third + jnp.uint32(1), lo_key + 2 * third + jnp.uint32(1)])
-        return _key_value(jnp.minimum(keys, hi_key))
-
-    def count_pass(carry):
-        lo, hi, c_lo, c_above, hit, cut, cuts = carry
-        viewed = [view(v) for v in values]
-        for j in range(2):
-            t = cuts[j]
-            count = _count_at_least(viewed, t)
-            exact = (count == k) & ~hit
-            cut = jnp.where(exact, t, cut)
-            hit = hit | exact
-            raise_lo = (count > k) & (t > lo)
-            lo, c_lo = jnp.where(raise_lo, t, lo), jnp.where(raise_lo, count, c_lo)
-            lower_hi = (count < k) & (_below(t) < hi)
-            hi, c_above = jnp.where(lower_hi, _below(t), hi), jnp.where(lower_hi, count, c_above)
-        return lo, hi, c_lo, c_above, hit, cut, cuts
-
-    def extremes_pass(carry):
-        lo, hi, c_lo, c_above, hit, cut, _ = carry
-        viewed = [view(v) for v in values]
-        # The bracket's lowest and highest finite entries, and the counts at them. No
-        # entry lies in [lo, bottom) or (top, hi] but infinities, which are the k-th
-        # largest entry only when the counts say so (masked scores of -inf, say).
-        top = functools.reduce(jnp.maximum, [
-            jnp.max(jnp.where((v <= hi) & (v < jnp.inf), v, -jnp.inf)) for v in viewed])
-        bottom = functools.reduce(jnp.minimum, [
-            jnp.min(jnp.where((v >= lo) & (v > -jnp.inf), v, jnp.inf)) for v in viewed])
-        c_bottom = _count_at_least(viewed, bottom)
-        c_over_top = _count_at_least(viewed, _above(top))
-        minus_inf = c_bottom < k  # only -inf entries below bottom: the answer is -inf
-        plus_inf = c_over_top >= k  # only +inf entries above top: the answer is +inf
-        new_lo = jnp.where(minus_inf, lo, jnp.where(plus_inf, jnp.inf, jnp.maximum(lo, bottom)))
-        new_hi = jnp.where(plus_inf, hi, jnp.where(minus_inf, -jnp.inf, jnp.minimum(hi, top)))
-        # #(x >= +inf) is c_over_top and #(x > -inf) is c_bottom.
-        c_lo = jnp.where(minus_inf, c_lo, jnp.where(plus_inf, c_over_top, c_bottom))
-        c_above = jnp.where(minus_inf, c_bottom, jnp.where(plus_inf, c_above, c_over_top))
-        return (new_lo, new_hi, c_lo, c_above, hit, cut,
-                jnp.stack([_above(new_lo), new_hi]))
-
-    rows = _row_views(values)
-    extract_limit = _extraction_limit(rows)
-
-    def extraction_pass(carry):
-        lo, hi, c_lo, c_above, hit, cut, cuts = carry
-        if not rows:  # never chosen (extract_limit is 0)
-            return carry
-        # Every row's largest and smallest entry inside the bracket. When no row holds
-        # more than two of the bracket's entries, and no row two equal ones, these are
-        # all of them, and the k-th largest is found among them on the spot.
-        highs, lows, found = [], [], jnp.int32(0)
-        for v in rows:
-            v = view(v)
-            inside = (v >= lo) & (v <= hi)
-            high = jnp.max(jnp.where(inside, v, -jnp.inf), axis=1)
-            low = jnp.min(jnp.where(inside, v, jnp.inf), axis=1)
-            has_high, has_low = high >= lo, low < high
-            highs.append(jnp.where(has_high, high, -jnp.inf))
-            lows.append(jnp.where(has_low, low, -jnp.inf))
-            found = found + _count(has_high) + _count(has_low)
-        entries = jnp.concatenate(highs + lows)
-        complete = found == c_lo - c_above
-        rank = jnp.clip(k - c_above, 1, entries.size)
-        value = _key_value(_kth_largest_keys([[_order_key(entries)]], [rank])[0])
-        # Entries at or above the answer: those above the bracket plus those extracted.
-        reached = c_above + _count(entries >= value)
-        return (jnp.where(complete, value, lo), jnp.where(complete, value, hi),
-                jnp.where(complete, reached, c_lo), c_above, hit, cut, cuts)
-
-    def not_done(carry):
-        rounds, _, lo, hi, _, _, hit, _, _ = carry
-        return (~hit) & (lo < hi) & (rounds < _INTERPOLATION_ROUNDS + 40)
-
-    def body(carry):
-        rounds, tight, *state = carry
-        lo, hi, c_lo, c_above = state[:4]
-        inside = c_lo - c_above
-        open_end = jnp.isinf(lo) | jnp.isinf(hi)
-        # Few entries left: extract them (when the rows allow it), or else find the
-        # bracket's extremes and count next to them. The extremes pass also closes an
-        # open bracket end (the sample's cuts all fell on one side).
-        extract = ~tight & ~open_end & (inside <= extract_limit)
-        few = ~extract & (inside <= _ENDGAME)
-        extremes = ~tight & (few | open_end)
-        branch = jnp.where(extract, 2, jnp.where(extremes, 1, 0))
-        state = lax.switch(branch, [count_pass, extremes_pass, extraction_pass], tuple(state))
-        lo, hi, c_lo, c_above, hit, cut, cuts = state
-        rounds = rounds + 1
-        # Scalar arithmetic: computing both costs less than a branch.
-        placed = jnp.where(rounds < _INTERPOLATION_ROUNDS,
-                           interpolated_cuts(lo, hi, c_lo, c_above), bisected_cuts(lo, hi))
-        # After an extremes pass on few entries, count just above the lowest and at the
-        # highest (the cuts it returned). A failed extraction is not retried at once.
-        cuts = jnp.where(extremes & few, cuts, placed)
-        return rounds, extremes | extract, lo, hi, c_lo, c_above, hit, cut, cuts
-
-    # Start "tight" so that the first pass counts at the sample's cuts.
-    start = (jnp.int32(0), jnp.asarray(True), jnp.float32(-jnp.inf), jnp.float32(jnp.inf),
-             jnp.int32(n), jnp.int32(0), jnp.asarray(False), jnp.float32(0), first_cuts)
-    # Inside ``shard_map`` every carry varies over the mesh axes the values vary over.
-    start = _vary(start, _varying_axes(values, k, hint))
-    _, _, lo, _, c_lo, _, hit, cut, _ = lax.while_loop(not_done, body, start)
-    # A bracket closed on an entry that exactly k entries reach is a cut too.
-    return jnp.where(hit, cut, lo), hit | (c_lo == k)
-
-
-def _row_views(values: Sequence[jax.Array]) -> list[jax.Array]:
-    """Each leaf as a 2-D array of about ``_ROWS_PER_ROOT * sqrt(size)`` rows (the width
-    is the largest divisor of the size up to ``sqrt(size) / _ROWS_PER_ROOT``); a leaf
-    without a width of at least 8 leaves the group without rows views (``[]``)."""
-    views = []
-    for v in values:
-        n = int(v.size)
-        widest = max(1, math.isqrt(n) // _ROWS_PER_ROOT)
-        width = next((d for d in range(widest, 0, -1) if n % d == 0), 1)
-        if width < 8:
-            return []
-        views.append(v.reshape(n // width, width))
-    return views
-
-
-def _extraction_limit(rows: Sequence[jax.Array]) -> int:
-    """Most bracket entries for which an extraction pass is tried: with ``U`` entries
-    spread over ``R`` rows, some row holds three with probability about
-    ``C(U, 3) / R**2``; this keeps it near 2%."""
-    total_rows = sum(int(v.shape[0]) for v in rows)
-    if not total_rows:
-        return 0
-    return max(0, math.floor((0.12 * total_rows**2) ** (1 / 3)))
-
-
-def _vma(x: Any) -> frozenset:
-    """The manual mesh axes (inside ``shard_map``) that ``x`` varies over; empty
-    elsewhere."""
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)
-    if vma is None:
-        vma = getattr(getattr(aval, "mat", None), "varying", None)
-    return frozenset(vma or ())
-
-
-def _varying_axes(*trees: Any) -> tuple:
-    """The manual mesh axes that any leaf of ``trees`` varies over, in a fixed order."""
-    axes: set = set()
-    for leaf in jax.tree_util.tree_leaves(trees):
-        axes |= _vma(leaf)
-    return tuple(sorted(axes, key=str))
-
-
-def _vary(tree: Any, axes: tuple) -> Any:
-    """``tree`` with every leaf made varying over ``axes`` (a no-op outside ``shard_map``):
-    loop carries and branch results built from constants must match the type of what
-    the loop body computes from the per-device scores (``check_vma``)."""
-    if not axes:
-        return tree
-
-    def one(x: Any) -> Any:
-        missing = tuple(a for a in axes if a not in _vma(x))
-        return lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree_util.tree_map(one, tree)
 
 
 def _explicit_sharding(x: Any) -> Any:
@@ -453,51 +74,6 @@ def _replicated(x: Any) -> Any:
         x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
 
 
-def _key_value(key: jax.Array) -> jax.Array:
-    """The float32 whose order key is ``key`` (the inverse of ``_order_key``)."""
-    negative = (key & jnp.uint32(_SIGN_BIT)) == 0
-    bits = jnp.where(negative, ~key, key & jnp.uint32(~_SIGN_BIT & 0xFFFFFFFF))
-    return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _grouped_topk(groups: Sequence[Sequence[jax.Array]], ks: Sequence[Any],
-                  hints: jax.Array | None = None,
-                  by_magnitude: bool = False) -> tuple[list[list[jax.Array]], jax.Array]:
-    """For each group of leaves, masks keeping exactly ``ks[g]`` of its largest entries
-    jointly (one group per leaf: per-layer top-k; one group of all leaves: global), and
-    the new hints, ``[cut, how far it moved]`` per group (shape ``(groups, 2)``).
-
-    Small groups share one bitwise search (one loop for all of them, so XLA fuses their
-    counts); each large group runs its own sampled search on float32 values (which
-    compare like their keys, and count faster on CPU), started from ``hints[g]`` if given.
-    ``by_magnitude`` ranks the absolute values.
-    """
-    ranked = _zero_subnormals_abs if by_magnitude else _zero_subnormals
-    small = [g for g, group in enumerate(groups)
-             if sum(int(jnp.size(leaf)) for leaf in group) <= _SAMPLE_SIZE]
-    masks: list[list[jax.Array]] = [[] for _ in groups]
-    new_hints: list[jax.Array] = [jnp.zeros(2, jnp.float32) for _ in groups]
-    if small:
-        keys = [[_order_key(ranked(leaf)) for leaf in groups[g]] for g in small]
-        thresholds = _kth_largest_keys(keys, [ks[g] for g in small])
-        for g, group_keys, threshold in zip(small, keys, thresholds, strict=True):
-            masks[g] = _masks_at_threshold(group_keys, threshold, ks[g])
-            new_hints[g] = jnp.stack([_key_value(threshold), jnp.float32(0)])
-    for g, group in enumerate(groups):
-        if g in small:
-            continue
-        values = [jnp.asarray(leaf).astype(jnp.float32) for leaf in group]
-        hint = None if hints is None else hints[g]
-        cut, is_cut = _sampled_cut(values, ks[g], hint, ranked)
-        masks[g] = lax.cond(
-            is_cut,
-            lambda v=values, c=cut: [ranked(x) >= c for x in v],
-            lambda v=values, c=cut, k=ks[g]: _masks_at_threshold([ranked(x) for x in v], c, k))
-        moved = jnp.float32(0) if hint is None else jnp.abs(cut - hint[0])
-        new_hints[g] = jnp.stack([cut, jnp.where(jnp.isfinite(moved), moved, 0.0)])
-    return masks, jnp.stack(new_hints)
-
-
 def kth_largest(scores: jax.Array, k: Any) -> jax.Array:
     """The exact k-th largest entry of ``scores`` (1-based), as float32, without sorting.
 
@@ -510,7 +86,8 @@ def kth_largest(scores: jax.Array, k: Any) -> jax.Array:
 
 @jax.jit
 def _kth_largest_compiled(scores: jax.Array, k: jax.Array) -> jax.Array:
-    return _key_value(_kth_largest_keys([[_order_key(scores)]], [k])[0])
+    keys = order_key(jnp.ravel(scores))[None]
+    return key_value(kth_largest_keys(keys, jnp.reshape(k, (1, 1))))[0, 0]
 
 
 def topk_mask(
@@ -648,14 +225,19 @@ def _topk(scores: Any, density: Any, count: Any, scope: str, check_finite_scores
 @functools.partial(jax.jit, static_argnames=("joint", "by_magnitude"))
 def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Array | None,
                    joint: bool, by_magnitude: bool) -> tuple[list[jax.Array], jax.Array]:
-    """:func:`_grouped_topk` of all ``leaves`` as one group (``joint``, one count in
-    ``ks``) or of each leaf apart (one count per leaf); the masks in leaf order.
+    """Masks keeping ``ks[i]`` of each leaf (or, ``joint``, ``ks[0]`` of all leaves
+    together) and the new hints, ``[cut, how far it moved]`` per group (``(groups, 2)``).
+
+    Leaves of one size are the rows of one search (a joint top-k is one row of all of
+    them), each row started from ``hints`` if given; rows of at most ``SAMPLE_SIZE``
+    entries are searched bitwise. ``by_magnitude`` ranks the absolute values, taken as
+    the rows are built.
 
     Compiled at module level, once per shapes, dtypes and options, so that an eager call
     reuses the program of an earlier one (its loops and branches, built from fresh
     closures, would otherwise be traced and compiled again on every call)."""
     # Explicitly sharded scores (an ``Explicit`` mesh) are searched replicated: the
-    # strided sample, the rows views and the tie ranking (a cumulative sum) reshape or
+    # strided sample, the sub-row views and the tie ranking (a cumulative sum) reshape or
     # scan the whole array, which JAX refuses on a sharded type. The masks come back with
     # the scores' shardings, and are exactly those of the unsharded search.
     shardings = [_explicit_sharding(leaf) for leaf in leaves]
@@ -663,12 +245,47 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
         leaves = [_replicated(leaf) for leaf in leaves]
         ks = [_replicated(k) for k in ks]
         hints = None if hints is None else _replicated(hints)
-    groups = [leaves] if joint else [[leaf] for leaf in leaves]
-    masks, new_hints = _grouped_topk(groups, ks, hints, by_magnitude)
-    flat = [mask for group in masks for mask in group]
-    flat = [mask if sharding is None else jax.sharding.reshard(mask, sharding)
-            for mask, sharding in zip(flat, shardings, strict=True)]
-    return flat, new_hints
+
+    def ranked(leaf: jax.Array) -> jax.Array:
+        x = jnp.ravel(leaf).astype(jnp.float32)
+        return zero_subnormals(jnp.abs(x) if by_magnitude else x)
+
+    sizes = [int(jnp.size(leaf)) for leaf in leaves]
+    if joint:
+        rows_of = {0: list(range(len(leaves)))}
+    else:
+        rows_of = {}
+        for i, size in enumerate(sizes):
+            rows_of.setdefault(size, []).append(i)
+    masks: list[Any] = [None] * len(leaves)
+    groups, hint_rows = [], []
+    for members in rows_of.values():
+        if joint:
+            x = jnp.concatenate([ranked(leaf) for leaf in leaves])[None]
+            k, hint, groups = jnp.reshape(ks[0], (1,)), hints, [0]
+        else:
+            x = jnp.stack([ranked(leaves[i]) for i in members])
+            k = jnp.stack([jnp.asarray(ks[i], jnp.int32) for i in members])
+            hint = None if hints is None else hints[np.array(members)]
+            groups.extend(members)
+        if x.shape[1] <= SAMPLE_SIZE:
+            found, cut = bitwise_topk(x, k)
+            moved = jnp.zeros_like(cut)
+        else:
+            found, cut = sampled_topk(x, k, hint)
+            moved = jnp.zeros_like(cut) if hint is None else jnp.abs(cut - hint[:, 0])
+        hint_rows.append(jnp.stack([cut, jnp.where(jnp.isfinite(moved), moved, 0.0)], axis=1))
+        if joint:
+            offsets = np.cumsum([0, *sizes])
+            for i, leaf in enumerate(leaves):
+                masks[i] = found[0, offsets[i]:offsets[i + 1]].reshape(jnp.shape(leaf))
+        else:
+            for row, i in enumerate(members):
+                masks[i] = found[row].reshape(jnp.shape(leaves[i]))
+    new_hints = jnp.concatenate(hint_rows)[np.argsort(np.array(groups), kind="stable")]
+    masks = [mask if sharding is None else jax.sharding.reshard(mask, sharding)
+             for mask, sharding in zip(masks, shardings, strict=True)]
+    return masks, new_hints
 
 
 def _as_int32(k: Any) -> Any:

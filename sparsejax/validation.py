@@ -10,10 +10,8 @@ use :func:`check_finite_traced`.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -294,64 +292,33 @@ def check_binary_masks(masks: Any) -> None:
 
 
 def check_finite_traced(x: jax.Array, message: str) -> None:
-    """Under ``jit``: raise ``ValueError(message)`` on the host if ``x`` has a NaN or inf.
+    """Under ``jit``: a ``checkify`` check that ``x`` holds no NaN or inf, reported as
+    ``message`` when the caller opts in with :func:`jax.experimental.checkify.checkify`;
+    otherwise nothing is added to the program.
 
-    The check is a device-side reduction plus a host callback of one boolean. JAX hands
-    the error to the caller as a ``JaxRuntimeError`` whose message ends with
-    ``ValueError: <message>``; JAX's own log record of the failed callback (a second
-    traceback on stderr) is dropped for this error only, see :class:`_QuietCallbackErrors`.
+    Not a host callback: JAX puts host callbacks into the persistent compilation cache's
+    key, so a program holding one never hits the cache, and every mask-deciding program
+    would pay its compile on every run. Concrete arrays are checked on the host before
+    any program runs (:func:`check_finite`), which is where an eager call and the CLI
+    report bad scores.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.experimental import checkify
+    >>> def f(x):
+    ...     check_finite_traced(x, "x holds NaN or inf")
+    ...     return x * 2
+    >>> error, _ = checkify.checkify(jax.jit(f))(jnp.array([1.0, jnp.nan]))
+    >>> error.get()
+    'x holds NaN or inf (`check` failed)'
     """
-    bad = jnp.logical_not(jnp.all(jnp.isfinite(x)))
-    jax.debug.callback(_raise_if(message), bad)
+    check_traced(jnp.all(jnp.isfinite(x)), message)
 
 
-_QUIET = "_sparsejax_reported_to_caller"
+def check_traced(ok: jax.Array, message: str) -> None:
+    """A check inside traced code: ``checkify.debug_check(ok, message)``, which reports
+    ``message`` where ``ok`` is False when the caller runs the program under
+    :func:`jax.experimental.checkify.checkify`, and adds nothing to it otherwise (see
+    :func:`check_finite_traced` for why not a host callback)."""
+    from jax.experimental import checkify
 
-
-def _raise_if(message: str) -> Callable[[Any], None]:
-    def callback(bad: Any) -> None:
-        if bool(bad):
-            raise _detached_error(message)
-
-    return callback
-
-
-def _detached_error(message: str) -> ValueError:
-    """``ValueError(message)`` whose traceback starts in a finished generator's frame.
-
-    XLA puts the traceback of a callback's error into the ``JaxRuntimeError`` message,
-    walking back from the innermost frame through every caller: the user's call, ``jit``
-    and a dozen JAX frames. A finished generator's frame has no caller, so the message
-    shows one frame and then ``ValueError: <message>``.
-    """
-
-    def raising() -> Iterator[None]:
-        raise ValueError(message)
-        yield  # a generator: its frame is detached from the caller's once it ends
-
-    try:
-        next(raising())
-    except ValueError as error:
-        setattr(error, _QUIET, True)
-        return error
-    raise AssertionError("unreachable")
-
-
-class _QuietCallbackErrors(logging.Filter):
-    """Drops JAX's ``logger.exception("jax.debug.callback failed")`` record for the errors
-    raised by :func:`check_finite_traced`: the caller gets the error with its message, and
-    the log record would print the callback's traceback to stderr a second time. Other
-    callbacks' failures are logged as before."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not getattr(error, _QUIET, False)
-
-
-def _install_quiet_filter() -> None:
-    logger = logging.getLogger("jax._src.debugging")  # where jax.debug.callback logs
-    if not any(isinstance(f, _QuietCallbackErrors) for f in logger.filters):
-        logger.addFilter(_QuietCallbackErrors())
-
-
-_install_quiet_filter()
+    checkify.debug_check(ok, message)
