@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.experimental import checkify
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jax.experimental import sparse
+from jax.experimental import checkify, sparse
 
 from sparsejax.export import (
     NMPacked,
