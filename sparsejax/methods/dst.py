@@ -120,8 +120,10 @@ MOMENTUM_KEY = "grad_momentum"
 
 # ---------------------------------------------------------------------------- engine
 
-def _topk_count(scores: jax.Array, count: jax.Array) -> jax.Array:
-    return topk_mask(scores, count=count, check_finite_scores=False)
+def _topk_counts(scores: list[jax.Array], counts: jax.Array) -> list[jax.Array]:
+    """One top-k for all prunable leaves (one compiled search per leaf size)."""
+    return topk_mask(list(scores), count=[counts[i] for i in range(len(scores))],
+                     check_finite_scores=False)
 
 
 def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
@@ -154,13 +156,15 @@ def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
     n_active = jnp.stack([jnp.sum(m, dtype=jnp.int32) for m in signals.masks])
     n_drop = jnp.minimum(rules.drop_counts(fraction, n_active), n_active)
     drop_scores = rules.drop_scores(signals)
-    kept = [_topk_count(jnp.where(m, s, -jnp.inf), n_active[i] - n_drop[i])
-            for i, (m, s) in enumerate(zip(signals.masks, drop_scores, strict=True))]
+    kept = _topk_counts([jnp.where(m, s, -jnp.inf)
+                         for m, s in zip(signals.masks, drop_scores, strict=True)],
+                        n_active - n_drop)
     capacity = sizes - (n_active - n_drop)
     n_grow = jnp.minimum(rules.redistribute(signals, n_drop, capacity), capacity)
     grow_scores = rules.grow_scores(signals)
-    new_masks = [k | _topk_count(jnp.where(k, -jnp.inf, g), n_grow[i])
-                 for i, (k, g) in enumerate(zip(kept, grow_scores, strict=True))]
+    grown = _topk_counts([jnp.where(k, -jnp.inf, g)
+                          for k, g in zip(kept, grow_scores, strict=True)], n_grow)
+    new_masks = [k | g for k, g in zip(kept, grown, strict=True)]
     return new_masks, n_drop, n_grow
 
 
