@@ -180,3 +180,88 @@ def test_method_init_with_a_wide_leaf(name):
     key = jax.random.PRNGKey(1)
     compiles(lambda: BUILDERS[name]().init(params, key))
     assert compiles(lambda: BUILDERS[name]().init(params, key)) == 0
+
+
+def _ones_like(tree):
+    return jax.tree_util.tree_map(jnp.ones_like, tree)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_an_eager_update_compiles_once(name):
+    # An eager update used to trace and compile its lax.cond on every call (10 s per
+    # RigL update on a small MLP); the second and third calls now compile nothing.
+    params, key = mlp_params(jax.random.PRNGKey(0)), jax.random.PRNGKey(1)
+    method = BUILDERS[name]()
+    state = method.init(params, key)
+    grads = _ones_like(method.trainables(state))
+    state = jax.block_until_ready(method.update(state, grads))
+    for _ in range(2):
+        assert compiles(lambda: method.update(state, grads)) == 0
+        state = method.update(state, grads)
+
+
+@pytest.mark.parametrize("name", ["static", "rigl", "set", "snfs", "gradual_magnitude"])
+def test_an_eager_sparse_tx_update_compiles_once(name):
+    options = {"static": {}, "rigl": {"update_every": 1, "end_step": 100},
+               "set": {"update_every": 1}, "snfs": {"update_every": 1, "total_steps": 100},
+               "gradual_magnitude": {"total_steps": 100, "frequency": 1}}[name]
+    tx = sparsejax.sparse_tx(name, SGD, sparsity=0.9, **options)
+    params = mlp_params(jax.random.PRNGKey(0))
+    opt_state = tx.init(params)
+    grads = _ones_like(params)
+    jax.block_until_ready(tx.update(grads, opt_state, params))
+    for _ in range(2):
+        assert compiles(lambda: tx.update(grads, opt_state, params)) == 0
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+
+
+_CACHED_STEP = """
+import json, os, sys
+import jax, jax.numpy as jnp, optax
+import sparsejax
+
+# A persistent-cache hit still reports a backend compile event (its timing wraps the
+# cache read), so the compilations are the requests that the cache did not answer.
+events = []
+jax.monitoring.register_event_listener(lambda event, **kw: events.append(event))
+key = jax.random.PRNGKey(0)
+params = {f"l{i}": {"kernel": jax.random.normal(jax.random.fold_in(key, i), (64, 64)),
+                    "bias": jnp.zeros(64)} for i in range(3)}
+tx = sparsejax.sparse_tx("rigl", optax.sgd(0.1, momentum=0.9), sparsity=0.9,
+                         update_every=100, end_step=1000)
+
+def step(params, opt_state, x):
+    def loss(p):
+        for i in range(3):
+            x_ = jnp.tanh(x @ p[f"l{i}"]["kernel"] + p[f"l{i}"]["bias"])
+        return jnp.mean(x_ ** 2)
+    updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+opt_state = jax.jit(tx.init)(params)
+lowered = jax.jit(step).lower(params, opt_state, jnp.ones((8, 64)))
+events.clear()
+lowered.compile()
+print(json.dumps({"step_compiles":
+                  events.count("/jax/compilation_cache/compile_requests_use_cache")
+                  - events.count("/jax/compilation_cache/cache_hits")}))
+"""
+
+
+def test_a_second_process_takes_the_rigl_step_from_the_persistent_cache(tmp_path):
+    # No host callback in the step (the finite-scores check is opt-in checkify), so the
+    # program's cache key is stable and a second process compiles nothing for it.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _CACHED_STEP], env=env,
+                                      check=True, capture_output=True, text=True
+                                      ).stdout.splitlines()[-1]) for _ in range(2)]
+    assert runs[0]["step_compiles"] == 1
+    assert runs[1]["step_compiles"] == 0

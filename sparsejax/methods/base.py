@@ -308,7 +308,9 @@ class Method(_MethodFields):
     are traced, they check that ``grads`` has the structure and leaf shapes of
     ``trainables(state)`` and raise a ``ValueError`` naming the differing leaf paths
     (:func:`sparsejax.validation.check_grads`); a jitted step pays nothing for it.
-    ``_replace`` does not wrap again: give it functions that call a method's own.
+    ``_replace`` does not wrap again: give it functions that call a method's own. Called
+    eagerly (on concrete arrays), the wrapped functions run compiled, once per shapes and
+    dtypes of the method object; traced, they are part of the caller's program.
     """
 
     __slots__ = ()
@@ -338,11 +340,19 @@ def checking_grads(update: UpdateFn, trainables: TrainablesFn) -> UpdateFn:
     """
     if getattr(update, _CHECKED_AGAINST, None) is trainables:
         return update
+    # An eager call (research code, debugging) runs the update compiled once per shapes,
+    # not op by op: its branches (a lax.cond built from fresh closures) would otherwise be
+    # traced and compiled again on every call. Traced calls (a user's jit, vmap, grad)
+    # inline the update into their own program as before.
+    compiled = jax.jit(update)
 
     @functools.wraps(update)
     def checked(state: SparseState, grads: PyTree) -> SparseState:
         check_grads(trainables(state), grads)
-        return update(state, grads)
+        if any(isinstance(leaf, jax.core.Tracer)
+               for leaf in jax.tree_util.tree_leaves((state, grads))):
+            return update(state, grads)
+        return compiled(state, grads)
 
     setattr(checked, _CHECKED_AGAINST, trainables)
     return checked
