@@ -68,7 +68,8 @@ def topk_cases():
     masked = jnp.where(jax.random.uniform(jax.random.PRNGKey(10), masked.shape) < 0.8,
                        -jnp.inf, masked)
     for count in (0, 10, 5999, 6000, 6001, 30000):
-        cases[f"minus_inf/{count}"] = lambda c=count: topk_mask(masked, count=c, check_finite_scores=False)
+        cases[f"minus_inf/{count}"] = (
+            lambda c=count: topk_mask(masked, count=c, check_finite_scores=False))
     spikes = jnp.zeros((256, 256)).at[0, :7].set(jnp.arange(7.0) + 1.0)
     for count in (3, 7, 8, 1000):
         cases[f"spikes/{count}"] = lambda c=count: topk_mask(spikes, count=c)

@@ -196,7 +196,7 @@ def test_an_eager_update_compiles_once(name):
     grads = _ones_like(method.trainables(state))
     state = jax.block_until_ready(method.update(state, grads))
     for _ in range(2):
-        assert compiles(lambda: method.update(state, grads)) == 0
+        assert compiles(lambda s=state: method.update(s, grads)) == 0
         state = method.update(state, grads)
 
 
@@ -211,7 +211,7 @@ def test_an_eager_sparse_tx_update_compiles_once(name):
     grads = _ones_like(params)
     jax.block_until_ready(tx.update(grads, opt_state, params))
     for _ in range(2):
-        assert compiles(lambda: tx.update(grads, opt_state, params)) == 0
+        assert compiles(lambda s=opt_state, p=params: tx.update(grads, s, p)) == 0
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
 
