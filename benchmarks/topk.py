@@ -35,12 +35,13 @@ import jax.numpy as jnp
 from jax import lax
 from step_time import host, write_json  # same folder
 
-from sparsejax.topk import _key_value, _order_key, _sampled_cut, kth_largest
+from sparsejax.topk import kth_largest
+from sparsejax.topk_search import key_value, order_key, sampled_topk
 
 
 def sampled(x: jax.Array, k: int) -> jax.Array:
-    cut, is_cut = _sampled_cut([x], k)
-    return jnp.where(is_cut, jnp.min(jnp.where(x >= cut, x, jnp.inf)), cut)
+    masks, _ = sampled_topk(x.reshape(1, -1), jnp.full((1,), k, jnp.int32))
+    return jnp.min(jnp.where(masks[0], x.ravel(), jnp.inf))
 
 
 def bitwise(x: jax.Array, k: int) -> jax.Array:
@@ -48,7 +49,7 @@ def bitwise(x: jax.Array, k: int) -> jax.Array:
 
 
 def radix8(x: jax.Array, k: int) -> jax.Array:
-    key = _order_key(x)
+    key = order_key(x)
     prefix = jnp.uint32(0)
     remaining = jnp.int32(k)
     for level in range(4):
@@ -62,7 +63,7 @@ def radix8(x: jax.Array, k: int) -> jax.Array:
         chosen = jnp.max(jnp.where(above >= remaining, jnp.arange(256), -1))
         remaining = remaining - jnp.where(chosen < 255, above[jnp.minimum(chosen + 1, 255)], 0)
         prefix = prefix | (chosen.astype(jnp.uint32) << shift)
-    return _key_value(prefix)
+    return key_value(prefix)
 
 
 def sort(x: jax.Array, k: int) -> jax.Array:

@@ -29,19 +29,23 @@ def _sparsegpt(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
     hessian_inv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(n_in, dtype=jnp.float32))
     upper = jax.scipy.linalg.cholesky(hessian_inv, lower=False)  # H^-1 = U^T U
 
-    masks = []
-    for index, start in enumerate(range(0, n_in, blocksize)):
-        end = min(start + blocksize, n_in)
-        width = end - start
-        block = weights[:, start:end]
-        block_upper = upper[start:end, start:end]
+    n_blocks, tail = divmod(n_in, blocksize)
+    columns = jnp.arange(n_in)
+
+    def saliency(w: jax.Array, d: jax.Array, unseen: jax.Array) -> jax.Array:
+        # an unseen input's weight costs nothing on the calibration data: OBS error 0
+        return jnp.where(unseen, 0.0, jnp.square(w) / jnp.square(d))
+
+    def prune_block(index: jax.Array | int, carry: tuple[jax.Array, jax.Array],
+                    width: int = blocksize) -> tuple[jax.Array, jax.Array]:
+        """Block ``index`` (columns ``index * blocksize`` on, ``width`` of them): choose
+        its mask, walk its columns, and move the trailing columns by its errors."""
+        weights, mask = carry
+        start = index * blocksize
+        block = lax.dynamic_slice_in_dim(weights, start, width, axis=1)
+        block_upper = lax.dynamic_slice(upper, (start, start), (width, width))
         block_diag = jnp.diagonal(block_upper)
-        block_unseen = unseen[start:end]
-
-        def saliency(w: jax.Array, d: jax.Array, unseen: jax.Array) -> jax.Array:
-            # an unseen input's weight costs nothing on the calibration data: OBS error 0
-            return jnp.where(unseen, 0.0, jnp.square(w) / jnp.square(d))
-
+        block_unseen = lax.dynamic_slice_in_dim(unseen, start, width)
         if pattern.kind == "unstructured":
             keep = topk_mask(saliency(block, block_diag[None, :], block_unseen[None, :]),
                              count=block_counts[index], check_finite_scores=False)
@@ -49,8 +53,6 @@ def _sparsegpt(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
             keep = jnp.ones((n_out, width), bool)
 
         def column(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array],
-                   block_upper: jax.Array = block_upper, block_diag: jax.Array = block_diag,
-                   block_unseen: jax.Array = block_unseen,
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
             block, errors, keep = carry
             if pattern.kind == "nm":
@@ -77,10 +79,22 @@ def _sparsegpt(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
 
         errors = jnp.zeros((n_out, width), jnp.float32)
         block, errors, keep = lax.fori_loop(0, width, column, (block, errors, keep))
-        weights = weights.at[:, start:end].set(block)
-        if end < n_in:
-            weights = weights.at[:, end:].add(
-                -jnp.matmul(errors, upper[start:end, end:], precision=lax.Precision.HIGHEST))
-        masks.append(keep)
-    mask = jnp.concatenate(masks, axis=1)
+        # The trailing columns move by the block's errors. U's rows of this block are zero
+        # left of it, so the product over every column changes nothing there; the block's
+        # own columns are set from the walk.
+        rows = lax.dynamic_slice_in_dim(upper, start, width, axis=0)
+        moved = jnp.matmul(errors, rows, precision=lax.Precision.HIGHEST)
+        weights = weights - jnp.where(columns >= start + width, moved, 0.0)
+        weights = lax.dynamic_update_slice_in_dim(weights, block, start, axis=1)
+        mask = lax.dynamic_update_slice_in_dim(mask, keep, start, axis=1)
+        return weights, mask
+
+    # One compiled block for all full blocks (a loop, not one copy per block: the compile
+    # time no longer grows with the width), and one for a narrower last block.
+    carry = (weights, jnp.zeros((n_out, n_in), bool))
+    if n_blocks:
+        carry = lax.fori_loop(0, n_blocks, prune_block, carry)
+    if tail:
+        carry = prune_block(n_blocks, carry, width=tail)
+    weights, mask = carry
     return jnp.where(mask, weights, 0.0).T, mask.T

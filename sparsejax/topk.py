@@ -288,6 +288,25 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
     return masks, new_hints
 
 
+def topk_rows(x: jax.Array, k: jax.Array) -> jax.Array:
+    """Masks keeping exactly ``k[i]`` of the largest entries of each row of ``x``
+    (``(rows, n)``, ranked as float32; ``k`` int32 ``(rows,)``), ties to the first: the
+    search of :func:`topk_mask` for callers that already hold their leaves as the rows
+    of one array (the prune-and-regrow engine), so no leaf is split out and stacked again
+    between two searches. No finiteness check.
+
+    >>> import jax.numpy as jnp
+    >>> topk_rows(jnp.array([[0.1, 0.9, 0.5], [3.0, 2.0, 1.0]]), jnp.array([1, 2]))
+    Array([[False,  True, False],
+           [ True,  True, False]], dtype=bool)
+    """
+    x = zero_subnormals(jnp.asarray(x).astype(jnp.float32))
+    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, x.shape[1])
+    if x.shape[1] <= SAMPLE_SIZE:
+        return bitwise_topk(x, k)[0]
+    return sampled_topk(x, k)[0]
+
+
 def _as_int32(k: Any) -> Any:
     """A count as an int32 argument of a compiled search: a host value (exact, from
     :func:`num_kept` or a checked ``count``) as a numpy int32, so every value shares one

@@ -28,6 +28,7 @@ from sparsejax.methods.dst import (
     snfs,
     sparse_evolutionary,
 )
+from sparsejax.topk import topk_rows
 from sparsejax.training.loop import TrainConfig, build_method
 
 KERNELS = (("Dense_0", "kernel"), ("Dense_1", "kernel"))
@@ -232,11 +233,11 @@ def test_allocate_is_exact_and_respects_capacity():
 
 def test_counts_are_exact_for_leaves_beyond_float32_densities():
     # 2**24 + 3 entries: a float32 density cannot name an odd count this large, so the
-    # engine passes counts to topk_mask; the drop keeps exactly n_active - n_drop.
+    # engine passes counts to its search; the drop keeps exactly n_active - n_drop.
     size = 2**24 + 3
     scores = jax.random.uniform(jax.random.PRNGKey(0), (size,))
     for count in (size - 2, 2**24 + 1, 12_345_677):
-        mask = jax.jit(lambda s, c: dst._topk_counts([s], c[None])[0])(scores, jnp.int32(count))
+        mask = jax.jit(lambda s, c: topk_rows(s[None], c[None])[0])(scores, jnp.int32(count))
         assert int(mask.sum()) == count
         assert float(jnp.min(jnp.where(mask, scores, 2.0))) >= float(
             jnp.max(jnp.where(mask, -1.0, scores)))

@@ -56,6 +56,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sparsejax._tree import leaf_paths
@@ -97,7 +98,8 @@ from sparsejax.methods.registry import register_method
 from sparsejax.pattern_units import pattern_counts, pattern_topk
 from sparsejax.patterns import Pattern, as_pattern
 from sparsejax.schedules import Schedule, constant, cosine_drop_fraction, is_update_step
-from sparsejax.topk import topk_mask
+from sparsejax.topk import topk_rows
+from sparsejax.topk_search import count
 from sparsejax.transforms import zero_masked
 from sparsejax.validation import check_density, check_int, check_sparsity
 
@@ -119,12 +121,6 @@ MOMENTUM_KEY = "grad_momentum"
 
 
 # ---------------------------------------------------------------------------- engine
-
-def _topk_counts(scores: list[jax.Array], counts: jax.Array) -> list[jax.Array]:
-    """One top-k for all prunable leaves (one compiled search per leaf size)."""
-    return topk_mask(list(scores), count=[counts[i] for i in range(len(scores))],
-                     check_finite_scores=False)
-
 
 def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
                  pattern: Pattern | None = None,
@@ -152,19 +148,37 @@ def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
         pattern = as_pattern(pattern)
         if pattern.kind != "unstructured":
             return regrow_masks_units(rules, signals, fraction, pattern)
+    # Leaves of one size are the rows of one array from here on: both searches run on
+    # them as they are, and the new masks are split into leaves once, at the end.
+    by_size: dict[int, list[int]] = {}
+    for i, m in enumerate(signals.masks):
+        by_size.setdefault(int(m.size), []).append(i)
+    members = list(by_size.values())
+    order = np.argsort(np.concatenate([np.array(ids) for ids in members]), kind="stable")
+
+    def rows(leaves: list[jax.Array]) -> list[jax.Array]:
+        return [jnp.stack([jnp.ravel(leaves[i]) for i in ids]) for ids in members]
+
+    def per_leaf(parts: list[jax.Array]) -> jax.Array:
+        return jnp.concatenate(parts)[order]
+
+    def in_rows(vector: jax.Array) -> list[jax.Array]:
+        return [vector[np.array(ids)] for ids in members]
+
+    masks = rows(signals.masks)
     sizes = jnp.array([m.size for m in signals.masks], jnp.int32)
-    n_active = jnp.stack([jnp.sum(m, dtype=jnp.int32) for m in signals.masks])
+    n_active = per_leaf([count(m) for m in masks])
     n_drop = jnp.minimum(rules.drop_counts(fraction, n_active), n_active)
-    drop_scores = rules.drop_scores(signals)
-    kept = _topk_counts([jnp.where(m, s, -jnp.inf)
-                         for m, s in zip(signals.masks, drop_scores, strict=True)],
-                        n_active - n_drop)
+    kept = [topk_rows(jnp.where(m, s, -jnp.inf), k) for m, s, k in zip(
+        masks, rows(rules.drop_scores(signals)), in_rows(n_active - n_drop), strict=True)]
     capacity = sizes - (n_active - n_drop)
     n_grow = jnp.minimum(rules.redistribute(signals, n_drop, capacity), capacity)
-    grow_scores = rules.grow_scores(signals)
-    grown = _topk_counts([jnp.where(k, -jnp.inf, g)
-                          for k, g in zip(kept, grow_scores, strict=True)], n_grow)
-    new_masks = [k | g for k, g in zip(kept, grown, strict=True)]
+    grown = [k | topk_rows(jnp.where(k, -jnp.inf, g), n) for k, g, n in zip(
+        kept, rows(rules.grow_scores(signals)), in_rows(n_grow), strict=True)]
+    new_masks: list[Any] = [None] * len(signals.masks)
+    for ids, group in zip(members, grown, strict=True):
+        for row, i in enumerate(ids):
+            new_masks[i] = group[row].reshape(signals.masks[i].shape)
     return new_masks, n_drop, n_grow
 
 
