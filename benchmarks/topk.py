@@ -2,11 +2,13 @@
 
 For n scores and k = n / 10 each candidate returns the exact k-th largest score:
 
-* ``sampled``   what ``sparsejax.topk_mask`` uses above 2048 scores: cuts seeded by a
-                strided sample, then placed by interpolating counts, a few counting
-                passes in all (plus one pass here that turns the cut into the value);
-* ``bitwise``   32 compare-and-count passes over an order-preserving uint32 key
-                (what ``sparsejax.topk_mask`` uses for small groups);
+* ``sampled``   what ``sparsejax.topk_mask_tracked`` (a top-k every step) uses above
+                2048 scores: cuts seeded by a strided sample (or the previous call's
+                cut), then placed by interpolating counts, a few counting passes in all
+                (plus the masks and one pass here that turns them into the value);
+* ``bitwise``   32 compare-and-count passes over an order-preserving uint32 key (what
+                ``sparsejax.topk_mask`` uses: a program that compiles several times
+                faster, for calls made once or every few hundred steps);
 * ``radix8``    4 passes, each a 256-bin histogram of one byte of the key among the
                 entries that match the prefix found so far;
 * ``sort``      ``jnp.sort`` and index;

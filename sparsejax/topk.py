@@ -229,9 +229,11 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
     together) and the new hints, ``[cut, how far it moved]`` per group (``(groups, 2)``).
 
     Leaves of one size are the rows of one search (a joint top-k is one row of all of
-    them), each row started from ``hints`` if given; rows of at most ``SAMPLE_SIZE``
-    entries are searched bitwise. ``by_magnitude`` ranks the absolute values, taken as
-    the rows are built.
+    them). Without ``hints`` the search is bitwise (32 counting passes, a small program:
+    a one-off or occasional top-k pays its compile, not its passes); with them (a top-k
+    every step, :func:`topk_mask_tracked`) rows of more than ``SAMPLE_SIZE`` entries take
+    the sampled search started from their hints, a few passes but a larger program.
+    ``by_magnitude`` ranks the absolute values, taken as the rows are built.
 
     Compiled at module level, once per shapes, dtypes and options, so that an eager call
     reuses the program of an earlier one (its loops and branches, built from fresh
@@ -268,12 +270,12 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
             k = jnp.stack([jnp.asarray(ks[i], jnp.int32) for i in members])
             hint = None if hints is None else hints[np.array(members)]
             groups.extend(members)
-        if x.shape[1] <= SAMPLE_SIZE:
+        if hints is None or x.shape[1] <= SAMPLE_SIZE:
             found, cut = bitwise_topk(x, k)
             moved = jnp.zeros_like(cut)
         else:
             found, cut = sampled_topk(x, k, hint)
-            moved = jnp.zeros_like(cut) if hint is None else jnp.abs(cut - hint[:, 0])
+            moved = jnp.abs(cut - hint[:, 0])
         hint_rows.append(jnp.stack([cut, jnp.where(jnp.isfinite(moved), moved, 0.0)], axis=1))
         if joint:
             offsets = np.cumsum([0, *sizes])
@@ -301,10 +303,7 @@ def topk_rows(x: jax.Array, k: jax.Array) -> jax.Array:
            [ True,  True, False]], dtype=bool)
     """
     x = zero_subnormals(jnp.asarray(x).astype(jnp.float32))
-    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, x.shape[1])
-    if x.shape[1] <= SAMPLE_SIZE:
-        return bitwise_topk(x, k)[0]
-    return sampled_topk(x, k)[0]
+    return bitwise_topk(x, jnp.clip(jnp.asarray(k, jnp.int32), 0, x.shape[1]))[0]
 
 
 def _as_int32(k: Any) -> Any:

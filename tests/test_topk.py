@@ -144,8 +144,23 @@ _select_unchecked = jax.jit(lambda s, d: topk_mask(s, d, check_finite_scores=Fal
 _select_global = jax.jit(lambda s, d: topk_mask(s, d, scope="global"))
 
 
-# Groups above sparsejax.topk_search.SAMPLE_SIZE entries take the sampled search; these data
-# attack its interpolation (mass ties, spikes over 60 decades, infinities, sorted runs).
+def _sampled(scores, density, scope="layer", check_finite_scores=True):
+    """The sampled search, which ``topk_mask_tracked`` runs on groups above
+    ``SAMPLE_SIZE`` entries: cuts of zero are no usable hint, so its first cuts come from
+    the strided sample (``topk_mask`` itself searches bitwise)."""
+    groups = 1 if scope == "global" else len(jax.tree_util.tree_leaves(scores))
+    return topk_mask_tracked(scores, density, jnp.zeros((groups, 2)), scope=scope,
+                             check_finite_scores=check_finite_scores)[0]
+
+
+_sampled_unchecked = jax.jit(lambda s, d: _sampled(s, d, check_finite_scores=False))
+_sampled_tree = jax.jit(lambda s, d: _sampled(s, d))
+_sampled_global = jax.jit(lambda s, d: _sampled(s, d, scope="global"))
+
+
+# Groups above sparsejax.topk_search.SAMPLE_SIZE entries take the sampled search in a
+# tracked top-k; these data attack its interpolation (mass ties, spikes over 60 decades,
+# infinities, sorted runs). The bitwise search of topk_mask gets them too.
 def _large_cases(n: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(n)
     spikes = rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-30, 30, n)
@@ -177,11 +192,11 @@ def _large_cases(n: int) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("case", list(_large_cases(8)))
 def test_sampled_search_is_exact_on_hard_data(case, n):
     scores = _large_cases(n)[case].astype(np.float32)
-    select = _select_unchecked
-    for k in (0, 1, 2, 5, 400, 500, 600, n // 2, n // 2 + 1, 4502, n - 1, n):
-        mask = np.asarray(select(scores, k / n))
-        assert num_kept(k / n, n) == k
-        np.testing.assert_array_equal(mask, reference_topk(scores, k), err_msg=f"k={k}")
+    for select in (_sampled_unchecked, _select_unchecked):
+        for k in (0, 1, 2, 5, 400, 500, 600, n // 2, n // 2 + 1, 4502, n - 1, n):
+            mask = np.asarray(select(scores, k / n))
+            assert num_kept(k / n, n) == k
+            np.testing.assert_array_equal(mask, reference_topk(scores, k), err_msg=f"k={k}")
 
 
 def test_sampled_search_matches_sort_on_large_leaves_and_low_precision():
@@ -189,11 +204,11 @@ def test_sampled_search_matches_sort_on_large_leaves_and_low_precision():
     scores = {"a": rng.normal(size=(300, 400)).astype(np.float32),
               "b": rng.normal(size=(70_001,)).astype(jnp.bfloat16)}
     for density in (0.001, 0.05, 0.5, 0.97):
-        masks = _select(scores, density)
-        for name, leaf in scores.items():
-            k = num_kept(density, leaf.size)
-            np.testing.assert_array_equal(
-                np.asarray(masks[name]), reference_topk(np.asarray(leaf, np.float32), k))
+        for masks in (_sampled_tree(scores, density), _select(scores, density)):
+            for name, leaf in scores.items():
+                k = num_kept(density, leaf.size)
+                np.testing.assert_array_equal(
+                    np.asarray(masks[name]), reference_topk(np.asarray(leaf, np.float32), k))
 
 
 def test_sampled_global_search_breaks_ties_across_leaves_in_leaf_order():
@@ -202,14 +217,15 @@ def test_sampled_global_search_breaks_ties_across_leaves_in_leaf_order():
     leaves = [rng.integers(0, 2, 3000).astype(np.float32) for _ in range(3)]
     flat = np.concatenate(leaves)
     for k in (1, 1500, 4500, 8999):
-        masks = _select_global(leaves, k / flat.size)
-        np.testing.assert_array_equal(np.concatenate([np.asarray(m) for m in masks]),
-                                      reference_topk(flat, k), err_msg=f"k={k}")
+        for masks in (_sampled_global(leaves, k / flat.size),
+                      _select_global(leaves, k / flat.size)):
+            np.testing.assert_array_equal(np.concatenate([np.asarray(m) for m in masks]),
+                                          reference_topk(flat, k), err_msg=f"k={k}")
 
 
 def test_sampled_search_under_vmap():
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (4, 6000)))
-    masks = jax.jit(jax.vmap(lambda s: topk_mask(s, 0.3)))(x)
+    masks = jax.jit(jax.vmap(lambda s: _sampled(s, 0.3)))(x)
     for row, mask in zip(x, np.asarray(masks), strict=True):
         np.testing.assert_array_equal(mask, reference_topk(row, num_kept(0.3, 6000)))
 
