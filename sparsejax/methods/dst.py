@@ -56,7 +56,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sparsejax._tree import leaf_paths
@@ -81,6 +80,7 @@ from sparsejax.methods.dst_rules import (
     allocate,  # noqa: F401  (re-exported: dst_rules.__all__)
     ceil_fraction,
     gradient_grow,
+    grouped,
     magnitude_drop,
     momentum_grow,
     momentum_redistribution,
@@ -147,39 +147,39 @@ def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
     if pattern is not None:
         pattern = as_pattern(pattern)
         if pattern.kind != "unstructured":
+            if signals.rows is not None:
+                raise ValueError(f"regrow_masks under pattern {pattern} takes per-leaf "
+                                 "signals (rows=None): its units are per leaf")
             return regrow_masks_units(rules, signals, fraction, pattern)
-    # Leaves of one size are the rows of one array from here on: both searches run on
-    # them as they are, and the new masks are split into leaves once, at the end.
-    by_size: dict[int, list[int]] = {}
-    for i, m in enumerate(signals.masks):
-        by_size.setdefault(int(m.size), []).append(i)
-    members = list(by_size.values())
-    order = np.argsort(np.concatenate([np.array(ids) for ids in members]), kind="stable")
-
-    def rows(leaves: list[jax.Array]) -> list[jax.Array]:
-        return [jnp.stack([jnp.ravel(leaves[i]) for i in ids]) for ids in members]
-
-    def per_leaf(parts: list[jax.Array]) -> jax.Array:
-        return jnp.concatenate(parts)[order]
-
-    def in_rows(vector: jax.Array) -> list[jax.Array]:
-        return [vector[np.array(ids)] for ids in members]
-
-    masks = rows(signals.masks)
-    sizes = jnp.array([m.size for m in signals.masks], jnp.int32)
-    n_active = per_leaf([count(m) for m in masks])
+    # Leaves of one size are the rows of one array from here on (the engine hands them
+    # so): scores, both searches and the new masks are one program per size, and the
+    # masks are split into leaves once, at the end.
+    leaf_shapes = [m.shape for m in signals.masks] if signals.rows is None else None
+    signals = grouped(signals)
+    masks = signals.masks
+    sizes = signals.per_leaf([jnp.full(m.shape[0], m.shape[1], jnp.int32) for m in masks])
+    n_active = signals.per_leaf([count(m) for m in masks])
     n_drop = jnp.minimum(rules.drop_counts(fraction, n_active), n_active)
     kept = [topk_rows(jnp.where(m, s, -jnp.inf), k) for m, s, k in zip(
-        masks, rows(rules.drop_scores(signals)), in_rows(n_active - n_drop), strict=True)]
+        masks, rules.drop_scores(signals), signals.per_entry(n_active - n_drop), strict=True)]
     capacity = sizes - (n_active - n_drop)
     n_grow = jnp.minimum(rules.redistribute(signals, n_drop, capacity), capacity)
-    grown = [k | topk_rows(jnp.where(k, -jnp.inf, g), n) for k, g, n in zip(
-        kept, rows(rules.grow_scores(signals)), in_rows(n_grow), strict=True)]
-    new_masks: list[Any] = [None] * len(signals.masks)
-    for ids, group in zip(members, grown, strict=True):
-        for row, i in enumerate(ids):
-            new_masks[i] = group[row].reshape(signals.masks[i].shape)
+    new_masks = [k | topk_rows(jnp.where(k, -jnp.inf, g), n) for k, g, n in zip(
+        kept, rules.grow_scores(signals), signals.per_entry(n_grow), strict=True)]
+    if leaf_shapes is not None:  # per-leaf signals in, per-leaf masks out
+        new_masks = ungrouped(signals, new_masks, leaf_shapes)
     return new_masks, n_drop, n_grow
+
+
+def ungrouped(signals: Signals, entries: list[jax.Array],
+              shapes: list[tuple[int, ...]]) -> list[jax.Array]:
+    """Per-leaf arrays (of ``shapes``, in leaf order) from the rows of grouped
+    ``entries``."""
+    leaves: list[Any] = [None] * len(shapes)
+    for ids, group in zip(signals.rows, entries, strict=True):
+        for row, i in enumerate(ids):
+            leaves[i] = group[row].reshape(shapes[i])
+    return leaves
 
 
 def regrow_masks_units(rules: RegrowRules, signals: Signals, fraction: jax.Array,

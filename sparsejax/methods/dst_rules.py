@@ -14,9 +14,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "Signals",
+    "grouped",
     "RegrowRules",
     "ScoreFn",
     "DropCountFn",
@@ -36,7 +38,8 @@ __all__ = [
 
 
 class Signals(NamedTuple):
-    """What the rules see at an update: lists over the *prunable* leaves, in leaf order.
+    """What the rules see at an update: lists over the *prunable* leaves, in leaf order,
+    or (``rows`` set) over groups of equally large prunable leaves.
 
     Attributes:
       params: the current weights (inactive ones are zero).
@@ -44,6 +47,12 @@ class Signals(NamedTuple):
       grads: the dense gradient of this step.
       momentum: the moving average of dense gradients, or ``None`` when not tracked.
       key: this step's PRNG key (the same on every device and on resume).
+      rows: ``None``: entry ``i`` of each list is prunable leaf ``i``. Otherwise entry
+        ``g`` is an array ``(len(rows[g]), size)``: the leaves ``rows[g]`` (indices in
+        leaf order) flattened, one per row. The engine groups leaves so (see
+        :func:`grouped`), so that its scores, searches and masks are one program per
+        leaf size rather than per leaf; a rule that is elementwise works on either, and
+        :meth:`per_leaf` turns per-entry (or per-row) values into a leaf-order vector.
     """
 
     params: list[jax.Array]
@@ -51,11 +60,61 @@ class Signals(NamedTuple):
     grads: list[jax.Array]
     momentum: list[jax.Array] | None
     key: jax.Array
+    rows: tuple[tuple[int, ...], ...] | None = None
+
+    def reduce_axes(self, x: jax.Array) -> tuple[int, ...] | None:
+        """The axes a per-leaf reduction of entry ``x`` sums over (all but the rows')."""
+        return None if self.rows is None else tuple(range(1, x.ndim))
+
+    def per_leaf(self, parts: list[jax.Array]) -> jax.Array:
+        """One value per leaf in leaf order, from one per entry (scalars) or, grouped, one
+        per row of each entry (vectors)."""
+        if self.rows is None:
+            return jnp.stack(parts)
+        order = np.argsort(np.concatenate([np.asarray(r, int) for r in self.rows]),
+                           kind="stable")
+        return jnp.concatenate(parts)[order]
+
+    def per_entry(self, vector: jax.Array) -> list[jax.Array]:
+        """A leaf-order vector split as the entries: one value per entry, or, grouped, a
+        vector per entry (its rows' values)."""
+        if self.rows is None:
+            return [vector[i] for i in range(vector.shape[0])]
+        return [vector[np.asarray(r, int)] for r in self.rows]
+
+
+def grouped(signals: Signals) -> Signals:
+    """``signals`` with equally large leaves stacked as the rows of one entry each (the
+    first leaf of each size decides the order of the entries); grouped signals are
+    returned as they are.
+
+    >>> import jax, jax.numpy as jnp
+    >>> s = Signals([jnp.ones((2, 2)), jnp.ones(3), jnp.zeros(4)], [jnp.ones(1)] * 3,
+    ...             [jnp.ones(1)] * 3, None, jax.random.PRNGKey(0))
+    >>> g = grouped(s._replace(masks=s.params, grads=s.params))
+    >>> g.rows, [p.shape for p in g.params]
+    (((0, 2), (1,)), [(2, 4), (1, 3)])
+    """
+    if signals.rows is not None:
+        return signals
+    by_size: dict[int, list[int]] = {}
+    for i, leaf in enumerate(signals.params):
+        by_size.setdefault(int(leaf.size), []).append(i)
+    rows = tuple(tuple(ids) for ids in by_size.values())
+
+    def stack(leaves: list[jax.Array] | None) -> list[jax.Array] | None:
+        if leaves is None:
+            return None
+        return [jnp.stack([jnp.ravel(leaves[i]) for i in ids]) for ids in rows]
+
+    return Signals(stack(signals.params), stack(signals.masks), stack(signals.grads),
+                   stack(signals.momentum), signals.key, rows)
 
 
 ScoreFn = Callable[[Signals], list[jax.Array]]
-"""``scores(signals) -> one array per prunable leaf``; larger means keep (drop score) or
-grow first (grow score)."""
+"""``scores(signals) -> one array per entry of signals.params`` (per prunable leaf, or per
+group of them), of its shape; larger means keep (drop score) or grow first (grow
+score)."""
 DropCountFn = Callable[[jax.Array, jax.Array], jax.Array]
 """``drop_counts(fraction, n_active) -> n_drop``, int32 vectors over prunable leaves."""
 RedistributeFn = Callable[[Signals, jax.Array, jax.Array], jax.Array]
@@ -74,29 +133,31 @@ class RegrowRules(NamedTuple):
 
 # ---------------------------------------------------------------------------- rules
 
-def uniform_per_leaf(key: jax.Array, leaves: list[jax.Array]) -> list[jax.Array]:
-    """``U(0, 1)`` noise of each leaf's shape, leaf ``i`` drawn with ``split(key, n)[i]``.
-
-    Leaves of one shape draw theirs in one vmapped call (the same numbers as one call per
-    leaf), so the compiled program holds one random-bits generator per shape, not one
-    per leaf.
+def uniform_per_leaf(key: jax.Array, signals: Signals) -> list[jax.Array]:
+    """``U(0, 1)`` noise shaped like ``signals.params``, leaf ``i`` drawn with
+    ``split(key, number of leaves)[i]`` (flattened, row-major, when grouped): the same
+    numbers whether or not the signals are grouped. Leaves of one size draw theirs in one
+    vmapped call, so the program holds one random-bits generator per size, not per leaf.
 
     >>> import jax, jax.numpy as jnp
-    >>> a, b = uniform_per_leaf(jax.random.PRNGKey(0), [jnp.ones(3), jnp.ones(3)])
+    >>> leaves = [jnp.ones(3), jnp.ones(3)]
+    >>> s = Signals(leaves, leaves, leaves, None, jax.random.PRNGKey(0))
+    >>> a, b = uniform_per_leaf(jax.random.PRNGKey(0), s)
     >>> bool(jnp.all(a == jax.random.uniform(jax.random.split(jax.random.PRNGKey(0), 2)[0],
     ...                                       (3,))))
     True
     """
-    keys = jax.random.split(key, len(leaves))
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, leaf in enumerate(leaves):
-        by_shape.setdefault(tuple(leaf.shape), []).append(i)
-    noise: list[Any] = [None] * len(leaves)
-    for shape, members in by_shape.items():
-        drawn = jax.vmap(lambda k, shape=shape: jax.random.uniform(k, shape))(
-            keys[jnp.array(members)])
-        for row, i in enumerate(members):
-            noise[i] = drawn[row]
+    grouped_signals = grouped(signals)
+    rows = grouped_signals.rows
+    keys = jax.random.split(key, sum(len(r) for r in rows))
+    drawn = [jax.vmap(lambda k, n=p.shape[1]: jax.random.uniform(k, (n,)))(
+        keys[np.asarray(r, int)]) for r, p in zip(rows, grouped_signals.params, strict=True)]
+    if signals.rows is not None:
+        return drawn
+    noise: list[Any] = [None] * len(signals.params)
+    for r, group in zip(rows, drawn, strict=True):
+        for row, i in enumerate(r):
+            noise[i] = group[row].reshape(signals.params[i].shape)
     return noise
 
 
@@ -110,7 +171,7 @@ def noisy_magnitude_drop(noise: float = 1e-6) -> ScoreFn:
     (many weights sit at exactly zero right after they are grown)."""
 
     def scores(signals: Signals) -> list[jax.Array]:
-        draws = uniform_per_leaf(jax.random.fold_in(signals.key, 1), signals.params)
+        draws = uniform_per_leaf(jax.random.fold_in(signals.key, 1), signals)
         return [jnp.abs(p).astype(jnp.float32) + noise * u
                 for u, p in zip(draws, signals.params, strict=True)]
 
@@ -119,7 +180,7 @@ def noisy_magnitude_drop(noise: float = 1e-6) -> ScoreFn:
 
 def random_grow(signals: Signals) -> list[jax.Array]:
     """Grow score: uniform random, keyed by step (SET)."""
-    return uniform_per_leaf(jax.random.fold_in(signals.key, 2), signals.params)
+    return uniform_per_leaf(jax.random.fold_in(signals.key, 2), signals)
 
 
 def gradient_grow(signals: Signals) -> list[jax.Array]:
@@ -197,8 +258,9 @@ def momentum_redistribution(signals: Signals, n_drop: jax.Array,
     weights, normalised over leaves; capped by what each leaf can hold, exact in total."""
     if signals.momentum is None:
         raise ValueError("momentum_redistribution needs the engine to track momentum")
-    means = jnp.stack([
-        jnp.sum(jnp.where(m, jnp.abs(g), 0.0)) / jnp.maximum(jnp.sum(m), 1).astype(jnp.float32)
+    means = signals.per_leaf([
+        jnp.sum(jnp.where(m, jnp.abs(g), 0.0), axis=signals.reduce_axes(m))
+        / jnp.maximum(jnp.sum(m, axis=signals.reduce_axes(m)), 1).astype(jnp.float32)
         for m, g in zip(signals.masks, signals.momentum, strict=True)
     ])
     return allocate(jnp.sum(n_drop), means, capacity)
