@@ -477,9 +477,20 @@ def gates(
         per leaf, or (``noise='pool'``) a window of the pool at a random offset, cut into
         the gated leaves' shapes."""
         if noise == "fresh":
+            # Leaf i draws with split(key, n)[i]; the gated leaves of one shape draw in one
+            # vmapped call (the same numbers), one random-bits generator per shape.
             keys = jax.random.split(key, max(len(shapes), 1))
-            return [form.noise(k, shape) if f else None
-                    for k, shape, f in zip(keys, shapes, is_gated, strict=False)]
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            for i, (shape, f) in enumerate(zip(shapes, is_gated, strict=True)):
+                if f:
+                    by_shape.setdefault(tuple(shape), []).append(i)
+            draws: list[jax.Array | None] = [None] * len(shapes)
+            for shape, ids in by_shape.items():
+                drawn = jax.vmap(lambda k, shape=shape: form.noise(k, shape))(
+                    keys[np.asarray(ids)])
+                for row, i in enumerate(ids):
+                    draws[i] = drawn[row]
+            return draws
         pool = state.extra["noise_pool"]
         size = pool.shape[0] // 2
         window = jax.lax.dynamic_slice(pool, (jax.random.randint(key, (), 0, size + 1),),
