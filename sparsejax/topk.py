@@ -259,51 +259,67 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
         rows_of = {}
         for i, size in enumerate(sizes):
             rows_of.setdefault(size, []).append(i)
-    masks: list[Any] = [None] * len(leaves)
-    groups, hint_rows = [], []
+    buckets = []  # (leaves, rows, counts, hints) per size (one bucket if joint)
     for members in rows_of.values():
         if joint:
             x = jnp.concatenate([ranked(leaf) for leaf in leaves])[None]
-            k, hint, groups = jnp.reshape(ks[0], (1,)), hints, [0]
+            buckets.append((members, x, jnp.reshape(ks[0], (1,)), hints))
         else:
             x = jnp.stack([ranked(leaves[i]) for i in members])
             k = jnp.stack([jnp.asarray(ks[i], jnp.int32) for i in members])
-            hint = None if hints is None else hints[np.array(members)]
-            groups.extend(members)
-        if hints is None or x.shape[1] <= SAMPLE_SIZE:
-            found, cut = bitwise_topk(x, k)
-            moved = jnp.zeros_like(cut)
-        else:
-            found, cut = sampled_topk(x, k, hint)
-            moved = jnp.abs(cut - hint[:, 0])
+            buckets.append((members, x, k, None if hints is None else hints[np.array(members)]))
+    # Without hints, and for short rows, one bitwise search for every bucket at once.
+    bitwise = [b for b in buckets if hints is None or b[1].shape[1] <= SAMPLE_SIZE]
+    found: dict[int, tuple[jax.Array, jax.Array, jax.Array]] = {}
+    if bitwise:
+        for bucket, masks_b, cut in zip(bitwise, *bitwise_topk(
+                [b[1] for b in bitwise], [b[2] for b in bitwise]), strict=True):
+            found[id(bucket)] = (masks_b, cut, jnp.zeros_like(cut))
+    for bucket in buckets:
+        if id(bucket) not in found:
+            masks_b, cut = sampled_topk(bucket[1], bucket[2], bucket[3])
+            found[id(bucket)] = (masks_b, cut, jnp.abs(cut - bucket[3][:, 0]))
+    masks: list[Any] = [None] * len(leaves)
+    groups, hint_rows = [], []
+    for bucket in buckets:
+        members = bucket[0]
+        masks_b, cut, moved = found[id(bucket)]
         hint_rows.append(jnp.stack([cut, jnp.where(jnp.isfinite(moved), moved, 0.0)], axis=1))
         if joint:
+            groups = [0]
             offsets = np.cumsum([0, *sizes])
             for i, leaf in enumerate(leaves):
-                masks[i] = found[0, offsets[i]:offsets[i + 1]].reshape(jnp.shape(leaf))
+                masks[i] = masks_b[0, offsets[i]:offsets[i + 1]].reshape(jnp.shape(leaf))
         else:
+            groups.extend(members)
             for row, i in enumerate(members):
-                masks[i] = found[row].reshape(jnp.shape(leaves[i]))
+                masks[i] = masks_b[row].reshape(jnp.shape(leaves[i]))
     new_hints = jnp.concatenate(hint_rows)[np.argsort(np.array(groups), kind="stable")]
     masks = [mask if sharding is None else jax.sharding.reshard(mask, sharding)
              for mask, sharding in zip(masks, shardings, strict=True)]
     return masks, new_hints
 
 
-def topk_rows(x: jax.Array, k: jax.Array) -> jax.Array:
-    """Masks keeping exactly ``k[i]`` of the largest entries of each row of ``x``
-    (``(rows, n)``, ranked as float32; ``k`` int32 ``(rows,)``), ties to the first: the
-    search of :func:`topk_mask` for callers that already hold their leaves as the rows
-    of one array (the prune-and-regrow engine), so no leaf is split out and stacked again
-    between two searches. No finiteness check.
+def topk_rows(xs: list[jax.Array], ks: list[jax.Array]) -> list[jax.Array]:
+    """Masks keeping exactly ``ks[i][r]`` of the largest entries of row ``r`` of
+    ``xs[i]`` (``(rows_i, n_i)``, ranked as float32; counts int32 ``(rows_i,)``), ties
+    to the first: the search of :func:`topk_mask`, one program for all of them, for
+    callers that already hold their leaves as rows (the prune-and-regrow engine), so no
+    leaf is split out and stacked again between two searches. No finiteness check.
 
     >>> import jax.numpy as jnp
-    >>> topk_rows(jnp.array([[0.1, 0.9, 0.5], [3.0, 2.0, 1.0]]), jnp.array([1, 2]))
+    >>> topk_rows([jnp.array([[0.1, 0.9, 0.5], [3.0, 2.0, 1.0]]), jnp.array([[1.0, 2.0]])],
+    ...           [jnp.array([1, 2]), jnp.array([1])])[0]
     Array([[False,  True, False],
            [ True,  True, False]], dtype=bool)
     """
-    x = zero_subnormals(jnp.asarray(x).astype(jnp.float32))
-    return bitwise_topk(x, jnp.clip(jnp.asarray(k, jnp.int32), 0, x.shape[1]))[0]
+    # Explicitly sharded rows are searched replicated, as in ``_topk_compiled``.
+    shardings = [_explicit_sharding(x) for x in xs]
+    xs = [zero_subnormals(_replicated(jnp.asarray(x)).astype(jnp.float32)) for x in xs]
+    ks = [jnp.clip(_replicated(jnp.asarray(k, jnp.int32)), 0, x.shape[1])
+          for x, k in zip(xs, ks, strict=True)]
+    return [mask if sharding is None else jax.sharding.reshard(mask, sharding)
+            for mask, sharding in zip(bitwise_topk(xs, ks)[0], shardings, strict=True)]
 
 
 def _as_int32(k: Any) -> Any:

@@ -12,8 +12,9 @@ Scores are ranked through an order-preserving uint32 image of their float32 valu
 each pass over the scores counts the keys at or above a few candidate cuts, which is
 linear in the number of scores and much faster than ``jnp.sort`` or ``lax.top_k`` on CPU.
 
-* Short rows (at most ``SAMPLE_SIZE`` scores) use a bitwise binary search: 32 passes, one
-  bit of each row's k-th largest key per pass.
+* The bitwise search (:func:`bitwise_topk`): 32 passes, one bit of each row's k-th
+  largest key per pass, over rows of any sizes at once (each row a segment of chunks),
+  so one small program serves a whole tree.
 * Longer rows start from two cuts: order statistics of a strided sample of
   ``SAMPLE_SIZE`` scores, or either side of the previous call's cut (a hint). Each later
   pass counts at two cuts interpolated from the counts of the current bracket, and a row
@@ -34,6 +35,7 @@ in the row are kept.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -63,6 +65,8 @@ _ENDGAME = 3
 highest entries and the next counts just above the lowest and at the highest."""
 _INTERPOLATION_ROUNDS = 8
 """Passes that place cuts by interpolation before the search falls back to bisection."""
+_CHUNK = 512
+"""The bitwise search counts in chunks of this many entries (see :func:`bitwise_topk`)."""
 _EXACT_FLOAT_COUNT = 2**24
 """Counts of up to this many entries are exact as float32 sums (see ``count``)."""
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
@@ -154,11 +158,76 @@ def masks_at_threshold(x: jax.Array, threshold: jax.Array, k: jax.Array) -> jax.
     return masks & (k > 0)[:, None]
 
 
-def bitwise_topk(x: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(masks, cut)`` for short rows: the exact k-th largest key of each row by bits."""
-    keys = order_key(x)
-    threshold = kth_largest_keys(keys, k[:, None])[:, 0]
-    return masks_at_threshold(keys, threshold, k), key_value(threshold)
+def bitwise_topk(xs: Sequence[jax.Array], ks: Sequence[jax.Array],
+                 ) -> tuple[list[jax.Array], list[jax.Array]]:
+    """``(masks, cuts)`` for every row of every array of ``xs`` (float32, ``(rows_i,
+    n_i)``): row ``r`` of ``xs[i]`` keeps exactly ``ks[i][r]`` entries, and ``cuts[i][r]``
+    is its k-th largest entry. One bitwise search over all of them, whatever their sizes.
+
+    Each row is a *segment*: the order keys of every row are cut into chunks of up to
+    ``_CHUNK`` (the last chunk of a row padded with key 0, below every score), all
+    chunks of all rows are the rows of one ``(chunks, width)`` array, and a pass counts
+    per chunk and adds the chunk counts per segment (``segment_sum`` over the chunks). So
+    one program serves leaves of any number of sizes; 32 passes find each segment's k-th
+    largest key bit by bit, and ties at it go to the segment's first entries.
+    """
+    width = max(1, min(_CHUNK, max(int(x.shape[1]) for x in xs)))
+    pieces, segment_of, layout, n_segments = [], [], [], 0
+    for x in xs:
+        rows, n = int(x.shape[0]), int(x.shape[1])
+        chunks = -(-n // width)
+        keys = order_key(x)
+        if chunks * width != n:
+            keys = jnp.pad(keys, ((0, 0), (0, chunks * width - n)))
+        pieces.append(keys.reshape(rows * chunks, width))
+        segment_of.append(np.repeat(np.arange(n_segments, n_segments + rows), chunks))
+        layout.append((rows, chunks, n))
+        n_segments += rows
+    keys = jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+    segment = np.concatenate(segment_of).astype(np.int32)
+    k = jnp.concatenate([jnp.reshape(jnp.asarray(k, jnp.int32), (-1,)) for k in ks])
+
+    def per_segment(chunk_counts: jax.Array) -> jax.Array:
+        return jax.ops.segment_sum(chunk_counts, segment, num_segments=n_segments,
+                                   indices_are_sorted=True)
+
+    def body(i: jax.Array, answer: jax.Array) -> jax.Array:
+        bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
+        candidate = answer | bit
+        reached = per_segment(count(keys >= candidate[segment][:, None]))
+        return jnp.where(reached >= k, candidate, answer)
+
+    # Inside ``shard_map`` the carry must vary over the mesh axes the keys vary over.
+    start = vary(jnp.zeros(n_segments, jnp.uint32), varying_axes(keys, k))
+    threshold = lax.fori_loop(0, 32, body, start)
+    cut = threshold[segment][:, None]
+    above, ties = keys > cut, keys == cut
+    ties_needed = k - per_segment(count(above))
+
+    def keep_first_ties(_: None) -> jax.Array:
+        # Each tie's rank within its segment: a running count over all chunks, less the
+        # count before the segment's first entry.
+        running = jnp.cumsum(ties.ravel(), dtype=jnp.int32)
+        firsts = np.concatenate([[0], np.flatnonzero(np.diff(segment)) + 1]) * width
+        before = jnp.concatenate([jnp.zeros(1, jnp.int32), running])[firsts]
+        rank = running.reshape(ties.shape) - before[segment][:, None]
+        return above | (ties & (rank <= ties_needed[segment][:, None]))
+
+    def keep_all_ties(_: None) -> jax.Array:
+        return above | ties
+
+    # The running count that ranks ties costs several passes, so it runs only when in
+    # some segment more entries tie at the threshold than may be kept.
+    chunk_masks = lax.cond(jnp.any(per_segment(count(ties)) > ties_needed),
+                           keep_first_ties, keep_all_ties, None)
+    chunk_masks = chunk_masks & (k > 0)[segment][:, None]
+    masks, cuts, at, row = [], [], 0, 0
+    values = key_value(threshold)
+    for rows, chunks, n in layout:
+        masks.append(chunk_masks[at:at + rows * chunks].reshape(rows, chunks * width)[:, :n])
+        cuts.append(values[row:row + rows])
+        at, row = at + rows * chunks, row + rows
+    return masks, cuts
 
 
 def _above(x: jax.Array) -> jax.Array:

@@ -237,7 +237,8 @@ def test_counts_are_exact_for_leaves_beyond_float32_densities():
     size = 2**24 + 3
     scores = jax.random.uniform(jax.random.PRNGKey(0), (size,))
     for count in (size - 2, 2**24 + 1, 12_345_677):
-        mask = jax.jit(lambda s, c: topk_rows(s[None], c[None])[0])(scores, jnp.int32(count))
+        mask = jax.jit(lambda s, c: topk_rows([s[None]], [c[None]])[0][0])(
+            scores, jnp.int32(count))
         assert int(mask.sum()) == count
         assert float(jnp.min(jnp.where(mask, scores, 2.0))) >= float(
             jnp.max(jnp.where(mask, -1.0, scores)))

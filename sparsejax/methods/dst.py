@@ -160,12 +160,13 @@ def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
     sizes = signals.per_leaf([jnp.full(m.shape[0], m.shape[1], jnp.int32) for m in masks])
     n_active = signals.per_leaf([count(m) for m in masks])
     n_drop = jnp.minimum(rules.drop_counts(fraction, n_active), n_active)
-    kept = [topk_rows(jnp.where(m, s, -jnp.inf), k) for m, s, k in zip(
-        masks, rules.drop_scores(signals), signals.per_entry(n_active - n_drop), strict=True)]
+    kept = topk_rows([jnp.where(m, s, -jnp.inf) for m, s in zip(
+        masks, rules.drop_scores(signals), strict=True)], signals.per_entry(n_active - n_drop))
     capacity = sizes - (n_active - n_drop)
     n_grow = jnp.minimum(rules.redistribute(signals, n_drop, capacity), capacity)
-    new_masks = [k | topk_rows(jnp.where(k, -jnp.inf, g), n) for k, g, n in zip(
-        kept, rules.grow_scores(signals), signals.per_entry(n_grow), strict=True)]
+    grown = topk_rows([jnp.where(k, -jnp.inf, g) for k, g in zip(
+        kept, rules.grow_scores(signals), strict=True)], signals.per_entry(n_grow))
+    new_masks = [k | g for k, g in zip(kept, grown, strict=True)]
     if leaf_shapes is not None:  # per-leaf signals in, per-leaf masks out
         new_masks = ungrouped(signals, new_masks, leaf_shapes)
     return new_masks, n_drop, n_grow
