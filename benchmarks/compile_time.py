@@ -18,7 +18,9 @@ cache is off for the rows). The steps:
 Models: ``mlpL``, an MLP of ``L`` Dense layers of 256x256 (tanh, batch 32; ``L`` = 2, 8,
 32, 128); ``lenet300``, ``resnet18`` and ``gpt`` from ``sparsejax.models`` at the batch
 sizes of ``benchmarks/step_time.py``. ``--sparsegpt`` adds rows for the compile of
-:func:`sparsejax.sparsegpt_prune`'s walk over one kernel of 256 outputs and ``n`` inputs.
+:func:`sparsejax.sparsegpt_prune`'s walk over one kernel of 256 outputs and ``n`` inputs;
+``--cli`` rows time ``sparsejax train`` from its start to the end of its first step
+(LeNet-300-100), without and with a warm persistent compilation cache.
 
 Each JSON row: ``model``, ``method``, ``form``, ``kernels`` (the prunable leaves),
 ``lower_s``, ``compile_s``, ``total_s``, ``ratio_to_plain`` (of ``total_s``, against the
@@ -28,6 +30,7 @@ plain row of the same model in the same run), ``backend``, ``device``, ``host_cp
     python benchmarks/compile_time.py --json benchmarks/results/compile_time.json
     python benchmarks/compile_time.py --models mlp2 mlp32 --methods plain rigl
     python benchmarks/compile_time.py --models --sparsegpt 512 2048 4096 11008
+    python benchmarks/compile_time.py --models --cli static rigl
 """
 
 from __future__ import annotations
@@ -166,6 +169,41 @@ def sparsegpt_row(n_in: int, n_out: int = 256) -> list[dict[str, Any]]:
     return rows
 
 
+_CLI_ARGS = ["--model", "lenet300", "--sparsity", "0.9", "--epochs", "1", "--no-progress",
+             "--no-tensorboard"]
+
+
+def cli_rows(methods: list[str]) -> list[dict[str, Any]]:
+    """Seconds from the start of ``sparsejax train --method M`` (LeNet-300-100, MNIST-1D)
+    to the end of its first step, in fresh processes: with no persistent compilation
+    cache (``cold``), then twice with a fresh cache folder, the second run reading what
+    the first wrote (``warm``). The probe is ``benchmarks/eager_calls.py``'s."""
+    import tempfile
+
+    from eager_calls import _CLI_PROBE
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for cache in ("cold", "fill", "warm"):
+            for method in methods:
+                env = {k: v for k, v in os.environ.items()
+                       if not k.startswith("JAX_COMPILATION_CACHE")}
+                if cache != "cold":
+                    env["JAX_COMPILATION_CACHE_DIR"] = f"{folder}/cache"
+                start = time.time()
+                done = subprocess.run(
+                    [sys.executable, "-c", _CLI_PROBE, repr(start), "train", "--method",
+                     method, *_CLI_ARGS, "--out", f"{folder}/{cache}-{method}"],
+                    env=env, capture_output=True, text=True, check=True)
+                if cache != "fill":
+                    rows.append({"model": "lenet300", "method": method, "form": "cli",
+                                 "cache": cache, "first_step_s":
+                                 round(float(done.stdout.split()[-1]), 3),
+                                 "command": f"sparsejax train --method {method} "
+                                            + " ".join(_CLI_ARGS)})
+    return rows
+
+
 def _in_fresh_process(args: list[str]) -> list[dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
@@ -180,6 +218,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--sparsegpt", nargs="*", type=int, default=[],
                         help="input widths of SparseGPT kernels to compile")
+    parser.add_argument("--cli", nargs="*", default=[], choices=["static", "rigl"],
+                        help="time sparsejax train to its first step, cold and warm cache")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--other-load", default="none of ours",
                         help="what else was running, recorded in every row")
@@ -211,6 +251,9 @@ def main() -> None:
         for row in _in_fresh_process(["--sparsegpt-row", str(n_in)]):
             rows.append(row)
             print(json.dumps(row), flush=True)
+    for row in cli_rows(args.cli) if args.cli else []:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     for row in rows:
         row.update(host(), other_load=args.other_load)
     if args.json:

@@ -10,6 +10,10 @@ compilation and nothing compiled by another case helps it:
 * ``init/<method>``: ``method.init(params, key)`` on LeNet-300-100's params, first with a
   fresh method, then with a second method built from the same options (``second``), then
   once more with that method (``third``);
+* ``update/<method>``: ``tx.update(grads, opt_state, params)`` of
+  ``sparse_tx(method, ...)`` with a mask decision at every call (``update_every=1``), or
+  ``method.update(state, grads)`` for Edge-Popup and the gates, three calls in a row on
+  LeNet-300-100, each on the state the previous one returned;
 * ``cli``: ``sparsejax train --method static --sparsity 0.9 --distribution erk --epochs 1``
   from the start of the process to the end of its first training step (compiled, run,
   and its result ready), imports included.
@@ -33,7 +37,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-CASES = ("topk_mask", "init/static", "init/rigl", "init/edge_popup", "cli")
+UPDATE_OPTIONS: dict[str, dict[str, Any]] = {
+    "static": {}, "rigl": {"update_every": 1, "end_step": 1000},
+    "set": {"update_every": 1}, "snfs": {"update_every": 1, "total_steps": 1000},
+    "gradual_magnitude": {"total_steps": 1000, "frequency": 1}}
+CASES = ("topk_mask", "init/static", "init/rigl", "init/edge_popup",
+         *(f"update/{name}" for name in (*UPDATE_OPTIONS, "edge_popup", "gates")), "cli")
 RESULTS = Path(__file__).parent / "results" / "eager_calls.json"
 _CLI_ARGS = ["train", "--method", "static", "--sparsity", "0.9", "--distribution", "erk",
              "--epochs", "1", "--no-progress", "--no-tensorboard"]
@@ -77,6 +86,33 @@ def run_case(case: str) -> dict[str, Any]:
         calls = [lambda: sparsejax.topk_mask(first, 0.1),
                  lambda: sparsejax.topk_mask(second, 0.1)]
         row["scores"] = 784 * 300
+    elif case.startswith("update/"):
+        # tx.update of sparse_tx, or method.update for the score methods, called eagerly
+        # three times in a row, each on the state the previous call returned (a mask
+        # decision on every call: update_every=1)
+        name = case.split("/", 1)[1]
+        params, _ = init_model(get_model("lenet300", 10), jax.random.PRNGKey(0), (1, 784))
+        grads = jax.tree_util.tree_map(jax.numpy.ones_like, params)
+        sgd = optax.sgd(0.1, momentum=0.9)
+        holder: dict[str, Any] = {}
+        if name in UPDATE_OPTIONS:
+            tx = sparsejax.sparse_tx(name, sgd, sparsity=0.9, **UPDATE_OPTIONS[name])
+            holder["state"] = tx.init(params)
+
+            def call() -> Any:
+                updates, holder["state"] = tx.update(grads, holder["state"], params)
+                return updates
+        else:
+            method = sparsejax.get_method(name, sgd, sparsity=0.5)
+            holder["state"] = method.init(params, jax.random.PRNGKey(1))
+            trainable_grads = jax.tree_util.tree_map(jax.numpy.ones_like,
+                                                     method.trainables(holder["state"]))
+
+            def call() -> Any:
+                holder["state"] = method.update(holder["state"], trainable_grads)
+                return holder["state"]
+        calls = [call, call, call]
+        row["model"] = "lenet300"
     else:
         name = case.split("/", 1)[1]
         options = {"static": {}, "rigl": {"end_step": 1000}, "edge_popup": {}}[name]
