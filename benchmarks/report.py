@@ -3,7 +3,8 @@
     python benchmarks/report.py benchmarks/results/topk_cpu.json \
         benchmarks/results/step_time_*_cpu.json benchmarks/results/memory_cpu.json
 
-Each file is recognised by its rows: ``algorithm`` (topk.py), ``form`` (own_loop.py),
+Each file is recognised by its rows: ``algorithm`` (topk.py), ``total_s`` (compile_time.py),
+``form`` (own_loop.py),
 ``case`` (eager_calls.py), ``ratio`` (step_time.py), ``state_bytes`` (memory.py) or
 ``variant`` (gates_breakdown.py). Step-time rows of every
 file are gathered into one table with a column pair per model, with the issue's target
@@ -85,14 +86,46 @@ def own_loop_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def compile_table(rows: list[dict]) -> str:
+    """compile_time.py: seconds to lower and compile each method's step per model (and
+    the ratio to the plain optax step of the same model), then the SparseGPT and CLI rows."""
+    steps = [r for r in rows if r.get("form") in ("optax", "native")]
+    models = list(dict.fromkeys(r["model"] for r in steps))
+    methods = list(dict.fromkeys(r["method"] for r in steps))
+    out = ["| method | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
+    for method in methods:
+        cells = []
+        for model in models:
+            row = next((r for r in steps if r["model"] == model and r["method"] == method),
+                       None)
+            cells.append("not run" if row is None
+                         else f"{row['total_s']:.2f} s ({row['ratio_to_plain']:.2f}x)")
+        out.append(f"| {method} | " + " | ".join(cells) + " |")
+    kernels = [r for r in rows if r.get("form") == "posttrain"]
+    if kernels:
+        out += ["", "| SparseGPT kernel | pattern | compile s |", "| --- | --- | --- |"]
+        out += [f"| {r['model'][7:]} | {r['method'][10:]} | {r['total_s']:.2f} |"
+                for r in kernels]
+    cli = [r for r in rows if r.get("form") == "cli"]
+    if cli:
+        out += ["", "| sparsejax train, LeNet-300-100 | persistent cache | to first step |",
+                "| --- | --- | --- |"]
+        out += [f"| --method {r['method']} | {r['cache']} | {r['first_step_s']:.2f} s |"
+                for r in cli]
+    return "\n".join(out)
+
+
 def eager_table(rows: list[dict]) -> str:
-    out = ["| call | first (compiles) | second (compiles) |", "| --- | --- | --- |"]
+    out = ["| call | first (compiles) | second (compiles) | third (compiles) |",
+           "| --- | --- | --- | --- |"]
     for r in rows:
         if "first_step_s" in r:
             out.append(f"| CLI to its first step | {r['first_step_s']:.2f} s | |")
             continue
+        third = (f"{r['third_s'] * 1e3:.1f} ms ({r['third_compiles']})" if "third_s" in r
+                 else "")
         out.append(f"| {r['case']} | {r['first_s']:.3f} s ({r['first_compiles']}) | "
-                   f"{r['second_s'] * 1e3:.1f} ms ({r['second_compiles']}) |")
+                   f"{r['second_s'] * 1e3:.1f} ms ({r['second_compiles']}) | {third} |")
     return "\n".join(out)
 
 
@@ -118,6 +151,8 @@ def main(paths: list[str]) -> None:
             continue
         if "algorithm" in rows[0]:
             print(topk_table(rows), end="\n\n")
+        elif "total_s" in rows[0] or "first_step_s" in rows[0] and "cache" in rows[0]:
+            print(compile_table(rows), end="\n\n")
         elif "form" in rows[0]:
             print(own_loop_table(rows), end="\n\n")
         elif "case" in rows[0]:
