@@ -5,9 +5,9 @@ What a JAX user pays before the first step of every run: ``jax.jit(step).lower(.
 that nothing compiled or traced by another row helps it (the persistent compilation
 cache is off for the rows). The steps:
 
-* ``plain``: the user's own dense optax step (``value_and_grad``, ``tx.update`` of
-  ``optax.sgd(0.1, momentum=0.9)``, ``optax.apply_updates``): the baseline every ratio
-  is against;
+* ``plain``: the user's own dense optax step (``own_loop.user_step``: ``value_and_grad``,
+  ``tx.update`` of ``optax.sgd(0.1, momentum=0.9)``, ``optax.apply_updates``, the carry
+  donated): the baseline every ratio is against;
 * ``static``, ``rigl``, ``set``, ``snfs``, ``gradual_magnitude``: the same step with
   ``tx = sparsejax.sparse_tx(method, optax.sgd(0.1, momentum=0.9), sparsity=0.9, ...)``
   (mask updates every 100 steps);
@@ -87,20 +87,6 @@ def _model(name: str) -> tuple[Any, Any, Any, Any]:
     return setup(name)
 
 
-def _optax_step(loss_fn: Any, tx: Any) -> Any:
-    import jax
-    import optax
-
-    def step(carry: Any, batch: Any) -> Any:
-        params, model_state, opt_state = carry
-        (loss, (model_state, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, model_state, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), model_state, opt_state), loss
-
-    return step
-
-
 def _native_step(loss_fn: Any, method: Any) -> Any:
     import jax
 
@@ -124,18 +110,21 @@ def one_row(model: str, method: str) -> dict[str, Any]:
 
     import sparsejax
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from own_loop import user_step  # the user's own step, the same as own_loop.py times
+
     loss_fn, params, model_state, batch = _model(model)
     sgd = optax.sgd(0.1, momentum=0.9)
     if method in OPTAX_METHODS:
         tx = sgd if method == "plain" else sparsejax.sparse_tx(method, sgd, **OPTIONS[method])
         carry = (params, model_state, jax.jit(tx.init)(params))
-        step, args, form = _optax_step(loss_fn, tx), (carry, batch), "optax"
+        step, args, form = user_step(loss_fn, tx), (carry, batch), "optax"
     else:
         built = sparsejax.get_method(method, sgd, **OPTIONS[method])
         state = jax.jit(built.init)(params, jax.random.PRNGKey(1), model_state)
-        step, args, form = _native_step(loss_fn, built), (state, batch), "native"
+        step, args, form = jax.jit(_native_step(loss_fn, built)), (state, batch), "native"
     start = time.perf_counter()
-    lowered = jax.jit(step).lower(*args)
+    lowered = step.lower(*args)
     traced = time.perf_counter()
     lowered.compile()
     done = time.perf_counter()
