@@ -115,10 +115,13 @@ def topk_mask(
       scope: ``'layer'`` keeps the top fraction of each leaf; ``'global'`` ranks all
         leaves jointly and keeps ``num_kept(density, total size)`` entries.
       check_finite_scores: raise ``ValueError`` for NaN or inf scores. Under ``jit`` the
-        check runs on the device and reports through a host callback.
-      by_magnitude: rank by ``|score|``: the masks of ``topk_mask(abs(scores))``, with the
-        absolute values taken inside each counting pass instead of written out as a copy
-        of the scores first (Edge-Popup ranks its scores this way every step).
+        check is a ``checkify`` check that reports the same message when the caller runs
+        the program under ``jax.experimental.checkify.checkify``, and adds nothing
+        otherwise (no host callback, so the program can be served from JAX's persistent
+        compilation cache).
+      by_magnitude: rank by ``|score|``: the masks of ``topk_mask(abs(scores))``, the
+        absolute values taken as the search's rows are built, with no separate copy
+        (Edge-Popup ranks its scores this way every step).
 
     Returns:
       Boolean arrays with the structure and shapes of ``scores``. Ties at the threshold
