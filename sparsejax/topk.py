@@ -251,9 +251,13 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
         ks = [_replicated(k) for k in ks]
         hints = None if hints is None else _replicated(hints)
 
-    def ranked(leaf: jax.Array) -> jax.Array:
-        x = jnp.ravel(leaf).astype(jnp.float32)
+    def view(x: jax.Array) -> jax.Array:
         return zero_subnormals(jnp.abs(x) if by_magnitude else x)
+
+    def ranked(leaf: jax.Array) -> jax.Array:
+        """A leaf as a row of the search: flat float32, in the sampled search's view
+        only when it is searched (``view`` is fused into its passes)."""
+        return jnp.ravel(leaf).astype(jnp.float32)
 
     sizes = [int(jnp.size(leaf)) for leaf in leaves]
     if joint:
@@ -276,11 +280,11 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
     found: dict[int, tuple[jax.Array, jax.Array, jax.Array]] = {}
     if bitwise:
         for bucket, masks_b, cut in zip(bitwise, *bitwise_topk(
-                [b[1] for b in bitwise], [b[2] for b in bitwise]), strict=True):
+                [view(b[1]) for b in bitwise], [b[2] for b in bitwise]), strict=True):
             found[id(bucket)] = (masks_b, cut, jnp.zeros_like(cut))
     for bucket in buckets:
         if id(bucket) not in found:
-            masks_b, cut = sampled_topk(bucket[1], bucket[2], bucket[3])
+            masks_b, cut = sampled_topk(bucket[1], bucket[2], bucket[3], view)
             found[id(bucket)] = (masks_b, cut, jnp.abs(cut - bucket[3][:, 0]))
     masks: list[Any] = [None] * len(leaves)
     groups, hint_rows = [], []

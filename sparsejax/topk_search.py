@@ -35,7 +35,7 @@ in the row are kept.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -245,11 +245,12 @@ def _below(x: jax.Array) -> jax.Array:
                                jnp.nextafter(x, jnp.float32(-jnp.inf))))
 
 
-def _sample_cuts(x: jax.Array, kf: jax.Array) -> jax.Array:
+def _sample_cuts(x: jax.Array, kf: jax.Array,
+                 view: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """Two first cuts per row ``(rows, 2)``: order statistics of a strided sample of about
     ``SAMPLE_SIZE`` entries either side of its estimate of the k-th largest entry."""
     n = int(x.shape[1])
-    sample = x[:, ::max(1, n // SAMPLE_SIZE)]
+    sample = view(x[:, ::max(1, n // SAMPLE_SIZE)])
     size = sample.shape[1]
     share = jnp.clip(kf / n, 0.0, 1.0)
     expected_rank = kf * size / n
@@ -260,6 +261,7 @@ def _sample_cuts(x: jax.Array, kf: jax.Array) -> jax.Array:
 
 
 def sampled_topk(x: jax.Array, k: jax.Array, hints: jax.Array | None = None,
+                 view: Callable[[jax.Array], jax.Array] = zero_subnormals,
                  ) -> tuple[jax.Array, jax.Array]:
     """``(masks, cut)`` for long rows of float32 ``x`` (``(rows, n)``): each row keeps
     exactly ``k[i]``; ``cut[i]`` is its k-th largest entry, or a cut that exactly ``k[i]``
@@ -275,13 +277,18 @@ def sampled_topk(x: jax.Array, k: jax.Array, hints: jax.Array | None = None,
 
     ``hints`` (``(rows, 2)``: ``[previous cut, how far it last moved]``) replace the
     sample's first two cuts by two cuts around the previous one.
+
+    ``view`` (elementwise: ``zero_subnormals``, or that of ``abs``) ranks ``view(x)``,
+    applied inside every pass, where XLA fuses it into the pass, rather than written out
+    as a copy first: this search runs every step (Edge-Popup's top-k).
     """
     n = int(x.shape[1])
     kf = k.astype(jnp.float32)
     axes = varying_axes(x, k, hints)
+    x_raw = x
 
     if hints is None:
-        first_cuts = _sample_cuts(x, kf)
+        first_cuts = _sample_cuts(x, kf, view)
     else:
         previous, moved = hints[:, 0], hints[:, 1]
         width = jnp.maximum(_HINT_SPREADS * moved, jnp.abs(previous) * _HINT_FLOOR)
@@ -289,7 +296,7 @@ def sampled_topk(x: jax.Array, k: jax.Array, hints: jax.Array | None = None,
         around = jnp.stack([previous - width, previous + width], axis=1)
         first_cuts = lax.cond(
             jnp.all(usable), lambda: vary(around, axes),
-            lambda: vary(jnp.where(usable[:, None], around, _sample_cuts(x, kf)), axes))
+            lambda: vary(jnp.where(usable[:, None], around, _sample_cuts(x, kf, view)), axes))
 
     def interpolated_cuts(lo, hi, c_lo, c_above):
         # Model the bracket's entries as uniform in value between lo and hi. The cut lies
@@ -314,7 +321,7 @@ def sampled_topk(x: jax.Array, k: jax.Array, hints: jax.Array | None = None,
 
     def count_pass(state):
         lo, hi, c_lo, c_above, hit, cut, cuts = state
-        counts = count(x[:, None, :] >= cuts[:, :, None])
+        counts = count(view(x)[:, None, :] >= cuts[:, :, None])
         for j in range(2):
             t, reached = cuts[:, j], counts[:, j]
             exact = (reached == k) & ~hit
@@ -329,6 +336,7 @@ def sampled_topk(x: jax.Array, k: jax.Array, hints: jax.Array | None = None,
 
     def extremes_pass(state):
         lo, hi, c_lo, c_above, hit, cut, _ = state
+        x = view(x_raw)
         # The bracket's lowest and highest finite entries, and the counts at them. No
         # entry lies in [lo, bottom) or (top, hi] but infinities, which are the k-th
         # largest entry only when the counts say so (masked scores of -inf, say).
@@ -354,7 +362,7 @@ def sampled_topk(x: jax.Array, k: jax.Array, hints: jax.Array | None = None,
         # Every sub-row's largest and smallest entry inside the bracket. When no sub-row
         # holds more than two of the bracket's entries, and none two equal ones, these are
         # all of them, and the k-th largest is found among them on the spot.
-        v = x.reshape(x.shape[0], n // width, width)
+        v = view(x_raw).reshape(x_raw.shape[0], n // width, width)
         inside = (v >= lo[:, None, None]) & (v <= hi[:, None, None])
         high = jnp.max(jnp.where(inside, v, -jnp.inf), axis=2)
         low = jnp.min(jnp.where(inside, v, jnp.inf), axis=2)
@@ -418,9 +426,13 @@ def sampled_topk(x: jax.Array, k: jax.Array, hints: jax.Array | None = None,
     _, _, lo, _, c_lo, _, hit, cut, _ = lax.while_loop(
         lambda carry: jnp.any(active(carry)), body, start)
     cut = jnp.where(hit, cut, lo)
-    # With ``cut`` reached by exactly k entries the masks are ``x >= cut`` (no tie
-    # ranking runs); otherwise ``cut`` is the exact k-th largest entry.
-    return masks_at_threshold(x, cut, k), cut
+    # With ``cut`` reached by exactly k entries (the usual end) the masks are
+    # ``x >= cut``, one pass; otherwise ``cut`` is the exact k-th largest entry and ties
+    # at it are ranked.
+    is_cut = hit | (c_lo == k)
+    masks = lax.cond(jnp.all(is_cut), lambda: view(x) >= cut[:, None],
+                     lambda: masks_at_threshold(view(x), cut, k))
+    return masks, cut
 
 
 def _sub_row_width(n: int) -> int:
