@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.topk_sampled import sampled_topk
 from sparsejax.topk_search import (
     SAMPLE_SIZE,
     bitwise_topk,
     key_value,
     kth_largest_keys,
     order_key,
-    sampled_topk,
     zero_subnormals,
 )
 from sparsejax.validation import check_density, check_finite, check_same_structure, is_concrete
