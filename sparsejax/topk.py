@@ -5,10 +5,10 @@ per leaf or jointly across leaves. The search itself (:mod:`sparsejax.topk_searc
 counts instead of sorting, which is linear in the number of scores and much faster than
 ``jnp.sort`` or ``lax.top_k`` on CPU (see docs/design.md and benchmarks/topk.py).
 
-One compiled search serves a whole tree: leaves of one size are stacked as the rows of
-one array and searched together (all leaves of a global top-k are one row), so the
-program's size grows with the number of distinct leaf sizes, not with the number of
-leaves, and a model of 2 or 128 equal layers compiles the same search.
+One compiled search serves a whole tree: ``topk_mask`` runs one bitwise search over every
+leaf (each leaf, or for a global top-k all leaves together, one segment of the search),
+whatever their number and sizes. ``topk_mask_tracked`` runs the sampled search, a few
+passes per call, on the leaves of each size stacked as rows: one program per leaf size.
 
 Ties at the k-th largest score are broken deterministically: the entries that come first
 (in leaf order, then row-major order) are kept.
@@ -231,12 +231,12 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
     """Masks keeping ``ks[i]`` of each leaf (or, ``joint``, ``ks[0]`` of all leaves
     together) and the new hints, ``[cut, how far it moved]`` per group (``(groups, 2)``).
 
-    Leaves of one size are the rows of one search (a joint top-k is one row of all of
-    them). Without ``hints`` the search is bitwise (32 counting passes, a small program:
-    a one-off or occasional top-k pays its compile, not its passes); with them (a top-k
-    every step, :func:`topk_mask_tracked`) rows of more than ``SAMPLE_SIZE`` entries take
-    the sampled search started from their hints, a few passes but a larger program.
-    ``by_magnitude`` ranks the absolute values, taken as the rows are built.
+    Without ``hints`` the search is bitwise, every leaf a segment of one search (32
+    counting passes, a small program: a one-off or occasional top-k pays its compile,
+    not its passes); with them (a top-k every step, :func:`topk_mask_tracked`) leaves
+    of more than ``SAMPLE_SIZE`` entries take the sampled search started from their
+    hints, a few passes but a larger program, the leaves of one size as the rows of one
+    search. ``by_magnitude`` ranks the absolute values, taken inside the passes.
 
     Compiled at module level, once per shapes, dtypes and options, so that an eager call
     reuses the program of an earlier one (its loops and branches, built from fresh
@@ -254,54 +254,49 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
     def view(x: jax.Array) -> jax.Array:
         return zero_subnormals(jnp.abs(x) if by_magnitude else x)
 
-    def ranked(leaf: jax.Array) -> jax.Array:
-        """A leaf as a row of the search: flat float32, in the sampled search's view
-        only when it is searched (``view`` is fused into its passes)."""
-        return jnp.ravel(leaf).astype(jnp.float32)
-
     sizes = [int(jnp.size(leaf)) for leaf in leaves]
+    flat = [jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves]
+    # The groups of leaves searched as the rows of one array: all leaves as one row
+    # (joint); else a row per leaf, the leaves of one size stacked where the sampled
+    # search runs (tracked, above SAMPLE_SIZE entries), which compiles once per size.
     if joint:
-        rows_of = {0: list(range(len(leaves)))}
+        groups = [list(range(len(leaves)))]
+        rows, counts = [jnp.concatenate(flat)[None]], [jnp.reshape(ks[0], (1,))]
     else:
-        rows_of = {}
+        by_size: dict[int, list[int]] = {}
+        groups = []
         for i, size in enumerate(sizes):
-            rows_of.setdefault(size, []).append(i)
-    buckets = []  # (leaves, rows, counts, hints) per size (one bucket if joint)
-    for members in rows_of.values():
-        if joint:
-            x = jnp.concatenate([ranked(leaf) for leaf in leaves])[None]
-            buckets.append((members, x, jnp.reshape(ks[0], (1,)), hints))
-        else:
-            x = jnp.stack([ranked(leaves[i]) for i in members])
-            k = jnp.stack([jnp.asarray(ks[i], jnp.int32) for i in members])
-            buckets.append((members, x, k, None if hints is None else hints[np.array(members)]))
-    # Without hints, and for short rows, one bitwise search for every bucket at once.
-    bitwise = [b for b in buckets if hints is None or b[1].shape[1] <= SAMPLE_SIZE]
-    found: dict[int, tuple[jax.Array, jax.Array, jax.Array]] = {}
-    if bitwise:
-        for bucket, masks_b, cut in zip(bitwise, *bitwise_topk(
-                [view(b[1]) for b in bitwise], [b[2] for b in bitwise]), strict=True):
-            found[id(bucket)] = (masks_b, cut, jnp.zeros_like(cut))
-    for bucket in buckets:
-        if id(bucket) not in found:
-            masks_b, cut = sampled_topk(bucket[1], bucket[2], bucket[3], view)
-            found[id(bucket)] = (masks_b, cut, jnp.abs(cut - bucket[3][:, 0]))
+            if hints is not None and size > SAMPLE_SIZE:
+                by_size.setdefault(size, []).append(i)
+            else:
+                groups.append([i])
+        groups += list(by_size.values())
+        rows = [jnp.stack([flat[i] for i in g]) for g in groups]
+        counts = [jnp.stack([jnp.asarray(ks[i], jnp.int32) for i in g]) for g in groups]
+    sampled = [hints is not None and row.shape[1] > SAMPLE_SIZE for row in rows]
+    found: list[Any] = [None] * len(groups)
+    cuts: list[Any] = [None] * len(groups)
+    moved: list[Any] = [None] * len(groups)
+    short = [j for j, s in enumerate(sampled) if not s]
+    if short:  # one bitwise search for all of them
+        for j, masks_j, cut in zip(short, *bitwise_topk(
+                [view(rows[j]) for j in short], [counts[j] for j in short]), strict=True):
+            found[j], cuts[j], moved[j] = masks_j, cut, jnp.zeros_like(cut)
+    for j in (j for j, s in enumerate(sampled) if s):
+        hint = hints if joint else hints[np.array(groups[j])]
+        found[j], cuts[j] = sampled_topk(rows[j], counts[j], hint, view)
+        moved[j] = jnp.abs(cuts[j] - hint[:, 0])
     masks: list[Any] = [None] * len(leaves)
-    groups, hint_rows = [], []
-    for bucket in buckets:
-        members = bucket[0]
-        masks_b, cut, moved = found[id(bucket)]
-        hint_rows.append(jnp.stack([cut, jnp.where(jnp.isfinite(moved), moved, 0.0)], axis=1))
-        if joint:
-            groups = [0]
-            offsets = np.cumsum([0, *sizes])
-            for i, leaf in enumerate(leaves):
-                masks[i] = masks_b[0, offsets[i]:offsets[i + 1]].reshape(jnp.shape(leaf))
-        else:
-            groups.extend(members)
-            for row, i in enumerate(members):
-                masks[i] = masks_b[row].reshape(jnp.shape(leaves[i]))
-    new_hints = jnp.concatenate(hint_rows)[np.argsort(np.array(groups), kind="stable")]
+    offsets = np.cumsum([0, *sizes])
+    for j, group in enumerate(groups):
+        for row, i in enumerate(group):
+            masks[i] = (found[j][0, offsets[i]:offsets[i + 1]] if joint
+                        else found[j][row]).reshape(jnp.shape(leaves[i]))
+    new_hints = jnp.concatenate([
+        jnp.stack([c, jnp.where(jnp.isfinite(m), m, 0.0)], axis=1)
+        for c, m in zip(cuts, moved, strict=True)])
+    if not joint:
+        new_hints = new_hints[np.argsort(np.concatenate(groups), kind="stable")]
     masks = [mask if sharding is None else jax.sharding.reshard(mask, sharding)
              for mask, sharding in zip(masks, shardings, strict=True)]
     return masks, new_hints

@@ -103,27 +103,59 @@ def kth_largest_keys(keys: jax.Array, ranks: jax.Array) -> jax.Array:
     return lax.fori_loop(0, 32, body, start)
 
 
-def masks_at_threshold(x: jax.Array, threshold: jax.Array, k: jax.Array) -> jax.Array:
-    """Masks keeping exactly ``k[i]`` entries of each row of ``x`` (order keys, or float32
-    values, which compare alike) given each row's exact k-th largest value."""
-    threshold = threshold[:, None]
-    above, ties = x > threshold, x == threshold
-    ties_needed = k - count(above)
+def masks_at_threshold(x: jax.Array, threshold: jax.Array, k: jax.Array,
+                       segment: np.ndarray | None = None) -> jax.Array:
+    """Masks keeping exactly ``k[s]`` entries of each segment ``s`` of ``x`` (order keys,
+    or float32 values, which compare alike), given each segment's exact k-th largest
+    value ``threshold[s]``; ties at it go to the segment's first entries.
+
+    A segment is one row of ``x`` (``segment=None``), or, with ``segment`` (static, one
+    sorted segment index per row), the consecutive rows with one index: the chunks of
+    :func:`bitwise_topk`.
+    """
+    if segment is None:
+        def per_segment(per_row: jax.Array) -> jax.Array:
+            return per_row
+
+        def of_rows(per_segment_values: jax.Array) -> jax.Array:
+            return per_segment_values[:, None]
+    else:
+        def per_segment(per_row: jax.Array) -> jax.Array:
+            return _segment_sum(per_row, segment, threshold.shape[0])
+
+        def of_rows(per_segment_values: jax.Array) -> jax.Array:
+            return per_segment_values[segment][:, None]
+
+    cut = of_rows(threshold)
+    above, ties = x > cut, x == cut
+    ties_needed = k - per_segment(count(above))
 
     def keep_first_ties(_: None) -> jax.Array:
         # jnp.cumsum, not lax.associative_scan: the scan runs 4x faster on CPU but adds
         # seconds to every compile, for a branch that rarely runs.
-        rank = jnp.cumsum(ties, axis=1, dtype=jnp.int32)
-        return above | (ties & (rank <= ties_needed[:, None]))
+        if segment is None:
+            rank = jnp.cumsum(ties, axis=1, dtype=jnp.int32)
+        else:  # a running count over all chunks, less the count before the segment
+            running = jnp.cumsum(ties.ravel(), dtype=jnp.int32)
+            firsts = np.concatenate([[0], np.flatnonzero(np.diff(segment)) + 1]) * x.shape[1]
+            before = jnp.concatenate([jnp.zeros(1, jnp.int32), running])[firsts]
+            rank = running.reshape(ties.shape) - of_rows(before)
+        return above | (ties & (rank <= of_rows(ties_needed)))
 
     def keep_all_ties(_: None) -> jax.Array:
         return above | ties
 
     # The cumulative sum that ranks ties costs several counting passes, so it runs only
-    # when in some row more entries tie at the threshold than may be kept.
-    masks = lax.cond(jnp.any(count(ties) > ties_needed), keep_first_ties, keep_all_ties,
-                     None)
-    return masks & (k > 0)[:, None]
+    # when in some segment more entries tie at the threshold than may be kept.
+    masks = lax.cond(jnp.any(per_segment(count(ties)) > ties_needed), keep_first_ties,
+                     keep_all_ties, None)
+    return masks & of_rows(k > 0)
+
+
+def _segment_sum(per_row: jax.Array, segment: np.ndarray, n_segments: int) -> jax.Array:
+    """The sums of ``per_row`` over the rows of each segment (``segment`` sorted)."""
+    return jax.ops.segment_sum(per_row, segment, num_segments=n_segments,
+                               indices_are_sorted=True)
 
 
 def bitwise_topk(xs: Sequence[jax.Array], ks: Sequence[jax.Array],
@@ -155,40 +187,17 @@ def bitwise_topk(xs: Sequence[jax.Array], ks: Sequence[jax.Array],
     segment = np.concatenate(segment_of).astype(np.int32)
     k = jnp.concatenate([jnp.reshape(jnp.asarray(k, jnp.int32), (-1,)) for k in ks])
 
-    def per_segment(chunk_counts: jax.Array) -> jax.Array:
-        return jax.ops.segment_sum(chunk_counts, segment, num_segments=n_segments,
-                                   indices_are_sorted=True)
-
     def body(i: jax.Array, answer: jax.Array) -> jax.Array:
         bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
         candidate = answer | bit
-        reached = per_segment(count(keys >= candidate[segment][:, None]))
+        reached = _segment_sum(count(keys >= candidate[segment][:, None]), segment,
+                               n_segments)
         return jnp.where(reached >= k, candidate, answer)
 
     # Inside ``shard_map`` the carry must vary over the mesh axes the keys vary over.
     start = vary(jnp.zeros(n_segments, jnp.uint32), varying_axes(keys, k))
     threshold = lax.fori_loop(0, 32, body, start)
-    cut = threshold[segment][:, None]
-    above, ties = keys > cut, keys == cut
-    ties_needed = k - per_segment(count(above))
-
-    def keep_first_ties(_: None) -> jax.Array:
-        # Each tie's rank within its segment: a running count over all chunks, less the
-        # count before the segment's first entry.
-        running = jnp.cumsum(ties.ravel(), dtype=jnp.int32)
-        firsts = np.concatenate([[0], np.flatnonzero(np.diff(segment)) + 1]) * width
-        before = jnp.concatenate([jnp.zeros(1, jnp.int32), running])[firsts]
-        rank = running.reshape(ties.shape) - before[segment][:, None]
-        return above | (ties & (rank <= ties_needed[segment][:, None]))
-
-    def keep_all_ties(_: None) -> jax.Array:
-        return above | ties
-
-    # The running count that ranks ties costs several passes, so it runs only when in
-    # some segment more entries tie at the threshold than may be kept.
-    chunk_masks = lax.cond(jnp.any(per_segment(count(ties)) > ties_needed),
-                           keep_first_ties, keep_all_ties, None)
-    chunk_masks = chunk_masks & (k > 0)[segment][:, None]
+    chunk_masks = masks_at_threshold(keys, threshold, k, segment)
     masks, cuts, at, row = [], [], 0, 0
     values = key_value(threshold)
     for rows, chunks, n in layout:

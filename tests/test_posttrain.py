@@ -155,7 +155,11 @@ def reference_sparsegpt(kernel, inputs, keep_count, blocksize, nm=None, percdamp
 
 @pytest.mark.parametrize("percdamp", [0.0, 0.01])  # 0.01: the default
 @pytest.mark.parametrize("pattern,sparsity,blocksize", [("unstructured", 0.6, 8),
-                                                        ("2:4", None, 8)])
+                                                        ("2:4", None, 8),
+                                                        # 16 inputs: a block of 12, and a
+                                                        # narrower last one of 4
+                                                        ("unstructured", 0.6, 12),
+                                                        ("2:4", None, 12)])
 def test_sparsegpt_matches_a_float64_reference_from_the_formulas(pattern, sparsity,
                                                                  blocksize, percdamp):
     kernel, inputs = correlated_layer()

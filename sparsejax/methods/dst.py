@@ -168,19 +168,8 @@ def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
         kept, rules.grow_scores(signals), strict=True)], signals.per_entry(n_grow))
     new_masks = [k | g for k, g in zip(kept, grown, strict=True)]
     if leaf_shapes is not None:  # per-leaf signals in, per-leaf masks out
-        new_masks = ungrouped(signals, new_masks, leaf_shapes)
+        new_masks = signals.ungroup(new_masks, leaf_shapes)
     return new_masks, n_drop, n_grow
-
-
-def ungrouped(signals: Signals, entries: list[jax.Array],
-              shapes: list[tuple[int, ...]]) -> list[jax.Array]:
-    """Per-leaf arrays (of ``shapes``, in leaf order) from the rows of grouped
-    ``entries``."""
-    leaves: list[Any] = [None] * len(shapes)
-    for ids, group in zip(signals.rows, entries, strict=True):
-        for row, i in enumerate(ids):
-            leaves[i] = group[row].reshape(shapes[i])
-    return leaves
 
 
 def regrow_masks_units(rules: RegrowRules, signals: Signals, fraction: jax.Array,

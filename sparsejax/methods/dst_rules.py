@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.methods.base import draws_per_leaf
+
 __all__ = [
     "Signals",
     "grouped",
@@ -74,6 +76,16 @@ class Signals(NamedTuple):
         order = np.argsort(np.concatenate([np.asarray(r, int) for r in self.rows]),
                            kind="stable")
         return jnp.concatenate(parts)[order]
+
+    def ungroup(self, entries: list[jax.Array],
+                shapes: list[tuple[int, ...]]) -> list[jax.Array]:
+        """Per-leaf arrays of ``shapes`` (leaf order) from the rows of grouped
+        ``entries`` (one per entry of these grouped signals)."""
+        leaves: list[Any] = [None] * len(shapes)
+        for ids, group in zip(self.rows, entries, strict=True):
+            for row, i in enumerate(ids):
+                leaves[i] = group[row].reshape(shapes[i])
+        return leaves
 
     def per_entry(self, vector: jax.Array) -> list[jax.Array]:
         """A leaf-order vector split as the entries: one value per entry, or, grouped, a
@@ -137,7 +149,8 @@ def uniform_per_leaf(key: jax.Array, signals: Signals) -> list[jax.Array]:
     """``U(0, 1)`` noise shaped like ``signals.params``, leaf ``i`` drawn with
     ``split(key, number of leaves)[i]`` (flattened, row-major, when grouped): the same
     numbers whether or not the signals are grouped. Leaves of one size draw theirs in one
-    vmapped call, so the program holds one random-bits generator per size, not per leaf.
+    vmapped call, so the program holds one random-bits generator per size, not per leaf
+    (:func:`sparsejax.methods.base.draws_per_leaf`).
 
     >>> import jax, jax.numpy as jnp
     >>> leaves = [jnp.ones(3), jnp.ones(3)]
@@ -147,18 +160,12 @@ def uniform_per_leaf(key: jax.Array, signals: Signals) -> list[jax.Array]:
     ...                                       (3,))))
     True
     """
-    grouped_signals = grouped(signals)
-    rows = grouped_signals.rows
-    keys = jax.random.split(key, sum(len(r) for r in rows))
-    drawn = [jax.vmap(lambda k, n=p.shape[1]: jax.random.uniform(k, (n,)))(
-        keys[np.asarray(r, int)]) for r, p in zip(rows, grouped_signals.params, strict=True)]
-    if signals.rows is not None:
-        return drawn
-    noise: list[Any] = [None] * len(signals.params)
-    for r, group in zip(rows, drawn, strict=True):
-        for row, i in enumerate(r):
-            noise[i] = group[row].reshape(signals.params[i].shape)
-    return noise
+    if signals.rows is None:
+        return draws_per_leaf(key, [p.shape for p in signals.params], jax.random.uniform)
+    # grouped: each entry's rows drawn at once, already stacked as the entry is
+    keys = jax.random.split(key, sum(len(r) for r in signals.rows))
+    return [jax.vmap(lambda k, n=p.shape[1]: jax.random.uniform(k, (n,)))(
+        keys[np.asarray(r, int)]) for r, p in zip(signals.rows, signals.params, strict=True)]
 
 
 def magnitude_drop(signals: Signals) -> list[jax.Array]:

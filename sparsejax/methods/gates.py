@@ -80,7 +80,14 @@ import numpy as np
 import optax
 
 from sparsejax.masks import Prunable, default_prunable, dense_masks, prunable_leaves
-from sparsejax.methods.base import InitContext, Method, SparseState, apply_optimizer, step_key
+from sparsejax.methods.base import (
+    InitContext,
+    Method,
+    SparseState,
+    apply_optimizer,
+    draws_per_leaf,
+    step_key,
+)
 from sparsejax.methods.outside import OutsideLoop, register_outside_loop
 from sparsejax.methods.registry import register_method
 from sparsejax.methods.strong import WEIGHT_INITS, init_weights
@@ -477,20 +484,7 @@ def gates(
         per leaf, or (``noise='pool'``) a window of the pool at a random offset, cut into
         the gated leaves' shapes."""
         if noise == "fresh":
-            # Leaf i draws with split(key, n)[i]; the gated leaves of one shape draw in one
-            # vmapped call (the same numbers), one random-bits generator per shape.
-            keys = jax.random.split(key, max(len(shapes), 1))
-            by_shape: dict[tuple[int, ...], list[int]] = {}
-            for i, (shape, f) in enumerate(zip(shapes, is_gated, strict=True)):
-                if f:
-                    by_shape.setdefault(tuple(shape), []).append(i)
-            draws: list[jax.Array | None] = [None] * len(shapes)
-            for shape, ids in by_shape.items():
-                drawn = jax.vmap(lambda k, shape=shape: form.noise(k, shape))(
-                    keys[np.asarray(ids)])
-                for row, i in enumerate(ids):
-                    draws[i] = drawn[row]
-            return draws
+            return draws_per_leaf(key, shapes, form.noise, is_gated)
         pool = state.extra["noise_pool"]
         size = pool.shape[0] // 2
         window = jax.lax.dynamic_slice(pool, (jax.random.randint(key, (), 0, size + 1),),
