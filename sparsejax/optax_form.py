@@ -30,6 +30,7 @@ Array([[0. , 0. , 0. , 0. ],
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -38,13 +39,37 @@ import numpy as np
 import optax
 
 from sparsejax.methods.base import InitContext, Method, SparseState
+from sparsejax.methods.outside import outside_loop
 from sparsejax.methods.registry import get_method
 from sparsejax.transforms import zero_masked
 
-__all__ = ["SparseTxState", "as_optax", "sparse_tx", "masks_of", "replace_masks",
-           "zero_pruned"]
+__all__ = ["SparseTxState", "ZeroCheck", "as_optax", "sparse_tx", "masks_of",
+           "replace_masks", "zero_pruned"]
 
 PyTree = Any
+
+
+class ZeroCheck(NamedTuple):
+    """What :func:`sparse_tx` found when it checked that the pruned weights it zeroed are
+    still zero in the params of the next update (see :func:`masks_of`).
+
+    Attributes:
+      checks_from: int32, the first update (by ``step``) that checks: 1 after ``init``
+        (the first step may come before :func:`zero_pruned`), ``step + 1`` after
+        :func:`replace_masks`.
+      escaped: int32, how many pruned weights were non-zero at the first update that
+        found any (0: none so far).
+      escaped_at: int32, that update's ``step`` (-1: none so far).
+    """
+
+    checks_from: jax.Array
+    escaped: jax.Array
+    escaped_at: jax.Array
+
+
+def _zero_check(checks_from: int | jax.Array = 1) -> ZeroCheck:
+    return ZeroCheck(checks_from=jnp.asarray(checks_from, jnp.int32),
+                     escaped=jnp.zeros((), jnp.int32), escaped_at=jnp.full((), -1, jnp.int32))
 
 
 class SparseTxState(NamedTuple):
@@ -58,6 +83,8 @@ class SparseTxState(NamedTuple):
       inner_state: the state of the wrapped optimizer (inside the method's masking chain).
       rng: the method's PRNG key; per-step keys are ``fold_in(rng, step)``.
       extra: what the method carries besides (SNFS's moving average of the gradients).
+      zero_check: whether pruned weights were found non-zero in the params of an update
+        (:class:`ZeroCheck`); :func:`masks_of` refuses to report masks the params escaped.
     """
 
     step: jax.Array
@@ -65,6 +92,7 @@ class SparseTxState(NamedTuple):
     inner_state: optax.OptState
     rng: jax.Array
     extra: PyTree
+    zero_check: ZeroCheck
 
 
 def _pure(tree: PyTree) -> PyTree:
@@ -74,6 +102,28 @@ def _pure(tree: PyTree) -> PyTree:
 
     as_pure = getattr(nnx, "as_pure", None) or nnx.pure  # flax < 0.12.7 names it nnx.pure
     return as_pure(tree)
+
+
+def _score_method_error(name: str) -> ValueError:
+    return ValueError(
+        f"sparse_tx wraps methods that train the weights; {name!r} trains scores beside "
+        "frozen weights: use sparsejax.nnx.sparsify (Flax NNX) or sparsejax.linen.sparsify "
+        "(a linen TrainState) for it")
+
+
+def _checked(state: SparseTxState, params: PyTree) -> ZeroCheck:
+    """``state.zero_check`` after checking that the weights ``state.masks`` prune are zero
+    in ``params``: the previous update left them so, unless something changed its updates
+    on their way to ``optax.apply_updates`` (a transformation after sparse_tx in a chain)
+    or the params outside the optimizer. One fused count per step, no host callback."""
+    counts = [jnp.sum(jnp.logical_and(jnp.logical_not(m), p != 0), dtype=jnp.int32)
+              for m, p in zip(jax.tree_util.tree_leaves(state.masks),
+                              jax.tree_util.tree_leaves(params), strict=True)]
+    escaped = sum(counts, jnp.zeros((), jnp.int32))
+    check = state.zero_check
+    first = ((state.step >= check.checks_from) & (escaped > 0) & (check.escaped_at < 0))
+    return check._replace(escaped=jnp.where(first, escaped, check.escaped),
+                          escaped_at=jnp.where(first, state.step, check.escaped_at))
 
 
 def as_optax(
@@ -110,31 +160,43 @@ def as_optax(
     else:
         raise ValueError(f"seed must be an int or a PRNG key, got {seed!r}")
 
+    try:
+        outside_loop(method)
+    except ValueError:
+        pass  # a method that trains the weights
+    else:
+        raise _score_method_error(method.name)
+
     def init_fn(params: PyTree) -> SparseTxState:
         params = _pure(params)
         state = method.init(params, rng, model_state, context)
         if jax.tree_util.tree_leaves(state.scores):
-            raise ValueError(
-                f"sparse_tx wraps methods that train the weights; {method.name!r} trains "
-                "scores beside frozen weights: use sparsejax.nnx (Flax NNX) or "
-                "sparsejax.linen (a linen TrainState) for it")
+            raise _score_method_error(method.name)
         return SparseTxState(step=state.step, masks=state.masks, inner_state=state.opt_state,
-                             rng=state.rng, extra=state.extra)
+                             rng=state.rng, extra=state.extra, zero_check=_zero_check())
 
     def update_fn(updates: PyTree, state: SparseTxState, params: PyTree | None = None,
                   **extra_args: Any) -> tuple[PyTree, SparseTxState]:
-        del extra_args  # the wrapped optimizer is called by the method, without them
         if params is None:
             raise ValueError(
                 f"the optax form of {method.name!r} needs the params: call "
                 "tx.update(grads, opt_state, params)")
+        if not isinstance(state, SparseTxState):
+            raise ValueError(
+                f"sparse_tx({method.name!r}).update was given {type(state).__name__}, not "
+                "the state its init returned: call opt_state = tx.init(params) with this "
+                "transformation first")
+        if "masks" in extra_args:
+            raise ValueError("sparse_tx passes optax's extra arguments to the optimizer it "
+                             "wraps; 'masks' is the one its masking transforms take: give "
+                             "the masks with sparsejax.replace_masks instead")
         # The method runs on the params as they are: with zero_pruned before the first
         # step their pruned entries are zero already, and masking them on the way in
         # would make a copy wherever a mask decision (a lax.cond) reads them.
         sparse = SparseState(step=state.step, params=params, masks=state.masks, scores={},
                              opt_state=state.inner_state, rng=state.rng, model_state={},
                              extra=state.extra)
-        new = method.update(sparse, updates)
+        new = method.update(sparse, updates, **extra_args)
         # Masked on the way out (fused with the difference), so pruned entries leave
         # apply_updates at exactly zero: p + (0 - p) == 0, also in a first step taken
         # without zero_pruned or after replace_masks.
@@ -142,7 +204,8 @@ def as_optax(
             lambda new_p, m, p: (jnp.where(m, new_p, jnp.zeros((), new_p.dtype)) - p
                                  ).astype(p.dtype), new.params, new.masks, params)
         return deltas, SparseTxState(step=new.step, masks=new.masks,
-                                     inner_state=new.opt_state, rng=new.rng, extra=new.extra)
+                                     inner_state=new.opt_state, rng=new.rng, extra=new.extra,
+                                     zero_check=_checked(state, params))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -198,19 +261,27 @@ def _find_states(opt_state: PyTree) -> list[SparseTxState]:
     return found
 
 
-def masks_of(opt_state: PyTree) -> PyTree:
-    """The masks held by the :func:`sparse_tx` state inside ``opt_state`` (an optimizer
-    state of any nesting: a chain, ``multi_transform``, ``MultiSteps``, a ``TrainState``'s
-    ``opt_state`` or an ``nnx.Optimizer``'s). With several sparse transformations (say,
-    one per ``multi_transform`` group) the masks of each are merged, each group's leaves
-    from its own; leaves that no sparse transformation holds are ``optax.MaskedNode``.
+def _check_zeros(state: SparseTxState) -> None:
+    """Raise if ``state`` records pruned weights found non-zero (eager values only: under
+    a trace the record is an array the caller reads later)."""
+    check = state.zero_check
+    if isinstance(check.escaped_at, jax.core.Tracer) or int(check.escaped_at) < 0:
+        return
+    raise ValueError(
+        f"sparse_tx: {int(check.escaped):,} pruned weights were non-zero in the params given "
+        f"to update {int(check.escaped_at)}, so the params are not as sparse as these masks. "
+        "Something changed sparse_tx's updates after it: a transformation after it in "
+        "optax.chain (optax.scale, reduce_on_plateau, add_decayed_weights, "
+        "clip_by_global_norm, keep_pruned_zero, ...) scales the updates that set newly "
+        "pruned weights to zero; or the params were changed outside the optimizer. Put "
+        "such transformations inside it: sparse_tx(method, optax.chain(optimizer, ...)); or "
+        "keep them after and zero the pruned weights after every step: params = "
+        "sparsejax.zero_pruned(params, opt_state)")
 
-    >>> import jax.numpy as jnp, optax, sparsejax
-    >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
-    ...                  sparsejax.sparse_tx("static", optax.adam(1e-3), sparsity=0.5))
-    >>> sparsejax.masks_of(tx.init({"w": jnp.ones((2, 2))}))["w"].sum()
-    Array(2, dtype=int32)
-    """
+
+def _masks(opt_state: PyTree) -> PyTree:
+    """The masks of the sparse_tx states in ``opt_state``, in their own structure (an
+    ``nnx.State`` for an ``nnx.Optimizer``), merged over several."""
     states = _find_states(opt_state)
     if len(states) == 1:
         return states[0].masks
@@ -221,6 +292,33 @@ def masks_of(opt_state: PyTree) -> PyTree:
 
     return jax.tree_util.tree_map(merge, *[s.masks for s in states],
                                   is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def masks_of(opt_state: PyTree) -> PyTree:
+    """The masks held by the :func:`sparse_tx` state inside ``opt_state`` (an optimizer
+    state of any nesting: a chain, ``multi_transform``, ``MultiSteps``, a ``TrainState``'s
+    ``opt_state`` or an ``nnx.Optimizer``'s), nested like the params: a dict as the params
+    of a linen ``TrainState``, and for an ``nnx.Optimizer`` the nested dict of
+    ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``. With several sparse
+    transformations (say, one per ``multi_transform`` group) the masks of each are merged,
+    each group's leaves from its own; leaves that no sparse transformation holds are
+    ``optax.MaskedNode``.
+
+    Raises ``ValueError`` if an update found pruned weights non-zero in its params
+    (:class:`ZeroCheck`): the masks would then report a sparsity the params do not have.
+
+    >>> import jax.numpy as jnp, optax, sparsejax
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                  sparsejax.sparse_tx("static", optax.adam(1e-3), sparsity=0.5))
+    >>> sparsejax.masks_of(tx.init({"w": jnp.ones((2, 2))}))["w"].sum()
+    Array(2, dtype=int32)
+    """
+    for state in _find_states(opt_state):
+        _check_zeros(state)
+    masks = _masks(opt_state)
+    from flax import nnx
+
+    return nnx.to_pure_dict(masks) if isinstance(masks, nnx.State) else masks
 
 
 def replace_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
@@ -242,8 +340,10 @@ def replace_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
         raise ValueError(f"this optimizer state holds {len(old)} sparse_tx states: replace "
                          "the masks of each inside its own state")
     check_same_structure(old[0].masks, masks, reference_name="the current masks")
+    # The next update zeroes the newly pruned weights: the check starts after it.
     return jax.tree_util.tree_map(
-        lambda x: x._replace(masks=masks) if _is_tx_state(x) else x, opt_state,
+        lambda x: x._replace(masks=masks, zero_check=x.zero_check._replace(
+            checks_from=x.step + 1)) if _is_tx_state(x) else x, opt_state,
         is_leaf=_is_tx_state)
 
 
@@ -261,10 +361,55 @@ def zero_pruned(params: PyTree, opt_state: PyTree) -> PyTree:
            [ 2.,  0.]], dtype=float32)
     """
     params = _pure(params)
-    masks = masks_of(opt_state)
+    _warn_if_followed(opt_state)
+    masks = _masks(opt_state)
     # Leaves that no sparse transformation holds (a multi_transform group of another
     # optimizer) are MaskedNode in the masks: keep them.
     masks = jax.tree_util.tree_map(
         lambda m, p: jnp.ones(jnp.shape(p), bool) if isinstance(m, optax.MaskedNode) else m,
         masks, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     return zero_masked(params, masks)
+
+
+def _followers(node: Any) -> tuple[bool, list[str]]:
+    """Whether ``node`` holds a sparse_tx state, and the state types of the
+    transformations that come after one in an ``optax.chain`` (whose state is a plain
+    tuple, one entry per transformation). ``optax.masked`` states are left out: a masked
+    transformation after it usually trains other leaves (the biases)."""
+    if _is_tx_state(node):
+        return True, []
+    if isinstance(node, dict):
+        children = list(node.values())
+    elif isinstance(node, (list, tuple)):  # a chain, or a NamedTuple state around one
+        children = list(node)
+    else:
+        return False, []
+    is_chain = not hasattr(node, "_fields")
+    holds, after = False, []
+    for i, child in enumerate(children):
+        child_holds, child_after = _followers(child)
+        after += child_after
+        if child_holds:
+            holds = True
+            if is_chain:
+                after += [type(c).__name__ for c in children[i + 1:]
+                          if not isinstance(c, optax.MaskedState)]
+    return holds, after
+
+
+def _warn_if_followed(opt_state: PyTree) -> None:
+    """Before the first step, warn if transformations follow sparse_tx in a chain."""
+    states = _find_states(opt_state)
+    if any(isinstance(s.step, jax.core.Tracer) or int(s.step) != 0 for s in states):
+        return
+    _, after = _followers(_pure(opt_state))
+    if after:
+        warnings.warn(
+            f"optax.chain runs {len(after)} transformation(s) after sparse_tx (their states: "
+            f"{', '.join(after)}): one that scales or adds to the updates (optax.scale, "
+            "reduce_on_plateau, add_decayed_weights, clip_by_global_norm, ...) moves the "
+            "weights a mask update prunes off zero. Put them inside: sparse_tx(method, "
+            "optax.chain(optimizer, ...)); or keep them after and zero the pruned weights "
+            "after every step: params = sparsejax.zero_pruned(params, opt_state). "
+            "sparsejax.masks_of raises once pruned weights were found non-zero.",
+            UserWarning, stacklevel=3)

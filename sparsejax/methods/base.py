@@ -43,6 +43,7 @@ __all__ = [
     "no_penalty",
     "masks_in_state",
     "apply_optimizer",
+    "count_skipped_step",
 ]
 
 PyTree = Any
@@ -139,7 +140,10 @@ InitFn = Callable[..., SparseState]
 an :class:`InitContext` for methods that score weights on data, ignored by the others."""
 TrainablesFn = Callable[[SparseState], PyTree]
 MaterializeFn = Callable[[SparseState, PyTree], PyTree]
-UpdateFn = Callable[[SparseState, PyTree], SparseState]
+UpdateFn = Callable[..., SparseState]
+"""``update(state, grads, **extra_args) -> SparseState``; ``extra_args`` (optax's extra
+arguments, such as ``reduce_on_plateau``'s ``value``) reach the optimizer the method
+wraps."""
 EffectiveParamsFn = Callable[[SparseState], PyTree]
 HardMasksFn = Callable[[SparseState], PyTree]
 MaskedParamsFn = Callable[[SparseState, PyTree], PyTree]
@@ -201,10 +205,10 @@ def select(due: jax.Array | bool, on_due: Callable[[], Any],
 
 
 def scheduled_update(
-    update_with: Callable[[SparseState, PyTree, jax.Array | bool], SparseState],
+    update_with: Callable[..., SparseState],
     due: Callable[[Any], jax.Array | bool],
 ) -> tuple[UpdateFn, MaskPhases]:
-    """``(update, phases)`` from one ``update_with(state, grads, due)`` written with
+    """``(update, phases)`` from one ``update_with(state, grads, due, **extra_args)`` written with
     :func:`branch`, and ``due(steps_done)`` that answers for a traced counter (an array)
     and for the host's (a Python int, a Python bool): ``update`` asks ``due`` on the
     traced ``state.step + 1``, the phases fix it to ``False`` / ``True``.
@@ -221,12 +225,16 @@ def scheduled_update(
     (True, False)
     """
 
-    def update(state: SparseState, grads: PyTree) -> SparseState:
-        return update_with(state, grads, due(state.step + 1))
+    def update(state: SparseState, grads: PyTree, **extra_args: Any) -> SparseState:
+        return update_with(state, grads, due(state.step + 1), **extra_args)
 
-    return update, MaskPhases(due=due,
-                              train=lambda state, grads: update_with(state, grads, False),
-                              move=lambda state, grads: update_with(state, grads, True))
+    def train(state: SparseState, grads: PyTree, **extra_args: Any) -> SparseState:
+        return update_with(state, grads, False, **extra_args)
+
+    def move(state: SparseState, grads: PyTree, **extra_args: Any) -> SparseState:
+        return update_with(state, grads, True, **extra_args)
+
+    return update, MaskPhases(due=due, train=train, move=move)
 
 
 def params_as_they_are(state: SparseState, trainables: PyTree) -> PyTree:
@@ -290,8 +298,10 @@ class Method(_MethodFields):
       trainables: what ``jax.grad`` differentiates (params, scores, or both).
       materialize: ``(state, trainables) -> params`` the effective params used in the
         training forward pass; differentiable in ``trainables``.
-      update: ``(state, grads) -> state``, pure; ``grads`` match ``trainables(state)``.
-        It increments ``state.step``.
+      update: ``(state, grads, **extra_args) -> state``, pure; ``grads`` match
+        ``trainables(state)``. It increments ``state.step``. Keyword arguments are optax's
+        extra arguments (``reduce_on_plateau``'s ``value``): they reach the optimizer
+        the method wraps, as in ``optax.GradientTransformationExtraArgs``.
       effective_params: ``state -> params`` used for evaluation and export: the hard
         binary mask applied to the weights, no noise.
       penalty: ``(state, trainables) -> scalar`` added to the loss (e.g. an L0 penalty).
@@ -348,12 +358,12 @@ def checking_grads(update: UpdateFn, trainables: TrainablesFn) -> UpdateFn:
     compiled = jax.jit(update)
 
     @functools.wraps(update)
-    def checked(state: SparseState, grads: PyTree) -> SparseState:
+    def checked(state: SparseState, grads: PyTree, **extra_args: Any) -> SparseState:
         check_grads(trainables(state), grads)
         if any(isinstance(leaf, jax.core.Tracer)
-               for leaf in jax.tree_util.tree_leaves((state, grads))):
-            return update(state, grads)
-        return compiled(state, grads)
+               for leaf in jax.tree_util.tree_leaves((state, grads, extra_args))):
+            return update(state, grads, **extra_args)
+        return compiled(state, grads, **extra_args)
 
     setattr(checked, _CHECKED_AGAINST, trainables)
     return checked
@@ -409,3 +419,27 @@ def apply_optimizer(
         optimizer = optax.with_extra_args_support(optimizer)
     updates, opt_state = optimizer.update(grads, opt_state, values, **extra_args)
     return optax.apply_updates(values, updates), opt_state
+
+
+def count_skipped_step(opt_state: optax.OptState) -> optax.OptState:
+    """``opt_state`` after a step on which the method did not run its optimizer (RigL's
+    mask-update steps): every step counter in it (each ``count`` field of its state
+    tuples, as ``optax.tree_utils.tree_get_all_with_path(opt_state, 'count')`` finds them:
+    schedules, ``inject_hyperparams``, Adam's bias correction) advances by one and
+    nothing else moves, so a schedule inside the wrapped optimizer follows the training
+    step rather than the number of optimizer steps.
+
+    >>> import jax.numpy as jnp, optax
+    >>> opt = optax.inject_hyperparams(optax.sgd)(
+    ...     learning_rate=optax.linear_schedule(1.0, 0.0, 10), momentum=0.9)
+    >>> state = count_skipped_step(opt.init({"w": jnp.ones(2)}))
+    >>> [int(c) for _, c in optax.tree_utils.tree_get_all_with_path(state, "count")]
+    [1, 1]
+    """
+    def advance(path: tuple[Any, ...], leaf: Any) -> Any:
+        field = path[-1] if path else None
+        if isinstance(field, jax.tree_util.GetAttrKey) and field.name == "count":
+            return leaf + jnp.ones((), jnp.result_type(leaf))
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(advance, opt_state)

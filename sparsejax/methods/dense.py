@@ -36,8 +36,9 @@ def dense(optimizer: optax.GradientTransformation) -> Method:
         return SparseState.create(params=params, rng=rng, opt_state=optimizer.init(params),
                                   model_state=model_state)
 
-    def update(state: SparseState, grads: Any) -> SparseState:
-        params, opt_state = apply_optimizer(optimizer, grads, state.opt_state, state.params)
+    def update(state: SparseState, grads: Any, **extra_args: Any) -> SparseState:
+        params, opt_state = apply_optimizer(optimizer, grads, state.opt_state, state.params,
+                                            **extra_args)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
     return Method(

@@ -67,6 +67,7 @@ from sparsejax.methods.base import (
     SparseState,
     apply_optimizer,
     branch,
+    count_skipped_step,
     scheduled_update,
     select,
     step_key,
@@ -287,8 +288,9 @@ def prune_and_regrow(
       drop_fraction: schedule of the fraction handed to ``rules.drop_counts``, evaluated
         at the number of steps done (including the current one).
       end_step: no mask updates from this step on (``None``: never stop).
-      skip_optimizer_on_update: on update steps, only move the mask (RigL's code);
-        otherwise the optimizer steps first and the mask moves after.
+      skip_optimizer_on_update: on update steps, only move the mask (RigL's code; the
+        optimizer's step counters still advance, so its schedules follow the training
+        step); otherwise the optimizer steps first and the mask moves after.
       momentum: if set, keep ``m = beta * m + (1 - beta) * g`` of the dense gradients in
         ``state.extra['grad_momentum']`` for the rules (SNFS).
       prunable, overrides: which leaves are sparse, as in :func:`sparsejax.static`.
@@ -352,7 +354,8 @@ def prune_and_regrow(
             masks[i] = mask
         return jax.tree_util.tree_unflatten(treedef, masks)
 
-    def update_with(state: SparseState, grads: Any, due: jax.Array | bool) -> SparseState:
+    def update_with(state: SparseState, grads: Any, due: jax.Array | bool,
+                    **extra_args: Any) -> SparseState:
         # Only the mask decision sits in the branch (a lax.cond for a traced ``due``): its
         # top-k needs it, while the optimizer step, the zeroing of grown weights and the
         # slot reset are elementwise and run every step as selections on ``due``, which
@@ -365,16 +368,19 @@ def prune_and_regrow(
 
         def optimizer_step() -> tuple[Any, Any]:
             return apply_optimizer(chained, grads, state.opt_state, state.params,
-                                   masks=state.masks)
+                                   masks=state.masks, **extra_args)
 
         if skip_optimizer_on_update:
             # Update steps only move the mask (RigL's code), decided on the weights before
             # the step: the decision comes first, so the optimizer step, the zeroing and
-            # the slot reset after it fuse into one elementwise pass.
+            # the slot reset after it fuse into one elementwise pass. The optimizer's step
+            # counters still count the step, as RigL's global step does, so a schedule
+            # inside it follows the training step.
             masks = branch(due, lambda: decide(state, state.params, grads, extra),
                            lambda: state.masks)
-            params, opt_state = select(due, lambda: (state.params, state.opt_state),
-                                       optimizer_step)
+            params, opt_state = select(
+                due, lambda: (state.params, count_skipped_step(state.opt_state)),
+                optimizer_step)
         else:  # the optimizer steps first and the mask moves after
             params, opt_state = optimizer_step()
             masks = branch(due, lambda: decide(state, params, grads, extra),

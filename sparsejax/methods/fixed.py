@@ -101,9 +101,9 @@ def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
         return SparseState.create(params=params, masks=masks, rng=rng,
                                   opt_state=chained.init(params), model_state=model_state)
 
-    def update(state: SparseState, grads: Any) -> SparseState:
+    def update(state: SparseState, grads: Any, **extra_args: Any) -> SparseState:
         params, opt_state = apply_optimizer(chained, grads, state.opt_state, state.params,
-                                            masks=state.masks)
+                                            masks=state.masks, **extra_args)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
     return masked_weights_method(name, init, update)

@@ -252,7 +252,9 @@ def gates(
     total_steps: int | None = None,
     prunable: Prunable = default_prunable,
 ) -> Method:
-    """Strong lottery tickets with relaxed Bernoulli gates over frozen weights.
+    """Strong lottery tickets with relaxed Bernoulli gates over frozen weights
+    (Tsayag & Lindenbaum 2026), in the gate forms of Yamada et al. 2020 (``'gaussian'``)
+    and Louizos et al. 2018 (``'hard_concrete'``).
 
     Args:
       optimizer: trains the gate parameters (``state.scores``).
@@ -553,8 +555,9 @@ def gates(
         return state.replace(step=state.step + 1, scores=scores,
                              extra={**state.extra, "lam": lam_now})
 
-    def update(state: SparseState, grads: PyTree) -> SparseState:
-        scores, opt_state = apply_optimizer(optimizer, grads, state.opt_state, state.scores)
+    def update(state: SparseState, grads: PyTree, **extra_args: Any) -> SparseState:
+        scores, opt_state = apply_optimizer(optimizer, grads, state.opt_state, state.scores,
+                                            **extra_args)
         return advance(state.replace(scores=scores, opt_state=opt_state))
 
     def masked_params(state: SparseState, masks: PyTree) -> PyTree:

@@ -272,9 +272,10 @@ def scheduled_magnitude(
                     raise named_error(name, error) from None
         return select_holder[key]
 
-    def update_with(state: SparseState, grads: PyTree, due: jax.Array | bool) -> SparseState:
+    def update_with(state: SparseState, grads: PyTree, due: jax.Array | bool,
+                    **extra_args: Any) -> SparseState:
         params, opt_state = apply_optimizer(chained, grads, state.opt_state, state.params,
-                                            masks=state.masks)
+                                            masks=state.masks, **extra_args)
         step = state.step + 1
 
         def prune() -> PyTree:
@@ -331,7 +332,7 @@ def gradual_magnitude(
     end_step: int | None = None, frequency: int = 100, pattern: str | Pattern = "unstructured",
     prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
 ) -> Method:
-    """Gradual magnitude pruning on Zhu & Gupta's cubic schedule
+    """Gradual magnitude pruning on the cubic schedule of Zhu & Gupta 2017
     (:func:`sparsejax.cubic_sparsity`): every ``frequency`` steps from ``begin_step`` to
     ``end_step`` (default 75% of ``total_steps``) the smallest ``|w|`` are pruned up to the
     scheduled sparsity, reaching ``sparsity`` at ``end_step``.
@@ -363,7 +364,10 @@ def gradual_magnitude(
     if not steps or steps[-1] != end:
         steps.append(end)
     steps = [t for t in steps if t >= 1]
-    sparsities = [float(schedule(t)) for t in steps]
+    # Python floats from shapes and steps alone, also when the method is built inside a
+    # trace (optax.inject_hyperparams builds it in every update).
+    with jax.ensure_compile_time_eval():
+        sparsities = [float(schedule(t)) for t in steps]
     sparsities[-1] = sparsity
     return scheduled_magnitude(optimizer, steps, sparsities, distribution, pattern=pattern,
                                prunable=prunable, overrides=overrides,
@@ -392,8 +396,9 @@ def snip(
     prune_biases: bool = False, fresh_init: bool = False, pattern: str | Pattern = "unstructured",
     prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
 ) -> Method:
-    """SNIP: keep the largest connection sensitivities ``|g * w|`` at init (scored on the
-    batches of the :class:`~sparsejax.InitContext`), then train the survivors.
+    """SNIP (Lee et al. 2019): keep the largest connection sensitivities ``|g * w|`` at
+    init (scored on the batches of the :class:`~sparsejax.InitContext`), then train the
+    survivors.
 
     Two options give the protocol of the SNIP reference code (namhoonlee/snip-public):
 
@@ -442,9 +447,10 @@ def grasp(
     pattern: str | Pattern = "unstructured",
     prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
 ) -> Method:
-    """GraSP: remove the weights with the largest ``-w * H g`` (keep the smallest) at init,
-    then train the survivors. With ``apply_fn`` (the harness gives it) logits are divided
-    by ``temperature`` and ``samples_per_class`` examples of each class are used.
+    """GraSP (Wang et al. 2020): remove the weights with the largest ``-w * H g`` (keep the
+    smallest) at init, then train the survivors. With ``apply_fn`` (the harness gives it)
+    logits are divided by ``temperature`` and ``samples_per_class`` examples of each class
+    are used.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> from sparsejax.methods.base import InitContext
@@ -473,10 +479,11 @@ def synflow(
     input_shape: Sequence[int] | None = None, pattern: str | Pattern = "unstructured",
     prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
 ) -> Method:
-    """SynFlow: data-free iterative pruning at init (:func:`synflow_masks`), then training
-    the survivors. Needs ``apply_fn`` (the harness gives it) and the input shape of one
-    example (``input_shape``, else read off the first batch of the init context). With a
-    ``pattern`` every round's mask obeys it (see :func:`synflow_masks`).
+    """SynFlow (Tanaka et al. 2020): data-free iterative pruning at init
+    (:func:`synflow_masks`), then training the survivors. Needs ``apply_fn`` (the harness
+    gives it) and the input shape of one example (``input_shape``, else read off the first
+    batch of the init context). With a ``pattern`` every round's mask obeys it (see
+    :func:`synflow_masks`).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> f = lambda p, s, x: x @ p["a"] @ p["b"]

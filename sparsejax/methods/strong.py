@@ -469,9 +469,9 @@ def score_supermask(
                                state.extra[TOPK_CUTS_KEY])
         return state.replace(masks=masks, extra={**state.extra, TOPK_CUTS_KEY: cuts})
 
-    def update(state: SparseState, grads: PyTree) -> SparseState:
+    def update(state: SparseState, grads: PyTree, **extra_args: Any) -> SparseState:
         values, opt_state = apply_optimizer(optimizer, grads, state.opt_state,
-                                            trainables(state))
+                                            trainables(state), **extra_args)
         stepped = with_trainables(state, values).replace(opt_state=opt_state)
         return refresh(advance(stepped))
 
