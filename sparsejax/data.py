@@ -124,6 +124,12 @@ def load_dataset(
       ``context`` characters (``None``: :data:`DEFAULT_CONTEXT`; :mod:`sparsejax.data_text`);
       ``context`` is ignored by the other datasets.
 
+    Images are standardised, not only scaled: the ``uint8`` pixels of ``mnist``,
+    ``fashion_mnist``, ``cifar10`` and ``cifar100`` become ``(x / 255 - mean) / std`` per
+    channel, with the mean and standard deviation of the training images (MNIST: 0.1307
+    and 0.3081), so they are centred near 0 with unit spread rather than in [0, 1];
+    ``mnist1d`` comes standardised by its package.
+
     Raises ``ValueError`` for an unknown name or a corrupt IDX file, and
     :class:`DatasetNotAvailableError` when the data is neither present nor obtainable.
 

@@ -2,7 +2,7 @@
 
 The blocks of one file run in order in one namespace (a page may build on its earlier
 blocks), in a temporary working directory. Blocks fenced as anything but ``python`` (shell
-commands, JaxPruner code shown for comparison) are not run.
+commands, printed output) are not run.
 """
 
 import pathlib
