@@ -21,21 +21,24 @@ engine's: the same masks, the same straight-through gradients, the same gate noi
 (``fold_in(rng, step)``). After ``model.eval()`` (or ``nnx.view(model,
 deterministic=True)``) it uses the hard, noise-free masks of evaluation.
 
-A train step: differentiate and update :data:`Trainable` (the scores, and the weights of
-``supermask_weights``), add :func:`penalty` (the gates' expected-L0 term; zero for the
-others), and call :func:`update` after the optimizer (the step counter the gates' noise
-and ramps read, the gates' controller); :class:`Optimizer` does that last call itself.
+A train step: differentiate and update the ``nnx.Param``s (the scores, a kind of
+``nnx.Param``; the weights of ``supermask_weights``; biases and norms with
+``other_params='trained'``), the dense model's step unchanged; add :func:`penalty` (the
+gates' expected-L0 term; zero for the others), and call :func:`update` after the
+optimizer (the step counter the gates' noise and ramps read, the gates' controller);
+:class:`Optimizer` does that last call itself.
 
 >>> import jax, jax.numpy as jnp, optax, sparsejax
 >>> from flax import nnx
 >>> model = nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
->>> model = sparsejax.nnx.sparsify(model, "edge_popup", sparsity=0.5, rng=1)
+>>> model = sparsejax.nnx.sparsify(model, "edge_popup", sparsity=0.5, rng=1,
+...                                other_params="frozen")   # the bias: kept at init
 >>> optimizer = sparsejax.nnx.Optimizer(model, optax.sgd(0.1))   # wrt=Trainable
 >>> @nnx.jit
 ... def train_step(model, optimizer, x):
 ...     def loss_fn(model):
 ...         return jnp.mean(model(x) ** 2) + sparsejax.nnx.penalty(model)
-...     grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, sparsejax.nnx.Trainable))(model)
+...     grads = nnx.grad(loss_fn)(model)   # a Score is an nnx.Param
 ...     optimizer.update(model, grads)   # also runs sparsejax.nnx.update(model)
 >>> train_step(model, optimizer, jnp.ones((2, 8)))
 >>> [path for path, _ in nnx.to_flat_state(nnx.state(model, sparsejax.nnx.Score))]
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Any, TypeVar
 
 import jax
@@ -90,8 +94,12 @@ class Frozen(nnx.Variable):
     """Weights a method keeps fixed (the random weights of a strong ticket)."""
 
 
-class Score(nnx.Variable):
-    """Trainable per-weight variables of a score method, beside the weight they score."""
+class Score(nnx.Param):
+    """Trainable per-weight variables of a score method, beside the weight they score.
+
+    A kind of ``nnx.Param`` (as Flax's ``nnx.LoRAParam``), so a train step written for the
+    dense model, ``nnx.grad(loss_fn)(model)`` with ``nnx.Optimizer(model, tx,
+    wrt=nnx.Param)``, trains the scores unchanged; ``wrt=Score`` selects them alone."""
 
 
 class Gate(Score):
@@ -103,8 +111,10 @@ class MethodState(nnx.Variable):
 
 
 Trainable = nnx.Any(nnx.Param, Score)
-"""What a method trains: its scores, and the weights that stay ``nnx.Param``
-(``supermask_weights``). Use it as ``wrt=`` and in ``nnx.DiffState``."""
+"""What a method trains: its scores, and what stays ``nnx.Param`` (the weights of
+``supermask_weights``; biases and norms with ``other_params='trained'``). Since a
+:class:`Score` is an ``nnx.Param``, it selects what ``nnx.Param`` selects; use either as
+``wrt=`` and in ``nnx.DiffState``."""
 
 
 class SparseVars(nnx.Module):
@@ -112,10 +122,11 @@ class SparseVars(nnx.Module):
     leaves it sees, ``step``, ``rng`` and the entries of ``SparseState.extra``."""
 
     def __init__(self, method: Method, paths: tuple[Path, ...], suffix: str,
-                 state: SparseState) -> None:
+                 state: SparseState, other_params: str = "frozen") -> None:
         self.method = method
         self.paths = paths
         self.suffix = suffix
+        self.other_params = other_params
         self.deterministic = False
         self.step = MethodState(state.step)
         self.rng = MethodState(state.rng)
@@ -251,7 +262,7 @@ def _sparse_class(cls: type) -> type:
 
 
 def sparsify(model: M, method: Method | str, *, rng: jax.Array | int,
-             **options: Any) -> M:
+             other_params: str | None = None, **options: Any) -> M:
     """Turn ``model`` (in place; also returned) into a model trained by a score method.
 
     Args:
@@ -262,10 +273,19 @@ def sparsify(model: M, method: Method | str, *, rng: jax.Array | int,
         not used: ``nnx.Optimizer`` trains), or one of those names with ``options``.
       rng: the method's PRNG key (or an int seed): the weight and score inits, the gates'
         per-step noise ``fold_in(rng, step)``, as the native ``method.init(params, rng)``.
+      other_params: what becomes of the params the method gives no scores (biases,
+        ``BatchNorm``/``LayerNorm`` scale and bias): ``'frozen'`` (:class:`Frozen` at the
+        model's init, as the native methods and the papers: Edge-Popup trains no biases or
+        affine norm parameters) or ``'trained'`` (they stay ``nnx.Param`` and the
+        optimizer trains them beside the scores; a ticket then needs them too, so
+        :func:`export_ticket` refuses). ``None`` (the default) freezes them and warns,
+        naming them, when the model has any. ``supermask_weights`` trains every param.
       **options: the method's options when ``method`` is a name (``sparsity=0.5``, ...).
 
     Per-layer densities, weight and score inits are the native method's for these params.
     """
+    if other_params not in (None, "frozen", "trained"):
+        raise ValueError(f"other_params must be 'frozen' or 'trained', got {other_params!r}")
     if isinstance(method, str):
         method = get_method(method, optax.identity(), **options)
     elif options:
@@ -283,17 +303,30 @@ def sparsify(model: M, method: Method | str, *, rng: jax.Array | int,
     params = _nest({p: nodes[p].get_value() for p in paths})
     state = jax.jit(method.init)(params, rng)  # as the harness: bitwise its weights
     suffix = "_gates" if loop.scores_layout == "like_params" else "_scores"
-    sparse = SparseVars(method, paths, suffix, state)
+    if loop.trains_weights and other_params == "frozen":
+        raise ValueError(f"method {method.name!r} trains every param: other_params='frozen' "
+                         "does not apply to it")
+    sparse = SparseVars(method, paths, suffix, state,
+                        "trained" if loop.trains_weights else other_params or "frozen")
     new_params = _flat(state.params)
+    scored = _scores_by_path(sparse, state)
+    others = [path for path in paths if path not in scored]
+    if other_params is None and others and not loop.trains_weights:
+        names = ", ".join(_name(p) for p in others[:6]) + (", ..." if len(others) > 6 else "")
+        warnings.warn(
+            f"sparsify({method.name!r}) freezes {len(others)} param(s) it gives no scores "
+            f"({names}) at their init, as the papers do; pass other_params='trained' to "
+            "train them with the scores, or other_params='frozen' to keep this and silence "
+            "the warning", UserWarning, stacklevel=2)
     for path in paths:
         variable = nodes[path]
-        if loop.trains_weights:
+        if loop.trains_weights or (path in others and sparse.other_params == "trained"):
             variable.set_value(new_params[path])
         else:
             setattr(nodes[path[:-1]], path[-1],
                     Frozen.from_metadata(new_params[path], variable.get_metadata()))
     kind = Gate if loop.scores_layout == "like_params" else Score
-    for path, value in _scores_by_path(sparse, state).items():
+    for path, value in scored.items():
         if not isinstance(path[-1], str) or hasattr(nodes[path[:-1]], path[-1] + suffix):
             raise ValueError(f"cannot place the scores of {_name(path)} beside it")
         setattr(nodes[path[:-1]], path[-1] + suffix, kind(value))
@@ -377,6 +410,9 @@ def export_ticket(model: nnx.Module, output: str | os.PathLike[str]) -> dict[str
     if outside_loop(sparse.method).trains_weights:
         raise ValueError(f"method {sparse.method.name!r} trains the weights: a ticket is "
                          "frozen weights plus a mask")
+    if sparse.other_params == "trained":
+        raise ValueError("this model trains its biases and norms (other_params='trained'): "
+                         "a ticket is frozen weights plus a mask; save the model instead")
     return export_state_ticket(sparse.method, sparse_state(model), output,
                                source="sparsejax.nnx")
 

@@ -265,11 +265,16 @@ def _check_zeros(state: SparseTxState) -> None:
     """Raise if ``state`` records pruned weights found non-zero (eager values only: under
     a trace the record is an array the caller reads later)."""
     check = state.zero_check
-    if isinstance(check.escaped_at, jax.core.Tracer) or int(check.escaped_at) < 0:
+    if isinstance(check.escaped_at, jax.core.Tracer):
         return
+    # One record, or one per device of a replicated (pmap) state.
+    at, escaped = np.ravel(check.escaped_at), np.ravel(check.escaped)
+    if not np.any(at >= 0):
+        return
+    first = int(np.argmax(at >= 0))
     raise ValueError(
-        f"sparse_tx: {int(check.escaped):,} pruned weights were non-zero in the params given "
-        f"to update {int(check.escaped_at)}, so the params are not as sparse as these masks. "
+        f"sparse_tx: {int(escaped[first]):,} pruned weights were non-zero in the params given "
+        f"to update {int(at[first])}, so the params are not as sparse as these masks. "
         "Something changed sparse_tx's updates after it: a transformation after it in "
         "optax.chain (optax.scale, reduce_on_plateau, add_decayed_weights, "
         "clip_by_global_norm, keep_pruned_zero, ...) scales the updates that set newly "
@@ -400,7 +405,8 @@ def _followers(node: Any) -> tuple[bool, list[str]]:
 def _warn_if_followed(opt_state: PyTree) -> None:
     """Before the first step, warn if transformations follow sparse_tx in a chain."""
     states = _find_states(opt_state)
-    if any(isinstance(s.step, jax.core.Tracer) or int(s.step) != 0 for s in states):
+    if any(isinstance(s.step, jax.core.Tracer) or np.any(np.asarray(s.step) != 0)
+           for s in states):
         return
     _, after = _followers(_pure(opt_state))
     if after:
