@@ -30,7 +30,6 @@ Array([[0. , 0. , 0. , 0. ],
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -41,35 +40,19 @@ import optax
 from sparsejax.methods.base import InitContext, Method, SparseState
 from sparsejax.methods.outside import outside_loop
 from sparsejax.methods.registry import get_method
+from sparsejax.optax_zero_check import (
+    ZeroCheck,
+    checked,
+    fresh_check,
+    raise_if_escaped,
+    warn_if_followed,
+)
 from sparsejax.transforms import zero_masked
 
 __all__ = ["SparseTxState", "ZeroCheck", "as_optax", "sparse_tx", "masks_of",
            "replace_masks", "zero_pruned"]
 
 PyTree = Any
-
-
-class ZeroCheck(NamedTuple):
-    """What :func:`sparse_tx` found when it checked that the pruned weights it zeroed are
-    still zero in the params of the next update (see :func:`masks_of`).
-
-    Attributes:
-      checks_from: int32, the first update (by ``step``) that checks: 1 after ``init``
-        (the first step may come before :func:`zero_pruned`), ``step + 1`` after
-        :func:`replace_masks`.
-      escaped: int32, how many pruned weights were non-zero at the first update that
-        found any (0: none so far).
-      escaped_at: int32, that update's ``step`` (-1: none so far).
-    """
-
-    checks_from: jax.Array
-    escaped: jax.Array
-    escaped_at: jax.Array
-
-
-def _zero_check(checks_from: int | jax.Array = 1) -> ZeroCheck:
-    return ZeroCheck(checks_from=jnp.asarray(checks_from, jnp.int32),
-                     escaped=jnp.zeros((), jnp.int32), escaped_at=jnp.full((), -1, jnp.int32))
 
 
 class SparseTxState(NamedTuple):
@@ -109,21 +92,6 @@ def _score_method_error(name: str) -> ValueError:
         f"sparse_tx wraps methods that train the weights; {name!r} trains scores beside "
         "frozen weights: use sparsejax.nnx.sparsify (Flax NNX) or sparsejax.linen.sparsify "
         "(a linen TrainState) for it")
-
-
-def _checked(state: SparseTxState, params: PyTree) -> ZeroCheck:
-    """``state.zero_check`` after checking that the weights ``state.masks`` prune are zero
-    in ``params``: the previous update left them so, unless something changed its updates
-    on their way to ``optax.apply_updates`` (a transformation after sparse_tx in a chain)
-    or the params outside the optimizer. One fused count per step, no host callback."""
-    counts = [jnp.sum(jnp.logical_and(jnp.logical_not(m), p != 0), dtype=jnp.int32)
-              for m, p in zip(jax.tree_util.tree_leaves(state.masks),
-                              jax.tree_util.tree_leaves(params), strict=True)]
-    escaped = sum(counts, jnp.zeros((), jnp.int32))
-    check = state.zero_check
-    first = ((state.step >= check.checks_from) & (escaped > 0) & (check.escaped_at < 0))
-    return check._replace(escaped=jnp.where(first, escaped, check.escaped),
-                          escaped_at=jnp.where(first, state.step, check.escaped_at))
 
 
 def as_optax(
@@ -173,7 +141,7 @@ def as_optax(
         if jax.tree_util.tree_leaves(state.scores):
             raise _score_method_error(method.name)
         return SparseTxState(step=state.step, masks=state.masks, inner_state=state.opt_state,
-                             rng=state.rng, extra=state.extra, zero_check=_zero_check())
+                             rng=state.rng, extra=state.extra, zero_check=fresh_check())
 
     def update_fn(updates: PyTree, state: SparseTxState, params: PyTree | None = None,
                   **extra_args: Any) -> tuple[PyTree, SparseTxState]:
@@ -205,7 +173,7 @@ def as_optax(
                                  ).astype(p.dtype), new.params, new.masks, params)
         return deltas, SparseTxState(step=new.step, masks=new.masks,
                                      inner_state=new.opt_state, rng=new.rng, extra=new.extra,
-                                     zero_check=_checked(state, params))
+                                     zero_check=checked(state, params))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -261,29 +229,6 @@ def _find_states(opt_state: PyTree) -> list[SparseTxState]:
     return found
 
 
-def _check_zeros(state: SparseTxState) -> None:
-    """Raise if ``state`` records pruned weights found non-zero (eager values only: under
-    a trace the record is an array the caller reads later)."""
-    check = state.zero_check
-    if isinstance(check.escaped_at, jax.core.Tracer):
-        return
-    # One record, or one per device of a replicated (pmap) state.
-    at, escaped = np.ravel(check.escaped_at), np.ravel(check.escaped)
-    if not np.any(at >= 0):
-        return
-    first = int(np.argmax(at >= 0))
-    raise ValueError(
-        f"sparse_tx: {int(escaped[first]):,} pruned weights were non-zero in the params given "
-        f"to update {int(at[first])}, so the params are not as sparse as these masks. "
-        "Something changed sparse_tx's updates after it: a transformation after it in "
-        "optax.chain (optax.scale, reduce_on_plateau, add_decayed_weights, "
-        "clip_by_global_norm, keep_pruned_zero, ...) scales the updates that set newly "
-        "pruned weights to zero; or the params were changed outside the optimizer. Put "
-        "such transformations inside it: sparse_tx(method, optax.chain(optimizer, ...)); or "
-        "keep them after and zero the pruned weights after every step: params = "
-        "sparsejax.zero_pruned(params, opt_state)")
-
-
 def _masks(opt_state: PyTree) -> PyTree:
     """The masks of the sparse_tx states in ``opt_state``, in their own structure (an
     ``nnx.State`` for an ``nnx.Optimizer``), merged over several."""
@@ -319,7 +264,7 @@ def masks_of(opt_state: PyTree) -> PyTree:
     Array(2, dtype=int32)
     """
     for state in _find_states(opt_state):
-        _check_zeros(state)
+        raise_if_escaped(state)
     masks = _masks(opt_state)
     from flax import nnx
 
@@ -366,7 +311,7 @@ def zero_pruned(params: PyTree, opt_state: PyTree) -> PyTree:
            [ 2.,  0.]], dtype=float32)
     """
     params = _pure(params)
-    _warn_if_followed(opt_state)
+    warn_if_followed(_pure(opt_state), _find_states(opt_state), _is_tx_state)
     masks = _masks(opt_state)
     # Leaves that no sparse transformation holds (a multi_transform group of another
     # optimizer) are MaskedNode in the masks: keep them.
@@ -374,48 +319,3 @@ def zero_pruned(params: PyTree, opt_state: PyTree) -> PyTree:
         lambda m, p: jnp.ones(jnp.shape(p), bool) if isinstance(m, optax.MaskedNode) else m,
         masks, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     return zero_masked(params, masks)
-
-
-def _followers(node: Any) -> tuple[bool, list[str]]:
-    """Whether ``node`` holds a sparse_tx state, and the state types of the
-    transformations that come after one in an ``optax.chain`` (whose state is a plain
-    tuple, one entry per transformation). ``optax.masked`` states are left out: a masked
-    transformation after it usually trains other leaves (the biases)."""
-    if _is_tx_state(node):
-        return True, []
-    if isinstance(node, dict):
-        children = list(node.values())
-    elif isinstance(node, (list, tuple)):  # a chain, or a NamedTuple state around one
-        children = list(node)
-    else:
-        return False, []
-    is_chain = not hasattr(node, "_fields")
-    holds, after = False, []
-    for i, child in enumerate(children):
-        child_holds, child_after = _followers(child)
-        after += child_after
-        if child_holds:
-            holds = True
-            if is_chain:
-                after += [type(c).__name__ for c in children[i + 1:]
-                          if not isinstance(c, optax.MaskedState)]
-    return holds, after
-
-
-def _warn_if_followed(opt_state: PyTree) -> None:
-    """Before the first step, warn if transformations follow sparse_tx in a chain."""
-    states = _find_states(opt_state)
-    if any(isinstance(s.step, jax.core.Tracer) or np.any(np.asarray(s.step) != 0)
-           for s in states):
-        return
-    _, after = _followers(_pure(opt_state))
-    if after:
-        warnings.warn(
-            f"optax.chain runs {len(after)} transformation(s) after sparse_tx (their states: "
-            f"{', '.join(after)}): one that scales or adds to the updates (optax.scale, "
-            "reduce_on_plateau, add_decayed_weights, clip_by_global_norm, ...) moves the "
-            "weights a mask update prunes off zero. Put them inside: sparse_tx(method, "
-            "optax.chain(optimizer, ...)); or keep them after and zero the pruned weights "
-            "after every step: params = sparsejax.zero_pruned(params, opt_state). "
-            "sparsejax.masks_of raises once pruned weights were found non-zero.",
-            UserWarning, stacklevel=3)

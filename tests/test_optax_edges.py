@@ -209,3 +209,12 @@ def test_a_score_method_is_refused_when_sparse_tx_is_built(name):
     options = {"sparsity": 0.5} if name != "gates" else {"sparsity": 0.5, "total_steps": 10}
     with pytest.raises(ValueError, match=r"trains scores .*sparsejax.nnx.sparsify"):
         sparsejax.sparse_tx(name, optax.sgd(0.1), **options)
+
+
+def test_update_without_this_transformations_state_names_the_fix():
+    tx = sparsejax.sparse_tx("rigl", optax.sgd(0.1), sparsity=0.5, update_every=2,
+                             end_step=4)
+    params = mlp_params(jax.random.PRNGKey(0))
+    for state in (None, optax.sgd(0.1).init(params)):
+        with pytest.raises(ValueError, match=r"call opt_state = tx.init\(params\)"):
+            tx.update(params, state, params)
