@@ -165,6 +165,8 @@ def as_optax(
                              opt_state=state.inner_state, rng=state.rng, model_state={},
                              extra=state.extra)
         new = method.update(sparse, updates, **extra_args)
+        # Whether this update moves the masks (methods without phases never do after init).
+        moves = method.phases.due(state.step + 1) if method.phases is not None else False
         # Masked on the way out (fused with the difference), so pruned entries leave
         # apply_updates at exactly zero: p + (0 - p) == 0, also in a first step taken
         # without zero_pruned or after replace_masks.
@@ -173,7 +175,7 @@ def as_optax(
                                  ).astype(p.dtype), new.params, new.masks, params)
         return deltas, SparseTxState(step=new.step, masks=new.masks,
                                      inner_state=new.opt_state, rng=new.rng, extra=new.extra,
-                                     zero_check=checked(state, params))
+                                     zero_check=checked(state, params, moves))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

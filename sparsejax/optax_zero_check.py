@@ -1,16 +1,15 @@
 """Whether the pruned weights that :func:`sparsejax.sparse_tx` zeroes stay zero in the
-user's params: a check in every update, refused masks on the host, and a warning when a
-chain puts transformations after it (see docs/design.md, "The optax form").
+user's params: a check inside the updates, refused masks on the host, and a warning when
+a chain puts transformations after it (see docs/design.md, "The optax form").
 
 A mask update sets newly pruned weights to zero through the update ``-p``; a
 transformation after ``sparse_tx`` in ``optax.chain`` (``scale``, ``reduce_on_plateau``,
 ``add_decayed_weights``, a clip) changes that update, and nothing ``sparse_tx`` returns
-survives an unknown transformation of its output. So every update counts the pruned
-weights that are non-zero in the params it is given (:func:`checked`, one fused
-reduction, no host callback) and :func:`sparsejax.masks_of` refuses to report masks the
-params escaped (:func:`raise_if_escaped`).
+survives an unknown transformation of its output. So the update after every mask move,
+and every :data:`EVERY`-th, counts the pruned weights that are non-zero in the params it
+is given (:func:`checked`, no host callback), and :func:`sparsejax.masks_of` refuses to
+report masks the params escaped (:func:`raise_if_escaped`).
 """
-
 from __future__ import annotations
 
 import warnings
@@ -22,25 +21,34 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["ZeroCheck", "fresh_check", "checked", "raise_if_escaped", "warn_if_followed"]
+__all__ = ["EVERY", "ZeroCheck", "fresh_check", "checked", "raise_if_escaped", "warn_if_followed"]
 
 PyTree = Any
 
 
+EVERY = 16
+"""Besides the update after every mask move, every ``EVERY``-th update checks too (a
+leak that some other transformation makes on an ordinary step)."""
+
+
 class ZeroCheck(NamedTuple):
     """What :func:`sparsejax.sparse_tx` found when it checked that the pruned weights it
-    zeroed are still zero in the params of the next update (:func:`checked`).
+    zeroed are still zero in the params of a later update (:func:`checked`).
 
     Attributes:
-      checks_from: int32, the first update (by ``step``) that checks: 1 after ``init``
-        (the first step may come before :func:`sparsejax.zero_pruned`), ``step + 1``
-        after :func:`sparsejax.replace_masks`.
+      checks_from: int32, the first update (by ``step``) that may check: 1 after
+        ``init`` (the first step may come before :func:`sparsejax.zero_pruned`),
+        ``step + 1`` after :func:`sparsejax.replace_masks`.
+      due: bool, whether the next update checks: the previous one moved the masks (or
+        zeroed weights as the first update does), so a transformation after sparse_tx
+        may have left some behind.
       escaped: int32, how many pruned weights were non-zero at the first update that
         found any (0: none so far).
       escaped_at: int32, that update's ``step`` (-1: none so far).
     """
 
     checks_from: jax.Array
+    due: jax.Array
     escaped: jax.Array
     escaped_at: jax.Array
 
@@ -52,22 +60,35 @@ def fresh_check(checks_from: int | jax.Array = 1) -> ZeroCheck:
     -1
     """
     return ZeroCheck(checks_from=jnp.asarray(checks_from, jnp.int32),
-                     escaped=jnp.zeros((), jnp.int32), escaped_at=jnp.full((), -1, jnp.int32))
+                     due=jnp.zeros((), bool), escaped=jnp.zeros((), jnp.int32),
+                     escaped_at=jnp.full((), -1, jnp.int32))
 
 
-def checked(state: Any, params: PyTree) -> ZeroCheck:
-    """``state.zero_check`` after checking that the weights ``state.masks`` prune are zero
-    in ``params``: the previous update left them so, unless something changed its updates
-    on their way to ``optax.apply_updates`` (a transformation after sparse_tx in a chain)
-    or the params outside the optimizer. One fused count per step, no host callback."""
-    counts = [jnp.sum(jnp.logical_and(jnp.logical_not(m), p != 0), dtype=jnp.int32)
-              for m, p in zip(jax.tree_util.tree_leaves(state.masks),
-                              jax.tree_util.tree_leaves(params), strict=True)]
-    escaped = sum(counts, jnp.zeros((), jnp.int32))
+def checked(state: Any, params: PyTree, moves: jax.Array | bool) -> ZeroCheck:
+    """``state.zero_check`` after this update (at ``state.step``, which moves the masks if
+    ``moves``): it counts the weights ``state.masks`` prune that are non-zero in
+    ``params`` if the previous update moved the masks (the weights it zeroed are then
+    where a transformation after sparse_tx leaves them) or every :data:`EVERY` updates,
+    until it first finds some. The count is one pass over the params inside a
+    ``lax.cond`` that the other updates skip; no host callback."""
     check = state.zero_check
-    first = ((state.step >= check.checks_from) & (escaped > 0) & (check.escaped_at < 0))
-    return check._replace(escaped=jnp.where(first, escaped, check.escaped),
-                          escaped_at=jnp.where(first, state.step, check.escaped_at))
+    step = state.step
+    may = (step >= check.checks_from) & (check.escaped_at < 0)
+    now = may & (check.due | (step % EVERY == 0))
+
+    def count() -> jax.Array:
+        counts = [jnp.sum(jnp.logical_and(jnp.logical_not(m), p != 0), dtype=jnp.int32)
+                  for m, p in zip(jax.tree_util.tree_leaves(state.masks),
+                                  jax.tree_util.tree_leaves(params), strict=True)]
+        return sum(counts, jnp.zeros((), jnp.int32))
+
+    escaped = jax.lax.cond(now, count, lambda: jnp.zeros((), jnp.int32))
+    first = escaped > 0
+    # An update that is not checked zeroes weights too (the first one, and the one after
+    # replace_masks): the next one checks, as after a mask move.
+    due = jnp.logical_or(moves, step < check.checks_from)
+    return check._replace(due=due, escaped=jnp.where(first, escaped, check.escaped),
+                          escaped_at=jnp.where(first, step, check.escaped_at))
 
 
 def raise_if_escaped(state: Any) -> None:

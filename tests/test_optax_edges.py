@@ -10,6 +10,7 @@ import pytest
 from toy_mlp import batches, mlp_loss, mlp_params
 
 import sparsejax
+from sparsejax.optax_zero_check import EVERY
 
 
 def _train(tx, n, *, value=True, params=None):
@@ -187,14 +188,15 @@ def test_the_check_has_no_false_alarm_for_static_masks_or_replaced_masks():
     flipped = jax.tree_util.tree_map(lambda m, p: m if p.ndim == 2 else jnp.ones_like(m),
                                      flipped, params)
     opt_state = sparsejax.replace_masks(opt_state, flipped)
-    xs, ys = batches(3)
-    for i in range(3):
+    xs, ys = batches(EVERY)
+    for i in range(EVERY):
         updates, opt_state = tx.update(jax.grad(mlp_loss)(params, (xs[i], ys[i])), opt_state,
                                        params)
         params = optax.apply_updates(params, updates)
     assert int(opt_state.zero_check.escaped_at) == -1
     sparsejax.masks_of(opt_state)
-    # Params changed by hand outside the optimizer are caught too.
+    # Params changed by hand outside the optimizer are caught when an update checks (the
+    # one after a mask move, and every EVERY-th).
     params = jax.tree_util.tree_map(lambda p: p + 1.0, params)
     updates, opt_state = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), opt_state,
                                    params)
@@ -218,3 +220,27 @@ def test_update_without_this_transformations_state_names_the_fix():
     for state in (None, optax.sgd(0.1).init(params)):
         with pytest.raises(ValueError, match=r"call opt_state = tx.init\(params\)"):
             tx.update(params, state, params)
+
+
+def _drift_from(start):
+    """A transformation that adds 0.01 to every update from its ``start``-th update on."""
+    def init(params):
+        return jnp.zeros((), jnp.int32)
+
+    def update(updates, count, params=None):
+        add = jnp.where(count >= start, 0.01, 0.0)
+        return jax.tree_util.tree_map(lambda u: u + add, updates), count + 1
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_a_leak_on_ordinary_steps_is_caught_by_the_periodic_check():
+    # Something after sparse_tx revives pruned weights from update 5 on while the masks
+    # never move: the check every EVERY updates finds it.
+    tx = optax.chain(sparsejax.sparse_tx("static", optax.sgd(0.1), sparsity=0.75),
+                     _drift_from(5))
+    with pytest.warns(UserWarning, match="after sparse_tx"):
+        _, opt_state = _train(tx, EVERY + 1, value=False)
+    assert int(opt_state[0].zero_check.escaped_at) == EVERY
+    with pytest.raises(ValueError, match=f"given to update {EVERY}"):
+        sparsejax.masks_of(opt_state)
