@@ -158,6 +158,15 @@ def as_optax(
             raise ValueError("sparse_tx passes optax's extra arguments to the optimizer it "
                              "wraps; 'masks' is the one its masking transforms take: give "
                              "the masks with sparsejax.replace_masks instead")
+        if any(isinstance(leaf, jax.core.Tracer)
+               for leaf in jax.tree_util.tree_leaves((updates, state, params, extra_args))):
+            return traced_update(updates, state, params, extra_args)
+        # Called eagerly (research code, debugging): compiled once per shapes, not op by
+        # op, whose fresh closures (the check's lax.cond) would compile on every call.
+        return compiled_update(updates, state, params, extra_args)
+
+    def traced_update(updates: PyTree, state: SparseTxState, params: PyTree,
+                      extra_args: dict[str, Any]) -> tuple[PyTree, SparseTxState]:
         # The method runs on the params as they are: with zero_pruned before the first
         # step their pruned entries are zero already, and masking them on the way in
         # would make a copy wherever a mask decision (a lax.cond) reads them.
@@ -177,6 +186,7 @@ def as_optax(
                                      inner_state=new.opt_state, rng=new.rng, extra=new.extra,
                                      zero_check=checked(state, params, moves))
 
+    compiled_update = jax.jit(traced_update)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
