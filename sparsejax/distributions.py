@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -132,6 +133,7 @@ class _Plan(NamedTuple):
     fixed_counts: dict[int, int]  # leaf index -> kept count, for overridden leaves
     free: list[int]  # prunable leaves that share the remaining budget
     budget: int  # kept count shared by the free leaves
+    paths: list[str]
 
 
 def _plan(params: Any, density: float, prunable: Prunable,
@@ -153,7 +155,7 @@ def _plan(params: Any, density: float, prunable: Prunable,
             f"the overrides keep {sum(fixed_counts.values())} weights, which a total density "
             f"of {density} over {total_prunable} prunable weights cannot hold"
         )
-    return _Plan(treedef, shapes, sizes, is_prunable, fixed_counts, free, budget)
+    return _Plan(treedef, shapes, sizes, is_prunable, fixed_counts, free, budget, paths)
 
 
 def _check_distribution(distribution: str) -> None:
@@ -274,11 +276,27 @@ def kept_counts(
     for i, count in plan.fixed_counts.items():
         counts[i] = count
     if distribution == "global":
+        if plan.free and plan.budget == 0:
+            _warn_empty(density, [plan.paths[i] for i in plan.free])
         return KeptCounts(counts, list(plan.free), plan.budget if plan.free else 0)
     if plan.free:
         for i, count in _proportional_counts(plan, distribution).items():
             counts[i] = count
+        _warn_empty(density, [plan.paths[i] for i in plan.free if counts[i] == 0])
     return KeptCounts(counts, [], 0)
+
+
+def _warn_empty(density: float, paths: list[str]) -> None:
+    """Warn that ``density`` keeps no weight of the prunable leaves ``paths`` (an override
+    of 0 asks for it and is not warned about)."""
+    if not paths:
+        return
+    names = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
+    warnings.warn(
+        f"density {density:g} (sparsity {1 - density:g}) keeps no weight in {len(paths)} "
+        f"prunable layer(s) ({names}): "
+        "their outputs no longer depend on their inputs. Lower the sparsity, or give them "
+        "a density of their own with overrides", UserWarning, stacklevel=3)
 
 
 def select_masks(

@@ -64,6 +64,7 @@ from sparsejax.masks import dense_masks
 from sparsejax.methods.base import Method, SparseState
 from sparsejax.methods.outside import forward_params, outside_loop
 from sparsejax.methods.registry import get_method
+from sparsejax.validation import as_key
 
 __all__ = [
     "Frozen",
@@ -293,8 +294,7 @@ def sparsify(model: M, method: Method | str, *, rng: jax.Array | int,
     loop = outside_loop(method)
     if isinstance(getattr(model, ATTRIBUTE, None), SparseVars):
         raise ValueError(f"{type(model).__name__} is already sparsified")
-    if isinstance(rng, int):
-        rng = jax.random.PRNGKey(rng)
+    rng = as_key(rng, "rng")
     nodes = dict(nnx.iter_graph(model))
     paths = tuple(sorted((p for p, v in nodes.items() if isinstance(v, nnx.Param)),
                          key=_name))

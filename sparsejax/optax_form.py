@@ -34,7 +34,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sparsejax.methods.base import InitContext, Method, SparseState
@@ -48,6 +47,7 @@ from sparsejax.optax_zero_check import (
     warn_if_followed,
 )
 from sparsejax.transforms import zero_masked
+from sparsejax.validation import as_key, check_binary_masks, check_same_structure
 
 __all__ = ["SparseTxState", "ZeroCheck", "as_optax", "sparse_tx", "masks_of",
            "replace_masks", "zero_pruned"]
@@ -120,13 +120,7 @@ def as_optax(
     >>> int(sparsejax.masks_of(opt_state)["w"].sum())
     4
     """
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        rng = jax.random.PRNGKey(int(seed))
-    elif jnp.shape(seed) == (2,) or jax.dtypes.issubdtype(jnp.asarray(seed).dtype,
-                                                           jax.dtypes.prng_key):
-        rng = jnp.asarray(seed)
-    else:
-        raise ValueError(f"seed must be an int or a PRNG key, got {seed!r}")
+    rng = as_key(seed, "seed")
 
     try:
         outside_loop(method)
@@ -295,13 +289,13 @@ def replace_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
     >>> sparsejax.masks_of(state)["w"]
     Array([ True, False], dtype=bool)
     """
-    from sparsejax.validation import check_same_structure
-
     old = _find_states(opt_state)
     if len(old) != 1:
         raise ValueError(f"this optimizer state holds {len(old)} sparse_tx states: replace "
                          "the masks of each inside its own state")
     check_same_structure(old[0].masks, masks, reference_name="the current masks")
+    check_binary_masks(masks)
+    masks = jax.tree_util.tree_map(lambda m: jnp.asarray(m, bool), masks)
     # The next update zeroes the newly pruned weights: the check starts after it.
     return jax.tree_util.tree_map(
         lambda x: x._replace(masks=masks, zero_check=x.zero_check._replace(
@@ -327,7 +321,12 @@ def zero_pruned(params: PyTree, opt_state: PyTree) -> PyTree:
     masks = _masks(opt_state)
     # Leaves that no sparse transformation holds (a multi_transform group of another
     # optimizer) are MaskedNode in the masks: keep them.
-    masks = jax.tree_util.tree_map(
-        lambda m, p: jnp.ones(jnp.shape(p), bool) if isinstance(m, optax.MaskedNode) else m,
-        masks, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    try:
+        masks = jax.tree_util.tree_map(
+            lambda m, p: jnp.ones(jnp.shape(p), bool) if isinstance(m, optax.MaskedNode)
+            else m, masks, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    except (ValueError, TypeError):
+        pass  # check_same_structure below names the difference
+    check_same_structure(params, masks, reference_name="params",
+                         other_name="the masks of this optimizer state")
     return zero_masked(params, masks)

@@ -27,6 +27,7 @@ __all__ = [
     "check_same_structure",
     "check_grads",
     "check_finite",
+    "as_key",
     "check_binary_masks",
     "check_int",
     "check_finite_number",
@@ -160,6 +161,29 @@ def check_writable_folder(path: str | os.PathLike[str], name: str = "--out") -> 
     if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
         what = "is not writable" if existing == path else f"cannot be created in {existing}"
         raise ValueError(f"{name} {path} {what} (permission denied)")
+
+
+def as_key(seed: Any, name: str = "seed") -> jax.Array:
+    """A PRNG key from ``seed``: an int (``jax.random.PRNGKey(seed)``) or a key already
+    (a ``uint32`` array of shape ``(2,)``, or a typed key). Anything else is a
+    ``ValueError`` naming ``name``.
+
+    >>> as_key(3).shape
+    (2,)
+    >>> as_key("abc", "rng")
+    Traceback (most recent call last):
+    ...
+    ValueError: rng must be an int or a PRNG key (jax.random.PRNGKey(0)), got 'abc'
+    """
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return jax.random.PRNGKey(int(seed))
+    if isinstance(seed, (jax.Array, np.ndarray)):
+        if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+            return seed
+        if seed.shape == (2,) and seed.dtype == np.uint32:
+            return jnp.asarray(seed)
+    raise ValueError(f"{name} must be an int or a PRNG key (jax.random.PRNGKey(0)), got "
+                     f"{seed!r}")
 
 
 def check_same_structure(

@@ -1,9 +1,12 @@
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sparsejax import layer_densities, num_kept, prunable_except, select_masks
+from sparsejax.distributions import kept_counts
 
 
 def lenet_params():
@@ -104,3 +107,23 @@ def test_returns_python_floats_for_abstract_params():
     d = layer_densities(abstract, 0.1, "erk")
     assert isinstance(d["Dense_0"]["kernel"], float)
     assert np.isclose(d["Dense_0"]["kernel"], 18714 / 235200)
+
+
+def test_a_density_that_empties_a_prunable_layer_warns_naming_it():
+    import optax
+
+    import sparsejax
+
+    params = {"fc1": {"kernel": jnp.ones((784, 300)), "bias": jnp.zeros(300)},
+              "head": {"kernel": jnp.ones((300, 10))}}
+    for distribution in ("erk", "uniform", "global"):
+        with pytest.warns(UserWarning, match=r"keeps no weight in 2 prunable layer\(s\) "
+                                             r"\(fc1/kernel, head/kernel\)"):
+            state = sparsejax.static(optax.sgd(0.1), sparsity=0.999999,
+                                     distribution=distribution).init(
+                params, jax.random.PRNGKey(0))
+        assert int(state.masks["fc1"]["kernel"].sum()) == 0
+    # An override of 0 asks for an empty layer: no warning for it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept_counts(params, 0.5, "uniform", overrides={"head/kernel": 0.0})

@@ -127,3 +127,8 @@ def test_masks_of_an_nnx_optimizer_is_shaped_like_the_params():
         assert not np.any(np.asarray(p)[~np.asarray(m)])
     kernels = [masks["conv"]["kernel"], masks["linear"]["kernel"]]
     assert sum(int(m.sum()) for m in kernels) == round(0.25 * sum(m.size for m in kernels))
+
+
+def test_sparsify_refuses_a_bad_rng_clearly():
+    with pytest.raises(ValueError, match=r"rng must be an int or a PRNG key .*'abc'"):
+        snnx.sparsify(CNN(nnx.Rngs(0)), "edge_popup", rng="abc", sparsity=0.5)

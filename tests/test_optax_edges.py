@@ -244,3 +244,21 @@ def test_a_leak_on_ordinary_steps_is_caught_by_the_periodic_check():
     assert int(opt_state[0].zero_check.escaped_at) == EVERY
     with pytest.raises(ValueError, match=f"given to update {EVERY}"):
         sparsejax.masks_of(opt_state)
+
+
+def test_bad_masks_seeds_and_trees_are_clear_errors():
+    tx = sparsejax.sparse_tx("static", optax.sgd(0.1), sparsity=0.5)
+    params = mlp_params(jax.random.PRNGKey(0))
+    opt_state = tx.init(params)
+    masks = sparsejax.masks_of(opt_state)
+    for bad in (0.5, float("nan"), 2.0):
+        with pytest.raises(ValueError, match="mask"):
+            sparsejax.replace_masks(opt_state, jax.tree_util.tree_map(
+                lambda m, bad=bad: jnp.where(m, bad, 0.0), masks))
+    ones = jax.tree_util.tree_map(lambda m: m.astype(jnp.int32), masks)  # 0/1 ints: fine
+    replaced = sparsejax.masks_of(sparsejax.replace_masks(opt_state, ones))
+    assert all(m.dtype == bool for m in jax.tree_util.tree_leaves(replaced))
+    with pytest.raises(ValueError, match=r"seed must be an int or a PRNG key .*'abc'"):
+        sparsejax.sparse_tx("static", optax.sgd(0.1), sparsity=0.5, seed="abc")
+    with pytest.raises(ValueError, match=r"the masks of this optimizer state"):
+        sparsejax.zero_pruned({"other": jnp.ones(3)}, opt_state)
