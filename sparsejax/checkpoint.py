@@ -68,10 +68,17 @@ class TemplateMismatchError(CheckpointError, ValueError):
 
 
 class _QuietOrbax(logging.Filter):
-    """Drops orbax's INFO/DEBUG chatter (it logs through absl, also from its threads)."""
+    """Drops orbax's INFO/DEBUG chatter (it logs through absl, also from its threads) and
+    the tracebacks of its errors: a failed save is raised here as a ``CheckpointError``
+    naming its cause, so orbax's own report of it stays one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+        if "orbax" not in record.pathname:
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
 
 
 logging.getLogger("absl").addFilter(_QuietOrbax())

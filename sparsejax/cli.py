@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -155,10 +157,13 @@ def train_config(args: argparse.Namespace) -> Any:
 
 def _train(args: argparse.Namespace) -> int:
     from sparsejax.training.loop import train
+    from sparsejax.training.stops import stop_on_signals
 
     config = train_config(args)
     _print_recipe(config)
-    result = train(config)
+    # SIGINT and SIGTERM stop the run between two steps (RunStopped, in main)
+    with stop_on_signals():
+        result = train(config)
     print(
         f"{result['method']} {result['model']} {result['dataset']}: "
         f"test accuracy {100 * result['test_accuracy']:.2f}% at sparsity "
@@ -207,14 +212,49 @@ def _checkpoint_error() -> type[Exception]:
     return CheckpointError
 
 
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues the ``sparsejax train`` run of ``argv``: the same
+    options, ``--resume`` added and ``--overwrite`` (which would delete the checkpoints
+    to resume from, and which --resume refuses) taken out, quoted for a shell."""
+    # argparse takes any unambiguous prefix of a flag: --overw is --overwrite
+    words = [w for w in argv if not (len(w) >= 4 and "--overwrite".startswith(w))]
+    if not any(len(w) >= 5 and "--resume".startswith(w) for w in words):
+        words.append("--resume")
+    return shlex.join(["sparsejax", *words])
+
+
+def _stopped(command: str, argv: Sequence[str], stop: Any) -> int:
+    """One line for a run that stopped early (sparsejax.training.stops.RunStopped): what
+    stopped it, the step saved and, for ``train``, the command that resumes it."""
+    how = f"resume with: {resume_command(argv)}" if command == "train" else None
+    print(f"sparsejax {command}: {stop.describe(how)}", file=sys.stderr)
+    return stop.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparsejax`` console script."""
-    parser, handlers = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in argv if not w.startswith("-")), "")
     try:
-        return handlers[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError,
+        parser, handlers = build_parser()
+        args = parser.parse_args(argv)
+        return _run(handlers[args.command], args, argv)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (imports, other commands)
+        print(f"{' '.join(['sparsejax', command][:1 + bool(command)])}: interrupted by "
+              "SIGINT (Ctrl-C)", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _run(handler: Handler, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from sparsejax.training.stops import RunStopped
+
+    try:
+        return handler(args)
+    except RunStopped as stop:
+        return _stopped(args.command, argv, stop)
+    except (ValueError, TypeError, OSError, FloatingPointError,
             _checkpoint_error()) as e:  # (evaluated only when an exception arrives)
+        # OSError: a full disk, a folder that cannot be written (its message names the file)
         print(f"sparsejax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:

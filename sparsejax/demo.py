@@ -16,7 +16,6 @@ sparsity (the MNIST-1D paper reports about 68% for its dense MLP).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsejax._extras import require
+from sparsejax.files import write_json
 from sparsejax.provenance import provenance
 
 __all__ = ["DEMO_MODEL", "DEMO_COMMON", "DEMO_METHODS", "run_demo", "format_table",
@@ -146,7 +146,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, sparsity: float = DEFAULT_SPARSIT
                "seed": seed, "rows": rows, "total_seconds": total_seconds,
                "provenance": provenance()}
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULT_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_json(out / RESULT_FILE, summary)
     plot_demo(rows, out / PLOT_FILE, sparsity)
     if echo is not None:
         echo(format_table(rows))

@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -47,6 +46,7 @@ from sparsejax._tree import leaf_paths
 from sparsejax.checkpoint import Checkpointer
 from sparsejax.data import Dataset, epoch_permutation, load_dataset, steps_per_epoch
 from sparsejax.distributions import select_masks
+from sparsejax.files import write_json
 from sparsejax.lottery_masks import (
     check_lottery_pattern,
     pattern_imp_masks,
@@ -389,9 +389,7 @@ class Trainer:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(path, payload)  # atomic, and no .tmp left when it fails
 
 
 def _branch(trainer: Trainer, folder: Path, start: SparseState, *,

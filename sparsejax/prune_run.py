@@ -18,7 +18,6 @@ model whose prunable kernels are all ``nn.Dense`` kernels can be pruned (``lenet
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from sparsejax.files import write_json
 from sparsejax.posttrain import POSTTRAIN_METHODS, check_posttrain_pattern, posttrain_density
 from sparsejax.provenance import provenance
 from sparsejax.training.run_folder import restore_finished_run
@@ -105,7 +105,7 @@ def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
         result["validation_loss_nats_per_char"] = after["loss"]
         result["before"]["validation_loss_nats_per_char"] = before["loss"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_json(out / "result.json", result)  # atomic: never a 0-byte result.json
     return result
 
 

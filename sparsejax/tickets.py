@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax._tree import path_str
+from sparsejax.files import write_atomic
 
 __all__ = [
     "TICKET_FORMAT",
@@ -207,9 +208,7 @@ def _write_archive(output: Path, header: dict[str, Any], packed: list[np.ndarray
     output.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **content)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, output)
+    write_atomic(output, buffer.getvalue())  # no half or .tmp ticket left on a full disk
 
 
 def export_state_ticket(method: Any, state: Any, output: str | os.PathLike[str], *,

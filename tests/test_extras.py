@@ -100,19 +100,19 @@ def test_require_reraises_a_missing_dependency_inside_an_extra(monkeypatch):
 
 
 def test_training_without_tqdm_warns_and_goes_on(monkeypatch):
-    from sparsejax.training.loop import _progress_bar
+    from sparsejax.training.run_output import ProgressBar
 
     monkeypatch.setitem(sys.modules, "tqdm", None)
     monkeypatch.delitem(sys.modules, "tqdm.auto", raising=False)
     with pytest.warns(UserWarning, match=r"sparsejax\[progress\]"):
-        bar = _progress_bar(True, total=10, start=0)
+        bar = ProgressBar(True, total=10, start=0)
     bar.update(5, {"loss": 1.0})
     bar.close()
     assert bar.bar is None
 
 
 def test_tensorboard_writer_is_none_without_its_extra(monkeypatch, tmp_path):
-    from sparsejax.training.loop import _tensorboard_writer
+    from sparsejax.training.run_output import tensorboard_writer
 
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
-    assert _tensorboard_writer(tmp_path / "tensorboard") is None
+    assert tensorboard_writer(tmp_path / "tensorboard") is None

@@ -29,4 +29,8 @@ def test_a_failed_save_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     assert code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("sparsejax train: error: checkpoint: the save of step 1")
-    assert last.endswith("No space left on device")
+    assert "failed: OSError: No space left on device; this stopped the run after step 2 of 2; " \
+           "no checkpoint was saved yet" in last and "--overwrite" not in last
+    assert last.endswith(f"free space on that disk, then resume with: sparsejax train "
+                         f"--method dense --steps 2 --checkpoint-every 1 --batch-size 32 "
+                         f"--recipe none --no-progress --out {tmp_path / 'run'} --resume")

@@ -13,12 +13,9 @@ import contextlib
 import dataclasses
 import inspect
 import itertools
-import json
 import math
-import os
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparsejax._extras import require
-from sparsejax.checkpoint import Checkpointer
+from sparsejax.checkpoint import Checkpointer, CheckpointError
 from sparsejax.data import (
     DataPosition,
     Dataset,
@@ -39,6 +35,7 @@ from sparsejax.data import (
     steps_per_epoch,
     train_batches,
 )
+from sparsejax.files import write_json
 from sparsejax.masks import sparsity_report
 from sparsejax.methods import METHODS, InitContext, Method, SparseState, get_method
 from sparsejax.models import apply_model, get_model, init_model
@@ -57,7 +54,9 @@ from sparsejax.training.run_folder import (
     run_lock,
     saved_run,
 )
+from sparsejax.training.run_output import MetricsLog, NoLog, ProgressBar
 from sparsejax.training.step import LossFn
+from sparsejax.training.stops import Guard, RunStopped
 from sparsejax.validation import check_writable_folder
 
 __all__ = [
@@ -268,49 +267,6 @@ def _total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
     return total
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-class _MetricsLog:
-    """Append-only JSON lines; on resume, lines past the restored step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int, tensorboard: bool = True) -> None:
-        self.path = path
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.file = path.open("a")
-        self.writer = _tensorboard_writer(path.parent / "tensorboard") if tensorboard else None
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record, sort_keys=True) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self.writer.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _tensorboard_writer(directory: Path) -> Any:
-    """A TensorBoard event writer where ``tensorboardX`` (the ``tensorboard`` extra) is
-    installed, else ``None``: ``TrainConfig.tensorboard`` is on by default, so a missing
-    extra is not an error."""
-    try:
-        tensorboardx = require("tensorboardX")
-    except ImportError:
-        return None
-    return tensorboardx.SummaryWriter(str(directory))
-
-
 class Run(NamedTuple):
     """The pieces of a training run that follow from its config alone."""
 
@@ -396,16 +352,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
         return _train_in(config, sources, out, started)
 
 
-class _NoLog:
-    """The metrics log of a process that writes no files (not process 0)."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
               started: float) -> dict[str, Any]:
     # Of several processes, process 0 alone writes config, metrics and result (every
@@ -421,7 +367,6 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
     if not checkpoints and primary:
         print(f"{jax.process_count()} processes with --parallel pmap: no checkpoints are "
               "written (they need --parallel sharded)", file=sys.stderr)
-    # async: training goes on while a checkpoint is written; close() (finally, below) waits
     checkpointer = Checkpointer(out / "checkpoints", max_to_keep=config.keep_checkpoints,
                                 async_save=True, best_metric=config.keep_best,
                                 best_mode=KEEP_BEST.get(config.keep_best, "min"))
@@ -469,45 +414,58 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
     elif config.resume:
         print(f"no checkpoint in {checkpointer.directory}; starting fresh", file=sys.stderr)
     layouts.append({"from_step": start_step, **layout})
-    # OUT/config.json: what --resume checks a later run against (written atomically).
-    if primary:
-        _write_json(out / CONFIG_FILE, {"config": jsonable(dataclasses.asdict(config)),
-                                        "config_sources": sources,
-                                        "total_steps": total_steps,
-                                        "batches_per_epoch": batches_per_epoch})
-
-    trainer = make_trainer(config.parallel, method, classification_loss(model),
-                           skip_nonfinite=config.nonfinite == "skip")
-    state = trainer.put_state(state)
-    eval_step = jax.jit(make_eval_step(model))
-    effective_params = jax.jit(method.effective_params)
-
-    def evaluate_state(state: SparseState) -> tuple[dict[str, float], float]:
-        """Test metrics (and, with a validation split, ``validation_accuracy`` and
-        ``validation_loss``) and measured sparsity, from one ``effective_params`` call."""
-        params = effective_params(state)
-        metrics = evaluate(eval_step, (params, state.model_state), dataset)
-        if run.validation is not None:
-            held = evaluate(eval_step, (params, state.model_state), run.validation)
-            metrics.update(validation_accuracy=held["accuracy"], validation_loss=held["loss"])
-        return metrics, measured_sparsity(params)
-
-    log = (_MetricsLog(out / "metrics.jsonl", start_step, tensorboard=config.tensorboard)
-           if primary else _NoLog())
-    progress = _progress_bar(config.progress and primary, total_steps, start_step)
-    stream = train_batches(dataset, config.batch_size, config.seed,
-                           DataPosition.from_step(start_step, batches_per_epoch))
-    pending: list[dict[str, jax.Array]] = []
-    window_start, step, skipped = time.time(), start_step, 0
-    final_step_finite = True
-    last_eval: dict[str, float] = {}
-    last_sparsity = 0.0
+    # An interrupt or a failed write from here on stops the run after closing what it
+    # opened (the checkpointer last), naming the newest committed checkpoint (stops.py).
+    guard = Guard(step=start_step, total_steps=total_steps,
+                  checkpoint_dir=checkpointer.directory if checkpoints else None,
+                  newest_checkpoint=lambda: checkpointer.latest_step(verify_checksums=False),
+                  several_processes=jax.process_count() > 1)
+    guard.add(checkpointer.close)  # async: training goes on while a checkpoint is written
     try:
+        guard.check()
+        # metrics.jsonl first: a damaged one that cannot be repaired leaves --out unchanged
+        log = (MetricsLog(out / "metrics.jsonl", start_step, tensorboard=config.tensorboard)
+               if primary else NoLog())
+        guard.add(log.close)
+        # OUT/config.json: what --resume checks a later run against (written atomically).
+        if primary:
+            write_json(out / CONFIG_FILE, {"config": jsonable(dataclasses.asdict(config)),
+                                           "config_sources": sources,
+                                           "total_steps": total_steps,
+                                           "batches_per_epoch": batches_per_epoch})
+        trainer = make_trainer(config.parallel, method, classification_loss(model),
+                               skip_nonfinite=config.nonfinite == "skip")
+        state = trainer.put_state(state)
+        eval_step = jax.jit(make_eval_step(model))
+        effective_params = jax.jit(method.effective_params)
+
+        def evaluate_state(state: SparseState) -> tuple[dict[str, float], float]:
+            """Test metrics (and, with a validation split, ``validation_accuracy`` and
+            ``validation_loss``) and measured sparsity, from one ``effective_params``."""
+            params = effective_params(state)
+            metrics = evaluate(eval_step, (params, state.model_state), dataset)
+            if run.validation is not None:
+                held = evaluate(eval_step, (params, state.model_state), run.validation)
+                metrics.update(validation_accuracy=held["accuracy"],
+                               validation_loss=held["loss"])
+            return metrics, measured_sparsity(params)
+
+        progress = ProgressBar(config.progress and primary, total_steps, start_step)
+        guard.add(progress.close)
+        stream = train_batches(dataset, config.batch_size, config.seed,
+                               DataPosition.from_step(start_step, batches_per_epoch))
+        pending: list[dict[str, jax.Array]] = []
+        window_start, skipped = time.time(), 0
+        final_step_finite = True
+        last_eval: dict[str, float] = {}
+        last_sparsity = 0.0
         for step in range(start_step + 1, total_steps + 1):
+            guard.check()  # a SIGINT or SIGTERM stops the run here, between two steps
             _, batch = next(stream)
             if jax.process_count() > 1:
                 batch = shard_for_process(batch, jax.process_index(), jax.process_count())
             state, metrics = trainer.step(state, trainer.put_batch(batch))
+            guard.step = step
             pending.append(metrics)
             log_now = step % config.log_every == 0 or step == total_steps
             save_now = step % checkpoint_every == 0 or step == total_steps
@@ -541,10 +499,14 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
                     **({} if config.keep_best is None
                        else {"metrics": {config.keep_best: last_eval[config.keep_best]}}))
                 last_saved = step
-    finally:
-        progress.close()
-        log.close()
-        checkpointer.close()
+    except RunStopped:
+        raise
+    except (OSError, CheckpointError) as error:  # a full disk, a failed save
+        raise guard.stopped(error) from error
+    except BaseException:
+        guard.close_quietly()
+        raise
+    guard.close()  # waits for the last checkpoint; its failure stops the run too
 
     state = trainer.get_state(state)
     if not last_eval:
@@ -573,7 +535,10 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
     failure = _nonfinite_failure(config, result, final_step_finite)
     result["failed"] = failure
     if primary:
-        _write_json(out / "result.json", jsonable(result))
+        try:
+            write_json(out / "result.json", jsonable(result))
+        except OSError as error:
+            raise guard.stopped(error) from error
     if failure is not None:
         raise FloatingPointError(f"{failure}; the facts are in {out / 'result.json'}")
     return result
@@ -622,38 +587,3 @@ def _summarise(pending: list[dict[str, jax.Array]], step: int, window_start: flo
         record["skipped"] = finite.count(False)
     record["last_finite"] = finite[-1]
     return record
-
-
-class _progress_bar:  # noqa: N801 - used like a function
-    """A tqdm bar of steps showing steps/s, loss, accuracy and sparsity (or nothing).
-
-    ``TrainConfig.progress`` is on by default, so without tqdm (the ``progress`` extra) the
-    run goes on without a bar, after a warning that names the extra."""
-
-    def __init__(self, enabled: bool, total: int, start: int) -> None:
-        self.bar = None
-        if enabled:
-            try:
-                tqdm_auto = require("tqdm.auto")
-            except ImportError as error:
-                warnings.warn(f"no progress bar: {error}; or pass progress=False "
-                              "(CLI: --no-progress)", stacklevel=3)
-            else:
-                self.bar = tqdm_auto.tqdm(total=total, initial=start, unit="step",
-                                          dynamic_ncols=True, mininterval=1.0,
-                                          file=sys.stderr)
-        self.step = start
-
-    def update(self, step: int, record: dict[str, Any]) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(step - self.step)
-        self.step = step
-        shown = {"loss": record.get("loss"), "acc": record.get("accuracy"),
-                 "test": record.get("test_accuracy"), "sparsity": record.get("sparsity")}
-        self.bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()
-                              if v is not None and not math.isnan(v)}, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sparsejax.checkpoint import Checkpointer, NoValidCheckpointError
+from sparsejax.files import tmp_path
 from sparsejax.training.optim import check_lr_schedule
 from sparsejax.training.parallel import PARALLEL_MODES
 from sparsejax.validation import (
@@ -145,6 +146,8 @@ def holds_run(out: Path) -> list[str]:
 
 
 def clear_run(out: Path) -> None:
+    """Remove the run files of ``out`` (``--overwrite``), and the temporary files a
+    process killed while writing one of them may have left (``result.json.tmp``)."""
     import shutil
 
     for name in RUN_FILES:
@@ -153,6 +156,7 @@ def clear_run(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+        tmp_path(path).unlink(missing_ok=True)
 
 
 def check_resume(config: TrainConfig, out: Path, checkpointer: Checkpointer) -> int | None:
