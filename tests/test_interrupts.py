@@ -6,6 +6,8 @@ traceback), and that command ends with the result of an uninterrupted run."""
 import re
 import shlex
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -136,3 +138,23 @@ def test_ctrl_c_during_compilation(tmp_path):
     line = the_line(err)
     assert re.search(r"stopped the run after step [01] of 6; no checkpoint was saved yet "
                      r"in .*, so a resume starts over; resume with: sparsejax train ", line)
+
+
+def test_each_process_of_several_ends_at_once_on_a_signal():
+    """The processes of a launch could stop at different steps and leave the others
+    waiting in a collective: each ends at once, with one line (a killed run resumes)."""
+    script = (
+        "import signal\n"
+        "from pathlib import Path\n"
+        "from sparsejax.training.stops import Guard, stop_on_signals\n"
+        "with stop_on_signals():\n"
+        "    Guard(step=3, total_steps=6, checkpoint_dir=Path('c'), several_processes=True,\n"
+        "          newest_checkpoint=lambda: None)\n"
+        "    signal.raise_signal(signal.SIGTERM)\n"
+        "    print('not reached')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 143 and proc.stdout == "", proc
+    assert proc.stderr == ("sparsejax train: stopped by SIGTERM; the checkpoints already "
+                           "committed are kept: run the same command with --resume to "
+                           "continue\n")

@@ -203,8 +203,19 @@ def test_full_disk_writing_config_or_result_leaves_no_tmp(reference, tmp_path, c
                  "then resume with: sparsejax train")
     assert "--overwrite" not in line
     assert not (out / name).exists() and not list(out.rglob("*.tmp"))
+    if name == "config.json":  # nothing trained: no empty metrics.jsonl either
+        assert not (out / "metrics.jsonl").exists()
     monkeypatch.undo()
     assert main(run_args(out, "--resume")) == 0
+    assert_same_run(out, reference)
+
+
+def test_empty_files_left_by_an_older_version_do_not_block_a_rerun(reference, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "result.json").write_text("")  # a write that failed on a full disk, before
+    (out / "metrics.jsonl").write_text("")
+    assert main(run_args(out)) == 0  # no "already holds a run; pass --overwrite"
     assert_same_run(out, reference)
 
 
@@ -239,7 +250,7 @@ def _kill_points(count, seed=34):
     return random.Random(seed).sample(points, count)
 
 
-@pytest.mark.slow  # 20 child processes, about 3 min on 2 cores
+@pytest.mark.slow  # 20 child processes, 100 s on 2 cores
 @pytest.mark.parametrize("point", _kill_points(20))
 def test_killed_at_random_writes_resumes_to_the_same_result(reference, tmp_path, point):
     kill_and_resume(tmp_path / "run", reference, point)

@@ -119,7 +119,7 @@ def saved_run(out: Path, checkpointer: Checkpointer, step: int | None) -> dict[s
     """What ``out`` records of its run (``{"config": ..., ...}``): ``config.json``, else the
     metadata of checkpoint ``step``, else ``result.json``; ``None`` if nothing."""
     def from_file(path: Path) -> Any:
-        return json.loads(path.read_text()) if path.is_file() else None
+        return json.loads(path.read_text()) if _holds_data(path) else None
 
     readers = [(out / CONFIG_FILE, lambda: from_file(out / CONFIG_FILE))]
     if step is not None:  # the metadata saved with the checkpoint
@@ -139,10 +139,15 @@ def saved_run(out: Path, checkpointer: Checkpointer, step: int | None) -> dict[s
 
 def holds_run(out: Path) -> list[str]:
     """The files of a run already in ``out``."""
-    found = [name for name in ("result.json", "metrics.jsonl") if (out / name).exists()]
+    # an empty file (left by a write that failed, in older versions) holds nothing
+    found = [name for name in ("result.json", "metrics.jsonl") if _holds_data(out / name)]
     if Checkpointer(out / "checkpoints").step_dirs():
         found.append("checkpoints/")
     return found
+
+
+def _holds_data(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
 
 
 def clear_run(out: Path) -> None:
@@ -178,7 +183,7 @@ def check_resume(config: TrainConfig, out: Path, checkpointer: Checkpointer) -> 
                 f"--resume found no good checkpoint in {checkpointer.directory} ({reasons}); "
                 "nothing was changed in --out: restore a checkpoint, or start the run "
                 "again with --overwrite")
-        if (out / "result.json").exists():
+        if _holds_data(out / "result.json"):
             raise NoValidCheckpointError(
                 f"--resume found a finished run in {out} but no checkpoint to continue it "
                 "from; nothing was changed: pass --overwrite to train it again")

@@ -136,11 +136,7 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int, tensorboard: bool = True) -> None:
         self.path = path
         repair_metrics(path, resume_step)
-        try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        except OSError as error:
-            raise write_failure(error, path) from error
-        self._size = os.fstat(self._fd).st_size
+        self._fd, self._size = -1, 0  # opened at the first record: no empty file before it
         self.writer = tensorboard_writer(path.parent / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
@@ -148,11 +144,15 @@ class MetricsLog:
         data = (json.dumps(record, sort_keys=True) + "\n").encode()
         view, written = memoryview(data), 0
         try:
+            if self._fd < 0:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+                self._size = os.fstat(self._fd).st_size
             while written < len(data):  # a short write (a filling disk) goes on
                 written += os.write(self._fd, view[written:])
         except OSError as error:
-            with contextlib.suppress(OSError):  # no half line for a resume to trip on
-                os.ftruncate(self._fd, self._size)
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):  # no half line for a resume to trip on
+                    os.ftruncate(self._fd, self._size)
             raise write_failure(error, self.path) from error
         self._size += len(data)
         if self.writer is not None:
