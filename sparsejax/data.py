@@ -53,6 +53,8 @@ default context)."""
 TEXT_TRAIN_FRACTION = 0.9
 
 _NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "mnist1d": 10}
+_IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
+                 "cifar100": (32, 32, 3)}
 
 # Channel mean and standard deviation of the training images, on the [0, 1] pixel scale.
 _IMAGE_MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -318,9 +320,10 @@ def _load_idx_dataset(name: str, idx_paths: Mapping[str, Path]) -> Dataset:
                 f"{images_path} holds {len(images)} images but {labels_path} holds "
                 f"{len(labels)} labels"
             )
-        if labels.size and labels.max() >= _NUM_CLASSES[name]:
-            raise ValueError(f"{labels_path}: label {labels.max()} is not a {name} class")
-        splits[split] = (_normalise_images(images[..., None], name), labels.astype(np.int32))
+        images = images[..., None]
+        check_examples(name, images, labels, images_from=str(images_path),
+                       labels_from=str(labels_path))
+        splits[split] = (_normalise_images(images, name), labels.astype(np.int32))
     return Dataset(name, *splits["train"], *splits["test"], num_classes=_NUM_CLASSES[name])
 
 
@@ -352,8 +355,12 @@ def tfds_sources(name: str, tfds_name: str, splits: list[str],
 
 def _load_from_tfds(name: str, data_dir: str | os.PathLike[str] | None, download: bool) -> Dataset:
     train_source, test_source = tfds_sources(name, name, ["train", "test"], data_dir, download)
-    train_images, train_labels = _read_data_source(train_source)
-    test_images, test_labels = _read_data_source(test_source)
+    train_images, train_labels = _read_data_source(train_source, f"TFDS {name} train split")
+    test_images, test_labels = _read_data_source(test_source, f"TFDS {name} test split")
+    for split, images, labels in (("train", train_images, train_labels),
+                                  ("test", test_images, test_labels)):
+        where = f"TFDS {name} {split} split"
+        check_examples(name, images, labels, images_from=where, labels_from=where)
     return Dataset(
         name,
         _normalise_images(train_images, name),
@@ -364,13 +371,47 @@ def _load_from_tfds(name: str, data_dir: str | os.PathLike[str] | None, download
     )
 
 
-def _read_data_source(source: Any) -> tuple[np.ndarray, np.ndarray]:
+def _read_data_source(source: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     # One record at a time: `__getitems__` would batch reads, but the data sources of
     # `tfds.testing.mock_data` (tfds 4.9.10) do not implement it.
     examples = list(source)
-    images = np.stack([example["image"] for example in examples])
-    labels = np.asarray([example["label"] for example in examples], np.int32)
-    return images, labels
+    if not examples:
+        raise ValueError(f"{where}: holds 0 examples (an empty split)")
+    shapes = {np.shape(example["image"]) for example in examples}
+    if len(shapes) > 1:
+        raise ValueError(f"{where}: images of several shapes ({sorted(shapes)[:3]})")
+    images = np.stack([np.asarray(example["image"]) for example in examples])
+    raw = np.asarray([example["label"] for example in examples])
+    if not np.issubdtype(raw.dtype, np.integer):
+        raise ValueError(f"{where}: labels must be integer class ids, got {raw.dtype} "
+                         f"(e.g. {raw.ravel()[0]!r})")
+    return images, raw.astype(np.int32)
+
+
+def check_examples(name: str, images: np.ndarray, labels: np.ndarray, *,
+                   images_from: str, labels_from: str) -> None:
+    """Refuse examples that ``name`` cannot hold, before any training: images that are not
+    ``(N, *shape)`` of the dataset (e.g. 32x32x3 under the name mnist), non-finite pixels,
+    labels outside ``0 .. num_classes - 1``. IDX files and TFDS data go through it alike.
+
+    >>> check_examples("mnist", np.zeros((2, 28, 28, 1), np.uint8), np.array([0, 10]),
+    ...                images_from="x", labels_from="labels.idx")
+    Traceback (most recent call last):
+    ...
+    ValueError: labels.idx: label 10 is not a mnist class (0 to 9)
+    """
+    shape = _IMAGE_SHAPES.get(name)
+    if shape is not None and tuple(images.shape[1:]) != shape:
+        raise ValueError(f"{images_from}: images are {'x'.join(map(str, images.shape[1:]))}, "
+                         f"a {name} image is {'x'.join(map(str, shape))}")
+    if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+        raise ValueError(f"{images_from}: {int(np.size(images) - np.isfinite(images).sum())} "
+                         "pixels are NaN or inf")
+    classes = _NUM_CLASSES[name]
+    bad = labels[(labels < 0) | (labels >= classes)]
+    if bad.size:
+        raise ValueError(f"{labels_from}: label {bad[0]} is not a {name} class "
+                         f"(0 to {classes - 1})")
 
 
 def _not_available_message(
