@@ -22,6 +22,10 @@ import tempfile
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     _flags += " --xla_force_host_platform_device_count=8"
+# Simulated CPU devices share 2 cores: under load a collective's participants can arrive
+# more than XLA's default 40 s apart, which aborts the process (docs/parallel.md).
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
+    _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
 if "xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
 if "xla_cpu_use_fusion_emitters" not in _flags:

@@ -30,6 +30,10 @@ from sparsejax.validation import is_int
 __all__ = ["free_port", "process_env", "launch", "add_commands"]
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
+_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+COLLECTIVE_TIMEOUT_S = 600
+"""How long a simulated CPU device's collective may wait for the others (XLA's default:
+40 s) in the processes ``launch`` starts with ``--devices-per-process``."""
 
 
 def free_port() -> int:
@@ -54,8 +58,8 @@ def process_env(process_id: int, num_processes: int, port: int,
     >>> env = process_env(1, 2, 1234, devices_per_process=4, base={"XLA_FLAGS": "--a=1"})
     >>> env["JAX_COORDINATOR_ADDRESS"], env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]
     ('localhost:1234', '2', '1')
-    >>> env["XLA_FLAGS"], env["JAX_PLATFORMS"]
-    ('--a=1 --xla_force_host_platform_device_count=4', 'cpu')
+    >>> env["XLA_FLAGS"].split(), env["JAX_PLATFORMS"]
+    (['--a=1', '--xla_force_host_platform_device_count=4', '--xla_cpu_collective_call_terminate_timeout_seconds=600'], 'cpu')
     """
     if not 0 <= process_id < num_processes:
         raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
@@ -64,7 +68,12 @@ def process_env(process_id: int, num_processes: int, port: int,
                JAX_PROCESS_ID=str(process_id))
     if devices_per_process is not None:
         flags = re.sub(rf"{_DEVICE_FLAG}=\S*", "", env.get("XLA_FLAGS", "")).split()
-        env["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_FLAG}={devices_per_process}"])
+        flags.append(f"{_DEVICE_FLAG}={devices_per_process}")
+        # Simulated devices share the host's cores: a collective whose participants are
+        # starved more than XLA's default 40 s apart would abort the process.
+        if not any(f.startswith(f"{_COLLECTIVE_TIMEOUT_FLAG}=") for f in flags):
+            flags.append(f"{_COLLECTIVE_TIMEOUT_FLAG}={COLLECTIVE_TIMEOUT_S}")
+        env["XLA_FLAGS"] = " ".join(flags)
         env["JAX_PLATFORMS"] = "cpu"
     env.setdefault("PYTHONUNBUFFERED", "1")  # lines reach the prefixes as they are printed
     return env
