@@ -201,15 +201,28 @@ def _pack(kernel: jax.Array, kept: jax.Array,
             nm_ungroup(positions.astype(jnp.uint8), groups, tuple(packed_shape)), counts)
 
 
-@jax.jit
 def nm_unpack(packed: NMPacked) -> jax.Array:
     """The dense kernel of an :class:`NMPacked` (zeros outside the kept positions); the
-    exact inverse of :func:`nm_pack` on a masked kernel.
+    exact inverse of :func:`nm_pack` on a masked kernel. Called eagerly, positions outside
+    ``0 .. M - 1`` (an edited or corrupt pack) are a ``ValueError``.
 
     >>> import jax.numpy as jnp
     >>> nm_unpack(nm_pack(jnp.array([[0.0], [5.0], [0.0], [0.0]]), "1:4")).ravel()
     Array([0., 5., 0., 0.], dtype=float32)
     """
+    raw = packed.positions
+    if not isinstance(raw, jax.core.Tracer):
+        raw = np.asarray(raw)
+        m = packed.pattern.m
+        if raw.size and (raw.min() < 0 or raw.max() >= m):
+            raise ValueError(f"nm_unpack: positions must lie in 0..{m - 1} for pattern "
+                             f"{packed.pattern}, got {int(raw.min())}..{int(raw.max())} (an "
+                             "edited or corrupt pack)")
+    return _unpack(packed)
+
+
+@jax.jit
+def _unpack(packed: NMPacked) -> jax.Array:
     pattern, groups = packed.pattern, _packed_groups(packed.pattern)
     values = nm_groups(packed.values, groups)
     positions = nm_groups(packed.positions, groups).astype(jnp.int32)

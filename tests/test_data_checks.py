@@ -40,3 +40,15 @@ def test_good_tfds_records_load(monkeypatch):
 def test_bad_tfds_records_are_refused_naming_the_split(monkeypatch, train, test, message):
     with pytest.raises(ValueError, match=message):
         _load_with(monkeypatch, train, test)
+
+
+def test_nm_unpack_refuses_positions_out_of_range():
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from sparsejax.export import nm_pack, nm_unpack
+
+    packed = nm_pack(jnp.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 4.0]]), "2:4")
+    with pytest.raises(ValueError, match=r"positions must lie in 0\.\.3 for pattern 2:4"):
+        nm_unpack(dataclasses.replace(packed, positions=packed.positions + 7))
