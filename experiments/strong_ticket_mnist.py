@@ -69,7 +69,7 @@ def main() -> None:
             print(f"skipping {run_dir}: not finished", flush=True)
             continue
         ticket_path = RESULTS / f"strong_ticket_{run_dir.name}.npz"
-        summary = export_ticket(run_dir, ticket_path)
+        summary = export_ticket(run_dir, ticket_path, overwrite=True)
         ticket = load_ticket(ticket_path)
         metrics = evaluate_ticket(ticket)
         trained = json.loads((run_dir / "result.json").read_text())["test_accuracy"]

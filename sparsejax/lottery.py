@@ -70,6 +70,7 @@ from sparsejax.training.loop import classification_loss, make_eval_step
 from sparsejax.training.optim import make_optimizer
 from sparsejax.training.step import make_train_step
 from sparsejax.transforms import zero_masked
+from sparsejax.validation import check_int, check_writable_folder
 
 __all__ = [
     "LotteryConfig",
@@ -198,6 +199,12 @@ def run_folder(config: LotteryConfig) -> Path:
     if config.out is not None:
         return Path(config.out)
     return Path(config.out_root) / config_hash(config)
+
+
+def _check_out(root: Path, config: LotteryConfig) -> None:
+    """Raise ``ValueError`` naming the run folder when it cannot be made or written (a
+    regular file in its path: ``[Errno 17] File exists`` before)."""
+    check_writable_folder(root, "--out" if config.out is not None else "--out-root")
 
 
 def _check_same_run(root: Path, config: LotteryConfig) -> None:
@@ -447,6 +454,7 @@ def run_lottery(config: LotteryConfig, *, verbose: bool = True,
     """Run (or resume, or read back) IMP with rewinding; returns the per-round results and
     writes ``summary.json`` in the run folder."""
     root = run_folder(config)
+    _check_out(root, config)
     _check_same_run(root, config)
     trainer = trainer or Trainer(config)
     root.mkdir(parents=True, exist_ok=True)
@@ -556,6 +564,7 @@ def instability(config: LotteryConfig, round_index: int = 0, *, data_seeds: Sequ
     point to the end with the data orders of ``data_seeds``, and the test error along the
     straight line between them. Results are cached in the run folder."""
     root = run_folder(config)
+    _check_out(root, config)
     _check_same_run(root, config)
     _check_round_was_run(root, round_index)
     trainer = trainer or Trainer(config)

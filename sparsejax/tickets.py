@@ -268,16 +268,25 @@ def load_state_ticket(method: Any, state: Any,
 
 
 def export_ticket(run_dir: str | os.PathLike[str],
-                  output: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+                  output: str | os.PathLike[str] | None = None, *,
+                  overwrite: bool = False) -> dict[str, Any]:
     """Write the ticket of a finished run folder; returns a summary (path, sizes).
 
     ``run_dir`` holds ``result.json`` (the full config) and ``checkpoints/`` (the newest
-    good checkpoint is used). ``output`` defaults to ``RUN_DIR/ticket.npz``. Raises
-    ``ValueError`` when the run's weights are not the frozen ones its seed draws.
+    good checkpoint is used). ``output`` defaults to ``RUN_DIR/ticket.npz``; a file
+    already there is refused (``FileExistsError``) unless ``overwrite``. Raises
+    ``ValueError`` when the run's weights are not the frozen ones its seed draws, or when
+    ``output`` cannot be written (a folder, or under a regular file).
     """
     from sparsejax.training.run_folder import restore_finished_run
+    from sparsejax.validation import check_writable_file
 
     run_dir = Path(run_dir)
+    output = Path(output) if output is not None else run_dir / "ticket.npz"
+    check_writable_file(output, "--output")  # before the (slow) restore
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it, or choose "
+                              "another --output")
     finished = restore_finished_run(run_dir)
     config, run, step, state = finished.config, finished.run, finished.step, finished.state
     result = finished.result
@@ -328,7 +337,6 @@ def export_ticket(run_dir: str | os.PathLike[str],
         "test_accuracy": result.get("test_accuracy"),
         "jax_version": jax.__version__,
     }
-    output = Path(output) if output is not None else run_dir / "ticket.npz"
     _write_archive(output, header, packed,
                    {f"state_{i:05d}": np.asarray(v) for i, (_, v) in enumerate(state_flat)})
     total = sum(int(np.prod(r["shape"])) for r in rows)
@@ -438,7 +446,7 @@ def evaluate_ticket(ticket: Ticket, data_dir: str | None = None,
 
 
 def _export_command(args: argparse.Namespace) -> int:
-    summary = export_ticket(args.run_dir, args.output)
+    summary = export_ticket(args.run_dir, args.output, overwrite=args.overwrite)
     print(f"wrote {summary['ticket']}: {summary['ticket_bytes']} bytes "
           f"({summary['packed_mask_bytes']} bytes of packed masks for {summary['weights']} "
           f"weights, {summary['kept']} kept; {summary['model_state_bytes']} bytes of model "
@@ -462,6 +470,8 @@ def add_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], int]
     export.add_argument("run_dir", help="a finished run folder (result.json, checkpoints/)")
     export.add_argument("--output", "-o", default=None,
                         help="ticket file (default: RUN_DIR/ticket.npz)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace a ticket file already at --output instead of refusing")
     evaluate = commands.add_parser(
         "evaluate-ticket", help="regenerate a ticket's weights and measure its test accuracy")
     evaluate.add_argument("ticket", help="a ticket file written by export-ticket")

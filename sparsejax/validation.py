@@ -33,6 +33,7 @@ __all__ = [
     "check_finite_number",
     "check_local_path",
     "check_writable_folder",
+    "check_writable_file",
     "is_concrete",
     "is_int",
 ]
@@ -161,6 +162,25 @@ def check_writable_folder(path: str | os.PathLike[str], name: str = "--out") -> 
     if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
         what = "is not writable" if existing == path else f"cannot be created in {existing}"
         raise ValueError(f"{name} {path} {what} (permission denied)")
+
+
+def check_writable_file(path: str | os.PathLike[str], name: str = "--output") -> None:
+    """Raise ``ValueError`` unless the file ``path`` can be written: it is not a folder,
+    and its folder exists or can be created (no part of it is a regular file). The
+    message names ``path`` and what is in the way (``[Errno 17] File exists`` before)."""
+    check_local_path(path, name)
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name} {path} is a folder, not a file")
+    existing = path.parent
+    while not existing.exists():  # the nearest part of the path that exists
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"{name} {path} cannot be created: {existing} is a file, not a folder")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {path} cannot be created in {existing} (permission denied)")
 
 
 def as_key(seed: Any, name: str = "seed") -> jax.Array:

@@ -149,3 +149,32 @@ def test_every_flag_has_help():
         undocumented = [a.option_strings or a.dest for a in commands.choices[name]._actions
                         if not a.help]
         assert not undocumented, f"sparsejax {name}: {undocumented} have no help"
+
+
+def test_export_ticket_refuses_an_existing_ticket_without_overwrite(capsys, tmp_path):
+    """export-ticket -o replaced an existing file silently (train, prune and demo
+    refuse); the refusal comes before the run is restored, and --overwrite is a flag."""
+    ticket = tmp_path / "t.npz"
+    ticket.write_bytes(b"mine")
+    fails(capsys, ["export-ticket", tmp_path / "no_run", "-o", ticket],
+          f"{ticket} exists; pass --overwrite to replace it, or choose another --output")
+    assert ticket.read_bytes() == b"mine"
+    (tmp_path / "no_run").mkdir()
+    (tmp_path / "no_run" / "ticket.npz").write_bytes(b"mine")  # the default output too
+    fails(capsys, ["export-ticket", tmp_path / "no_run"], "exists; pass --overwrite")
+    # with --overwrite the file is no obstacle: what stops it now is the missing run
+    line = fails(capsys, ["export-ticket", tmp_path / "no_run", "-o", ticket, "--overwrite"])
+    assert "--overwrite" not in line and ticket.read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("command", ["export-ticket", "lottery"])
+def test_output_under_a_file_names_the_path(capsys, tmp_path, command):
+    """Was `[Errno 17] File exists` naming neither the flag nor the file in the way."""
+    (tmp_path / "file").write_text("")
+    target = tmp_path / "file" / "sub" / "t.npz"
+    if command == "export-ticket":
+        argv, flag = ["export-ticket", tmp_path / "no_run", "-o", target], "--output"
+    else:
+        argv, flag = ["lottery", "--steps", "1", "--rounds", "0", "--out", target], "--out"
+    fails(capsys, argv, f"{flag} {target} cannot be created: {tmp_path / 'file'} is a file, "
+                        "not a folder")
