@@ -125,9 +125,13 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, output: str | Path) -> Path:
-    """Lay out ``fig``, write it to ``output`` (parent folders made) and close it."""
+    """Lay out ``fig``, write it to ``output`` (parent folders made) and close it; returns
+    the path written: ``output``, with ``.png`` added when it has no suffix (matplotlib
+    adds it; ``plot -o runs/p`` used to print ``wrote runs/p`` for ``runs/p.png``)."""
     plt = pyplot()
     output = Path(output)
+    if not output.suffix:
+        output = output.with_name(output.name + ".png")
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(output)

@@ -11,7 +11,7 @@ import optax
 import pytest
 from cli_checks import fails
 
-from sparsejax.cli import build_parser
+from sparsejax.cli import build_parser, main
 from sparsejax.data import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, load_dataset
 from sparsejax.methods.dst import rigl, snfs, sparse_evolutionary
 from sparsejax.methods.pruning import gradual_magnitude
@@ -178,3 +178,16 @@ def test_output_under_a_file_names_the_path(capsys, tmp_path, command):
         argv, flag = ["lottery", "--steps", "1", "--rounds", "0", "--out", target], "--out"
     fails(capsys, argv, f"{flag} {target} cannot be created: {tmp_path / 'file'} is a file, "
                         "not a folder")
+
+
+def test_plot_prints_the_path_it_wrote(capsys, tmp_path):
+    """`plot -o runs/p` printed 'wrote runs/p' while matplotlib wrote runs/p.png."""
+    for sparsity, accuracy in ((0.5, 0.9), (0.9, 0.8)):
+        run = tmp_path / f"s{sparsity}"
+        run.mkdir()
+        (run / "result.json").write_text(json.dumps(
+            {"method": "static", "sparsity": sparsity, "test_accuracy": accuracy}))
+    assert main(["plot", str(tmp_path), "-o", str(tmp_path / "p")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'p.png'}"
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "p").exists()
