@@ -191,3 +191,10 @@ def test_plot_prints_the_path_it_wrote(capsys, tmp_path):
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'p.png'}"
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "p").exists()
+
+
+def test_a_lock_that_is_a_folder_is_named(capsys, tmp_path):
+    """OUT/.lock as a folder was `[Errno 21] Is a directory` (IsADirectoryError)."""
+    (tmp_path / "run" / ".lock").mkdir(parents=True)
+    fails(capsys, train_args(tmp_path), f"{tmp_path / 'run' / '.lock'} is a folder, not the "
+          "lock file", "move that folder away")

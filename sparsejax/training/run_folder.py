@@ -200,7 +200,12 @@ def run_lock(out: Path) -> Iterator[None]:
     first one's checkpoints and metrics. The kernel releases the lock when the process
     ends, however it ends, so a killed run never leaves a stale lock behind."""
     out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_FILE, "a")  # noqa: SIM115 - held for the whole run
+    lock = out / LOCK_FILE
+    if lock.is_dir():  # open() would say only "[Errno 21] Is a directory"
+        raise ValueError(
+            f"{lock} is a folder, not the lock file sparsejax keeps in --out {out} (a "
+            "process training into --out holds it); move that folder away and run again")
+    handle = open(lock, "a")  # noqa: SIM115 - held for the whole run
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
