@@ -124,7 +124,8 @@ class LotteryConfig:
         or ``'global'`` (one magnitude threshold over the pooled layers).
       rewind: the rewind step, ``'0'`` (to init), ``'500it'`` or ``'2ep'``.
       controls: branches trained each round beside the ticket, from :data:`CONTROLS`.
-      control_rounds: the rounds that get the controls (``None``: every round >= 1).
+      control_rounds: the rounds that get the controls (``None``: every round >= 1);
+        each must lie in ``[1, rounds]``.
       pattern: the sparsity pattern each round prunes within (:mod:`sparsejax.patterns`;
         rules in :mod:`sparsejax.lottery_masks`); hashed only when not ``'unstructured'``.
       out: the run folder itself (``None``: ``out_root/<model>_<dataset>_<hash>``, see
@@ -168,6 +169,14 @@ class LotteryConfig:
                              f"{self.distribution!r}")
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        outside = [r for r in self.control_rounds or () if not 1 <= r <= self.rounds]
+        if outside:  # they used to run no control, exit code 0
+            valid = (f"rounds in [1, {self.rounds}]" if self.rounds else
+                     "no round (round 0, the dense one, gets no controls)")
+            raise ValueError(
+                f"--control-rounds {' '.join(map(str, outside))} names round(s) this run does "
+                f"not have: --rounds {self.rounds} trains rounds 1 to {self.rounds} after the "
+                f"dense round 0, so --control-rounds takes {valid}")
         unknown = [c for c in self.controls if c not in CONTROLS]
         if unknown:
             raise ValueError(f"unknown control(s) {unknown}; known: {', '.join(CONTROLS)}")
@@ -624,7 +633,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--controls", default=",".join(d.controls),
                         help=f"comma-separated, from: {', '.join(CONTROLS)} (or 'none')")
     parser.add_argument("--control-rounds", type=int, nargs="*", default=None,
-                        help="rounds that get the controls (default: all)")
+                        help="rounds that get the controls, each in [1, --rounds] "
+                             "(default: all)")
     parser.add_argument("--pattern", default=d.pattern,
                         help="sparsity pattern of every round: unstructured, N:M (the "
                              "rounds step N down to it), block:B or channel")

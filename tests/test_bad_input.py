@@ -198,3 +198,18 @@ def test_a_lock_that_is_a_folder_is_named(capsys, tmp_path):
     (tmp_path / "run" / ".lock").mkdir(parents=True)
     fails(capsys, train_args(tmp_path), f"{tmp_path / 'run' / '.lock'} is a folder, not the "
           "lock file", "move that folder away")
+
+
+@pytest.mark.parametrize("rounds, control_rounds, valid", [
+    ("1", ["7"], "takes rounds in [1, 1]"),
+    ("3", ["2", "0"], "takes rounds in [1, 3]"),
+    ("0", ["1"], "takes no round"),
+])
+def test_control_rounds_outside_the_run_are_refused(capsys, tmp_path, rounds, control_rounds,
+                                                   valid):
+    """`lottery --control-rounds 7 --rounds 1` ran no control and ended with exit code 0."""
+    line = fails(capsys, ["lottery", "--steps", "1", "--rounds", rounds, "--control-rounds",
+                          *control_rounds, "--out", tmp_path / "run"],
+                 "--control-rounds", f"--rounds {rounds}", valid)
+    assert f"--control-rounds {control_rounds[-1]} names" in line
+    assert not (tmp_path / "run").exists()
