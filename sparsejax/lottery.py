@@ -70,7 +70,7 @@ from sparsejax.training.loop import classification_loss, make_eval_step
 from sparsejax.training.optim import make_optimizer
 from sparsejax.training.step import make_train_step
 from sparsejax.transforms import zero_masked
-from sparsejax.validation import check_int, check_writable_folder
+from sparsejax.validation import check_int, check_writable_folder, is_int
 
 __all__ = [
     "LotteryConfig",
@@ -566,12 +566,35 @@ def _check_round_was_run(root: Path, round_index: int) -> None:
                      f"'sparsejax lottery --rounds {round_index}' with the same options first")
 
 
+def _check_instability_options(data_seeds: Sequence[int], num_alphas: int) -> None:
+    """Raise ``ValueError`` for ``--data-seeds`` that are not two different seeds or an
+    ``--alphas`` that cannot hold both ends of the line."""
+    seeds = list(data_seeds)
+    if len(seeds) != 2:
+        raise ValueError(f"--data-seeds takes two seeds, got {len(seeds)}")
+    for seed in seeds:
+        check_int(seed, "--data-seeds", minimum=0, maximum=2**32 - 1)
+    if seeds[0] == seeds[1]:
+        raise ValueError(
+            f"--data-seeds {seeds[0]} {seeds[1]} are equal: both copies would see the same "
+            "data order and end identical, so the barrier between them would be 0 and "
+            "measure nothing; give two different seeds (default 101 102)")
+    if not is_int(num_alphas) or num_alphas < 2:
+        raise ValueError(
+            f"--alphas must be an integer >= 2 (the points evaluated on the line between the "
+            f"two copies, both ends included; default 11), got {num_alphas!r}")
+
+
 def instability(config: LotteryConfig, round_index: int = 0, *, data_seeds: Sequence[int] = (
         101, 102), num_alphas: int = 11, trainer: Trainer | None = None) -> dict[str, Any]:
     """Linear mode connectivity at the config's rewind step: two copies of the round's
     network (masks of ``round_index``, which must be finished) trained from the rewind
     point to the end with the data orders of ``data_seeds``, and the test error along the
-    straight line between them. Results are cached in the run folder."""
+    straight line between them. Results are cached in the run folder.
+
+    Raises ``ValueError`` for equal ``data_seeds`` (two identical copies: a barrier of 0
+    that measures nothing) and for ``num_alphas`` below 2 (the line's two ends)."""
+    _check_instability_options(data_seeds, num_alphas)
     root = run_folder(config)
     _check_out(root, config)
     _check_same_run(root, config)
@@ -708,5 +731,5 @@ def add_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], int]
     stability.add_argument("--data-seeds", type=int, nargs=2, default=[101, 102],
                            help="data orders of the two copies")
     stability.add_argument("--alphas", type=int, default=11,
-                           help="points on the line between the copies")
+                           help="points on the line between the copies, ends included, >= 2")
     return {"lottery": _lottery_command, "instability": _instability_command}

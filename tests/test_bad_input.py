@@ -213,3 +213,15 @@ def test_control_rounds_outside_the_run_are_refused(capsys, tmp_path, rounds, co
                  "--control-rounds", f"--rounds {rounds}", valid)
     assert f"--control-rounds {control_rounds[-1]} names" in line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--data-seeds", "1", "1"], ["--data-seeds 1 1 are equal", "give two different seeds"]),
+    (["--alphas", "0"], ["--alphas must be an integer >= 2", "both ends included", "got 0"]),
+    (["--alphas", "1"], ["--alphas must be an integer >= 2", "got 1"]),
+])
+def test_instability_options_that_measure_nothing(capsys, tmp_path, flags, expected):
+    """`--data-seeds 1 1` reported a 0.00 barrier between two identical copies; `--alphas 0`
+    was 'max() arg is an empty sequence' after training both copies (1: ZeroDivisionError)."""
+    fails(capsys, ["instability", "--steps", "1", "--out", tmp_path / "run", *flags], *expected)
+    assert not (tmp_path / "run").exists()
