@@ -27,7 +27,8 @@ from typing import IO, Any
 
 from sparsejax.validation import is_int
 
-__all__ = ["free_port", "process_env", "launch", "add_commands"]
+__all__ = ["free_port", "check_port", "oversubscription_warning", "process_env", "launch",
+           "add_commands"]
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 _COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
@@ -45,6 +46,60 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return int(s.getsockname()[1])
+
+
+OVERSUBSCRIBED = 8
+"""``launch`` warns when its processes hold more than this many simulated devices per
+CPU core (``-n`` x ``--devices-per-process`` > 8 x ``os.cpu_count()``)."""
+
+
+def check_port(port: int) -> None:
+    """Raise ``ValueError`` naming ``--port`` unless ``port`` is a TCP port that can be
+    listened on now: process 0's coordinator (gRPC) binds it, and on a port in use it
+    failed with "Failed to add port to server" and a segfault (exit code 139). The port
+    is bound briefly (``SO_REUSEADDR``, as gRPC does) and released at once.
+
+    >>> check_port(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: --port must be a TCP port in [1, 65535], got 0
+    """
+    if not is_int(port) or not 1 <= port <= 65535:
+        raise ValueError(f"--port must be a TCP port in [1, 65535], got {port!r}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise ValueError(
+                f"--port {port} cannot be listened on ({reason}): process 0's coordinator "
+                "needs it; choose another --port, or leave --port out for a free "
+                "one") from None
+
+
+def oversubscription_warning(num_processes: int, devices_per_process: int | None,
+                             cores: int | None) -> str | None:
+    """The warning line for ``num_processes`` x ``devices_per_process`` simulated devices
+    on ``cores`` CPU cores, when they are more than :data:`OVERSUBSCRIBED` per core;
+    ``None`` when they are not (or either number is unknown).
+
+    >>> oversubscription_warning(2, 4, 2) is None
+    True
+    >>> "16 = 64 simulated devices on 2 CPU cores (32 per core" in oversubscription_warning(
+    ...     4, 16, 2)
+    True
+    """
+    if devices_per_process is None or not cores:
+        return None
+    devices = num_processes * devices_per_process
+    if devices <= OVERSUBSCRIBED * cores:
+        return None
+    return (f"sparsejax launch: warning: -n {num_processes} x --devices-per-process "
+            f"{devices_per_process} = {devices} simulated devices on {cores} CPU cores "
+            f"({devices / cores:g} per core, more than {OVERSUBSCRIBED}): every step waits on "
+            "collectives of starved devices and may run very slowly; fewer processes or "
+            "devices per process run faster")
 
 
 def process_env(process_id: int, num_processes: int, port: int,
@@ -138,7 +193,12 @@ def launch(num_processes: int, argv: Sequence[str], *, devices_per_process: int 
     if not argv:
         raise ValueError("nothing to launch: give the command after --, e.g. "
                          "sparsejax launch -n 2 -- train --parallel sharded")
+    if port is not None:
+        check_port(port)  # before any process starts: a busy port crashed process 0
     command = _command(argv)
+    warning = oversubscription_warning(num_processes, devices_per_process, os.cpu_count())
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     port = free_port() if port is None else port
     out = sys.stdout if out is None else out
     lock = threading.Lock()
@@ -201,7 +261,8 @@ def add_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], int]
                                help="simulated CPU devices per process (sets XLA's "
                                     f"{_DEVICE_FLAG}); default: the real devices")
     launch_parser.add_argument("--port", type=int, default=None,
-                               help="the coordinator's local port (default: a free one)")
+                               help="the coordinator's local port, free, in [1, 65535] "
+                                    "(default: a free one)")
     launch_parser.add_argument("--grace", type=float, default=5.0,
                                help="seconds the others get to stop after one fails, then "
                                     "SIGKILL (a JAX process waiting on a dead peer may "

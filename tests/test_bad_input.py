@@ -5,6 +5,7 @@ compiling starts (see docs/reliability.md)."""
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 import optax
@@ -13,6 +14,7 @@ from cli_checks import fails
 
 from sparsejax.cli import build_parser, main
 from sparsejax.data import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, load_dataset
+from sparsejax.launch import launch
 from sparsejax.methods.dst import rigl, snfs, sparse_evolutionary
 from sparsejax.methods.pruning import gradual_magnitude
 from sparsejax.schedules import cubic_sparsity
@@ -225,3 +227,33 @@ def test_instability_options_that_measure_nothing(capsys, tmp_path, flags, expec
     was 'max() arg is an empty sequence' after training both copies (1: ZeroDivisionError)."""
     fails(capsys, ["instability", "--steps", "1", "--out", tmp_path / "run", *flags], *expected)
     assert not (tmp_path / "run").exists()
+
+
+def test_launch_on_a_port_in_use_is_refused_before_any_process_starts(capsys, tmp_path):
+    """Process 0 died with SIGSEGV (exit 139) after gRPC's 'Failed to add port to server'."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        marker = tmp_path / "started"
+        fails(capsys, ["launch", "-n", "2", "--port", port, "--", sys.executable, "-c",
+                       f"open({str(marker)!r}, 'w')"],
+              f"--port {port} cannot be listened on", "choose another --port")
+        assert not marker.exists()
+    fails(capsys, ["launch", "-n", "1", "--port", "70000", "--", "train"],
+          "--port must be a TCP port in [1, 65535], got 70000")
+
+
+def test_launch_warns_when_devices_outnumber_the_cores_many_times(capsys, monkeypatch):
+    """A warning (the run goes on) naming -n, --devices-per-process and the cores."""
+    import sparsejax.launch
+
+    monkeypatch.setattr(sparsejax.launch.os, "cpu_count", lambda: 2)
+    assert launch(2, [sys.executable, "-c", "pass"], devices_per_process=8) == 0
+    assert "warning" not in capsys.readouterr().err  # 16 devices on 2 cores: 8 per core
+    assert launch(3, [sys.executable, "-c", "pass"], devices_per_process=8) == 0
+    err = capsys.readouterr().err
+    assert ("sparsejax launch: warning: -n 3 x --devices-per-process 8 = 24 simulated devices "
+            "on 2 CPU cores (12 per core, more than 8)") in err, err
