@@ -57,6 +57,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
                             "input.txt, or a TFDS data dir)")
     train.add_argument("--sparsity", type=float, default=None,
                        help="fraction of prunable weights removed, in [0, 1)")
+    train.add_argument("--allow-empty-layers", action="store_true",
+                       help="train even when the sparsity keeps no weight in some prunable "
+                            "layer (refused by default)")
     train.add_argument("--distribution", default=None,
                        help=f"layer-wise sparsity: {', '.join(DISTRIBUTIONS)}")
     length = train.add_mutually_exclusive_group()
@@ -156,14 +159,23 @@ def train_config(args: argparse.Namespace) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import warnings
+
+    from sparsejax.distributions import EmptyLayersWarning
     from sparsejax.training.loop import train
     from sparsejax.training.stops import stop_on_signals
 
     config = train_config(args)
     _print_recipe(config)
     # SIGINT and SIGTERM stop the run between two steps (RunStopped, in main)
-    with stop_on_signals():
-        result = train(config)
+    with stop_on_signals(), warnings.catch_warnings():
+        if not args.allow_empty_layers:
+            warnings.filterwarnings("error", category=EmptyLayersWarning)
+        try:
+            result = train(config)
+        except EmptyLayersWarning as empty:
+            raise ValueError(f"{empty}; or pass --allow-empty-layers to train it anyway"
+                             ) from None
     print(
         f"{result['method']} {result['model']} {result['dataset']}: "
         f"test accuracy {100 * result['test_accuracy']:.2f}% at sparsity "

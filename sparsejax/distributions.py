@@ -286,6 +286,11 @@ def kept_counts(
     return KeptCounts(counts, [], 0)
 
 
+class EmptyLayersWarning(UserWarning):
+    """A density keeps no weight in some prunable layer (``sparsejax train`` refuses it
+    unless given ``--allow-empty-layers``)."""
+
+
 def _warn_empty(density: float, paths: list[str]) -> None:
     """Warn that ``density`` keeps no weight of the prunable leaves ``paths`` (an override
     of 0 asks for it and is not warned about)."""
@@ -296,7 +301,7 @@ def _warn_empty(density: float, paths: list[str]) -> None:
         f"density {density:g} (sparsity {1 - density:g}) keeps no weight in {len(paths)} "
         f"prunable layer(s) ({names}): "
         "their outputs no longer depend on their inputs. Lower the sparsity, or give them "
-        "a density of their own with overrides", UserWarning, stacklevel=3)
+        "a density of their own with overrides", EmptyLayersWarning, stacklevel=3)
 
 
 def select_masks(

@@ -113,8 +113,10 @@ def process_env(process_id: int, num_processes: int, port: int,
     >>> env = process_env(1, 2, 1234, devices_per_process=4, base={"XLA_FLAGS": "--a=1"})
     >>> env["JAX_COORDINATOR_ADDRESS"], env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]
     ('localhost:1234', '2', '1')
-    >>> env["XLA_FLAGS"].split(), env["JAX_PLATFORMS"]
-    (['--a=1', '--xla_force_host_platform_device_count=4', '--xla_cpu_collective_call_terminate_timeout_seconds=600'], 'cpu')
+    >>> env["JAX_PLATFORMS"], env["XLA_FLAGS"].split()[:2]
+    ('cpu', ['--a=1', '--xla_force_host_platform_device_count=4'])
+    >>> env["XLA_FLAGS"].split()[2]  # simulated devices wait for each other up to 600 s
+    '--xla_cpu_collective_call_terminate_timeout_seconds=600'
     """
     if not 0 <= process_id < num_processes:
         raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")

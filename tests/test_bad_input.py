@@ -257,3 +257,11 @@ def test_launch_warns_when_devices_outnumber_the_cores_many_times(capsys, monkey
     err = capsys.readouterr().err
     assert ("sparsejax launch: warning: -n 3 x --devices-per-process 8 = 24 simulated devices "
             "on 2 CPU cores (12 per core, more than 8)") in err, err
+
+
+def test_a_sparsity_that_empties_layers_is_refused_unless_allowed(capsys, tmp_path):
+    argv = ["train", "--steps", "1", "--no-progress", "--no-tensorboard", "--method",
+            "static", "--sparsity", "0.999999", "--out", tmp_path / "run"]
+    fails(capsys, argv, "keeps no weight in 3 prunable layer(s)", "--allow-empty-layers")
+    with pytest.warns(UserWarning, match="keeps no weight"):
+        assert main([str(a) for a in argv] + ["--allow-empty-layers"]) == 0
