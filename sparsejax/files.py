@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TMP_SUFFIX", "tmp_path", "write_atomic", "write_json", "write_failure"]
+__all__ = ["TMP_SUFFIX", "tmp_path", "write_atomic", "write_json", "write_failure", "read_json",
+           "check_run_result"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -62,3 +63,45 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
 def write_json(path: str | os.PathLike[str], payload: Any) -> None:
     """``payload`` as indented JSON with sorted keys, written by :func:`write_atomic`."""
     write_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike[str], what: str = "JSON file",
+              expect: type | None = dict) -> Any:
+    """The JSON document in ``path``; every way it can be unreadable is a ``ValueError``
+    (or, for a file that cannot be opened, an ``OSError``) whose one line names ``path``:
+    ``RUN/result.json is not valid JSON (line 1 column 5: Expecting ...)``.
+
+    ``what`` says what the file should be (``"a sparsejax result"``); ``expect`` is the
+    type the document must have (a JSON object by default; ``None``: any).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise write_failure(error, path) from error
+    if not data.strip():
+        raise ValueError(f"{path} is empty, not {what} (a write cut short?)")
+    try:
+        document = json.loads(data)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON (not UTF-8 text: {error.reason} at byte "
+                         f"{error.start}); expected {what}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON (line {error.lineno} column {error.colno}: "
+                         f"{error.msg}); expected {what}") from None
+    if expect is not None and not isinstance(document, expect):
+        kind = "a JSON object" if expect is dict else f"a JSON {expect.__name__}"
+        raise ValueError(f"{path} is not {what}: not {kind}")
+    return document
+
+
+def check_run_result(run_dir: str | os.PathLike[str]) -> None:
+    """Raise a one-line ``ValueError`` naming ``RUN_DIR/result.json`` when it is there but
+    not the result of a finished ``sparsejax train`` run (broken JSON, no ``config``);
+    commands that restore a run (``prune``, ``export-ticket``) call it first."""
+    path = Path(run_dir) / "result.json"
+    if path.exists():
+        what = "the result of a finished sparsejax train run"
+        result = read_json(path, what)
+        if not isinstance(result.get("config"), dict):
+            raise ValueError(f"{path} is not {what}: it holds no 'config'")

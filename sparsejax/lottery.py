@@ -46,7 +46,7 @@ from sparsejax._tree import leaf_paths
 from sparsejax.checkpoint import Checkpointer
 from sparsejax.data import Dataset, epoch_permutation, load_dataset, steps_per_epoch
 from sparsejax.distributions import select_masks
-from sparsejax.files import write_json
+from sparsejax.files import read_json, write_json
 from sparsejax.lottery_masks import (
     check_lottery_pattern,
     pattern_imp_masks,
@@ -223,8 +223,8 @@ def _check_same_run(root: Path, config: LotteryConfig) -> None:
     path = root / "config.json"
     if not path.exists():
         return
+    stored = read_json(path, "a lottery run's settings")
     try:
-        stored = json.loads(path.read_text())
         fields = {f.name for f in dataclasses.fields(LotteryConfig)}
         previous = LotteryConfig(**{k: v for k, v in stored.items() if k in fields})
     except (ValueError, TypeError):
@@ -418,7 +418,7 @@ def _branch(trainer: Trainer, folder: Path, start: SparseState, *,
     with Checkpointer(folder / "checkpoints", max_to_keep=1) as checkpointer:
         if result_path.exists() and checkpointer.latest_step() == trainer.total_steps:
             _, state, _ = checkpointer.restore(start)
-            return json.loads(result_path.read_text()), state
+            return read_json(result_path, "a lottery branch's result"), state
         state = start
         if checkpointer.latest_step() is not None:
             _, state, _ = checkpointer.restore(start)
@@ -604,7 +604,7 @@ def instability(config: LotteryConfig, round_index: int = 0, *, data_seeds: Sequ
                                     f"{data_seeds[1]}"
     result_path = folder / "result.json"
     if result_path.exists():
-        return json.loads(result_path.read_text())
+        return read_json(result_path, "an instability result")
     init_state = trainer.initial_state()
     k = trainer.rewind_step
     if round_index == 0 and not (root / "round_00" / "ticket" / "result.json").exists():

@@ -9,7 +9,6 @@ copies are not accuracy-versus-sparsity points and are skipped.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsejax._extras import require
+from sparsejax.files import read_json
 
 __all__ = ["find_results", "load_results", "plot_accuracy_vs_sparsity"]
 
@@ -62,12 +62,7 @@ def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     lottery: list[tuple[dict[str, Any], Path, str]] = []
     for path in find_results(paths):
         branch = _lottery_branch(path)
-        try:
-            result = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error})") from error
-        if not isinstance(result, dict):
-            raise ValueError(f"{path} is not a sparsejax result: not a JSON object")
+        result = read_json(path, "a sparsejax result")
         if "method" not in result and branch is None and _is_instability_copy(path):
             continue
         if "method" not in result and branch is not None:

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sparsejax.files import write_json
+from sparsejax.files import check_run_result, write_json
 from sparsejax.posttrain import POSTTRAIN_METHODS, check_posttrain_pattern, posttrain_density
 from sparsejax.provenance import provenance
 from sparsejax.training.run_folder import restore_finished_run
@@ -63,6 +63,7 @@ def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
     if (out / "result.json").exists() and not overwrite:
         raise FileExistsError(f"{out / 'result.json'} exists; pass --overwrite to replace it "
                               "or choose another --out")
+    check_run_result(run_dir)  # a broken result.json is named (not a bare JSON error)
     finished = restore_finished_run(run_dir)
     config, run = finished.config, finished.run
     params = jax.jit(run.method.effective_params)(finished.state)

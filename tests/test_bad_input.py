@@ -114,6 +114,19 @@ def test_broken_result_file_is_named(capsys, tmp_path):
           str(tmp_path / "result.json"), "is not valid JSON")
 
 
+@pytest.mark.parametrize("text", ['{"config": {"method": "dense", "mod', "not json", "[1, 2]", ""])
+@pytest.mark.parametrize("command", [["prune", "--method", "magnitude", "--sparsity", "0.5"],
+                                     ["export-ticket"], ["plot"]])
+def test_a_broken_result_json_is_named_by_every_reader(capsys, tmp_path, command, text):
+    (tmp_path / "result.json").write_text(text)
+    argv = [command[0], tmp_path, *command[1:]]
+    if command[0] == "plot":
+        argv += ["-o", tmp_path / "p.png"]
+    line = fails(capsys, argv, str(tmp_path / "result.json"))
+    assert "not valid JSON (line 1 column" in line or "is empty" in line or \
+        "not a JSON object" in line, line
+
+
 def _ticket(path, header, **arrays):
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     np.savez(path, header=np.frombuffer(raw, np.uint8), **arrays)
