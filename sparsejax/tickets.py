@@ -355,7 +355,19 @@ def export_ticket(run_dir: str | os.PathLike[str],
     }
 
 
+_NOT_A_TICKET = "is not a sparsejax ticket (an .npz file written by sparsejax export-ticket)"
+
+
 def _read_archive(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(4)
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read ({error.strerror or error})") from error
+    if start and not start.startswith(b"PK"):  # np.load would try it as a pickle or .npy
+        what = ("a JSON file (a result.json?)" if start.lstrip()[:1] in (b"{", b"[") else
+                "an .npy array" if start.startswith(b"\x93NUM") else "not an .npz archive")
+        raise ValueError(f"{path} {_NOT_A_TICKET}: it is {what}")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}

@@ -152,6 +152,23 @@ def test_damaged_ticket_files(capsys, tmp_path):
     fails(capsys, ["evaluate-ticket", no_mask], str(no_mask), "lacks the array(s) mask_00000")
 
 
+@pytest.mark.parametrize("name, content, kind", [
+    ("result.json", b'{"method": "dense", "test_accuracy": 0.9}', "it is a JSON file"),
+    ("notes.txt", b"some notes", "it is not an .npz archive"),
+    ("array.npy", None, "it is an .npy array"),
+])
+def test_a_file_that_is_not_a_ticket_is_refused_without_numpys_advice(
+        capsys, tmp_path, name, content, kind):
+    path = tmp_path / name
+    if content is None:
+        np.save(path, np.zeros(3))
+    else:
+        path.write_bytes(content)
+    line = fails(capsys, ["evaluate-ticket", path], str(path), "is not a sparsejax ticket",
+                 "written by sparsejax export-ticket", kind)
+    assert "allow_pickle" not in line and "pickle" not in line
+
+
 def test_instability_round_that_was_not_run(capsys, tmp_path):
     fails(capsys, ["instability", "--steps", "1", "--round", "3", "--out-root", tmp_path],
           "--round 3 was not run", "finished rounds []")
