@@ -145,3 +145,43 @@ def test_a_second_process_on_the_same_out_fails_at_once(tmp_path, capsys):
         assert not (out / "metrics.jsonl").exists()
         fcntl.flock(other, fcntl.LOCK_UN)
     assert main(run_args(out, "--method", "static", "--sparsity", "0.9")) == 0
+
+
+def _write_mnist(folder, seed, n_train=128, n_test=32):
+    """Tiny MNIST IDX files with random pixels and labels."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        for kind, magic, shape, high in (("images-idx3", 2051, (n, 28, 28), 256),
+                                         ("labels-idx1", 2049, (n,), 10)):
+            header = magic.to_bytes(4, "big") + b"".join(k.to_bytes(4, "big") for k in shape)
+            body = rng.integers(0, high, size=shape, dtype=np.uint8).tobytes()
+            (folder / f"{prefix}-{kind}-ubyte").write_bytes(header + body)
+
+
+def test_resume_checks_the_checkpoints_own_config_and_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    _write_mnist(tmp_path / "a", seed=0)
+    _write_mnist(tmp_path / "b", seed=1)
+    data_a = ["--dataset", "mnist", "--data-dir", str(tmp_path / "a")]
+    assert main(run_args(out, "--method", "static", "--sparsity", "0.5", *data_a)) == 0
+    before = snapshot(out)
+    # Other data under the same options (the data folder may move on a resume).
+    fails(capsys, run_args(out, "--method", "static", "--sparsity", "0.5", "--steps", "6",
+                           "--resume", "--dataset", "mnist", "--data-dir",
+                           str(tmp_path / "b")),
+          "--resume: the data differs from what the checkpoint at step 4",
+          "sample_sha256 was")
+    assert snapshot(out) == before
+    # A config.json edited by hand: the checkpoint's own record still refuses.
+    config = json.loads((out / "config.json").read_text())
+    config["config"]["sparsity"] = 0.8
+    (out / "config.json").write_text(json.dumps(config))
+    fails(capsys, run_args(out, "--method", "static", "--sparsity", "0.8", "--steps", "6",
+                           "--resume", *data_a),
+          "the checkpoint at step 4", "--sparsity was 0.5, now 0.8", "edited?")
+    # The same data and options resume.
+    config["config"]["sparsity"] = 0.5
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(run_args(out, "--method", "static", "--sparsity", "0.5", "--steps", "6",
+                         "--resume", *data_a)) == 0

@@ -48,6 +48,7 @@ from sparsejax.training.run_folder import (
     KEEP_BEST,
     check_config,
     check_resume,
+    check_resume_data,
     clear_run,
     holds_run,
     jsonable,
@@ -385,6 +386,8 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
     run = _prepare(config, abstract_state=resume_step is not None)
     dataset, model, method, state = run.dataset, run.model, run.method, run.state
     batches_per_epoch, total_steps = run.batches_per_epoch, run.total_steps
+    if resume_step is not None:
+        check_resume_data(dataset.fingerprint(), checkpointer, resume_step)
     if resume_step is not None and total_steps < resume_step:
         length = (f"--steps {config.steps}" if config.steps is not None
                   else f"--epochs {config.epochs} ({total_steps} steps)")
@@ -396,6 +399,7 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
     out.mkdir(parents=True, exist_ok=True)
     previous_steps = None if previous is None else previous.get(
         "total_steps", previous.get("steps"))
+    data_fingerprint = dataset.fingerprint()  # saved with every checkpoint
     eval_every = config.eval_every or batches_per_epoch
     checkpoint_every = config.checkpoint_every or batches_per_epoch
 
@@ -494,6 +498,7 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
                 checkpointer.save(step, logical, {
                     "position": DataPosition.from_step(step, batches_per_epoch)._asdict(),
                     "config": dataclasses.asdict(config),
+                    "data": data_fingerprint,
                     "skipped_nonfinite_steps": skipped_before + skipped,
                     "layouts": layouts},
                     **({} if config.keep_best is None

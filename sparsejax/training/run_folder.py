@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     from sparsejax.training.loop import TrainConfig
 
 __all__ = ["SEED_MAX", "RESUMABLE_FIELDS", "CONFIG_FILE", "RUN_FILES", "check_config",
-           "config_differences", "check_resume", "holds_run", "clear_run", "jsonable",
-           "saved_run", "run_lock", "LOCK_FILE", "KEEP_BEST", "FinishedRun", "restore_finished_run"]
+           "config_differences", "check_resume", "check_resume_data", "holds_run",
+           "clear_run", "jsonable", "saved_run", "run_lock", "LOCK_FILE", "KEEP_BEST",
+           "FinishedRun", "restore_finished_run"]
 
 
 SEED_MAX = 2**32 - 1  # the data generators (mnist1d, numpy) take 32-bit seeds
@@ -164,6 +165,22 @@ def clear_run(out: Path) -> None:
         tmp_path(path).unlink(missing_ok=True)
 
 
+def check_resume_data(fingerprint: dict[str, Any], checkpointer: Checkpointer,
+                      step: int) -> None:
+    """Refuse to resume checkpoint ``step`` on data whose ``fingerprint``
+    (:meth:`sparsejax.data.Dataset.fingerprint`) differs from the one saved with it
+    (checkpoints written before fingerprints were saved are not checked)."""
+    recorded = checkpointer.read_metadata(step).get("data")
+    if not isinstance(recorded, dict) or recorded == jsonable(fingerprint):
+        return
+    differ = [f"{key} was {recorded.get(key)!r}, now {value!r}"
+              for key, value in jsonable(fingerprint).items() if recorded.get(key) != value]
+    raise ValueError(
+        f"--resume: the data differs from what the checkpoint at step {step} in "
+        f"{checkpointer.directory} was trained on ({'; '.join(differ)}); point --dataset "
+        "and --data-dir at the run's data, or start another run with another --out")
+
+
 def check_resume(config: TrainConfig, out: Path, checkpointer: Checkpointer) -> int | None:
     """Host-side checks of ``--resume`` before anything is built or written: the newest
     good checkpoint step (``None``: there is nothing to resume, start fresh)."""
@@ -175,6 +192,15 @@ def check_resume(config: TrainConfig, out: Path, checkpointer: Checkpointer) -> 
             raise ValueError(
                 f"--resume would continue the run in {out} with another configuration: "
                 f"{'; '.join(differences)} (use the run's options, or another --out)")
+    if step is not None:  # the checkpoint's own record, which an edited config.json hides
+        recorded = checkpointer.read_metadata(step).get("config")
+        differences = ([] if not isinstance(recorded, dict)
+                       else config_differences(recorded, config))
+        if differences:
+            raise ValueError(
+                f"--resume: the checkpoint at step {step} in {checkpointer.directory} was "
+                f"saved by another configuration than this one: {'; '.join(differences)} "
+                f"(was {out / CONFIG_FILE} edited? use the checkpoint's options)")
     if step is None:
         damaged = checkpointer.problems()
         if damaged:
