@@ -26,16 +26,40 @@ from typing import Any
 import jax
 import numpy as np
 
-from sparsejax.files import check_run_result, write_json
+from sparsejax.files import check_run_result, read_json, write_json
 from sparsejax.posttrain import POSTTRAIN_METHODS, check_posttrain_pattern, posttrain_density
 from sparsejax.provenance import provenance
 from sparsejax.training.run_folder import restore_finished_run
 from sparsejax.validation import check_int, check_writable_folder
 
-__all__ = ["prune_run", "add_commands"]
+__all__ = ["prune_run", "restore_run", "add_commands"]
 
 CALIBRATION_BATCH = 256
 """Calibration examples run through the model at a time (their Hessians are summed)."""
+
+
+def restore_run(run_dir: str | Path) -> Any:
+    """``restore_finished_run(run_dir)`` for ``sparsejax prune`` and ``export-ticket``: a
+    broken ``result.json`` is named and, when the run's data is no longer where it
+    trained, the advice is one these commands can follow (they take no ``--data-dir``:
+    the run's config names the folder)."""
+    from sparsejax.data import DatasetNotAvailableError
+
+    run_dir = Path(run_dir)
+    check_run_result(run_dir)  # a broken result.json is named (not a bare JSON error)
+    try:
+        return restore_finished_run(run_dir)
+    except DatasetNotAvailableError as error:
+        config = read_json(run_dir / "result.json")["config"]
+        folder = config.get("data_dir")
+        place = f"from {folder}" if folder else "from the default TFDS data_dir"
+        problem = str(error).split(" To provide it,")[0].rstrip(".")
+        raise DatasetNotAvailableError(
+            f"{run_dir} was trained on dataset {config.get('dataset')!r} {place}, which "
+            f"no longer holds it ({problem}); put the "
+            f"data back there, or set \"data_dir\" in the \"config\" of "
+            f"{run_dir / 'result.json'} to the folder that holds it now (the data folder "
+            "does not change the run)") from None
 
 
 def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
@@ -63,8 +87,7 @@ def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
     if (out / "result.json").exists() and not overwrite:
         raise FileExistsError(f"{out / 'result.json'} exists; pass --overwrite to replace it "
                               "or choose another --out")
-    check_run_result(run_dir)  # a broken result.json is named (not a bare JSON error)
-    finished = restore_finished_run(run_dir)
+    finished = restore_run(run_dir)
     config, run = finished.config, finished.run
     params = jax.jit(run.method.effective_params)(finished.state)
     model_state = finished.state.model_state

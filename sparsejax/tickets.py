@@ -278,8 +278,7 @@ def export_ticket(run_dir: str | os.PathLike[str],
     ``ValueError`` when the run's weights are not the frozen ones its seed draws, or when
     ``output`` cannot be written (a folder, or under a regular file).
     """
-    from sparsejax.files import check_run_result
-    from sparsejax.training.run_folder import restore_finished_run
+    from sparsejax.prune_run import restore_run
     from sparsejax.validation import check_writable_file
 
     run_dir = Path(run_dir)
@@ -288,8 +287,7 @@ def export_ticket(run_dir: str | os.PathLike[str],
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it, or choose "
                               "another --output")
-    check_run_result(run_dir)  # a broken result.json is named (not a bare JSON error)
-    finished = restore_finished_run(run_dir)
+    finished = restore_run(run_dir)  # names a broken result.json
     config, run, step, state = finished.config, finished.run, finished.step, finished.state
     result = finished.result
     input_shape = tuple(int(d) for d in run.dataset.input_shape)

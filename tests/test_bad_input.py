@@ -3,6 +3,7 @@ the problem, exit code 2 and no traceback. Every case fails before training or
 compiling starts (see docs/reliability.md)."""
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -125,6 +126,19 @@ def test_a_broken_result_json_is_named_by_every_reader(capsys, tmp_path, command
     line = fails(capsys, argv, str(tmp_path / "result.json"))
     assert "not valid JSON (line 1 column" in line or "is empty" in line or \
         "not a JSON object" in line, line
+
+
+@pytest.mark.parametrize("command", [["prune", "--method", "magnitude", "--sparsity", "0.5"],
+                                     ["export-ticket"]])
+def test_a_run_whose_data_moved_gets_advice_the_command_takes(capsys, tmp_path, command):
+    """The advice was 'pass data_dir (CLI: --data-dir)', a flag neither command has."""
+    gone = tmp_path / "moved_away"
+    config = dataclasses.asdict(TrainConfig(method="dense", dataset="mnist", steps=1,
+                                            data_dir=str(gone)))
+    (tmp_path / "result.json").write_text(json.dumps({"config": config}))
+    line = fails(capsys, [command[0], tmp_path, *command[1:]], "'mnist'", str(gone),
+                 "put the data back there", '"data_dir"', str(tmp_path / "result.json"))
+    assert "--data-dir" not in line
 
 
 def _ticket(path, header, **arrays):
