@@ -43,6 +43,19 @@ def test_bad_train_flags_name_the_flag(capsys, tmp_path, flags, expected):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, option", [
+    (["--sparsity", "0.5", "--method-option", "sparsity=0.7"], "--method-option sparsity=0.7"),
+    (["--sparsity", "0.5", "--distribution", "erk", "--method-option", "distribution=uniform"],
+     "--method-option distribution=uniform"),
+])
+def test_a_method_option_beside_its_flag_is_refused(capsys, tmp_path, flags, option):
+    """--method-option sparsity=0.7 beside --sparsity 0.5 was ignored (0.5 trained)."""
+    flag = option.split()[1].split("=")[0]
+    fails(capsys, train_args(tmp_path, "--method", "static", *flags), option, f"--{flag} ",
+          f"give it once, with --{flag}")
+    assert not (tmp_path / "run").exists()
+
+
 def test_out_under_a_file(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     fails(capsys, ["train", "--steps", "1", "--out", tmp_path / "file" / "run"],
