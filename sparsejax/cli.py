@@ -172,10 +172,12 @@ def _train(args: argparse.Namespace) -> int:
     import warnings
 
     from sparsejax.distributions import EmptyLayersWarning
+    from sparsejax.models import check_model_dataset
     from sparsejax.training.loop import train
     from sparsejax.training.stops import stop_on_signals
 
     config = train_config(args)
+    check_model_dataset(config.model, config.dataset)  # before any data or compile
     _print_recipe(config)
     # SIGINT and SIGTERM stop the run between two steps (RunStopped, in main)
     with stop_on_signals(), warnings.catch_warnings():

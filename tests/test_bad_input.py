@@ -56,6 +56,20 @@ def test_a_method_option_beside_its_flag_is_refused(capsys, tmp_path, flags, opt
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("model, dataset, expected", [
+    ("lenet300", "tinyshakespeare", "models that take text: gpt"),
+    ("conv2", "tinyshakespeare", "models that take text: gpt"),
+    ("gpt", "mnist1d", "takes text"),
+])
+def test_a_model_that_cannot_take_the_dataset_is_refused(capsys, tmp_path, model, dataset,
+                                                        expected):
+    """lenet300 on tinyshakespeare failed inside JAX ('indices and arr must have the same
+    number of dimensions')."""
+    fails(capsys, train_args(tmp_path, "--model", model, "--dataset", dataset),
+          f"model {model!r}", f"dataset {dataset!r}", expected)
+    assert not (tmp_path / "run").exists()
+
+
 def test_out_under_a_file(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     fails(capsys, ["train", "--steps", "1", "--out", tmp_path / "file" / "run"],

@@ -61,6 +61,8 @@ from sparsejax.models.vit import POOLS, ViT
 
 __all__ = [
     "MODEL_NAMES",
+    "TEXT_MODELS",
+    "check_model_dataset",
     "PARAM_LEAF_NAMES",
     "STATE_LEAF_NAMES",
     "get_model",
@@ -112,6 +114,33 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any], tuple[str, ...]]] = 
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 """Names accepted by :func:`get_model`."""
+
+
+TEXT_MODELS: tuple[str, ...] = ("gpt",)
+"""Models that take token sequences (text datasets); every other model takes images."""
+
+
+def check_model_dataset(model: str, dataset: str) -> None:
+    """Raise ``ValueError`` when ``model`` cannot take ``dataset``'s inputs (an image model
+    on text, or a text model on images), naming both, before anything is compiled.
+
+    >>> check_model_dataset("lenet300", "tinyshakespeare")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: model 'lenet300' takes images and dataset 'tinyshakespeare' is text; ...
+    """
+    from sparsejax.data import TEXT_DATASETS
+
+    text_model, text_data = model in TEXT_MODELS, dataset in TEXT_DATASETS
+    if text_model == text_data or model not in _REGISTRY:
+        return
+    models = ", ".join(TEXT_MODELS)
+    if text_data:
+        raise ValueError(f"model {model!r} takes images and dataset {dataset!r} is text; "
+                         f"models that take text: {models}")
+    raise ValueError(f"model {model!r} takes text and dataset {dataset!r} holds images; "
+                     f"text datasets: {', '.join(sorted(TEXT_DATASETS))}; image models: "
+                     f"{', '.join(m for m in MODEL_NAMES if m not in TEXT_MODELS)}")
 
 
 def _is_int(value: Any) -> bool:
