@@ -21,11 +21,6 @@ _COMMAND_MODULES = ("sparsejax.lottery", "sparsejax.tickets", "sparsejax.demo",
                     "sparsejax.prune_run", "sparsejax.launch")
 
 
-METHOD_OPTION_FLAGS = {"sparsity": "--sparsity", "distribution": "--distribution"}
-"""Method options that ``sparsejax train`` sets from a first-class flag (the flag is
-handed to the method in their place, so a ``--method-option`` beside it is refused)."""
-
-
 def _option(text: str) -> tuple[str, Any]:
     """``key=value`` with a JSON value (numbers, true/false, lists), else a string."""
     if "=" not in text:
@@ -158,11 +153,6 @@ def train_config(args: argparse.Namespace) -> Any:
 
     fields = set(TrainConfig.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in fields}
-    for key, value in args.method_options:  # the flag would silently win over the option
-        if key in METHOD_OPTION_FLAGS and values.get(key) is not None:
-            flag = METHOD_OPTION_FLAGS[key]
-            raise ValueError(f"--method-option {key}={value} and {flag} {values[key]} both set "
-                             f"the method's {key}: give it once, with {flag}")
     values["model_options"] = dict(args.model_options)
     values["method_options"] = dict(args.method_options)
     return TrainConfig(**values)
@@ -172,12 +162,10 @@ def _train(args: argparse.Namespace) -> int:
     import warnings
 
     from sparsejax.distributions import EmptyLayersWarning
-    from sparsejax.models import check_model_dataset
     from sparsejax.training.loop import train
     from sparsejax.training.stops import stop_on_signals
 
     config = train_config(args)
-    check_model_dataset(config.model, config.dataset)  # before any data or compile
     _print_recipe(config)
     # SIGINT and SIGTERM stop the run between two steps (RunStopped, in main)
     with stop_on_signals(), warnings.catch_warnings():

@@ -336,3 +336,14 @@ def test_a_sparsity_that_empties_layers_is_refused_unless_allowed(capsys, tmp_pa
     fails(capsys, argv, "keeps no weight in 3 prunable layer(s)", "--allow-empty-layers")
     with pytest.warns(UserWarning, match="keeps no weight"):
         assert main([str(a) for a in argv] + ["--allow-empty-layers"]) == 0
+
+
+def test_config_conflicts_are_refused_from_python_too(tmp_path):
+    from sparsejax.training.loop import train
+
+    with pytest.raises(ValueError, match="model 'lenet300' takes images and dataset "
+                                         "'tinyshakespeare' is text"):
+        train(TrainConfig(model="lenet300", dataset="tinyshakespeare", out=str(tmp_path)))
+    with pytest.raises(ValueError, match="--method-option sparsity=0.7 and --sparsity 0.5"):
+        train(TrainConfig(method="static", sparsity=0.5, method_options={"sparsity": 0.7},
+                          out=str(tmp_path)))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sparsejax.checkpoint import Checkpointer, NoValidCheckpointError
 from sparsejax.files import tmp_path
+from sparsejax.models import check_model_dataset
 from sparsejax.training.optim import check_lr_schedule
 from sparsejax.training.parallel import PARALLEL_MODES
 from sparsejax.validation import (
@@ -40,6 +41,11 @@ KEEP_BEST = {"validation_loss": "min", "validation_accuracy": "max"}
 """The held-out metrics ``--keep-best`` may rank checkpoints by, and which way is best."""
 
 
+METHOD_OPTION_FLAGS = {"sparsity": "--sparsity", "distribution": "--distribution"}
+"""Method options that a run sets from a first-class flag (the flag is handed to the method
+in their place, so a ``--method-option`` beside it is refused)."""
+
+
 def check_config(config: TrainConfig) -> None:
     """Raise ``ValueError`` (or ``TypeError``) naming the flag of the first bad value in
     ``config``; host-side only, before any data is loaded or anything is compiled."""
@@ -50,6 +56,13 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"nonfinite must be 'error' or 'skip', got {config.nonfinite!r}")
     if config.sparsity is not None:
         check_sparsity(config.sparsity, "--sparsity")
+    for name in METHOD_OPTION_FLAGS:  # the flag would silently win over the option
+        if name in config.method_options and getattr(config, name) is not None:
+            flag = METHOD_OPTION_FLAGS[name]
+            raise ValueError(f"--method-option {name}={config.method_options[name]} and {flag} "
+                             f"{getattr(config, name)} both set the method's {name}: give it "
+                             f"once, with {flag}")
+    check_model_dataset(config.model, config.dataset)  # before any data or compile
     check_int(config.seed, "--seed", minimum=0, maximum=SEED_MAX)
     check_int(config.log_every, "--log-every", minimum=1)
     check_int(config.eval_every, "--eval-every", minimum=0)
