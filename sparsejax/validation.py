@@ -143,6 +143,22 @@ def check_local_path(path: str | os.PathLike[str], name: str) -> None:
                          "not URLs (gs://, s3://, ...)")
 
 
+def _check_creatable(path: Path, start: Path, name: str, what: str) -> None:
+    """Raise ``ValueError`` unless ``path`` (whose nearest folder is ``start`` or above)
+    can be created: no part of it is a regular file, and the nearest existing folder is
+    writable."""
+    existing = start
+    while not existing.exists():  # the nearest part of the path that exists
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"{name} {path} cannot be created: {existing} is a file, not a folder")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        place = what if existing == path else f"cannot be created in {existing}"
+        raise ValueError(f"{name} {path} {place} (permission denied)")
+
+
 def check_writable_folder(path: str | os.PathLike[str], name: str = "--out") -> None:
     """Raise ``ValueError`` unless ``path`` is a folder, or can be created as one, that
     this process may write in: the message names the path and the file or folder in the
@@ -152,16 +168,7 @@ def check_writable_folder(path: str | os.PathLike[str], name: str = "--out") -> 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} {path} is a file, not a folder")
-    existing = path
-    while not existing.exists():  # the nearest part of the path that exists
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise ValueError(f"{name} {path} cannot be created: {existing} is a file, not a folder")
-    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not writable" if existing == path else f"cannot be created in {existing}"
-        raise ValueError(f"{name} {path} {what} (permission denied)")
+    _check_creatable(path, path, name, "is not writable")
 
 
 def check_writable_file(path: str | os.PathLike[str], name: str = "--output") -> None:
@@ -172,15 +179,7 @@ def check_writable_file(path: str | os.PathLike[str], name: str = "--output") ->
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{name} {path} is a folder, not a file")
-    existing = path.parent
-    while not existing.exists():  # the nearest part of the path that exists
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise ValueError(f"{name} {path} cannot be created: {existing} is a file, not a folder")
-    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{name} {path} cannot be created in {existing} (permission denied)")
+    _check_creatable(path, path.parent, name, "cannot be created")
 
 
 def as_key(seed: Any, name: str = "seed") -> jax.Array:
