@@ -38,39 +38,37 @@ CALIBRATION_BATCH = 256
 """Calibration examples run through the model at a time (their Hessians are summed)."""
 
 
-def restore_run(run_dir: str | Path) -> Any:
-    """``restore_finished_run(run_dir)`` for ``sparsejax prune`` and ``export-ticket``: a
-    broken ``result.json`` is named and, when the run's data is no longer where it
-    trained, the advice is one these commands can follow (they take no ``--data-dir``:
-    the run's config names the folder)."""
+def restore_run(run_dir: str | Path, data_dir: str | Path | None = None) -> Any:
+    """``restore_finished_run(run_dir, data_dir)`` for ``sparsejax prune`` and
+    ``export-ticket``: a broken ``result.json`` is named and, when the run's data is no
+    longer where it trained, the advice names ``--data-dir``."""
     from sparsejax.data import DatasetNotAvailableError
 
     run_dir = Path(run_dir)
     check_run_result(run_dir)  # a broken result.json is named (not a bare JSON error)
     try:
-        return restore_finished_run(run_dir)
+        return restore_finished_run(run_dir, data_dir)
     except DatasetNotAvailableError as error:
         config = read_json(run_dir / "result.json")["config"]
-        folder = config.get("data_dir")
-        place = f"from {folder}" if folder else "from the default TFDS data_dir"
+        folder = data_dir if data_dir is not None else config.get("data_dir")
+        place = f"in {folder}" if folder else "in the default TFDS data_dir"
         problem = str(error).split(" To provide it,")[0].rstrip(".")
         raise DatasetNotAvailableError(
-            f"{run_dir} was trained on dataset {config.get('dataset')!r} {place}, which "
-            f"no longer holds it ({problem}); put the "
-            f"data back there, or set \"data_dir\" in the \"config\" of "
-            f"{run_dir / 'result.json'} to the folder that holds it now (the data folder "
-            "does not change the run)") from None
+            f"{run_dir} was trained on dataset {config.get('dataset')!r}, which is not "
+            f"{place} ({problem}); pass --data-dir with the folder that holds it now (the "
+            "data folder does not change the run)") from None
 
 
 def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
               sparsity: float | None = None, *, calibration_examples: int = 1024,
               seed: int = 0, out: str | Path | None = None,
-              overwrite: bool = False) -> dict[str, Any]:
+              overwrite: bool = False, data_dir: str | Path | None = None) -> dict[str, Any]:
     """Prune the finished run in ``run_dir`` one-shot and write ``OUT/result.json``.
 
     ``OUT`` defaults to ``RUN_DIR/prune/<method>_<pattern>[_s<sparsity>]_seed<seed>``;
-    calibration takes ``calibration_examples`` training examples drawn with ``seed``.
-    Returns the result.
+    calibration takes ``calibration_examples`` training examples drawn with ``seed``; the
+    run's data comes from ``data_dir`` when given, else from where it trained. Returns the
+    result.
     """
     from sparsejax.posttrain_sequential import prune_sequential
     from sparsejax.training.loop import evaluate, make_eval_step, measured_sparsity
@@ -87,7 +85,7 @@ def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
     if (out / "result.json").exists() and not overwrite:
         raise FileExistsError(f"{out / 'result.json'} exists; pass --overwrite to replace it "
                               "or choose another --out")
-    finished = restore_run(run_dir)
+    finished = restore_run(run_dir, data_dir)
     config, run = finished.config, finished.run
     params = jax.jit(run.method.effective_params)(finished.state)
     model_state = finished.state.model_state
@@ -136,7 +134,7 @@ def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
 def _prune_command(args: argparse.Namespace) -> int:
     result = prune_run(args.run_dir, args.method, args.pattern, args.sparsity,
                        calibration_examples=args.calibration_examples, seed=args.seed,
-                       out=args.out, overwrite=args.overwrite)
+                       out=args.out, overwrite=args.overwrite, data_dir=args.data_dir)
     before = result["before"]
     if "validation_loss_nats_per_char" in result:
         change = (f"validation loss {before['validation_loss_nats_per_char']:.4f} -> "
@@ -164,6 +162,9 @@ def add_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], int]
     prune.add_argument("--calibration-examples", type=int, default=1024,
                        help="training examples the layers are calibrated on")
     prune.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+    prune.add_argument("--data-dir", default=None,
+                       help="the run's data, if it moved since training (default: where the "
+                            "run trained)")
     prune.add_argument("--out", default=None,
                        help="output folder (default: RUN_DIR/prune/<settings>)")
     prune.add_argument("--overwrite", action="store_true",

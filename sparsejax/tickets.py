@@ -269,8 +269,10 @@ def load_state_ticket(method: Any, state: Any,
 
 def export_ticket(run_dir: str | os.PathLike[str],
                   output: str | os.PathLike[str] | None = None, *,
-                  overwrite: bool = False) -> dict[str, Any]:
-    """Write the ticket of a finished run folder; returns a summary (path, sizes).
+                  overwrite: bool = False,
+                  data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Write the ticket of a finished run folder; returns a summary (path, sizes). The
+    run's data comes from ``data_dir`` when given (it moved), else from where it trained.
 
     ``run_dir`` holds ``result.json`` (the full config) and ``checkpoints/`` (the newest
     good checkpoint is used). ``output`` defaults to ``RUN_DIR/ticket.npz``; a file
@@ -287,7 +289,7 @@ def export_ticket(run_dir: str | os.PathLike[str],
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it, or choose "
                               "another --output")
-    finished = restore_run(run_dir)  # names a broken result.json
+    finished = restore_run(run_dir, data_dir)  # names a broken result.json
     config, run, step, state = finished.config, finished.run, finished.step, finished.state
     result = finished.result
     input_shape = tuple(int(d) for d in run.dataset.input_shape)
@@ -458,7 +460,8 @@ def evaluate_ticket(ticket: Ticket, data_dir: str | None = None,
 
 
 def _export_command(args: argparse.Namespace) -> int:
-    summary = export_ticket(args.run_dir, args.output, overwrite=args.overwrite)
+    summary = export_ticket(args.run_dir, args.output, overwrite=args.overwrite,
+                            data_dir=args.data_dir)
     print(f"wrote {summary['ticket']}: {summary['ticket_bytes']} bytes "
           f"({summary['packed_mask_bytes']} bytes of packed masks for {summary['weights']} "
           f"weights, {summary['kept']} kept; {summary['model_state_bytes']} bytes of model "
@@ -484,6 +487,9 @@ def add_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], int]
                         help="ticket file (default: RUN_DIR/ticket.npz)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace a ticket file already at --output instead of refusing")
+    export.add_argument("--data-dir", default=None,
+                        help="the run's data, if it moved since training (default: where the "
+                             "run trained)")
     evaluate = commands.add_parser(
         "evaluate-ticket", help="regenerate a ticket's weights and measure its test accuracy")
     evaluate.add_argument("ticket", help="a ticket file written by export-ticket")

@@ -185,3 +185,14 @@ def test_resume_checks_the_checkpoints_own_config_and_data(tmp_path, capsys):
     (out / "config.json").write_text(json.dumps(config))
     assert main(run_args(out, "--method", "static", "--sparsity", "0.5", "--steps", "6",
                          "--resume", *data_a)) == 0
+
+
+def test_prune_finds_a_runs_moved_data_with_data_dir(tmp_path, capsys):
+    _write_mnist(tmp_path / "a", seed=0)
+    out = tmp_path / "run"
+    assert main(run_args(out, "--dataset", "mnist", "--data-dir", str(tmp_path / "a"))) == 0
+    (tmp_path / "a").rename(tmp_path / "moved")
+    prune = ["prune", str(out), "--method", "magnitude", "--sparsity", "0.5",
+             "--calibration-examples", "16"]
+    fails(capsys, prune, "pass --data-dir")
+    assert main([*prune, "--data-dir", str(tmp_path / "moved")]) == 0

@@ -272,16 +272,24 @@ class FinishedRun:
     checkpoint_dir: Path  # the folder of the checkpoint restored
 
 
-def restore_finished_run(run_dir: str | Path) -> FinishedRun:
-    """Restore the run in ``run_dir`` (``result.json`` and ``checkpoints/``) as it ran."""
+def restore_finished_run(run_dir: str | Path,
+                         data_dir: str | Path | None = None) -> FinishedRun:
+    """Restore the run in ``run_dir`` (``result.json`` and ``checkpoints/``) as it ran; its
+    data from ``data_dir`` when given (the folder may have moved: it does not change the
+    run), else from where it trained."""
+    from sparsejax.files import read_json
     from sparsejax.training.loop import TrainConfig, prepare
 
     run_dir = Path(run_dir)
     result_file = run_dir / "result.json"
     if not result_file.exists():
         raise FileNotFoundError(f"{result_file} not found: is {run_dir} a finished run folder?")
-    result = json.loads(result_file.read_text())
+    result = read_json(result_file, "a sparsejax result")
+    if not isinstance(result.get("config"), dict):
+        raise ValueError(f"{result_file} holds no \"config\": not a sparsejax result")
     config = TrainConfig.from_saved(result["config"])
+    if data_dir is not None:
+        config = dataclasses.replace(config, data_dir=str(data_dir))
     run = prepare(config)
     with Checkpointer(run_dir / "checkpoints") as checkpointer:
         step, state, _ = checkpointer.restore(run.state)
