@@ -196,3 +196,12 @@ def test_prune_finds_a_runs_moved_data_with_data_dir(tmp_path, capsys):
              "--calibration-examples", "16"]
     fails(capsys, prune, "pass --data-dir")
     assert main([*prune, "--data-dir", str(tmp_path / "moved")]) == 0
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_args(out)) == 0
+    before = snapshot(out)
+    assert main(run_args(out, "--resume")) == 0
+    assert "nothing to train, result.json unchanged" in capsys.readouterr().err
+    assert snapshot(out) == before

@@ -35,7 +35,7 @@ from sparsejax.data import (
     steps_per_epoch,
     train_batches,
 )
-from sparsejax.files import write_json
+from sparsejax.files import read_json, write_json
 from sparsejax.masks import sparsity_report
 from sparsejax.methods import METHODS, InitContext, Method, SparseState, get_method
 from sparsejax.models import apply_model, get_model, init_model
@@ -414,6 +414,13 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
         skipped_before = int(metadata.get("skipped_nonfinite_steps", 0))
         layouts = list(metadata.get("layouts", []))
         last_saved = start_step
+        if start_step == total_steps and (out / "result.json").is_file():
+            # A finished run resumed as it was: nothing to train, and its result (with the
+            # layout it ran on) stays as it is.
+            checkpointer.close()
+            print(f"the run in {out} is finished (step {start_step} of {total_steps}): "
+                  "nothing to train, result.json unchanged", file=sys.stderr)
+            return read_json(out / "result.json", "a sparsejax result")
         print(f"resumed from step {start_step} in {checkpointer.directory}", file=sys.stderr)
     elif config.resume:
         print(f"no checkpoint in {checkpointer.directory}; starting fresh", file=sys.stderr)
