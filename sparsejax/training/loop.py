@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import itertools
 import math
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sparsejax.checkpoint import Checkpointer, CheckpointError
 from sparsejax.data import (
@@ -36,10 +32,17 @@ from sparsejax.data import (
     train_batches,
 )
 from sparsejax.files import read_json, write_json
-from sparsejax.masks import sparsity_report
-from sparsejax.methods import METHODS, InitContext, Method, SparseState, get_method
-from sparsejax.models import apply_model, get_model, init_model
+from sparsejax.methods import InitContext, Method, SparseState
+from sparsejax.models import get_model, init_model
 from sparsejax.provenance import provenance
+from sparsejax.training.config import TrainConfig, build_method, run_length
+from sparsejax.training.evaluation import (
+    classification_loss,
+    evaluate,
+    make_eval_step,
+    measured_sparsity,
+    model_apply_fn,
+)
 from sparsejax.training.optim import make_optimizer
 from sparsejax.training.parallel import join_processes, make_trainer
 from sparsejax.training.recipes import resolve_recipe
@@ -56,7 +59,6 @@ from sparsejax.training.run_folder import (
     saved_run,
 )
 from sparsejax.training.run_output import MetricsLog, NoLog, ProgressBar
-from sparsejax.training.step import LossFn
 from sparsejax.training.stops import Guard, RunStopped
 from sparsejax.validation import check_writable_folder
 
@@ -73,199 +75,6 @@ __all__ = [
     "check_config",
     "measured_sparsity",
 ]
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything that defines a training run (written in full to ``result.json``)."""
-
-    method: str = "dense"
-    model: str = "lenet300"
-    dataset: str = "mnist1d"
-    data_dir: str | None = None
-    sparsity: float | None = None
-    distribution: str | None = None
-    # The training fields below left at None take the method's recipe for the model's
-    # family, else the library default (sparsejax.training.recipes; ``recipe="none"``:
-    # library defaults only). ``epochs``: the recipe's, else 1, when ``steps`` is not given.
-    recipe: str = "auto"
-    epochs: int | None = None
-    steps: int | None = None
-    batch_size: int | None = None  # library default 128
-    optimizer: str | None = None  # sgd
-    lr: float | None = None  # 0.1
-    momentum: float | None = None  # 0.9
-    weight_decay: float | None = None  # 0.0
-    lr_schedule: str | None = None  # cosine
-    lr_decay_every: int = 0  # lr_schedule "step": lr x0.1 every this many steps
-    seed: int = 0
-    eval_every: int = 0  # steps between evaluations; 0: once per epoch
-    log_every: int = 50
-    checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch
-    keep_checkpoints: int = 3
-    # keep the keep_checkpoints best checkpoints by this held-out metric (and always the
-    # newest, to resume from) instead of the newest: validation_loss | validation_accuracy
-    keep_best: str | None = None
-    init_batches: int = 1  # training batches a method may score weights on at init
-    # training examples held out (a fixed seeded choice, sparsejax.data.split_validation)
-    # and evaluated beside the test set; 0: train on the whole training set
-    validation_size: int = 0
-    parallel: str = "none"  # none | pmap | sharded (sparsejax.training.parallel)
-    nonfinite: str = "error"  # error | skip: what a NaN/inf loss or gradient does
-    max_skipped_fraction: float = 0.5  # with nonfinite="skip": more skipped steps fail the run
-    # also write TensorBoard events where tensorboardX (the ``tensorboard`` extra) is
-    # installed; without it the run writes metrics.jsonl alone
-    tensorboard: bool = True
-    out: str | None = None
-    resume: bool = False
-    overwrite: bool = False  # a fresh run may replace a run already in ``out``
-    progress: bool = True  # a tqdm bar (the ``progress`` extra; without it: a warning, no bar)
-    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_saved(cls, saved: dict[str, Any]) -> TrainConfig:
-        """The config a run saved (``result.json``'s or a ticket's ``config``): it holds the
-        run's effective values, so no recipe is applied again (one added after an older run
-        was made must not fill what that run left at the default)."""
-        return cls(**{**saved, "recipe": "none"})
-
-    def default_out(self) -> str:
-        sparsity = "" if self.sparsity is None else f"_s{self.sparsity:g}"
-        return f"runs/{self.method}_{self.model}_{self.dataset}{sparsity}_seed{self.seed}"
-
-
-def classification_loss(model: Any) -> LossFn:
-    """Softmax cross-entropy of ``model`` on ``{"image", "label"}`` batches, with accuracy
-    as a metric and batch statistics threaded through ``model_state``. Sequence models
-    (logits ``(B, T, V)``, labels ``(B, T)``) get both as means over every token."""
-
-    def loss_fn(params: Any, model_state: Any, batch: dict[str, jax.Array]):
-        logits, new_model_state = apply_model(model, params, model_state, batch["image"],
-                                              train=True)
-        labels = batch["label"]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-        return loss, (new_model_state, {"accuracy": accuracy})
-
-    return loss_fn
-
-
-def make_eval_step(model: Any):
-    """``eval_step((params, model_state), batch) -> sums`` of correct predictions, loss and
-    examples (tokens, for a sequence model: ``count`` is then examples x tokens);
-    ``batch["weight"]`` ``(B,)`` marks padding examples. ``params`` are the method's
-    ``effective_params``, computed once per evaluation rather than once per batch (the
-    gates derive their hard mask, a global top-k, when it is read).
-    """
-
-    def eval_step(arrays: tuple[Any, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        params, model_state = arrays
-        logits, _ = apply_model(model, params, model_state, batch["image"], train=False)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        # one weight per example, broadcast over its tokens (labels (B,) or (B, T))
-        weight = batch["weight"].reshape(batch["weight"].shape + (1,) * (losses.ndim - 1))
-        weight = jnp.broadcast_to(weight, losses.shape)
-        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-        return {"correct": jnp.sum(correct * weight), "loss": jnp.sum(losses * weight),
-                "count": jnp.sum(weight)}
-
-    return eval_step
-
-
-def _padded_test_batches(dataset: Dataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Test batches of one fixed shape (so one compilation), padding marked by weight 0."""
-    images, labels = dataset.test_images, dataset.test_labels
-    for begin in range(0, len(labels), batch_size):
-        image, label = images[begin:begin + batch_size], labels[begin:begin + batch_size]
-        pad = batch_size - len(label)
-        weight = np.ones(len(label), np.float32)
-        if pad:
-            image = np.concatenate([image, np.zeros((pad, *image.shape[1:]), image.dtype)])
-            label = np.concatenate([label, np.zeros((pad, *label.shape[1:]), label.dtype)])
-            weight = np.concatenate([weight, np.zeros(pad, np.float32)])
-        yield {"image": image, "label": label, "weight": weight}
-
-
-def evaluate(eval_step: Any, arrays: tuple[Any, Any], dataset: Dataset,
-             batch_size: int = 1000) -> dict[str, float]:
-    """Test accuracy (0 to 1) and mean loss over the whole test set of the model with
-    ``arrays = (params, model_state)`` (see :func:`make_eval_step`)."""
-    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-    for batch in _padded_test_batches(dataset, batch_size):
-        sums = jax.device_get(eval_step(arrays, batch))
-        for key in totals:
-            totals[key] += float(sums[key])
-    return {"accuracy": totals["correct"] / totals["count"],
-            "loss": totals["loss"] / totals["count"]}
-
-
-def measured_sparsity(effective_params: Any) -> float:
-    """Fraction of prunable weights that are exactly zero in the effective model."""
-    return float(sparsity_report(jax.device_get(effective_params))[-1].sparsity)
-
-
-def model_apply_fn(model: Any) -> Any:
-    """``apply_fn(params, model_state, inputs) -> logits`` of ``model`` in evaluation mode
-    (batch norm on its running statistics), for methods that need the network's outputs."""
-
-    def apply_fn(params: Any, model_state: Any, inputs: jax.Array) -> jax.Array:
-        return apply_model(model, params, model_state, inputs, train=False)[0]
-
-    return apply_fn
-
-
-def build_method(config: TrainConfig, optimizer: optax.GradientTransformation, *,
-                 total_steps: int | None = None,
-                 batches_per_epoch: int | None = None,
-                 apply_fn: Any = None) -> Method:
-    """The registered method of ``config``, given ``--sparsity``/``--distribution`` and
-    method options only where the method takes them. Builders that take ``total_steps``
-    or ``batches_per_epoch`` (e.g. to place an end step or an update interval) get them
-    from the run, and builders that take ``apply_fn`` (``(params, model_state, inputs) ->
-    logits`` in evaluation mode, e.g. SynFlow and GraSP) get the model's."""
-    if config.method not in METHODS:
-        raise ValueError(
-            f"unknown method {config.method!r}; known methods: {', '.join(sorted(METHODS))}"
-        )
-    accepted = inspect.signature(METHODS[config.method]).parameters
-    options = dict(config.method_options)
-    if "prunable" in options and not callable(options["prunable"]):
-        raise ValueError(
-            f"--method-option prunable must be a filter function (path, leaf) -> bool, which "
-            f"only the Python API can pass; got {options['prunable']!r}")
-    for name in ("sparsity", "distribution"):
-        value = getattr(config, name)
-        if value is None:
-            continue
-        if name not in accepted:
-            raise ValueError(f"method {config.method!r} does not take --{name}")
-        options[name] = value
-    run_facts = {"total_steps": total_steps, "batches_per_epoch": batches_per_epoch,
-                 "apply_fn": apply_fn}
-    for name, value in run_facts.items():
-        if name in accepted and value is not None and name not in options:
-            options[name] = value
-    unknown = [k for k in options if k not in accepted]
-    if unknown:
-        raise ValueError(
-            f"method {config.method!r} got unknown option(s) {unknown}; it takes: "
-            f"{', '.join(p for p in accepted if p not in ('optimizer', *run_facts))}"
-        )
-    if "sparsity" in accepted and "sparsity" not in options and (
-        accepted["sparsity"].default is inspect.Parameter.empty
-    ):
-        raise ValueError(f"method {config.method!r} needs --sparsity")
-    return get_method(config.method, optimizer, **options)
-
-
-def _total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
-    if (config.epochs is None) == (config.steps is None):
-        raise ValueError("give exactly one of epochs or steps")
-    total = config.steps if config.steps is not None else config.epochs * batches_per_epoch
-    if total < 1:
-        raise ValueError(f"the run must have at least one step, got {total}")
-    return total
 
 
 class Run(NamedTuple):
@@ -306,7 +115,7 @@ def _prepare(config: TrainConfig, *, abstract_state: bool = False) -> Run:
     if config.validation_size:
         dataset, validation = split_validation(dataset, config.validation_size)
     batches_per_epoch = steps_per_epoch(len(dataset.train_labels), config.batch_size)
-    total_steps = _total_steps(config, batches_per_epoch)
+    total_steps = run_length(config, batches_per_epoch)
     model = get_model(config.model, dataset.num_classes, **config.model_options)
     init_key, method_key = jax.random.split(jax.random.PRNGKey(config.seed))
     params, model_state = init_model(model, init_key, (1, *dataset.input_shape))
