@@ -158,3 +158,35 @@ def test_each_process_of_several_ends_at_once_on_a_signal():
     assert proc.stderr == ("sparsejax train: stopped by SIGTERM; the checkpoints already "
                            "committed are kept: run the same command with --resume to "
                            "continue\n")
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_a_launch_process_group_ends_every_process_with_one_line(tmp_path):
+    """Ctrl-C in a terminal signals the whole process group: the launcher and each of its
+    processes end with one line (it printed a traceback from every process), and the same
+    launch with --resume finishes the run."""
+    import json
+    import os
+
+    from stop_checks import SLOW_CLI
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "sparsejax.cli", "launch", "-n", "2",
+               "--devices-per-process", "1", "--", sys.executable, str(SLOW_CLI),
+               *run_args(out, "--parallel", "sharded")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "SPARSEJAX_TEST_BATCH_DELAY": "0.5"})
+    wait_for(out / "metrics.jsonl", proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "Traceback" not in stdout + stderr
+    for rank in (0, 1):
+        lines = [line for line in stdout.splitlines()
+                 if line.startswith(f"[{rank}] sparsejax train: stopped by SIGINT")]
+        assert len(lines) == 1, stdout
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert json.loads((out / "result.json").read_text())["steps"] == 6

@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -33,6 +34,8 @@ __all__ = ["RunStopped", "Guard", "stop_on_signals", "stop_requested", "exit_on_
 logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+COORDINATOR_GRACE_S = 3.0
+"""How long process 0 of several outlives the others on a signal (:func:`exit_on_signal`)."""
 _NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -100,6 +103,13 @@ def exit_on_signal(signum: int) -> None:
     print(f"sparsejax train: stopped by {signal_name(signum)}; the checkpoints "
           "already committed are kept: run the same command with --resume to continue",
           file=sys.stderr, flush=True)
+    # Process 0 hosts jax.distributed's coordination service: leaving first would make
+    # the others, which got the same Ctrl-C, abort with the service's fatal error before
+    # their own line. It waits a moment for them (the launcher stops any that linger).
+    import jax
+
+    if jax.process_count() > 1 and jax.process_index() == 0:
+        time.sleep(COORDINATOR_GRACE_S)
     os._exit(128 + signum)
 
 
