@@ -148,8 +148,10 @@ def nm_pack(kernel: jax.Array, pattern: str | Pattern, mask: jax.Array | None = 
     The kept positions of each group are those ``mask`` keeps (default: the kernel's
     non-zeros, topped up to ``N`` with the group's first zeros); a group with more than
     ``N`` of them raises ``ValueError`` naming ``where``. Values outside the mask are
-    dropped, so :func:`nm_unpack` returns the masked kernel, bitwise. Works under ``jit``
-    (the check then raises when the computation runs).
+    dropped, so :func:`nm_unpack` returns the masked kernel, bitwise. Under ``jit`` the
+    values are not known when it is traced: the check is then a ``checkify`` check the
+    caller opts into (``jax.experimental.checkify.checkify(f)``; no host callback in the
+    program), and without it a group with more than ``N`` keeps the first ``N`` of them.
 
     >>> import jax.numpy as jnp
     >>> nm_pack(jnp.array([[1.0], [2.0], [3.0], [0.0]]), "2:4", where="fc1/kernel")

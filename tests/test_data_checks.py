@@ -52,3 +52,15 @@ def test_nm_unpack_refuses_positions_out_of_range():
     packed = nm_pack(jnp.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 4.0]]), "2:4")
     with pytest.raises(ValueError, match=r"positions must lie in 0\.\.3 for pattern 2:4"):
         nm_unpack(dataclasses.replace(packed, positions=packed.positions + 7))
+
+
+def test_nm_pack_under_jit_checks_through_checkify():
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import checkify
+
+    from sparsejax.export import nm_pack
+
+    kernel = jnp.array([[1.0, 2.0], [3.0, 2.0], [3.0, 0.0], [5.0, 4.0]])
+    error, _ = checkify.checkify(jax.jit(lambda k: nm_pack(k, "2:4").values))(kernel)
+    assert "keeps more than 2 entries" in error.get()
