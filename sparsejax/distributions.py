@@ -219,6 +219,7 @@ def layer_densities(
                            for i, m in zip(plan.free, masks, strict=True)})
         else:
             counts.update(_proportional_counts(plan, distribution))
+        warn_empty_layers(density, [plan.paths[i] for i in plan.free if counts[i] == 0])
     densities = [
         counts[i] / plan.sizes[i] if i in counts and plan.sizes[i] else 1.0
         for i in range(len(plan.sizes))
@@ -277,12 +278,12 @@ def kept_counts(
         counts[i] = count
     if distribution == "global":
         if plan.free and plan.budget == 0:
-            _warn_empty(density, [plan.paths[i] for i in plan.free])
+            warn_empty_layers(density, [plan.paths[i] for i in plan.free])
         return KeptCounts(counts, list(plan.free), plan.budget if plan.free else 0)
     if plan.free:
         for i, count in _proportional_counts(plan, distribution).items():
             counts[i] = count
-        _warn_empty(density, [plan.paths[i] for i in plan.free if counts[i] == 0])
+        warn_empty_layers(density, [plan.paths[i] for i in plan.free if counts[i] == 0])
     return KeptCounts(counts, [], 0)
 
 
@@ -291,7 +292,7 @@ class EmptyLayersWarning(UserWarning):
     unless given ``--allow-empty-layers``)."""
 
 
-def _warn_empty(density: float, paths: list[str]) -> None:
+def warn_empty_layers(density: float, paths: list[str]) -> None:
     """Warn that ``density`` keeps no weight of the prunable leaves ``paths`` (an override
     of 0 asks for it and is not warned about)."""
     if not paths:

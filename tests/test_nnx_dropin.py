@@ -132,3 +132,13 @@ def test_masks_of_an_nnx_optimizer_is_shaped_like_the_params():
 def test_sparsify_refuses_a_bad_rng_clearly():
     with pytest.raises(ValueError, match=r"rng must be an int or a PRNG key .*'abc'"):
         snnx.sparsify(CNN(nnx.Rngs(0)), "edge_popup", rng="abc", sparsity=0.5)
+
+
+@pytest.mark.parametrize("name", ["edge_popup", "biprop", "gates"])
+def test_a_sparsity_that_empties_every_kernel_warns_for_score_methods(name):
+    options = {"sparsity": 0.99999, "other_params": "frozen"}
+    if name == "gates":
+        options["total_steps"] = 10
+    with pytest.warns(UserWarning, match=r"keeps no weight in 2 prunable layer\(s\) "
+                                         r"\(conv/kernel, linear/kernel\)"):
+        snnx.sparsify(CNN(nnx.Rngs(0)), name, rng=1, **options)

@@ -79,6 +79,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sparsejax._tree import path_str
+from sparsejax.distributions import warn_empty_layers
 from sparsejax.masks import Prunable, default_prunable, dense_masks, prunable_leaves
 from sparsejax.methods.base import (
     InitContext,
@@ -92,7 +94,7 @@ from sparsejax.methods.outside import OutsideLoop, register_outside_loop
 from sparsejax.methods.registry import register_method
 from sparsejax.methods.strong import WEIGHT_INITS, init_weights
 from sparsejax.schedules import cubic_sparsity
-from sparsejax.topk import topk_mask
+from sparsejax.topk import num_kept, topk_mask
 from sparsejax.transforms import zero_masked
 from sparsejax.validation import check_sparsity
 
@@ -466,6 +468,12 @@ def gates(
                               prunable=prunable)
         is_gated, treedef = jax.tree_util.tree_flatten(prunable_leaves(params, prunable))
         leaves = treedef.flatten_up_to(params)
+        gated = sum(math.prod(jnp.shape(p)) for p, f in zip(leaves, is_gated, strict=True)
+                    if f)
+        if binarize in ("topk", "exact") and gated and num_kept(density, gated) == 0:
+            warn_empty_layers(density, [path_str(p) for (p, _), f in zip(
+                jax.tree_util.tree_flatten_with_path(params)[0], is_gated, strict=True)
+                if f])
         keys = jax.random.split(gate_key, max(len(leaves), 1))
         scores = jax.tree_util.tree_unflatten(treedef, [
             form.init(k, jnp.shape(p)) if f else jnp.zeros((0,), jnp.float32)

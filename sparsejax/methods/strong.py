@@ -58,7 +58,7 @@ import optax
 from jax import lax
 
 from sparsejax._tree import path_str
-from sparsejax.distributions import layer_densities
+from sparsejax.distributions import layer_densities, warn_empty_layers
 from sparsejax.masks import Prunable, default_prunable, prunable_except
 from sparsejax.methods.base import (
     InitContext,
@@ -71,7 +71,7 @@ from sparsejax.methods.outside import OutsideLoop, register_outside_loop
 from sparsejax.methods.registry import register_method
 from sparsejax.patterns import Pattern, check_pattern, method_pattern
 from sparsejax.ste import pattern_masks, supermask, supermask_product
-from sparsejax.topk import Scope, topk_mask_tracked
+from sparsejax.topk import Scope, num_kept, topk_mask_tracked
 from sparsejax.validation import check_sparsity
 
 __all__ = [
@@ -373,6 +373,13 @@ def score_supermask(
         if not paths:
             raise ValueError(f"{name}: the prunable filter selects no leaf of the params")
         if scope == "global" or distribution == "uniform" or pattern.kind == "nm":
+            sizes = {path_str(p): math.prod(jnp.shape(leaf)) for p, leaf in
+                     jax.tree_util.tree_flatten_with_path(params)[0]}
+            if pattern.kind != "nm":  # an N:M pattern keeps N of every group
+                empty = (paths if num_kept(target, sum(sizes[p] for p in paths)) == 0
+                         else []) if scope == "global" else [
+                    p for p in paths if num_kept(target, sizes[p]) == 0]
+                warn_empty_layers(target, empty)
             return {p: target for p in paths}
         tree = layer_densities(params, target, distribution, prunable=is_prunable)
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
