@@ -252,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return _run(handlers[args.command], args, argv)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (imports, other commands)
-        print(f"{' '.join(['sparsejax', command][:1 + bool(command)])}: interrupted by "
+        program = f"sparsejax {command}" if command else "sparsejax"
+        print(f"{program}: interrupted by "
               "SIGINT (Ctrl-C)", file=sys.stderr)
         return 128 + signal.SIGINT
 

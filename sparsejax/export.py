@@ -213,7 +213,7 @@ def nm_unpack(packed: NMPacked) -> jax.Array:
     Array([0., 5., 0., 0.], dtype=float32)
     """
     raw = packed.positions
-    if not isinstance(raw, jax.core.Tracer):
+    if is_concrete(raw):
         raw = np.asarray(raw)
         m = packed.pattern.m
         if raw.size and (raw.min() < 0 or raw.max() >= m):

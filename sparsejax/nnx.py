@@ -111,7 +111,7 @@ class MethodState(nnx.Variable):
     """A method's bookkeeping: step counter, PRNG key, controller state; not trained."""
 
 
-Trainable = nnx.Any(nnx.Param, Score)
+Trainable = nnx.Param
 """What a method trains: its scores, and what stays ``nnx.Param`` (the weights of
 ``supermask_weights``; biases and norms with ``other_params='trained'``). Since a
 :class:`Score` is an ``nnx.Param``, it selects what ``nnx.Param`` selects; use either as

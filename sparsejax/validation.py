@@ -194,13 +194,15 @@ def as_key(seed: Any, name: str = "seed") -> jax.Array:
     ...
     ValueError: rng must be an int or a PRNG key (jax.random.PRNGKey(0)), got 'abc'
     """
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    from sparsejax.checkpoint_leaves import is_key
+
+    if is_int(seed):
         return jax.random.PRNGKey(int(seed))
-    if isinstance(seed, (jax.Array, np.ndarray)):
-        if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
-            return seed
-        if seed.shape == (2,) and seed.dtype == np.uint32:
-            return jnp.asarray(seed)
+    if is_key(seed):
+        return seed
+    if isinstance(seed, (jax.Array, np.ndarray)) and seed.shape == (2,) and \
+            seed.dtype == np.uint32:
+        return jnp.asarray(seed)
     raise ValueError(f"{name} must be an int or a PRNG key (jax.random.PRNGKey(0)), got "
                      f"{seed!r}")
 

@@ -1,5 +1,6 @@
 """``python tests/slow_cli.py ARGS``: the ``sparsejax`` command line, with faults for the
-interrupt and kill tests (tests/test_stops.py) set through the environment:
+interrupt and kill tests (tests/test_interrupts.py, tests/test_stranded_runs.py) set
+through the environment:
 
 * ``SPARSEJAX_TEST_BATCH_DELAY=S``: each training batch waits ``S`` seconds, so a test can
   send a signal while the run is between its first metrics line and its end.

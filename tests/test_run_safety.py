@@ -205,3 +205,11 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     assert main(run_args(out, "--resume")) == 0
     assert "nothing to train, result.json unchanged" in capsys.readouterr().err
     assert snapshot(out) == before
+
+
+def test_resuming_a_finished_run_whose_result_was_cut_writes_it_again(tmp_path):
+    out = tmp_path / "run"
+    assert main(run_args(out)) == 0
+    (out / "result.json").write_bytes(b"")  # a write cut short (older versions)
+    assert main(run_args(out, "--resume")) == 0
+    assert json.loads((out / "result.json").read_text())["steps"] == 4

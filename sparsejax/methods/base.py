@@ -439,7 +439,7 @@ def count_skipped_step(opt_state: optax.OptState) -> optax.OptState:
     def advance(path: tuple[Any, ...], leaf: Any) -> Any:
         field = path[-1] if path else None
         if isinstance(field, jax.tree_util.GetAttrKey) and field.name == "count":
-            return leaf + jnp.ones((), jnp.result_type(leaf))
+            return optax.safe_increment(leaf)  # optax's own counters saturate, not wrap
         return leaf
 
     return jax.tree_util.tree_map_with_path(advance, opt_state)

@@ -195,20 +195,27 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
     run = _prepare(config, abstract_state=resume_step is not None)
     dataset, model, method, state = run.dataset, run.model, run.method, run.state
     batches_per_epoch, total_steps = run.batches_per_epoch, run.total_steps
+    data_fingerprint = dataset.fingerprint()  # saved with every checkpoint
     if resume_step is not None:
-        check_resume_data(dataset.fingerprint(), checkpointer, resume_step)
+        check_resume_data(data_fingerprint, checkpointer, resume_step)
     if resume_step is not None and total_steps < resume_step:
         length = (f"--steps {config.steps}" if config.steps is not None
                   else f"--epochs {config.epochs} ({total_steps} steps)")
         raise ValueError(
             f"--resume: {length} ends before the checkpoint at step {resume_step} in "
             f"{checkpointer.directory}; pass a length of at least {resume_step} steps")
+    if resume_step == total_steps and "result.json" in holds_run(out):
+        # A finished run resumed as it was: nothing to train, and its result (with the
+        # layout it ran on) stays as it is.
+        checkpointer.close()
+        print(f"the run in {out} is finished (step {resume_step} of {total_steps}): "
+              "nothing to train, result.json unchanged", file=sys.stderr)
+        return read_json(out / "result.json", "a sparsejax result")
     if config.overwrite and not config.resume and primary:
         clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     previous_steps = None if previous is None else previous.get(
         "total_steps", previous.get("steps"))
-    data_fingerprint = dataset.fingerprint()  # saved with every checkpoint
     eval_every = config.eval_every or batches_per_epoch
     checkpoint_every = config.checkpoint_every or batches_per_epoch
 
@@ -223,13 +230,6 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
         skipped_before = int(metadata.get("skipped_nonfinite_steps", 0))
         layouts = list(metadata.get("layouts", []))
         last_saved = start_step
-        if start_step == total_steps and (out / "result.json").is_file():
-            # A finished run resumed as it was: nothing to train, and its result (with the
-            # layout it ran on) stays as it is.
-            checkpointer.close()
-            print(f"the run in {out} is finished (step {start_step} of {total_steps}): "
-                  "nothing to train, result.json unchanged", file=sys.stderr)
-            return read_json(out / "result.json", "a sparsejax result")
         print(f"resumed from step {start_step} in {checkpointer.directory}", file=sys.stderr)
     elif config.resume:
         print(f"no checkpoint in {checkpointer.directory}; starting fresh", file=sys.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sparsejax.checkpoint import Checkpointer, NoValidCheckpointError
-from sparsejax.files import tmp_path
+from sparsejax.files import read_json, tmp_path
 from sparsejax.models import check_model_dataset
 from sparsejax.training.optim import check_lr_schedule
 from sparsejax.training.parallel import PARALLEL_MODES
@@ -133,7 +133,7 @@ def saved_run(out: Path, checkpointer: Checkpointer, step: int | None) -> dict[s
     """What ``out`` records of its run (``{"config": ..., ...}``): ``config.json``, else the
     metadata of checkpoint ``step``, else ``result.json``; ``None`` if nothing."""
     def from_file(path: Path) -> Any:
-        return json.loads(path.read_text()) if _holds_data(path) else None
+        return read_json(path, expect=None) if _holds_data(path) else None
 
     readers = [(out / CONFIG_FILE, lambda: from_file(out / CONFIG_FILE))]
     if step is not None:  # the metadata saved with the checkpoint
