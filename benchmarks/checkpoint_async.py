@@ -2,7 +2,7 @@
 
 ResNet-18 (CIFAR-10 shapes, batch 32) trained by RigL at 90% as the training loop runs it
 (``SingleDeviceTrainer``); every ``--every`` steps the whole state is saved through
-``sparsejax.checkpoint.Checkpointer`` (orbax's CheckpointManager), three ways, in turn in
+``sparsejax.io.checkpoint.Checkpointer`` (orbax's CheckpointManager), three ways, in turn in
 this one process so machine noise hits all alike:
 
 * ``none``: no checkpoint (the baseline);
@@ -36,8 +36,8 @@ import jax
 from memory import tree_bytes  # same folder
 from step_time import build, host, init_state, setup, write_json  # same folder
 
-from sparsejax.checkpoint import Checkpointer
-from sparsejax.training.parallel import SingleDeviceTrainer
+from sparsejax.engine.parallel import SingleDeviceTrainer
+from sparsejax.io.checkpoint import Checkpointer
 
 VARIANTS = ("none", "sync", "async")
 

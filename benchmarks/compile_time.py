@@ -16,7 +16,7 @@ cache is off for the rows). The steps:
   ``sparsejax.linen`` and ``sparsejax.nnx`` run inside the user's ``apply_gradients``.
 
 Models: ``mlpL``, an MLP of ``L`` Dense layers of 256x256 (tanh, batch 32; ``L`` = 2, 8,
-32, 128); ``lenet300``, ``resnet18`` and ``gpt`` from ``sparsejax.models`` at the batch
+32, 128); ``lenet300``, ``resnet18`` and ``gpt`` from ``sparsejax.harness.models`` at the batch
 sizes of ``benchmarks/step_time.py``. ``--sparsegpt`` adds rows for the compile of
 :func:`sparsejax.sparsegpt_prune`'s walk over one kernel of 256 outputs and ``n`` inputs;
 ``--cli`` rows time ``sparsejax train`` from its start to the end of its first step
@@ -139,8 +139,8 @@ def sparsegpt_row(n_in: int, n_out: int = 256) -> list[dict[str, Any]]:
     import jax.numpy as jnp
     import numpy as np
 
-    from sparsejax.patterns import as_pattern
-    from sparsejax.posttrain_sparsegpt import _sparsegpt
+    from sparsejax.core.patterns import as_pattern
+    from sparsejax.posttrain.sparsegpt import _sparsegpt
 
     rows = []
     for pattern in ("unstructured", "2:4"):

@@ -77,7 +77,7 @@ def run_case(case: str) -> dict[str, Any]:
     import optax
 
     import sparsejax
-    from sparsejax.models import get_model, init_model
+    from sparsejax.harness.models import get_model, init_model
 
     count = _compile_counter()
     row: dict[str, Any] = {"case": case}
@@ -137,7 +137,7 @@ _CLI_PROBE = """
 import os, sys, time
 start = float(sys.argv[1])
 import jax
-import sparsejax.training.loop as loop
+import sparsejax.harness.training.loop as loop
 make_trainer = loop.make_trainer
 
 def first_step_stops(*args, **kwargs):
@@ -153,7 +153,7 @@ def first_step_stops(*args, **kwargs):
     return trainer
 
 loop.make_trainer = first_step_stops
-from sparsejax.cli import main
+from sparsejax.harness.cli import main
 main(sys.argv[2:])
 """
 

@@ -43,7 +43,7 @@ from step_time import build as build_method  # noqa: E402
 
 import sparsejax  # noqa: E402
 import sparsejax.methods.gates as gates_module  # noqa: E402
-from sparsejax.training.parallel import SingleDeviceTrainer  # noqa: E402
+from sparsejax.engine.parallel import SingleDeviceTrainer  # noqa: E402
 
 VARIANTS = ("gates", "no_noise", "no_noise_penalty", "no_noise_penalty_controller")
 

@@ -2,7 +2,7 @@
 
 Every prunable (Dense) kernel of the default GPT (4 blocks of width 128: ``query``,
 ``key``, ``value``, ``out`` 128x128, ``fc1`` 128x512, ``fc2`` 512x128 per block, and the
-128x65 ``head``) is pruned by ``sparsejax.posttrain.sparsegpt_prune`` and
+128x65 ``head``) is pruned by ``sparsejax.posttrain.pruners.sparsegpt_prune`` and
 ``wanda_prune`` from calibration inputs of ``--windows`` x ``--context`` tokens (128 x 64
 = 8192 by default, random normal: neither time nor memory depends on the values), at
 50% unstructured and 2:4. Per layer, method and pattern:
@@ -38,9 +38,9 @@ from sparse_forward import build  # same folder
 from step_time import host, write_json
 from topk import time_compiled
 
-from sparsejax._tree import path_str
-from sparsejax.masks import default_prunable
-from sparsejax.posttrain import sparsegpt_prune, wanda_prune
+from sparsejax.core._tree import path_str
+from sparsejax.core.masks import default_prunable
+from sparsejax.posttrain.pruners import sparsegpt_prune, wanda_prune
 
 METHODS = {"sparsegpt": sparsegpt_prune, "wanda": wanda_prune}
 

@@ -4,14 +4,14 @@ For LeNet-300-100 (batch 256 of 784 inputs) and the default GPT (4 blocks of wid
 context 64; batch 16 windows of 64 tokens), with magnitude masks on every Dense kernel:
 
 * ``dense``        the masked kernels as ordinary dense arrays (``model.apply``);
-* ``bcoo``         ``jax.experimental.sparse.BCOO`` kernels (``sparsejax.export``), at
+* ``bcoo``         ``jax.experimental.sparse.BCOO`` kernels (``sparsejax.io.export``), at
                    each unstructured sparsity of ``--sparsities`` and at 2:4;
 * ``nm_packed``    the packed N:M form (values and uint8 positions, a gather-based
                    product), at 2:4;
 * ``nm_unpacked``  the same stored form, unpacked to a dense kernel inside the
                    forward, then a dense product (``nm_product='unpack'``).
 
-Each forward is jitted and run through ``sparsejax.export.sparse_apply``; its output is
+Each forward is jitted and run through ``sparsejax.io.export.sparse_apply``; its output is
 checked against the dense masked forward. Timings are medians over ``--repeats`` rounds,
 each round timing a block of ``--block`` calls of every variant in turn, so machine noise
 hits all alike; ``ratio`` is the variant's time over the dense forward's of the same
@@ -40,10 +40,10 @@ from memory import tree_bytes  # same folder
 from step_time import host, write_json
 from topk import time_compiled
 
-from sparsejax.export import sparse_apply, sparse_params
-from sparsejax.masks import apply_masks, prunable_leaves
-from sparsejax.models import get_model
-from sparsejax.patterns import pattern_mask
+from sparsejax.core.masks import apply_masks, prunable_leaves
+from sparsejax.core.patterns import pattern_mask
+from sparsejax.harness.models import get_model
+from sparsejax.io.export import sparse_apply, sparse_params
 
 # model -> (get_model options, input shape of one example, batch size); --tiny: small ones
 MODELS: dict[str, tuple[dict[str, Any], tuple[int, ...], int]] = {

@@ -47,10 +47,10 @@ import numpy as np
 import optax
 
 import sparsejax
+from sparsejax.engine.parallel import SingleDeviceTrainer
+from sparsejax.harness.models import get_model, init_model
+from sparsejax.harness.training.loop import classification_loss
 from sparsejax.methods import InitContext
-from sparsejax.models import get_model, init_model
-from sparsejax.training.loop import classification_loss
-from sparsejax.training.parallel import SingleDeviceTrainer
 
 # model -> (input shape, batch size); CIFAR-sized inputs for the conv nets; the GPT reads
 # 64 character ids (tinyshakespeare's 65-character vocabulary) and predicts the next ones

@@ -37,9 +37,9 @@ import jax.numpy as jnp
 from jax import lax
 from step_time import host, write_json  # same folder
 
-from sparsejax.topk import kth_largest
-from sparsejax.topk_sampled import sampled_topk
-from sparsejax.topk_search import key_value, order_key
+from sparsejax.core.topk import kth_largest
+from sparsejax.core.topk_sampled import sampled_topk
+from sparsejax.core.topk_search import key_value, order_key
 
 
 def sampled(x: jax.Array, k: int) -> jax.Array:

@@ -1,6 +1,6 @@
 """Dynamic sparse training on LeNet-300-100 / MNIST: static, SET, RigL and SNFS side by side.
 
-Every run goes through the harness (``sparsejax.training.loop.train``), so each one
+Every run goes through the harness (``sparsejax.harness.training.loop.train``), so each one
 leaves a ``result.json`` (under ``runs/dst_mnist/``). The script gathers them into
 ``experiments/results/dst_mnist.json`` and plots ``experiments/results/dst_mnist_e<epochs>.png``.
 It is rerunnable: configurations whose result already exists are skipped, so a killed
@@ -28,8 +28,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sparsejax.provenance import provenance  # noqa: E402
-from sparsejax.training.loop import TrainConfig  # noqa: E402
+from sparsejax.harness.provenance import provenance  # noqa: E402
+from sparsejax.harness.training.loop import TrainConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strong_common import mnist_dir, train_once  # noqa: E402

@@ -32,13 +32,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sparsejax.data import load_dataset  # noqa: E402
+from sparsejax.engine.parallel import SingleDeviceTrainer  # noqa: E402
+from sparsejax.harness.data import load_dataset  # noqa: E402
+from sparsejax.harness.models import get_model, init_model  # noqa: E402
+from sparsejax.harness.provenance import provenance  # noqa: E402
+from sparsejax.harness.training.loop import classification_loss  # noqa: E402
+from sparsejax.harness.training.optim import make_optimizer  # noqa: E402
 from sparsejax.methods import get_method  # noqa: E402
-from sparsejax.models import get_model, init_model  # noqa: E402
-from sparsejax.provenance import provenance  # noqa: E402
-from sparsejax.training.loop import classification_loss  # noqa: E402
-from sparsejax.training.optim import make_optimizer  # noqa: E402
-from sparsejax.training.parallel import SingleDeviceTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strong_common import mnist_dir  # noqa: E402

@@ -15,7 +15,7 @@ targets, seed 0), ``--targets 0.5 --variant lift0.2|lift20|lift2c|lift20c`` (see
 target sparsity (``binarize='exact'``, ``lift_rate=2``, ``lift_scope='all'``,
 ``lift_with_lam=False``).
 
-Every configuration is one ``sparsejax.training.loop.train`` run (the code path of
+Every configuration is one ``sparsejax.harness.training.loop.train`` run (the code path of
 ``sparsejax train``) in ``runs/gates_exact/<name>`` (ignored by git), trained with the
 variant's method options. Its final checkpoint is then scored under every hard-mask
 rule (``exact``, ``topk``, ``open``) on the 10,000 test images: the rule acts on the
@@ -46,15 +46,15 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from strong_common import RESULTS, ROOT, epoch_curve, load, mnist_dir, save, train_once  # noqa: E402
 
-from sparsejax.checkpoint import Checkpointer  # noqa: E402
-from sparsejax.training.loop import (  # noqa: E402
+from sparsejax.harness.training.loop import (  # noqa: E402
     TrainConfig,
     evaluate,
     make_eval_step,
     measured_sparsity,
     prepare,
 )
-from sparsejax.training.recipes import RECIPES  # noqa: E402
+from sparsejax.harness.training.recipes import RECIPES  # noqa: E402
+from sparsejax.io.checkpoint import Checkpointer  # noqa: E402
 
 OUTPUT = RESULTS / "gates_exact_sparsity.json"
 RUNS = ROOT / "runs" / "gates_exact"

@@ -30,7 +30,7 @@ and ``--epochs 40 --part curve --recipe scaled_anneal_bs64 --sparsities 0.5 0.9 
 --seeds 0 1 2`` (stopped after eight runs).
 ``summary`` in the JSON file holds mean and std over seeds.
 
-Every configuration is one ``sparsejax.training.loop.train`` run (the code path of
+Every configuration is one ``sparsejax.harness.training.loop.train`` run (the code path of
 ``sparsejax train``) in ``runs/gates/<name>`` (ignored by git). Its summary goes into
 experiments/results/gates_mnist.json as soon as it finishes and the plot
 experiments/results/gates_mnist.png is redrawn; configurations already in the JSON file are
@@ -64,8 +64,8 @@ from strong_common import (  # noqa: E402
     train_once,
 )
 
-import sparsejax.training.loop as loop  # noqa: E402
-from sparsejax.training.loop import TrainConfig  # noqa: E402
+import sparsejax.harness.training.loop as loop  # noqa: E402
+from sparsejax.harness.training.loop import TrainConfig  # noqa: E402
 
 OUTPUT = RESULTS / "gates_mnist.json"
 RUNS = ROOT / "runs" / "gates"

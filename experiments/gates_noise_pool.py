@@ -3,7 +3,7 @@ a random offset each step) keep the accuracy of fresh noise? (issue #22, speed r
 
 The gates' recipe (``sparsejax train --method gates --sparsity S``, LeNet-300-100 on real
 MNIST, 40 epochs) with fresh noise and with the pool, same seeds, everything else equal;
-one ``sparsejax.training.loop.train`` run each in ``runs/gates_noise_pool/<name>``.
+one ``sparsejax.harness.training.loop.train`` run each in ``runs/gates_noise_pool/<name>``.
 Results go to experiments/results/gates_noise_pool.json (finished runs are skipped, so
 the script resumes) and a bar plot beside it.
 
@@ -21,8 +21,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strong_common import RESULTS, ROOT, load, mnist_dir, save, train_once  # noqa: E402
 
-from sparsejax.plotting import pyplot, save_figure  # noqa: E402
-from sparsejax.training.loop import TrainConfig  # noqa: E402
+from sparsejax.harness.plotting import pyplot, save_figure  # noqa: E402
+from sparsejax.harness.training.loop import TrainConfig  # noqa: E402
 
 OUTPUT = RESULTS / "gates_noise_pool.json"
 RUNS = ROOT / "runs" / "gates_noise_pool"

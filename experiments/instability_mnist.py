@@ -19,8 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-from sparsejax.lottery import LotteryConfig, config_hash, instability
-from sparsejax.provenance import provenance
+from sparsejax.harness.lottery import LotteryConfig, config_hash, instability
+from sparsejax.harness.provenance import provenance
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lottery_mnist import config as lottery_config  # noqa: E402

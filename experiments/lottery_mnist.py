@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsejax.lottery import LotteryConfig, config_hash, run_lottery
-from sparsejax.provenance import provenance
+from sparsejax.harness.lottery import LotteryConfig, config_hash, run_lottery
+from sparsejax.harness.provenance import provenance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strong_common import mnist_dir  # noqa: E402

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsejax.lottery import LotteryConfig, run_lottery
-from sparsejax.provenance import provenance
+from sparsejax.harness.lottery import LotteryConfig, run_lottery
+from sparsejax.harness.provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = Path("runs/lottery_mnist1d")

@@ -1,7 +1,7 @@
 """Sparsity patterns beside unstructured masks: LeNet-300-100 on real MNIST at 50% sparsity,
 static, RigL and Edge-Popup each with the 2:4 pattern and unstructured (issue 20).
 
-Every run goes through the harness (``sparsejax.training.loop.train``) with the method's
+Every run goes through the harness (``sparsejax.harness.training.loop.train``) with the method's
 recorded recipe (``TrainConfig`` fields left unset: batch size, optimizer, learning rate,
 weight decay, schedule, distribution, model options) and a short, explicit number of
 epochs; the only difference between the two runs of a method is ``--method-option
@@ -32,10 +32,10 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sparsejax.checkpoint import Checkpointer  # noqa: E402
-from sparsejax.masks import default_prunable  # noqa: E402
-from sparsejax.patterns import as_pattern, nm_groups  # noqa: E402
-from sparsejax.training.loop import TrainConfig, prepare  # noqa: E402
+from sparsejax.core.masks import default_prunable  # noqa: E402
+from sparsejax.core.patterns import as_pattern, nm_groups  # noqa: E402
+from sparsejax.harness.training.loop import TrainConfig, prepare  # noqa: E402
+from sparsejax.io.checkpoint import Checkpointer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strong_common import load, mnist_dir, save, train_once  # noqa: E402

@@ -32,11 +32,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sparsejax.cli import main as sparsejax_main
-from sparsejax.posttrain_sequential import prune_sequential
-from sparsejax.provenance import provenance
-from sparsejax.prune_run import restore_finished_run
-from sparsejax.training.loop import evaluate, make_eval_step
+from sparsejax.harness.cli import main as sparsejax_main
+from sparsejax.harness.provenance import provenance
+from sparsejax.harness.prune_run import restore_finished_run
+from sparsejax.harness.training.loop import evaluate, make_eval_step
+from sparsejax.posttrain.sequential import prune_sequential
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"

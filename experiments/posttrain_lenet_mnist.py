@@ -34,10 +34,10 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strong_common import mnist_dir  # noqa: E402
 
-from sparsejax.data import load_dataset  # noqa: E402
-from sparsejax.models.mlp import LeNet300  # noqa: E402
-from sparsejax.posttrain_sequential import prune_mlp_sequential  # noqa: E402
-from sparsejax.provenance import provenance  # noqa: E402
+from sparsejax.harness.data import load_dataset  # noqa: E402
+from sparsejax.harness.models.mlp import LeNet300  # noqa: E402
+from sparsejax.harness.provenance import provenance  # noqa: E402
+from sparsejax.posttrain.sequential import prune_mlp_sequential  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"

@@ -2,9 +2,9 @@
 random and magnitude pruning as references) at 95% and 98% sparsity, global selection.
 
 The masks come from the harness exactly as ``sparsejax train --method M --sparsity S``
-builds them (``sparsejax.training.prepare``: the registered method scores w_0 on the run's
+builds them (``sparsejax.harness.training.prepare``: the registered method scores w_0 on the run's
 first training batches); the survivors are then trained under the fixed mask with the
-compiled trainer of ``sparsejax.lottery`` (the same ``fixed_mask`` engine, the whole
+compiled trainer of ``sparsejax.harness.lottery`` (the same ``fixed_mask`` engine, the whole
 epoch in one ``lax.scan``), which is several times faster on this machine.
 
     python experiments/pruning_at_init_mnist.py     # skips configurations already done
@@ -24,11 +24,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sparsejax.lottery import LotteryConfig, Trainer
-from sparsejax.masks import sparsity_report
-from sparsejax.provenance import provenance
-from sparsejax.training.loop import TrainConfig, prepare
-from sparsejax.transforms import zero_masked
+from sparsejax.core.masks import sparsity_report
+from sparsejax.core.transforms import zero_masked
+from sparsejax.harness.lottery import LotteryConfig, Trainer
+from sparsejax.harness.provenance import provenance
+from sparsejax.harness.training.loop import TrainConfig, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strong_common import mnist_dir  # noqa: E402

@@ -5,7 +5,7 @@ One call trains the SNIP survivors of one recipe at the given sparsities and app
 line per run to experiments/results/snip_recipes_mnist.jsonl. The SNIP mask is
 ``snip_scores`` on the run's first batch of 100 (the harness's mask; checked equal to an
 independent top-k of |g * w| on that batch) and global selection over the kernels
-(biases dense); training is the compiled ``sparsejax.lottery.Trainer``. Every run ever
+(biases dense); training is the compiled ``sparsejax.harness.lottery.Trainer``. Every run ever
 made is in the log; the test accuracy along the way (``curve``) is for reading only.
 
     python experiments/snip_recipes_mnist.py --epochs 100 --wd 5e-4 --tag wd5e-4_c100
@@ -33,14 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import sparsejax.lottery as lottery
-from sparsejax.data import train_batches
-from sparsejax.distributions import select_masks
-from sparsejax.lottery import LotteryConfig, Trainer
+import sparsejax.harness.lottery as lottery
+from sparsejax.core.distributions import select_masks
+from sparsejax.core.transforms import zero_masked
+from sparsejax.harness.data import train_batches
+from sparsejax.harness.lottery import LotteryConfig, Trainer
+from sparsejax.harness.provenance import provenance
+from sparsejax.harness.training.loop import classification_loss
 from sparsejax.methods.pruning import snip_scores
-from sparsejax.provenance import provenance
-from sparsejax.training.loop import classification_loss
-from sparsejax.transforms import zero_masked
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strong_common import mnist_dir  # noqa: E402

@@ -18,7 +18,7 @@ The protocol, every part an option of ``sparsejax train``:
 * the mask scored on one init, an independent init trained under it
   (``--method-option fresh_init=true``), scored on one batch of 100;
 * 54k / 6k train / validation split (``--validation-size 6000``); the inputs are already
-  standardised by the training set's global mean and std (sparsejax.data: 0.1307 /
+  standardised by the training set's global mean and std (sparsejax.harness.data: 0.1307 /
   0.3081, the 60k training images' mean 0.13066 and std 0.30811);
 * kernels: variance scaling, scale 1, fan_in, truncated normal
   (``--model-option kernel_init=lecun_normal``);
@@ -32,7 +32,7 @@ the last five evaluations (one every 1,000 steps), a selection on the test set; 
 validation accuracy (an honest selection). Variants (``--variants``) change one part of the
 protocol each, for the ablation.
 
-Every run is a ``sparsejax.training.loop.train`` run in ``runs/snip_reference/<name>``
+Every run is a ``sparsejax.harness.training.loop.train`` run in ``runs/snip_reference/<name>``
 (ignored by git); its summary goes into experiments/results/snip_reference_mnist.json as
 soon as it finishes (with ``provenance``) and the plot snip_reference_mnist.png is redrawn.
 Runs already in the JSON file are skipped and a killed run resumes, so the script can be
@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from strong_common import RESULTS, ROOT, load, mnist_dir, save, train_once  # noqa: E402
 
-from sparsejax.training.loop import TrainConfig  # noqa: E402
+from sparsejax.harness.training.loop import TrainConfig  # noqa: E402
 
 OUTPUT = RESULTS / "snip_reference_mnist.json"
 PLOT = RESULTS / "snip_reference_mnist.png"

@@ -1,6 +1,6 @@
 """Shared runner of the strong-ticket experiments on LeNet-300-100 / real MNIST.
 
-Each configuration is one ``sparsejax.training.loop.train`` run in ``runs/strong/<name>``
+Each configuration is one ``sparsejax.harness.training.loop.train`` run in ``runs/strong/<name>``
 (ignored by git); its summary is appended to the experiment's JSON file in
 ``experiments/results/`` as soon as it finishes, and configurations already in that file
 are skipped, so a script can be rerun (or resumed after a kill) at any time.
@@ -17,8 +17,8 @@ from typing import Any
 
 import jax
 
-from sparsejax.provenance import provenance
-from sparsejax.training.loop import TrainConfig, train
+from sparsejax.harness.provenance import provenance
+from sparsejax.harness.training.loop import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from strong_common import RESULTS, ROOT, RUNS, save  # noqa: E402
 
-from sparsejax.tickets import evaluate_ticket, export_ticket, load_ticket  # noqa: E402
+from sparsejax.harness.tickets import evaluate_ticket, export_ticket, load_ticket  # noqa: E402
 
 OUTPUT = RESULTS / "strong_ticket_mnist.json"
 DEFAULT_RUNS = ("edge_popup_target_d0.5_signed_constant_e14_s0",

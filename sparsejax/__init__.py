@@ -8,10 +8,10 @@ jit-able functions (see :class:`sparsejax.Method`).
 Array([False, False,  True,  True], dtype=bool)
 """
 
-# Score methods in a model or loop of the user's own: sparsejax.nnx (Flax NNX) and
-# sparsejax.linen (a linen TrainState); submodules, imported here so both are at hand.
-from sparsejax import linen, nnx  # noqa: E402
-from sparsejax.distributions import (
+import importlib
+from typing import Any
+
+from sparsejax.core.distributions import (
     DISTRIBUTIONS,
     KeptCounts,
     erdos_renyi_raw_density,
@@ -20,18 +20,7 @@ from sparsejax.distributions import (
     layer_densities,
     select_masks,
 )
-from sparsejax.export import (
-    NMPacked,
-    export_state,
-    nm_matmul,
-    nm_pack,
-    nm_unpack,
-    sparse_apply,
-    sparse_matmul,
-    sparse_params,
-    to_bcoo,
-)
-from sparsejax.masks import (
+from sparsejax.core.masks import (
     LayerSparsity,
     Prunable,
     apply_masks,
@@ -45,6 +34,45 @@ from sparsejax.masks import (
     prunable_except,
     prunable_leaves,
     sparsity_report,
+)
+from sparsejax.core.patterns import (
+    Pattern,
+    as_pattern,
+    check_pattern,
+    pattern_density,
+    pattern_mask,
+    per_output_mask,
+)
+from sparsejax.core.schedules import (
+    constant,
+    cosine_drop_fraction,
+    cubic_sparsity,
+    is_update_step,
+    one_shot,
+)
+from sparsejax.core.ste import ste_mask, supermask, supermask_product
+from sparsejax.core.topk import kth_largest, num_kept, topk_mask, topk_mask_tracked
+from sparsejax.core.transforms import keep_pruned_zero, mask_gradients, zero_masked
+from sparsejax.core.validation import check_density, check_same_structure, check_sparsity
+from sparsejax.engine import LossFn, make_train_step, stateless_loss
+from sparsejax.integrations.optax_form import (
+    SparseTxState,
+    as_optax,
+    masks_of,
+    replace_masks,
+    sparse_tx,
+    zero_pruned,
+)
+from sparsejax.io.export import (
+    NMPacked,
+    export_state,
+    nm_matmul,
+    nm_pack,
+    nm_unpack,
+    sparse_apply,
+    sparse_matmul,
+    sparse_params,
+    to_bcoo,
 )
 from sparsejax.methods import (
     METHODS,
@@ -102,23 +130,8 @@ from sparsejax.methods.strong import (
     score_supermask,
     supermask_weights,
 )
-from sparsejax.optax_form import (
-    SparseTxState,
-    as_optax,
-    masks_of,
-    replace_masks,
-    sparse_tx,
-    zero_pruned,
-)
-from sparsejax.patterns import (
-    Pattern,
-    as_pattern,
-    check_pattern,
-    pattern_density,
-    pattern_mask,
-    per_output_mask,
-)
-from sparsejax.posttrain import (
+from sparsejax.posttrain.capture import capture_dense_inputs, capture_linear_inputs
+from sparsejax.posttrain.pruners import (
     POSTTRAIN_METHODS,
     PrunedLayer,
     input_hessian,
@@ -129,20 +142,7 @@ from sparsejax.posttrain import (
     wanda_prune,
     wanda_scores,
 )
-from sparsejax.posttrain_capture import capture_dense_inputs, capture_linear_inputs
-from sparsejax.posttrain_sequential import LayerReport, prune_mlp_sequential, prune_sequential
-from sparsejax.schedules import (
-    constant,
-    cosine_drop_fraction,
-    cubic_sparsity,
-    is_update_step,
-    one_shot,
-)
-from sparsejax.ste import ste_mask, supermask, supermask_product
-from sparsejax.topk import kth_largest, num_kept, topk_mask, topk_mask_tracked
-from sparsejax.training import LossFn, make_train_step, stateless_loss
-from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
-from sparsejax.validation import check_density, check_same_structure, check_sparsity
+from sparsejax.posttrain.sequential import LayerReport, prune_mlp_sequential, prune_sequential
 
 __version__ = "0.1.0"
 
@@ -274,3 +274,15 @@ __all__ = [
     "WEIGHT_INITS",
     "zero_masked",
 ]
+
+
+# Score methods in a model or loop of the user's own: sparsejax.nnx (Flax NNX) and
+# sparsejax.linen (a linen TrainState), imported on first use so that `import sparsejax`
+# does not import flax.nnx or flax.linen for a user of neither.
+_LAZY_SUBMODULES = ("linen", "nnx")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"sparsejax.{name}")
+    raise AttributeError(f"module 'sparsejax' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Shared check of the CLI's bad-input behaviour (tests/test_bad_input.py,
 tests/test_run_safety.py)."""
 
-from sparsejax.cli import main
+from sparsejax.harness.cli import main
 
 
 def fails(capsys, argv, *expected):

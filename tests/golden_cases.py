@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 import sparsejax
-from sparsejax.topk import topk_mask, topk_mask_tracked
+from sparsejax.core.topk import topk_mask, topk_mask_tracked
 
 GOLDEN = Path(__file__).parent / "golden" / "masks.json"
 

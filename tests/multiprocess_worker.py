@@ -4,7 +4,7 @@
 Every method of ``METHOD_OPTIONS`` trains a small MLP for ``STEPS`` steps on fixed global
 batches, each process feeding its own rows (``shard_for_process``); the final masks,
 params and scores go to ``OUT/<mode>_<method>_p<process>.npz``. ``train:<mode>`` runs
-``sparsejax.training.loop.train`` (:func:`train_config`) into ``OUT/train_<mode>`` for 4
+``sparsejax.harness.training.loop.train`` (:func:`train_config`) into ``OUT/train_<mode>`` for 4
 steps, then resumes it there to 6. ``killed:<mode>`` (run last) trains 6 steps into
 ``OUT/killed_<mode>`` with a checkpoint every 2, and process 1 SIGKILLs itself while its
 part of the step-4 save has started (``save`` has returned; the write is async and the
@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from sparsejax.training.parallel import initialize_distributed
+from sparsejax.engine.parallel import initialize_distributed
 
 if __name__ == "__main__":
     initialize_distributed()  # before anything touches a device
@@ -29,9 +29,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from toy_mlp import build_toy_method, fc_loss, fc_params  # noqa: E402
 
-from sparsejax.data import shard_for_process  # noqa: E402
-from sparsejax.training import stateless_loss  # noqa: E402
-from sparsejax.training.parallel import PmapTrainer, ShardedTrainer, make_mesh  # noqa: E402
+from sparsejax.engine import stateless_loss  # noqa: E402
+from sparsejax.engine.parallel import PmapTrainer, ShardedTrainer, make_mesh  # noqa: E402
+from sparsejax.harness.data import shard_for_process  # noqa: E402
 
 GLOBAL_BATCH = 16
 STEPS = 4
@@ -104,7 +104,7 @@ def train_config(mode, out, steps):
     """``steps`` steps of ``sparsejax train`` (RigL on a small MLP, MNIST-1D) in ``mode``;
     a constant learning rate and a fixed end step, so a run of 4 steps is the beginning of
     a run of 6."""
-    from sparsejax.training.loop import TrainConfig
+    from sparsejax.harness.training.loop import TrainConfig
 
     return TrainConfig(method="rigl", model="mlp", dataset="mnist1d", sparsity=0.8,
                        steps=steps, batch_size=32, log_every=2, eval_every=2,
@@ -116,7 +116,7 @@ def train_config(mode, out, steps):
 
 def run_train(mode, out):
     """4 steps into ``OUT/train_<mode>`` (a checkpoint at step 4), then resumed to 6."""
-    from sparsejax.training.loop import train
+    from sparsejax.harness.training.loop import train
 
     train(train_config(mode, out / f"train_{mode}", steps=4))
     resumed = train_config(mode, out / f"train_{mode}", steps=6)
@@ -134,8 +134,8 @@ def killed_config(mode, out):
 def run_killed(mode, out):
     """Train :func:`killed_config`; process 1 dies by SIGKILL right after starting its
     part of the step-4 save (the launcher then stops process 0)."""
-    from sparsejax.checkpoint import Checkpointer
-    from sparsejax.training.loop import train
+    from sparsejax.harness.training.loop import train
+    from sparsejax.io.checkpoint import Checkpointer
 
     real_save = Checkpointer.save
 

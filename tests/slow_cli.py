@@ -18,10 +18,10 @@ from pathlib import Path
 
 from stop_checks import Patched
 
-import sparsejax.files as files
-import sparsejax.training.loop as loop
-import sparsejax.training.run_output as run_output
-from sparsejax.cli import main
+import sparsejax.harness.training.loop as loop
+import sparsejax.harness.training.run_output as run_output
+import sparsejax.io.files as files
+from sparsejax.harness.cli import main
 
 
 def _delay_batches(seconds: float) -> None:

@@ -23,7 +23,7 @@ def run_args(out, *extra, steps=STEPS):
 
 def reference_run(tmp_path_factory):
     """An uninterrupted run of :func:`run_args` (for a module-scoped fixture)."""
-    from sparsejax.cli import main
+    from sparsejax.harness.cli import main
 
     out = tmp_path_factory.mktemp("reference") / "run"
     assert main(run_args(out)) == 0

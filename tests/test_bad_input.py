@@ -13,14 +13,14 @@ import optax
 import pytest
 from cli_checks import fails
 
-from sparsejax.cli import build_parser, main
-from sparsejax.data import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, load_dataset
-from sparsejax.launch import launch
+from sparsejax.core.schedules import cubic_sparsity
+from sparsejax.harness.cli import build_parser, main
+from sparsejax.harness.data import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, load_dataset
+from sparsejax.harness.launch import launch
+from sparsejax.harness.training.loop import TrainConfig, build_method
+from sparsejax.io.tickets import TICKET_FORMAT, TICKET_VERSION
 from sparsejax.methods.dst import rigl, snfs, sparse_evolutionary
 from sparsejax.methods.pruning import gradual_magnitude
-from sparsejax.schedules import cubic_sparsity
-from sparsejax.tickets import TICKET_FORMAT, TICKET_VERSION
-from sparsejax.training.loop import TrainConfig, build_method
 
 
 def train_args(tmp_path, *extra):
@@ -322,9 +322,9 @@ def test_launch_on_a_port_in_use_is_refused_before_any_process_starts(capsys, tm
 
 def test_launch_warns_when_devices_outnumber_the_cores_many_times(capsys, monkeypatch):
     """A warning (the run goes on) naming -n, --devices-per-process and the cores."""
-    import sparsejax.launch
+    import sparsejax.harness.launch
 
-    monkeypatch.setattr(sparsejax.launch.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sparsejax.harness.launch.os, "cpu_count", lambda: 2)
     assert launch(2, [sys.executable, "-c", "pass"], devices_per_process=8) == 0
     assert "warning" not in capsys.readouterr().err  # 16 devices on 2 cores: 8 per core
     assert launch(3, [sys.executable, "-c", "pass"], devices_per_process=8) == 0
@@ -342,7 +342,7 @@ def test_a_sparsity_that_empties_layers_is_refused_unless_allowed(capsys, tmp_pa
 
 
 def test_config_conflicts_are_refused_from_python_too(tmp_path):
-    from sparsejax.training.loop import train
+    from sparsejax.harness.training.loop import train
 
     with pytest.raises(ValueError, match="model 'lenet300' takes images and dataset "
                                          "'tinyshakespeare' is text"):

@@ -1,4 +1,4 @@
-"""Tests of sparsejax.checkpoint: bitwise round trips, retention, corruption fallback,
+"""Tests of sparsejax.io.checkpoint: bitwise round trips, retention, corruption fallback,
 SIGKILL during save, template mismatch."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import optax
 import pytest
 from flax import struct
 
-from sparsejax import checkpoint, checkpoint_manifest
-from sparsejax.checkpoint import (
+from sparsejax.io import checkpoint, checkpoint_manifest
+from sparsejax.io.checkpoint import (
     Checkpointer,
     CorruptCheckpointError,
     NoValidCheckpointError,
@@ -31,7 +31,7 @@ from sparsejax.checkpoint import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-LOGGER = "sparsejax.checkpoint"
+LOGGER = "sparsejax.io.checkpoint"
 
 
 class TrainState(struct.PyTreeNode):
@@ -271,7 +271,7 @@ def test_checkpoints_of_the_previous_format_are_read(tmp_path, caplog):
     """Format 1 (hand-written): tree.json and metadata.json beside orbax's state/."""
     import orbax.checkpoint as ocp
 
-    from sparsejax import checkpoint_leaves
+    from sparsejax.io import checkpoint_leaves
 
     def write_format_1(step, state, meta):
         folder = tmp_path / f"step_{step:08d}"
@@ -498,8 +498,8 @@ def test_template_mismatch_is_a_clear_error(two_steps):
 CHILD = r"""
 import os, pathlib, shutil, signal, sys, threading, time
 import jax, jax.numpy as jnp
-import sparsejax.checkpoint as ck
-import sparsejax.checkpoint_manifest as manifest
+import sparsejax.io.checkpoint as ck
+import sparsejax.io.checkpoint_manifest as manifest
 
 directory, point = sys.argv[1], sys.argv[2]
 
@@ -638,7 +638,7 @@ process, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.distributed.initialize(f"localhost:{port}", 2, process)
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from sparsejax.checkpoint import Checkpointer
+from sparsejax.io.checkpoint import Checkpointer
 mesh = jax.make_mesh((jax.device_count(),), ("d",))
 full = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)
 w = jax.make_array_from_callback(full.shape, NamedSharding(mesh, P("d")), lambda i: full[i])

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from cli_checks import fails
 
-from sparsejax.cli import build_parser, main
-from sparsejax.plotting import load_results
+from sparsejax.harness.cli import build_parser, main
+from sparsejax.harness.plotting import load_results
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDER_WRITERS = ("train", "lottery", "instability")  # --out: the run folder

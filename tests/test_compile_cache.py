@@ -16,7 +16,7 @@ import pytest
 from toy_mlp import mlp_params
 
 import sparsejax
-from sparsejax.topk import kth_largest, topk_mask, topk_mask_tracked
+from sparsejax.core.topk import kth_largest, topk_mask, topk_mask_tracked
 
 try:
     from jax._src.dispatch import BACKEND_COMPILE_EVENT

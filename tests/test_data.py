@@ -1,4 +1,4 @@
-"""Tests of sparsejax.data: loading (IDX, TFDS, mnist1d) and resumable batching."""
+"""Tests of sparsejax.harness.data: loading (IDX, TFDS, mnist1d) and resumable batching."""
 
 import doctest
 import gzip
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsejax import data
-from sparsejax.data import (
+from sparsejax.harness import data
+from sparsejax.harness.data import (
     DATASET_NAMES,
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,

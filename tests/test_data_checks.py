@@ -4,8 +4,8 @@ the dataset's image shape, finite pixels, empty splits, integer labels."""
 import numpy as np
 import pytest
 
-from sparsejax import data
-from sparsejax.data import load_dataset
+from sparsejax.harness import data
+from sparsejax.harness.data import load_dataset
 
 
 def _examples(n, shape=(28, 28, 1), label=3, dtype=np.uint8):
@@ -47,7 +47,7 @@ def test_nm_unpack_refuses_positions_out_of_range():
 
     import jax.numpy as jnp
 
-    from sparsejax.export import nm_pack, nm_unpack
+    from sparsejax.io.export import nm_pack, nm_unpack
 
     packed = nm_pack(jnp.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 4.0]]), "2:4")
     with pytest.raises(ValueError, match=r"positions must lie in 0\.\.3 for pattern 2:4"):
@@ -59,7 +59,7 @@ def test_nm_pack_under_jit_checks_through_checkify():
     import jax.numpy as jnp
     from jax.experimental import checkify
 
-    from sparsejax.export import nm_pack
+    from sparsejax.io.export import nm_pack
 
     kernel = jnp.array([[1.0, 2.0], [3.0, 2.0], [3.0, 0.0], [5.0, 4.0]])
     error, _ = checkify.checkify(jax.jit(lambda k: nm_pack(k, "2:4").values))(kernel)

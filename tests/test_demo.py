@@ -7,9 +7,9 @@ import json
 import pytest
 from cli_checks import fails
 
-from sparsejax.cli import build_parser
-from sparsejax.demo import DEMO_METHODS, format_table, run_demo
-from sparsejax.provenance import provenance
+from sparsejax.harness.cli import build_parser
+from sparsejax.harness.demo import DEMO_METHODS, format_table, run_demo
+from sparsejax.harness.provenance import provenance
 
 STEPS = 3  # the demo's settings, three steps a method
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparsejax import layer_densities, num_kept, prunable_except, select_masks
-from sparsejax.distributions import kept_counts
+from sparsejax.core.distributions import kept_counts
 
 
 def lenet_params():

@@ -10,6 +10,8 @@ import pytest
 from toy_mlp import assert_trainer_phases_match_update, batches, mlp_loss, mlp_params
 
 from sparsejax import get_method, make_train_step, num_kept, stateless_loss
+from sparsejax.core.topk import topk_rows
+from sparsejax.harness.training.loop import TrainConfig, build_method
 from sparsejax.methods import dst
 from sparsejax.methods.dst import (
     RegrowRules,
@@ -28,8 +30,6 @@ from sparsejax.methods.dst import (
     snfs,
     sparse_evolutionary,
 )
-from sparsejax.topk import topk_rows
-from sparsejax.training.loop import TrainConfig, build_method
 
 KERNELS = (("Dense_0", "kernel"), ("Dense_1", "kernel"))
 
@@ -393,7 +393,7 @@ def test_random_grow_and_gradient_grow_shapes():
 
 @pytest.mark.slow
 def test_rigl_trains_through_the_harness(tmp_path):
-    from sparsejax.training.loop import train
+    from sparsejax.harness.training.loop import train
     result = train(TrainConfig(method="rigl", dataset="mnist1d", sparsity=0.9, epochs=2,
                                batch_size=128, out=str(tmp_path), progress=False,
                                method_options={"update_every": 20}))

@@ -13,7 +13,7 @@ from toy_mlp import batches, mlp_loss, mlp_params
 
 import sparsejax
 from sparsejax import get_method, stateless_loss
-from sparsejax._tree import leaf_paths, path_str
+from sparsejax.core._tree import leaf_paths, path_str
 from sparsejax.methods import InitContext
 
 
@@ -113,7 +113,9 @@ def _nnx_forms():
     state = nnx.state(_NnxNet(nnx.Rngs(0)), nnx.Param)
     # the State of Variables (nnx.state, what nnx.Optimizer hands to tx.init) and the pure
     # arrays (what nnx.Optimizer hands to tx.update)
-    from sparsejax.optax_form import _pure  # nnx.as_pure, or nnx.pure before flax 0.12.7
+    from sparsejax.integrations.optax_form import (
+        _pure,  # nnx.as_pure, or nnx.pure before flax 0.12.7
+    )
 
     return {"variables": state, "pure": _pure(state), "pure_dict": nnx.to_pure_dict(state)}
 

@@ -11,7 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.experimental import checkify, sparse
 
-from sparsejax.export import (
+from sparsejax.core.masks import apply_masks, count_kept, prunable_leaves
+from sparsejax.core.patterns import pattern_mask
+from sparsejax.core.topk import topk_mask
+from sparsejax.harness.models import GPT, LeNet300
+from sparsejax.io.export import (
     NMPacked,
     export_state,
     nm_matmul,
@@ -21,11 +25,7 @@ from sparsejax.export import (
     sparse_params,
     to_bcoo,
 )
-from sparsejax.masks import apply_masks, count_kept, prunable_leaves
 from sparsejax.methods import static
-from sparsejax.models import GPT, LeNet300
-from sparsejax.patterns import pattern_mask
-from sparsejax.topk import topk_mask
 
 SETTINGS = settings(max_examples=10, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from sparsejax._extras import EXTRAS, require
+from sparsejax.harness._extras import EXTRAS, require
 
 # The packages of the extras (and importlib_resources, which the data extra brings for
 # TFDS). ``sys.modules[name] = None`` makes ``import name`` raise ModuleNotFoundError.
@@ -19,7 +19,7 @@ CORE_WITHOUT_EXTRAS = textwrap.dedent(f"""
         sys.modules[name] = None
 
     import jax, jax.numpy as jnp, optax
-    import sparsejax, sparsejax.linen, sparsejax.nnx, sparsejax.optax_form
+    import sparsejax, sparsejax.linen, sparsejax.nnx, sparsejax.integrations.optax_form
 
     params = {{"hidden": {{"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)}},
                "out": {{"kernel": jnp.ones((8, 2)), "bias": jnp.zeros(2)}}}}
@@ -55,7 +55,7 @@ def test_core_imports_and_trains_without_any_extra():
 
 
 def test_loading_mnist1d_without_the_data_extra_names_it(monkeypatch):
-    from sparsejax.data import load_dataset
+    from sparsejax.harness.data import load_dataset
 
     monkeypatch.setitem(sys.modules, "mnist1d", None)
     monkeypatch.delitem(sys.modules, "mnist1d.data", raising=False)
@@ -65,7 +65,7 @@ def test_loading_mnist1d_without_the_data_extra_names_it(monkeypatch):
 
 
 def test_loading_tfds_without_the_data_extra_names_it(monkeypatch, tmp_path):
-    from sparsejax.data import load_dataset
+    from sparsejax.harness.data import load_dataset
 
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
     with pytest.raises(ImportError, match=r"pip install 'sparsejax\[data\]'"):
@@ -100,7 +100,7 @@ def test_require_reraises_a_missing_dependency_inside_an_extra(monkeypatch):
 
 
 def test_training_without_tqdm_warns_and_goes_on(monkeypatch):
-    from sparsejax.training.run_output import ProgressBar
+    from sparsejax.harness.training.run_output import ProgressBar
 
     monkeypatch.setitem(sys.modules, "tqdm", None)
     monkeypatch.delitem(sys.modules, "tqdm.auto", raising=False)
@@ -112,7 +112,7 @@ def test_training_without_tqdm_warns_and_goes_on(monkeypatch):
 
 
 def test_tensorboard_writer_is_none_without_its_extra(monkeypatch, tmp_path):
-    from sparsejax.training.run_output import tensorboard_writer
+    from sparsejax.harness.training.run_output import tensorboard_writer
 
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
     assert tensorboard_writer(tmp_path / "tensorboard") is None

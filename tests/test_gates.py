@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from sparsejax import get_method, make_train_step, stateless_loss
+from sparsejax.harness.training.loop import TrainConfig, build_method
 from sparsejax.methods.gates import gates, gaussian_gate, hard_concrete_gate
-from sparsejax.training.loop import TrainConfig, build_method
 
 
 def tiny_params(key=0):

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax.data import DatasetNotAvailableError, load_dataset, train_batches
-from sparsejax.masks import default_prunable, prunable_leaves
-from sparsejax.models import apply_model, get_model, init_model
-from sparsejax.training.loop import TrainConfig, evaluate, make_eval_step, train
+from sparsejax.core.masks import default_prunable, prunable_leaves
+from sparsejax.harness.data import DatasetNotAvailableError, load_dataset, train_batches
+from sparsejax.harness.models import apply_model, get_model, init_model
+from sparsejax.harness.training.loop import TrainConfig, evaluate, make_eval_step, train
 
 TINY = dict(n_layer=1, n_embd=16, n_head=2, context=8)
 CONTEXT = 8
@@ -143,7 +143,7 @@ def test_the_real_corpus():
 
 def test_text_datasets_refuse_a_validation_split(corpus):
     """Overlapping windows would leak the held-out text into training."""
-    from sparsejax.data import split_validation
+    from sparsejax.harness.data import split_validation
 
     data = load_dataset("tinyshakespeare", corpus, context=CONTEXT)
     with pytest.raises(ValueError, match="overlapping text windows"):

@@ -14,10 +14,10 @@ import time
 import pytest
 from stop_checks import assert_same_run, finish, reference_run, run_args, start_child
 
-import sparsejax.cli as cli
-import sparsejax.training.loop as loop
-from sparsejax.cli import main, resume_command
-from sparsejax.training.stops import stop_on_signals, stop_requested
+import sparsejax.harness.cli as cli
+import sparsejax.harness.training.loop as loop
+from sparsejax.harness.cli import main, resume_command
+from sparsejax.harness.training.stops import stop_on_signals, stop_requested
 
 main_thread_only = pytest.mark.skipif(
     threading.current_thread() is not threading.main_thread(),
@@ -146,7 +146,7 @@ def test_each_process_of_several_ends_at_once_on_a_signal():
     script = (
         "import signal\n"
         "from pathlib import Path\n"
-        "from sparsejax.training.stops import Guard, stop_on_signals\n"
+        "from sparsejax.harness.training.stops import Guard, stop_on_signals\n"
         "with stop_on_signals():\n"
         "    Guard(step=3, total_steps=6, checkpoint_dir=Path('c'), several_processes=True,\n"
         "          newest_checkpoint=lambda: None)\n"
@@ -171,7 +171,7 @@ def test_ctrl_c_to_a_launch_process_group_ends_every_process_with_one_line(tmp_p
     from stop_checks import SLOW_CLI
 
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "sparsejax.cli", "launch", "-n", "2",
+    command = [sys.executable, "-m", "sparsejax.harness.cli", "launch", "-n", "2",
                "--devices-per-process", "1", "--", sys.executable, str(SLOW_CLI),
                *run_args(out, "--parallel", "sharded")]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from sparsejax.checkpoint import Checkpointer
-from sparsejax.training.loop import TrainConfig, train
+from sparsejax.harness.training.loop import TrainConfig, train
+from sparsejax.io.checkpoint import Checkpointer
 
 FAST = dict(dataset="mnist1d", model="mlp", model_options={"hidden": [16]}, batch_size=32,
             progress=False, tensorboard=False, recipe="none")

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax.checkpoint import Checkpointer
-from sparsejax.cli import main
-from sparsejax.lottery import (
+from sparsejax.core.masks import default_prunable
+from sparsejax.core.transforms import zero_masked
+from sparsejax.harness.cli import main
+from sparsejax.harness.lottery import (
     LotteryConfig,
     Trainer,
     _same_counts_random_mask,
@@ -27,8 +28,7 @@ from sparsejax.lottery import (
     round_counts,
     run_lottery,
 )
-from sparsejax.masks import default_prunable
-from sparsejax.transforms import zero_masked
+from sparsejax.io.checkpoint import Checkpointer
 
 TINY = dict(dataset="mnist1d", model="lenet300", batch_size=64, controls=())
 
@@ -172,7 +172,7 @@ def test_killed_lottery_resumes_at_round_and_step(tmp_path):
     common = ["lottery", "--dataset", "mnist1d", "--steps", "124", "--batch-size", "64",
               "--rounds", "2", "--controls", "none"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sparsejax.cli", *common, "--out-root",
+    proc = subprocess.Popen([sys.executable, "-m", "sparsejax.harness.cli", *common, "--out-root",
                              str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:

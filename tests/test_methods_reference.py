@@ -1,4 +1,4 @@
-"""docs/methods.md is generated from the code (sparsejax.methods.reference) and equals it."""
+"""docs/methods.md is generated from the code (sparsejax.harness.methods_page) and equals it."""
 
 import difflib
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import optax
 import pytest
 
+from sparsejax.harness.methods_page import REGENERATE, citations, render_methods
 from sparsejax.methods import METHODS
-from sparsejax.methods.reference import REGENERATE, citations, render_methods
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "methods.md"

@@ -10,9 +10,9 @@ import pytest
 from jax.sharding import PartitionSpec
 
 import sparsejax
-from sparsejax.models import get_model, init_model
-from sparsejax.training.loop import classification_loss
-from sparsejax.training.parallel import ShardedTrainer, SingleDeviceTrainer, make_mesh
+from sparsejax.engine.parallel import ShardedTrainer, SingleDeviceTrainer, make_mesh
+from sparsejax.harness.models import get_model, init_model
+from sparsejax.harness.training.loop import classification_loss
 
 pytestmark = [pytest.mark.multidevice,
               pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")]

@@ -1,4 +1,5 @@
-"""Tests for sparsejax.models: shapes, parameter counts, options, batch-norm state, errors."""
+"""Tests for sparsejax.harness.models: shapes, parameter counts, options, batch-norm state,
+errors."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax.models import (
+from sparsejax.harness.models import (
     MODEL_NAMES,
     PARAM_LEAF_NAMES,
     STATE_LEAF_NAMES,

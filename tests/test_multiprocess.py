@@ -27,8 +27,8 @@ import multiprocess_worker as worker
 import numpy as np
 import pytest
 
-from sparsejax.launch import launch
-from sparsejax.training.loop import train
+from sparsejax.harness.launch import launch
+from sparsejax.harness.training.loop import train
 
 pytestmark = pytest.mark.multiprocess
 
@@ -45,7 +45,7 @@ def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("multiprocess")
     args = [*(f"{mode}:{name}" for mode, name in RUNS), "train:sharded", "killed:sharded"]
     pair = subprocess.Popen(
-        [sys.executable, "-m", "sparsejax.cli", "launch", "-n", "2",
+        [sys.executable, "-m", "sparsejax.harness.cli", "launch", "-n", "2",
          "--devices-per-process", "4", "--grace", "1", "--", sys.executable,
          str(TESTS / "multiprocess_worker.py"), str(out), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -189,7 +189,7 @@ def test_a_process_killed_during_a_save_leaves_a_run_one_process_resumes(two_pro
 def test_pmap_resume_with_several_processes_is_a_clear_error(tmp_path, monkeypatch):
     """pmap's state is a replica per process, which no coordinated save takes: several
     pmap processes write no checkpoints, so --resume says so (process count faked)."""
-    from sparsejax.training.loop import TrainConfig
+    from sparsejax.harness.training.loop import TrainConfig
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match="--resume with 2 processes and --parallel pmap: "
@@ -198,7 +198,7 @@ def test_pmap_resume_with_several_processes_is_a_clear_error(tmp_path, monkeypat
 
 
 def test_several_processes_without_a_parallel_mode_is_a_clear_error(tmp_path, monkeypatch):
-    from sparsejax.training.loop import TrainConfig
+    from sparsejax.harness.training.loop import TrainConfig
 
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES=2: several processes train one "
@@ -214,7 +214,7 @@ def test_launcher_stopped_by_sigterm_stops_its_processes(tmp_path):
         f"pathlib.Path({str(tmp_path)!r}, os.environ['JAX_PROCESS_ID']).write_text("
         "str(os.getpid()))\n"
         "time.sleep(60)\n")
-    launcher = subprocess.Popen([sys.executable, "-m", "sparsejax.cli", "launch", "-n", "2",
+    launcher = subprocess.Popen([sys.executable, "-m", "sparsejax.harness.cli", "launch", "-n", "2",
                                  "--", sys.executable, str(script)])
     pid_files = [tmp_path / "0", tmp_path / "1"]
     deadline = time.monotonic() + 60

@@ -16,8 +16,8 @@ from flax import nnx
 import sparsejax
 import sparsejax.linen as slinen
 import sparsejax.nnx as snnx
-from sparsejax._tree import path_str
-from sparsejax.tickets import tree_digest
+from sparsejax.core._tree import path_str
+from sparsejax.io.tickets import tree_digest
 
 KEY = jax.random.PRNGKey(7)
 LR = 0.5

@@ -100,7 +100,7 @@ def _train(tx, n, zero_after_each_step):
         params = optax.apply_updates(params, updates)
         if zero_after_each_step:
             params = sparsejax.zero_pruned(params, opt_state)
-        masks = sparsejax.optax_form._masks(opt_state)
+        masks = sparsejax.integrations.optax_form._masks(opt_state)
         outside = sum(jnp.sum((p != 0) & ~m) for p, m in zip(
             jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(masks), strict=True))
         kept = sum(jnp.sum(m) for m in jax.tree_util.tree_leaves(masks))

@@ -10,7 +10,7 @@ import pytest
 from toy_mlp import batches, mlp_loss, mlp_params
 
 import sparsejax
-from sparsejax.optax_zero_check import EVERY
+from sparsejax.integrations.zero_check import EVERY
 
 
 def _train(tx, n, *, value=True, params=None):
@@ -164,7 +164,7 @@ def test_a_transform_after_sparse_tx_is_warned_then_refused_by_masks_of():
     # the 5th (step 4), which recorded it.
     check = opt_state[0].zero_check
     assert int(check.escaped_at) == 4 and int(check.escaped) > 0
-    masks = sparsejax.optax_form._masks(opt_state)
+    masks = sparsejax.integrations.optax_form._masks(opt_state)
     escaped = sum(int(np.sum((np.asarray(p) != 0) & ~np.asarray(m))) for p, m in zip(
         jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(masks), strict=True))
     assert escaped > 0  # what the check guards against: the params left the masks

@@ -198,7 +198,7 @@ def test_rigl_under_multisteps_moves_masks_on_the_accumulated_gradients():
         state = jax.jit(method.update)(state, jax.tree_util.tree_map(
             lambda *g: sum(g) / k, *grads))
     _assert_same(sparsejax.masks_of(opt_state), params, state)
-    assert int(sparsejax.optax_form._find_states(opt_state)[0].step) == 8
+    assert int(sparsejax.integrations.optax_form._find_states(opt_state)[0].step) == 8
 
 
 def test_multi_transform_and_masked_train_only_their_group():
@@ -239,7 +239,7 @@ def test_regrowth_resets_slots_of_a_multi_transform_inside_the_method(name):
                "snfs": dict(update_every=2, total_steps=8)}[name]
     tx = sparsejax.sparse_tx(name, inner, sparsity=0.8, **options)
     _, opt_state = _run_tx(tx, 4)
-    state = sparsejax.optax_form._find_states(opt_state)[0]
+    state = sparsejax.integrations.optax_form._find_states(opt_state)[0]
     trace = state.inner_state[1].inner_states["a"].inner_state[0].trace
     for layer in ("Dense_0", "Dense_1"):
         # Inactive weights have zero momentum: masked gradients between updates, and the

@@ -9,9 +9,8 @@ import pytest
 from toy_mlp import build_toy_method, fc_loss, fc_params
 
 import sparsejax
-from sparsejax.checkpoint import Checkpointer
-from sparsejax.training import stateless_loss
-from sparsejax.training.parallel import (
+from sparsejax.engine import stateless_loss
+from sparsejax.engine.parallel import (
     PmapTrainer,
     ShardedTrainer,
     SingleDeviceTrainer,
@@ -19,6 +18,7 @@ from sparsejax.training.parallel import (
     make_trainer,
     split_batch,
 )
+from sparsejax.io.checkpoint import Checkpointer
 
 pytestmark = pytest.mark.multidevice
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparsejax.patterns import (
+from sparsejax.core.patterns import (
     Pattern,
     as_pattern,
     check_pattern,
@@ -15,7 +15,7 @@ from sparsejax.patterns import (
     pattern_mask,
     per_output_mask,
 )
-from sparsejax.topk import num_kept, topk_mask
+from sparsejax.core.topk import num_kept, topk_mask
 
 SETTINGS = settings(max_examples=10, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -175,7 +175,7 @@ def test_check_pattern_names_every_bad_leaf_and_skips_unprunable_ones():
 def test_short_rows_rank_exactly_like_topk_mask():
     """N:M groups (rows of at most 16) are ranked by comparing pairs, not by topk_mask's
     search: the same masks, ties (many, and +-0, -inf) to the first entries."""
-    from sparsejax.patterns import _topk_rows
+    from sparsejax.core.patterns import _topk_rows
 
     rng = np.random.default_rng(0)
     for m in (2, 4, 8, 16):

@@ -12,7 +12,11 @@ import pytest
 from toy_mlp import batches, mlp_loss, mlp_params
 
 from sparsejax import get_method, make_train_step, stateless_loss
-from sparsejax.distributions import kept_counts, select_masks
+from sparsejax.core.distributions import kept_counts, select_masks
+from sparsejax.core.patterns import Pattern, as_pattern, nm_group_topk, nm_groups, pattern_mask
+from sparsejax.core.ste import supermask
+from sparsejax.core.topk import topk_mask
+from sparsejax.harness.training.loop import TrainConfig, build_method
 from sparsejax.methods import METHODS, InitContext
 from sparsejax.methods.dst import (
     RegrowRules,
@@ -26,10 +30,6 @@ from sparsejax.methods.dst import (
 )
 from sparsejax.methods.fixed import random_scores
 from sparsejax.methods.strong import biprop, edge_popup
-from sparsejax.patterns import Pattern, as_pattern, nm_group_topk, nm_groups, pattern_mask
-from sparsejax.ste import supermask
-from sparsejax.topk import topk_mask
-from sparsejax.training.loop import TrainConfig, build_method
 
 KERNELS = (("Dense_0", "kernel"), ("Dense_1", "kernel"))
 P24 = as_pattern("2:4")

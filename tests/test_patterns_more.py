@@ -14,8 +14,12 @@ import pytest
 from toy_mlp import batches, mlp_loss, mlp_params
 
 from sparsejax import get_method, make_train_step, stateless_loss
-from sparsejax.distributions import kept_counts, select_masks
-from sparsejax.lottery import (
+from sparsejax.core.distributions import kept_counts, select_masks
+from sparsejax.core.masks import default_prunable
+from sparsejax.core.pattern_units import pattern_counts, pattern_topk, pattern_units
+from sparsejax.core.patterns import as_pattern, nm_groups, pattern_mask
+from sparsejax.core.schedules import cubic_sparsity
+from sparsejax.harness.lottery import (
     LotteryConfig,
     _config_from_args,
     _same_counts_random_mask,
@@ -24,8 +28,8 @@ from sparsejax.lottery import (
     imp_masks,
     round_counts,
 )
-from sparsejax.lottery_masks import nm_rounds
-from sparsejax.masks import default_prunable
+from sparsejax.harness.lottery_masks import nm_rounds
+from sparsejax.harness.training.loop import TrainConfig, build_method
 from sparsejax.methods.pruning import (
     exclude_pruned,
     gradual_magnitude,
@@ -35,10 +39,6 @@ from sparsejax.methods.pruning import (
     synflow_scores,
 )
 from sparsejax.methods.pruning_tables import _PatternTable, pattern_masks_for_densities
-from sparsejax.pattern_units import pattern_counts, pattern_topk, pattern_units
-from sparsejax.patterns import as_pattern, nm_groups, pattern_mask
-from sparsejax.schedules import cubic_sparsity
-from sparsejax.training.loop import TrainConfig, build_method
 
 KERNELS = (("Dense_0", "kernel"), ("Dense_1", "kernel"))
 
@@ -349,8 +349,8 @@ def test_lottery_pattern_errors():
 
 @pytest.mark.slow
 def test_lottery_run_with_nm_keeps_the_pattern_in_ticket_and_controls(tmp_path):
-    from sparsejax.checkpoint import Checkpointer
-    from sparsejax.lottery import Trainer, run_lottery
+    from sparsejax.harness.lottery import Trainer, run_lottery
+    from sparsejax.io.checkpoint import Checkpointer
 
     config = LotteryConfig(dataset="mnist1d", model="lenet300", batch_size=64, steps=8,
                            rounds=1, pattern="2:4", prune_fraction=0.5, output_fraction=None,

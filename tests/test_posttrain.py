@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import posttrain_sequential
-from sparsejax.models.mlp import MLP
-from sparsejax.posttrain import (
+from sparsejax.core.topk import num_kept
+from sparsejax.harness.models.mlp import MLP
+from sparsejax.posttrain import sequential as posttrain_sequential
+from sparsejax.posttrain.pruners import (
     check_posttrain_pattern,
     input_hessian,
     magnitude_prune,
@@ -18,8 +19,7 @@ from sparsejax.posttrain import (
     sparsegpt_prune,
     wanda_prune,
 )
-from sparsejax.posttrain_sequential import prune_mlp_sequential
-from sparsejax.topk import num_kept
+from sparsejax.posttrain.sequential import prune_mlp_sequential
 
 # 5 calibration tokens of 3 inputs, full rank and correlated
 X3 = np.array([[1.0, 2.0, 0.5],
@@ -281,7 +281,7 @@ def test_sequential_driver_checks_method_and_pattern_before_any_hessian(monkeypa
 def test_prune_command_checks_method_and_pattern_first(tmp_path):
     import argparse
 
-    from sparsejax.prune_run import add_commands, prune_run
+    from sparsejax.harness.prune_run import add_commands, prune_run
 
     # refused before the run folder (here empty) is even read
     with pytest.raises(ValueError, match="sparsegpt supports the unstructured and N:M"):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax.models.gpt import GPT
-from sparsejax.patterns import nm_groups
-from sparsejax.posttrain import input_hessian, prune_layer
-from sparsejax.posttrain_capture import capture_dense_inputs, capture_linear_inputs, dense_calls
-from sparsejax.posttrain_sequential import prune_sequential
+from sparsejax.core.patterns import nm_groups
+from sparsejax.harness.models.gpt import GPT
+from sparsejax.posttrain.capture import capture_dense_inputs, capture_linear_inputs, dense_calls
+from sparsejax.posttrain.pruners import input_hessian, prune_layer
+from sparsejax.posttrain.sequential import prune_sequential
 
 VOCAB, CONTEXT = 11, 8
 ORDER = ["block1/attn/query", "block1/attn/key", "block1/attn/value", "block1/attn/out",

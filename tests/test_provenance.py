@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import sparsejax.provenance as prov
-from sparsejax.provenance import provenance
+import sparsejax.harness.provenance as prov
+from sparsejax.harness.provenance import provenance
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,9 +52,9 @@ def test_package_outside_a_checkout_gives_none(tmp_path, monkeypatch):
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     copy = tmp_path / "site-packages" / "sparsejax"
-    shutil.copytree(Path(prov.__file__).parent, copy,
+    shutil.copytree(Path(prov.__file__).parents[1], copy,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(prov, "__file__", str(copy / "provenance.py"))
+    monkeypatch.setattr(prov, "__file__", str(copy / "harness" / "provenance.py"))
     if subprocess.run(["git", "-C", str(copy), "rev-parse"], capture_output=True).returncode == 0:
         pytest.skip("the temporary folder is inside a git checkout")
     p = provenance()

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from cli_checks import fails
 
-from sparsejax.cli import main
-from sparsejax.patterns import nm_groups
-from sparsejax.prune_run import prune_run
-from sparsejax.training.run_folder import restore_finished_run
+from sparsejax.core.patterns import nm_groups
+from sparsejax.harness.cli import main
+from sparsejax.harness.prune_run import prune_run
+from sparsejax.harness.training.run_folder import restore_finished_run
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_every_group_of_the_pruned_kernels_keeps_n_and_sparsegpt_beats_magnitude
     # per block of 128 columns: 192 of 640 and 48 of 160 kept, 240 of 800 in all
     assert results["sparsegpt"]["sparsity"] == pytest.approx(0.7, abs=1e-9)
     # the N:M counts, on the pruned kernels themselves
-    from sparsejax.posttrain_sequential import prune_mlp_sequential
+    from sparsejax.posttrain.sequential import prune_mlp_sequential
 
     finished = restore_finished_run(run_dir)
     pruned, _ = prune_mlp_sequential(finished.state.params,

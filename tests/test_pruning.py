@@ -9,7 +9,10 @@ import optax
 import pytest
 from toy_mlp import assert_trainer_phases_match_update
 
-from sparsejax.distributions import select_masks
+from sparsejax.core.distributions import select_masks
+from sparsejax.core.schedules import cubic_sparsity
+from sparsejax.harness.models import get_model, init_model
+from sparsejax.harness.training.loop import TrainConfig, model_apply_fn, prepare, train
 from sparsejax.methods import InitContext, get_method
 from sparsejax.methods.pruning import (
     gradual_magnitude,
@@ -22,9 +25,6 @@ from sparsejax.methods.pruning import (
     synflow_masks,
     synflow_scores,
 )
-from sparsejax.models import get_model, init_model
-from sparsejax.schedules import cubic_sparsity
-from sparsejax.training.loop import TrainConfig, model_apply_fn, prepare, train
 
 
 def linear_net(params, x):
@@ -75,8 +75,8 @@ def test_harness_snip_mask_is_global_topk_of_dense_init_saliency_on_first_batch(
     # Issue #4: the mask `sparsejax train --method snip` builds must be the paper's: |g * w|
     # with g the gradient of the mean loss on the run's first batch at the dense w_0 of the
     # seed, one global top-k over the kernels, biases kept. Recomputed here from scratch.
-    from sparsejax.data import load_dataset, train_batches
-    from sparsejax.models import apply_model
+    from sparsejax.harness.data import load_dataset, train_batches
+    from sparsejax.harness.models import apply_model
 
     config = TrainConfig(method="snip", dataset="mnist1d", model="lenet300", sparsity=0.95,
                          steps=1, batch_size=100, init_batches=1, seed=3, progress=False)

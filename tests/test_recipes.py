@@ -1,4 +1,4 @@
-"""Per-method recipes as defaults (sparsejax.training.recipes): the bare command of each
+"""Per-method recipes as defaults (sparsejax.harness.training.recipes): the bare command of each
 method resolves to the recipe recorded in docs/results.md, anything given wins, and
 result.json says where each value came from."""
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from sparsejax.cli import build_parser, main, train_config
+from sparsejax.harness.cli import build_parser, main, train_config
+from sparsejax.harness.training.loop import TrainConfig
+from sparsejax.harness.training.recipes import LIBRARY_DEFAULTS, RECIPES, resolve_recipe
 from sparsejax.methods import METHODS
-from sparsejax.training.loop import TrainConfig
-from sparsejax.training.recipes import LIBRARY_DEFAULTS, RECIPES, resolve_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,11 +15,11 @@ from toy_mlp import batches, mlp_loss, mlp_params
 
 import sparsejax
 from sparsejax import stateless_loss
-from sparsejax.checkpoint import Checkpointer
+from sparsejax.engine.parallel import SingleDeviceTrainer
+from sparsejax.harness.training import loop
+from sparsejax.harness.training.loop import TrainConfig, prepare, train
+from sparsejax.io.checkpoint import Checkpointer
 from sparsejax.methods import InitContext, get_method
-from sparsejax.training import loop
-from sparsejax.training.loop import TrainConfig, prepare, train
-from sparsejax.training.parallel import SingleDeviceTrainer
 
 # Options that make each method do its real work within a 12-step run.
 OPTIONS = {

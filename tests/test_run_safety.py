@@ -6,8 +6,8 @@ import json
 import numpy as np
 from cli_checks import fails
 
-import sparsejax.training.loop as loop
-from sparsejax.cli import main
+import sparsejax.harness.training.loop as loop
+from sparsejax.harness.cli import main
 
 
 def run_args(out, *extra):

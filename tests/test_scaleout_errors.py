@@ -3,9 +3,9 @@ as a folder, and a checkpoint save that fails (a full disk) under ``sparsejax tr
 
 import pytest
 
-import sparsejax.checkpoint as checkpoint
-from sparsejax.checkpoint import Checkpointer
-from sparsejax.cli import main
+import sparsejax.io.checkpoint as checkpoint
+from sparsejax.harness.cli import main
+from sparsejax.io.checkpoint import Checkpointer
 
 
 def test_urls_are_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):

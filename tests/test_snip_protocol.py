@@ -10,14 +10,14 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax.checkpoint import Checkpointer
-from sparsejax.cli import build_parser, train_config
-from sparsejax.data import Dataset, load_dataset, split_validation
+from sparsejax.harness.cli import build_parser, train_config
+from sparsejax.harness.data import Dataset, load_dataset, split_validation
+from sparsejax.harness.models import get_model, init_model
+from sparsejax.harness.training.loop import TrainConfig, evaluate, make_eval_step, prepare, train
+from sparsejax.harness.training.optim import make_optimizer, step_lr_schedule
+from sparsejax.io.checkpoint import Checkpointer
 from sparsejax.methods import InitContext
 from sparsejax.methods.pruning import snip
-from sparsejax.models import get_model, init_model
-from sparsejax.training.loop import TrainConfig, evaluate, make_eval_step, prepare, train
-from sparsejax.training.optim import make_optimizer, step_lr_schedule
 
 # --------------------------------------------------------------------------- a tiny net
 

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax.ste import _ste_product, ste_mask, supermask, supermask_product
-from sparsejax.topk import topk_mask
+from sparsejax.core.ste import _ste_product, ste_mask, supermask, supermask_product
+from sparsejax.core.topk import topk_mask
 
 # --- the former custom_vjp definitions, verbatim: the reverse-mode reference ------------
 

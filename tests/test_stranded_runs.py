@@ -23,12 +23,12 @@ from stop_checks import (
     start_child,
 )
 
-import sparsejax.checkpoint as checkpoint
-import sparsejax.files as files
-import sparsejax.training.run_output as run_output
-from sparsejax.cli import main
-from sparsejax.files import write_atomic
-from sparsejax.training.run_output import MetricsLog, repair_metrics
+import sparsejax.harness.training.run_output as run_output
+import sparsejax.io.checkpoint as checkpoint
+import sparsejax.io.files as files
+from sparsejax.harness.cli import main
+from sparsejax.harness.training.run_output import MetricsLog, repair_metrics
+from sparsejax.io.files import write_atomic
 
 
 def no_space(*args, **kwargs):
@@ -138,7 +138,7 @@ def test_resume_cuts_a_torn_or_garbage_last_line_and_finishes(reference, tmp_pat
     out = crashed_copy(reference, tmp_path, after_step=3)  # checkpoint 2, metrics to 3
     with (out / "metrics.jsonl").open("a") as f:
         f.write(tail)
-    with caplog.at_level("WARNING", logger="sparsejax.training.run_output"):
+    with caplog.at_level("WARNING", logger="sparsejax.harness.training.run_output"):
         assert main(run_args(out, "--resume")) == 0
     [warning] = [r.getMessage() for r in caplog.records if "metrics.jsonl" in r.getMessage()]
     assert f"{out / 'metrics.jsonl'}: line 4 " in warning and "bytes dropped" in warning

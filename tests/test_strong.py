@@ -10,6 +10,7 @@ import pytest
 from toy_mlp import batches, mlp_loss, mlp_params
 
 from sparsejax import get_method, make_train_step, num_kept, stateless_loss
+from sparsejax.harness.training.loop import TrainConfig, build_method
 from sparsejax.methods.strong import (
     binarize,
     binarized_supermask,
@@ -20,7 +21,6 @@ from sparsejax.methods.strong import (
     init_weights,
     supermask_weights,
 )
-from sparsejax.training.loop import TrainConfig, build_method
 
 
 def lenet_params(key, bias=True):

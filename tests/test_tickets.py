@@ -12,17 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsejax.checkpoint import Checkpointer
-from sparsejax.cli import main
-from sparsejax.models import apply_model
-from sparsejax.tickets import (
-    evaluate_ticket,
-    export_ticket,
-    load_ticket,
-    pack_masks,
-    unpack_masks,
-)
-from sparsejax.training.loop import TrainConfig, prepare, train
+from sparsejax.harness.cli import main
+from sparsejax.harness.models import apply_model
+from sparsejax.harness.tickets import evaluate_ticket, export_ticket, load_ticket
+from sparsejax.harness.training.loop import TrainConfig, prepare, train
+from sparsejax.io.checkpoint import Checkpointer
+from sparsejax.io.tickets import pack_masks, unpack_masks
 
 FAST = dict(dataset="mnist1d", model="lenet300", batch_size=32, progress=False, log_every=10,
             steps=20)
@@ -31,11 +26,11 @@ FAST = dict(dataset="mnist1d", model="lenet300", batch_size=32, progress=False, 
 @pytest.fixture(scope="module", autouse=True)
 def generate_mnist1d_once():
     """Every export and load rebuilds the run's dataset; generate mnist1d once here."""
-    import sparsejax.data
-    import sparsejax.training.loop
+    import sparsejax.harness.data
+    import sparsejax.harness.training.loop
 
     cache = {}
-    original = sparsejax.data.load_dataset
+    original = sparsejax.harness.data.load_dataset
 
     def cached(name, data_dir=None, **kwargs):
         key = (name, data_dir, tuple(sorted(kwargs.items())))
@@ -44,8 +39,8 @@ def generate_mnist1d_once():
         return cache[key]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sparsejax.data, "load_dataset", cached)
-        patch.setattr(sparsejax.training.loop, "load_dataset", cached)
+        patch.setattr(sparsejax.harness.data, "load_dataset", cached)
+        patch.setattr(sparsejax.harness.training.loop, "load_dataset", cached)
         yield
 
 

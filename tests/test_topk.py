@@ -6,8 +6,8 @@ import pytest
 from jax.experimental import checkify
 
 import sparsejax
-from sparsejax import topk_search
-from sparsejax.topk import kth_largest, num_kept, topk_mask, topk_mask_tracked
+from sparsejax.core import topk_search
+from sparsejax.core.topk import kth_largest, num_kept, topk_mask, topk_mask_tracked
 
 
 def reference_topk(scores: np.ndarray, k: int) -> np.ndarray:
@@ -158,7 +158,7 @@ _sampled_tree = jax.jit(lambda s, d: _sampled(s, d))
 _sampled_global = jax.jit(lambda s, d: _sampled(s, d, scope="global"))
 
 
-# Groups above sparsejax.topk_search.SAMPLE_SIZE entries take the sampled search in a
+# Groups above sparsejax.core.topk_search.SAMPLE_SIZE entries take the sampled search in a
 # tracked top-k; these data attack its interpolation (mass ties, spikes over 60 decades,
 # infinities, sorted runs). The bitwise search of topk_mask gets them too.
 def _large_cases(n: int) -> dict[str, np.ndarray]:
@@ -257,7 +257,7 @@ def test_bad_counts_are_rejected():
 
 
 def test_tracked_search_gives_the_same_masks_whatever_the_cuts():
-    from sparsejax.topk import topk_mask_tracked
+    from sparsejax.core.topk import topk_mask_tracked
 
     rng = np.random.default_rng(7)
     scores = {"a": rng.normal(size=(120, 50)).astype(np.float32),

@@ -10,7 +10,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sparsejax
-from sparsejax.topk import topk_mask_tracked
+from sparsejax.core.topk import topk_mask_tracked
 
 N_DEVICES = 8
 

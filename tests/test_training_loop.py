@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from sparsejax.checkpoint import Checkpointer
-from sparsejax.cli import main
-from sparsejax.provenance import provenance
-from sparsejax.training.loop import TrainConfig, build_method, prepare, train
+from sparsejax.harness.cli import main
+from sparsejax.harness.provenance import provenance
+from sparsejax.harness.training.loop import TrainConfig, build_method, prepare, train
+from sparsejax.io.checkpoint import Checkpointer
 
 FAST = dict(dataset="mnist1d", model="lenet300", batch_size=64, progress=False, log_every=10)
 
@@ -73,7 +73,8 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
               "--batch-size", "64", "--checkpoint-every", "10", "--log-every", "10",
               "--no-progress", "--weight-decay", "5e-4"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sparsejax.cli", *common, "--out", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "sparsejax.harness.cli", *common,
+                             "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step_00000020").exists():
@@ -106,7 +107,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     victim = max((p for p in newest.rglob("*") if p.is_file() and p.name != "MANIFEST.json"),
                  key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncate
-    with caplog.at_level("WARNING", logger="sparsejax.checkpoint"):
+    with caplog.at_level("WARNING", logger="sparsejax.io.checkpoint"):
         result = train(TrainConfig(**{**config.__dict__, "resume": True}))
     assert result["resumed_from_step"] == 20
     assert any("step_00000030" in r.getMessage() for r in caplog.records)
@@ -124,7 +125,7 @@ def test_plot_command_writes_png(tmp_path):
 
 def _nan_at(monkeypatch, bad_step):
     """Make the training stream's batch of ``bad_step`` (1-based) hold a NaN."""
-    import sparsejax.training.loop as loop
+    import sparsejax.harness.training.loop as loop
 
     original = loop.train_batches
 

@@ -11,7 +11,7 @@ import optax
 
 import sparsejax
 from sparsejax import make_train_step, stateless_loss
-from sparsejax.training.parallel import SingleDeviceTrainer
+from sparsejax.engine.parallel import SingleDeviceTrainer
 
 
 def mlp_params(key, scale=0.3):

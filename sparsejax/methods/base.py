@@ -11,7 +11,7 @@ method::
         grads = jax.grad(objective)(method.trainables(state))
         return method.update(state, grads)
 
-:func:`sparsejax.training.make_train_step` builds exactly this (with batch statistics,
+:func:`sparsejax.harness.training.make_train_step` builds exactly this (with batch statistics,
 metrics and data-parallel gradient averaging).
 """
 
@@ -27,8 +27,8 @@ import optax
 from flax import struct
 from jax import lax
 
-from sparsejax.masks import dense_masks
-from sparsejax.validation import check_grads, check_same_structure
+from sparsejax.core.masks import dense_masks
+from sparsejax.core.validation import check_grads, check_same_structure
 
 __all__ = [
     "SparseState",
@@ -318,7 +318,7 @@ class Method(_MethodFields):
     Constructing a ``Method`` wraps ``update`` and both ``phases`` so that, while they
     are traced, they check that ``grads`` has the structure and leaf shapes of
     ``trainables(state)`` and raise a ``ValueError`` naming the differing leaf paths
-    (:func:`sparsejax.validation.check_grads`); a jitted step pays nothing for it.
+    (:func:`sparsejax.core.validation.check_grads`); a jitted step pays nothing for it.
     ``_replace`` does not wrap again: give it functions that call a method's own. Called
     eagerly (on concrete arrays), the wrapped functions run compiled, once per shapes and
     dtypes of the method object; traced, they are part of the caller's program.
@@ -338,7 +338,7 @@ class Method(_MethodFields):
 
 def checking_grads(update: UpdateFn, trainables: TrainablesFn) -> UpdateFn:
     """``update`` that first checks, at trace time, that ``grads`` match
-    ``trainables(state)`` (:func:`sparsejax.validation.check_grads`). :class:`Method`
+    ``trainables(state)`` (:func:`sparsejax.core.validation.check_grads`). :class:`Method`
     applies it to every update it is built with, so that a method cannot skip it; an
     update already checked against the same ``trainables`` is returned as it is.
 

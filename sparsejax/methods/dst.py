@@ -34,13 +34,13 @@ Static sparse training is :func:`sparsejax.static`; the dynamic methods start fr
 random mask. The rules (:class:`Signals`, scores, counts, redistribution) live in
 :mod:`sparsejax.methods.dst_rules` and are re-exported here.
 
-Sparsity patterns (``pattern``, :mod:`sparsejax.patterns`): with ``'N:M'`` the start mask
+Sparsity patterns (``pattern``, :mod:`sparsejax.core.patterns`): with ``'N:M'`` the start mask
 keeps exactly ``N`` of every group of ``M`` in each prunable leaf (the pattern fixes the
 density at ``N / M``, so ``sparsity`` must be ``1 - N / M``; the distribution is moot),
 and every update keeps it so: the drop is the same leaf-wide choice of the ``n_drop``
 lowest drop scores among the active weights, and each group then grows back exactly as
 many as it lost, the highest grow scores among its own inactive weights
-(:func:`sparsejax.patterns.nm_group_topk`). Regrowth therefore stays in the leaf and the
+(:func:`sparsejax.core.patterns.nm_group_topk`). Regrowth therefore stays in the leaf and the
 group: SNFS's redistribution among leaves does not apply under N:M. With ``'block:B'``
 or ``'channel'`` the engine moves whole blocks or output channels
 (:func:`regrow_masks_units`): each leaf drops the ``n_drop`` active units (blocks or
@@ -58,8 +58,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax._tree import leaf_paths
-from sparsejax.masks import Prunable, default_prunable
+from sparsejax.core._tree import leaf_paths
+from sparsejax.core.masks import Prunable, default_prunable
+from sparsejax.core.pattern_units import pattern_counts, pattern_topk
+from sparsejax.core.patterns import Pattern, as_pattern
+from sparsejax.core.schedules import Schedule, constant, cosine_drop_fraction, is_update_step
+from sparsejax.core.topk import topk_rows
+from sparsejax.core.topk_search import count
+from sparsejax.core.transforms import zero_masked
+from sparsejax.core.validation import check_density, check_int, check_sparsity
 from sparsejax.methods import dst_rules
 from sparsejax.methods.base import (
     InitContext,
@@ -96,13 +103,6 @@ from sparsejax.methods.fixed import (
     static,
 )
 from sparsejax.methods.registry import register_method
-from sparsejax.pattern_units import pattern_counts, pattern_topk
-from sparsejax.patterns import Pattern, as_pattern
-from sparsejax.schedules import Schedule, constant, cosine_drop_fraction, is_update_step
-from sparsejax.topk import topk_rows
-from sparsejax.topk_search import count
-from sparsejax.transforms import zero_masked
-from sparsejax.validation import check_density, check_int, check_sparsity
 
 __all__ = [
     *dst_rules.__all__,
@@ -177,12 +177,12 @@ def regrow_masks_units(rules: RegrowRules, signals: Signals, fraction: jax.Array
                        pattern: Pattern) -> tuple[list[jax.Array], jax.Array, jax.Array]:
     """:func:`regrow_masks` under a structured ``pattern`` (N:M, ``block:B`` or
     ``channel``): masks that obey the pattern obey it after the update, each leaf with
-    the same number of units (:func:`sparsejax.pattern_units.pattern_units`).
+    the same number of units (:func:`sparsejax.core.pattern_units.pattern_units`).
 
     Per leaf, ``n_drop = drop_counts(fraction, active)`` and the active ones with the
     lowest drop scores go: weights under N:M (one exact top-k per leaf), otherwise the
     blocks or channels with the lowest sum of drop scores
-    (:func:`sparsejax.pattern_units.pattern_topk`). Then what was dropped grows back in
+    (:func:`sparsejax.core.pattern_units.pattern_topk`). Then what was dropped grows back in
     the pattern's units: under N:M each group grows as many as it lost, the highest grow
     scores among its inactive weights (ties to the first along the axis); otherwise as
     many units as were dropped, the highest sums of grow scores among the inactive

@@ -11,8 +11,11 @@ from typing import Any
 import jax
 import optax
 
-from sparsejax.distributions import select_masks
-from sparsejax.masks import Prunable, default_prunable
+from sparsejax.core.distributions import select_masks
+from sparsejax.core.masks import Prunable, default_prunable
+from sparsejax.core.patterns import Pattern, method_pattern
+from sparsejax.core.transforms import keep_pruned_zero, mask_gradients, zero_masked
+from sparsejax.core.validation import check_same_structure, check_sparsity
 from sparsejax.methods.base import (
     InitContext,
     MaskPhases,
@@ -22,9 +25,6 @@ from sparsejax.methods.base import (
     named_error,
     params_as_they_are,
 )
-from sparsejax.patterns import Pattern, method_pattern
-from sparsejax.transforms import keep_pruned_zero, mask_gradients, zero_masked
-from sparsejax.validation import check_same_structure, check_sparsity
 
 __all__ = ["fixed_mask", "masked_optimizer", "masked_weights_method", "static",
            "random_scores"]
@@ -136,7 +136,7 @@ def static(
 ) -> Method:
     """Static sparse training: a random mask with the given distribution, never changed.
 
-    ``pattern`` (:mod:`sparsejax.patterns`, e.g. ``"2:4"``) constrains which weights the
+    ``pattern`` (:mod:`sparsejax.core.patterns`, e.g. ``"2:4"``) constrains which weights the
     mask may keep; an N:M pattern fixes the density at N/M, so ``sparsity`` must be
     ``1 - N/M``. ``name`` labels the method (and its errors): the dynamic methods start
     from this mask under their own name.

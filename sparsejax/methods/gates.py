@@ -79,9 +79,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparsejax._tree import path_str
-from sparsejax.distributions import warn_empty_layers
-from sparsejax.masks import Prunable, default_prunable, dense_masks, prunable_leaves
+from sparsejax.core._tree import path_str
+from sparsejax.core.distributions import warn_empty_layers
+from sparsejax.core.masks import Prunable, default_prunable, dense_masks, prunable_leaves
+from sparsejax.core.schedules import cubic_sparsity
+from sparsejax.core.topk import num_kept, topk_mask
+from sparsejax.core.transforms import zero_masked
+from sparsejax.core.validation import check_sparsity
 from sparsejax.methods.base import (
     InitContext,
     Method,
@@ -93,10 +97,6 @@ from sparsejax.methods.base import (
 from sparsejax.methods.outside import OutsideLoop, register_outside_loop
 from sparsejax.methods.registry import register_method
 from sparsejax.methods.strong import WEIGHT_INITS, init_weights
-from sparsejax.schedules import cubic_sparsity
-from sparsejax.topk import num_kept, topk_mask
-from sparsejax.transforms import zero_masked
-from sparsejax.validation import check_sparsity
 
 __all__ = [
     "GateForm",

@@ -11,7 +11,7 @@ The score functions live in :mod:`sparsejax.methods.pruning_scores` (re-exported
 Scores of weights that are already pruned are set to ``-1`` before a new selection
 (every score here is non-negative), so a weight once pruned is never chosen again.
 
-Every method here takes a sparsity ``pattern`` (:mod:`sparsejax.patterns`); where the
+Every method here takes a sparsity ``pattern`` (:mod:`sparsejax.core.patterns`); where the
 density follows a schedule (SynFlow's rounds, gradual and scheduled magnitude pruning)
 every intermediate mask obeys it too (:mod:`sparsejax.methods.pruning_tables`).
 """
@@ -28,8 +28,12 @@ import numpy as np
 import optax
 from jax import lax
 
-from sparsejax.distributions import select_masks
-from sparsejax.masks import Prunable, default_prunable
+from sparsejax.core.distributions import select_masks
+from sparsejax.core.masks import Prunable, default_prunable
+from sparsejax.core.patterns import Pattern, as_pattern, method_pattern, pattern_density
+from sparsejax.core.schedules import cubic_sparsity
+from sparsejax.core.transforms import zero_masked
+from sparsejax.core.validation import check_int, check_sparsity
 from sparsejax.methods.base import (
     InitContext,
     Method,
@@ -60,10 +64,6 @@ from sparsejax.methods.pruning_tables import (
     pattern_masks_for_densities,
 )
 from sparsejax.methods.registry import register_method
-from sparsejax.patterns import Pattern, as_pattern, method_pattern, pattern_density
-from sparsejax.schedules import cubic_sparsity
-from sparsejax.transforms import zero_masked
-from sparsejax.validation import check_int, check_sparsity
 
 __all__ = [
     "ApplyFn",
@@ -305,7 +305,7 @@ def magnitude(
 ) -> Method:
     """One-shot magnitude pruning: keep the largest ``|w|`` at init (``prune_step=0``) or
     after ``prune_step`` steps of dense training, then train the survivors, within
-    ``pattern`` (e.g. ``"2:4"``, :mod:`sparsejax.patterns`; after ``prune_step`` steps an
+    ``pattern`` (e.g. ``"2:4"``, :mod:`sparsejax.core.patterns`; after ``prune_step`` steps an
     N:M pattern goes from dense to ``N:M`` in that one step).
 
     >>> import jax, jax.numpy as jnp, optax

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparsejax._tree import leaf_paths
-from sparsejax.masks import Prunable, default_prunable
-from sparsejax.transforms import zero_masked
+from sparsejax.core._tree import leaf_paths
+from sparsejax.core.masks import Prunable, default_prunable
+from sparsejax.core.transforms import zero_masked
 
 __all__ = [
     "ApplyFn",

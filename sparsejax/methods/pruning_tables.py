@@ -4,7 +4,7 @@ selection inside a compiled loop or update is an exact top-k with a traced count
 
 :func:`masks_for_densities` is :func:`sparsejax.select_masks` for such schedules
 (unstructured); :func:`pattern_masks_for_densities` the same within a sparsity pattern
-(:mod:`sparsejax.patterns`). SynFlow's rounds and the scheduled magnitude pruners
+(:mod:`sparsejax.core.patterns`). SynFlow's rounds and the scheduled magnitude pruners
 (gradual magnitude, magnitude after ``prune_step`` steps) choose their masks here.
 """
 
@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.distributions import kept_counts, select_masks
-from sparsejax.masks import Prunable, default_prunable
-from sparsejax.pattern_units import pattern_topk, pattern_units
-from sparsejax.patterns import Pattern, as_pattern
-from sparsejax.topk import num_kept, topk_mask
+from sparsejax.core.distributions import kept_counts, select_masks
+from sparsejax.core.masks import Prunable, default_prunable
+from sparsejax.core.pattern_units import pattern_topk, pattern_units
+from sparsejax.core.patterns import Pattern, as_pattern
+from sparsejax.core.topk import num_kept, topk_mask
 
 __all__ = ["masks_for_densities", "pattern_masks_for_densities"]
 
@@ -122,7 +122,7 @@ def pattern_masks_for_densities(
 
 
 class _PatternTable(NamedTuple):
-    """Per density (row of ``counts``), the :func:`~sparsejax.pattern_units.pattern_topk`
+    """Per density (row of ``counts``), the :func:`~sparsejax.core.pattern_units.pattern_topk`
     count of each patterned leaf ``leaves`` (one column each; per group for N:M, whole
     blocks or channels otherwise); every other leaf is kept whole. Hashable, so it can
     be a static argument of a compiled function."""

@@ -30,7 +30,7 @@ Conventions of this module (what "prunable" means here):
   trainable scores in a train step, with the straight-through product of
   :func:`sparsejax.supermask`; so a step runs one exact top-k, not two. That top-k
   starts from the previous step's cuts, kept in ``state.extra['topk_cuts']``
-  (:func:`sparsejax.topk.topk_mask_tracked`): a few counting passes instead of several.
+  (:func:`sparsejax.core.topk.topk_mask_tracked`): a few counting passes instead of several.
 
 Weight inits (``weight_init``; fan = ``fan_in`` or ``fan_out`` of the leaf, Flax's
 convention: the last axis is the output, the one before it the input, the others the
@@ -57,9 +57,13 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sparsejax._tree import path_str
-from sparsejax.distributions import layer_densities, warn_empty_layers
-from sparsejax.masks import Prunable, default_prunable, prunable_except
+from sparsejax.core._tree import path_str
+from sparsejax.core.distributions import layer_densities, warn_empty_layers
+from sparsejax.core.masks import Prunable, default_prunable, prunable_except
+from sparsejax.core.patterns import Pattern, check_pattern, method_pattern
+from sparsejax.core.ste import pattern_masks, supermask, supermask_product
+from sparsejax.core.topk import Scope, num_kept, topk_mask_tracked
+from sparsejax.core.validation import check_sparsity
 from sparsejax.methods.base import (
     InitContext,
     Method,
@@ -69,10 +73,6 @@ from sparsejax.methods.base import (
 )
 from sparsejax.methods.outside import OutsideLoop, register_outside_loop
 from sparsejax.methods.registry import register_method
-from sparsejax.patterns import Pattern, check_pattern, method_pattern
-from sparsejax.ste import pattern_masks, supermask, supermask_product
-from sparsejax.topk import Scope, num_kept, topk_mask_tracked
-from sparsejax.validation import check_sparsity
 
 __all__ = [
     "WEIGHT_INITS",
@@ -102,7 +102,7 @@ RELU_GAIN = math.sqrt(2.0)
 TOPK_CUTS_KEY = "topk_cuts"
 """``state.extra`` key of the last top-k cuts of the score methods (one row per leaf, or
 one for ``scope='global'``), where the next step's search starts
-(:func:`sparsejax.topk.topk_mask_tracked`); they change the time, never the masks."""
+(:func:`sparsejax.core.topk.topk_mask_tracked`); they change the time, never the masks."""
 _WEIGHT_SALT = 0x57454947  # fold-in constants that separate the init streams
 _SCORE_SALT = 0x53434F52
 
@@ -335,7 +335,7 @@ def score_supermask(
         at ``ramp_steps`` (each leaf's sparsity grows linearly).
       prunable: which leaves get scores (default: every kernel).
       dense_layers: regular expressions of paths kept dense, e.g. ``('^head/',)``.
-      pattern: the sparsity pattern of every step's top-k (:mod:`sparsejax.patterns`):
+      pattern: the sparsity pattern of every step's top-k (:mod:`sparsejax.core.patterns`):
         ``'unstructured'`` (default), ``'N:M'`` (the top ``N`` of ``|scores|`` in every
         group of ``M``; ``sparsity`` must be ``1 - N / M`` and ``distribution`` is moot),
         ``'block:B'`` or ``'channel'`` (each leaf's density from ``distribution``).

@@ -1,0 +1,1 @@
+"""What a run writes and reads: checkpoints, atomic files, sparse export for inference."""

@@ -1,0 +1,35 @@
+"""Post-training pruning of a trained model: magnitude, Wanda and SparseGPT per layer
+(:mod:`~sparsejax.posttrain.pruners`, :mod:`~sparsejax.posttrain.sparsegpt`), the
+calibration inputs of each layer (:mod:`~sparsejax.posttrain.capture`) and the
+layer-by-layer driver (:mod:`~sparsejax.posttrain.sequential`)."""
+
+from sparsejax.posttrain.capture import capture_dense_inputs, capture_linear_inputs
+from sparsejax.posttrain.pruners import (
+    POSTTRAIN_METHODS,
+    PrunedLayer,
+    input_hessian,
+    magnitude_prune,
+    prune_layer,
+    reconstruction_error,
+    sparsegpt_prune,
+    wanda_prune,
+    wanda_scores,
+)
+from sparsejax.posttrain.sequential import LayerReport, prune_mlp_sequential, prune_sequential
+
+__all__ = [
+    "POSTTRAIN_METHODS",
+    "LayerReport",
+    "PrunedLayer",
+    "capture_dense_inputs",
+    "capture_linear_inputs",
+    "input_hessian",
+    "magnitude_prune",
+    "prune_layer",
+    "prune_mlp_sequential",
+    "prune_sequential",
+    "reconstruction_error",
+    "sparsegpt_prune",
+    "wanda_prune",
+    "wanda_scores",
+]

@@ -1,0 +1,223 @@
+"""Capture the inputs of a Flax model's Dense layers, for post-training pruning.
+
+:func:`capture_dense_inputs` runs a linen model under :func:`flax.linen.intercept_methods`
+and returns, for every ``nn.Dense`` it calls, the input that layer saw, flattened to
+``(tokens, in)`` and keyed by the layer's params path (e.g. ``('block1', 'attn',
+'query')``), in call order. It is traceable (no host round trip), so it runs under
+``jax.jit`` and ``jax.eval_shape``. :func:`dense_calls` lists the layers, their input
+sizes and which ones share one input (query, key and value do) without computing
+anything. :func:`capture_linear_inputs` is the NNX counterpart for ``nnx.Linear``.
+
+>>> import jax, jax.numpy as jnp
+>>> from sparsejax.harness.models.mlp import MLP
+>>> model = MLP(num_classes=3, hidden=(4,))
+>>> variables = model.init(jax.random.key(0), jnp.zeros((1, 2, 3)))
+>>> inputs = capture_dense_inputs(model, variables, jnp.ones((5, 2, 3)))
+>>> [(path, x.shape) for path, x in inputs.items()]
+[(('fc1',), (5, 6)), (('head',), (5, 4))]
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Collection, Iterator
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.tracers import TraceState
+
+__all__ = ["LayerPath", "DenseCall", "capture_dense_inputs", "dense_calls",
+           "capture_linear_inputs", "dense_input"]
+
+LayerPath = tuple[str, ...]
+"""A Dense layer's path in the params tree, e.g. ``('block1', 'attn', 'query')``; its
+kernel is the leaf ``path + ('kernel',)``."""
+
+
+class DenseCall(NamedTuple):
+    """One Dense layer as the forward calls it: its params ``path``, its input size ``in``
+    and ``group``, the index of the first layer (in call order) that got the very same
+    input array (``query``, ``key`` and ``value`` share one)."""
+
+    path: LayerPath
+    features_in: int
+    group: int
+
+
+def is_dense_call(context: Any) -> bool:
+    """Whether a ``flax.linen.intercept_methods`` context is an ``nn.Dense`` being called."""
+    return isinstance(context.module, nn.Dense) and context.method_name == "__call__"
+
+
+def dense_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The input ``x`` of a call ``layer(*args, **kwargs)`` to ``nn.Dense`` or
+    ``nnx.Linear``: the first positional argument, or the keyword ``inputs`` (their
+    ``__call__(self, inputs)``). ``ValueError`` when neither is given.
+
+    >>> dense_input((1,), {}), dense_input((), {"inputs": 2})
+    (1, 2)
+    """
+    if args:
+        return args[0]
+    if "inputs" in kwargs:
+        return kwargs["inputs"]
+    raise ValueError(f"a Dense/Linear call without its input (no positional argument and no "
+                     f"'inputs=' keyword; got keywords {sorted(kwargs)})")
+
+
+class _Stop(Exception):
+    """Raised by the interceptor once the last layer asked for is captured: the rest of
+    the forward is not needed."""
+
+
+@contextlib.contextmanager
+def _intercept(record: Callable[[LayerPath, jax.Array], None]) -> Iterator[None]:
+    def interceptor(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    context: Any) -> Any:
+        if is_dense_call(context):
+            record(tuple(str(name) for name in context.module.path), dense_input(args, kwargs))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def _recorder(layers: Collection[LayerPath] | None, flatten: bool,
+              ) -> tuple[dict[LayerPath, Any], Callable[[LayerPath, Any], None]]:
+    captured: dict[LayerPath, Any] = {}
+    wanted = None if layers is None else {tuple(layer) for layer in layers}
+
+    def record(path: LayerPath, x: Any) -> None:
+        if wanted is not None and path not in wanted:
+            return
+        if path in captured:
+            raise ValueError(f"Dense layer {'/'.join(path)} is called more than once per "
+                             "forward (shared weights); capture supports one call per layer")
+        captured[path] = jnp.reshape(x, (-1, x.shape[-1])) if flatten else x
+        if wanted is not None and len(captured) == len(wanted):
+            raise _Stop
+
+    return captured, record
+
+
+def _check_found(captured: dict[LayerPath, Any], layers: Collection[LayerPath] | None,
+                 kind: str) -> None:
+    missing = set() if layers is None else {tuple(layer) for layer in layers} - set(captured)
+    if missing:
+        raise ValueError(f"the forward called no {kind} at "
+                         f"{', '.join(sorted('/'.join(p) for p in missing))}")
+
+
+def _capture(model: nn.Module, variables: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+             layers: Collection[LayerPath] | None, flatten: bool) -> dict[LayerPath, Any]:
+    captured, record = _recorder(layers, flatten)
+    try:
+        with _intercept(record):
+            model.apply(variables, *args, **kwargs)
+    except _Stop:
+        pass
+    _check_found(captured, layers, "Dense layer")
+    return captured
+
+
+def capture_dense_inputs(model: nn.Module, variables: Any, *args: Any,
+                         layers: Collection[LayerPath] | None = None,
+                         **kwargs: Any) -> dict[LayerPath, jax.Array]:
+    """The input of every ``nn.Dense`` that ``model.apply(variables, *args, **kwargs)``
+    calls, as ``(tokens, in)`` (all leading axes flattened), keyed by the layer's params
+    path, in call order. ``layers``: only these paths (the forward stops after the last
+    of them). Traceable: wrap it in ``jax.jit`` with ``model`` static. ``ValueError`` for
+    a layer called twice per forward, or a path in ``layers`` that is never called."""
+    return _capture(model, variables, args, kwargs, layers, flatten=True)
+
+
+def dense_calls(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> list[DenseCall]:
+    """The Dense layers ``model.apply(variables, *args, **kwargs)`` calls, in call order,
+    with their input sizes and shared-input groups (traced with ``jax.eval_shape``:
+    nothing is computed).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax.harness.models.gpt import GPT
+    >>> model = GPT(num_classes=5, n_layer=1, n_embd=8, n_head=2, context=4)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    >>> [("/".join(c.path), c.group) for c in dense_calls(model, variables, jnp.zeros((1, 4)))]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [('block1/attn/query', 0), ('block1/attn/key', 0), ('block1/attn/value', 0),
+     ('block1/attn/out', 3), ('block1/fc1', 4), ('block1/fc2', 5), ('head', 6)]
+    """
+    calls: list[DenseCall] = []
+    seen: list[Any] = []  # the traced inputs, compared by identity
+
+    def trace(variables: Any, args: tuple[Any, ...]) -> int:
+        captured = _capture(model, variables, args, kwargs, None, flatten=False)
+        for path, x in captured.items():
+            group = next((i for i, other in enumerate(seen) if other is x), len(seen))
+            seen.append(x)
+            calls.append(DenseCall(path, int(x.shape[-1]), group))
+        return 0
+
+    jax.eval_shape(trace, variables, args)
+    return calls
+
+
+def capture_linear_inputs(model: nnx.Module, *args: Any,
+                          layers: Collection[LayerPath] | None = None,
+                          **kwargs: Any) -> dict[LayerPath, jax.Array]:
+    """The NNX counterpart of :func:`capture_dense_inputs`: the input of every
+    ``nnx.Linear`` (or subclass that keeps its ``__call__``) that ``model(*args,
+    **kwargs)`` calls, as ``(tokens, in)``, keyed by the module's path in ``model`` (its
+    kernel is ``nnx.state(model)`` at ``path + ('kernel',)``), in call order.
+    ``nnx.Linear.__call__`` is wrapped for the duration of the call (not thread-safe).
+
+    The forward must run its Linear layers un-jitted, in the trace the capture is called
+    in: a forward compiled with ``nnx.jit`` calls copies of the layers while tracing and
+    no ``__call__`` at all once cached, and a layer called under an inner ``jax.jit``
+    (or another transform) would hand back a tracer of that trace (a leak). Both are a
+    ``ValueError`` (so is a forward that calls no ``nnx.Linear`` of ``model``); jit the
+    whole capture instead.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.fc1, self.fc2 = nnx.Linear(3, 4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return self.fc2(nnx.relu(self.fc1(x)))
+    >>> inputs = capture_linear_inputs(Net(nnx.Rngs(0)), jnp.ones((2, 5, 3)))
+    >>> [(path, x.shape) for path, x in inputs.items()]
+    [(('fc1',), (10, 3)), (('fc2',), (10, 4))]
+    """
+    paths = {id(module): tuple(str(key) for key in path)
+             for path, module in nnx.iter_graph(model) if isinstance(module, nnx.Linear)}
+    captured, record = _recorder(layers, flatten=True)
+    original = nnx.Linear.__call__
+    trace = TraceState()  # the trace the capture runs in
+    called: list[LayerPath] = []  # the model's Linear layers called, captured or not
+
+    def call(self: nnx.Linear, *args: Any, **kwargs: Any) -> jax.Array:
+        if id(self) in paths:
+            if not trace.is_valid():
+                raise ValueError(
+                    f"nnx.Linear {'/'.join(paths[id(self)])} is called inside a transform "
+                    "of the forward (nnx.jit, nnx.vmap, ...): its input would be a leaked "
+                    "tracer; run the forward un-jitted (jit the capture instead)")
+            called.append(paths[id(self)])
+            record(paths[id(self)], dense_input(args, kwargs))
+        return original(self, *args, **kwargs)
+
+    nnx.Linear.__call__ = call  # type: ignore[method-assign]
+    try:
+        model(*args, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        nnx.Linear.__call__ = original  # type: ignore[method-assign]
+    if paths and not called:
+        raise ValueError("the forward called no nnx.Linear of the model (a forward compiled "
+                         "with nnx.jit and cached skips the capture); run the forward "
+                         "un-jitted (jit the capture instead)")
+    _check_found(captured, layers, "nnx.Linear")
+    return captured
