@@ -330,3 +330,18 @@ def test_linen_methods_that_read_the_step_need_the_collection(name):
     sparse = slinen.sparsify(method_for(name), LINEN.apply, initial_params(), rng=KEY)
     with pytest.raises(ValueError, match="reads the step"):
         sparse.apply_fn({"params": slinen.trainables(sparse)}, jnp.ones((1, 20)))
+
+
+def test_the_outside_pieces_are_a_field_of_the_method():
+    """A method rebuilt with ``_replace`` (here a wrapped ``init``) keeps its outside-loop
+    pieces and so still drives an NNX model; a weight-training method has none."""
+    from sparsejax.methods.outside import outside_loop
+
+    method = sparsejax.edge_popup(optax.sgd(0.1), sparsity=0.5)
+    wrapped = method._replace(init=lambda *args, **kwargs: method.init(*args, **kwargs))
+    assert wrapped.outside is method.outside
+    assert outside_loop(wrapped).scores_layout == "by_path"
+    model = snnx.sparsify(NnxMLP(nnx.Rngs(0)), wrapped, rng=KEY, other_params="frozen")
+    assert model(jnp.ones((2, 20))).shape == (2, 4)
+    with pytest.raises(ValueError, match="no outside-optimizer form"):
+        outside_loop(sparsejax.static(optax.sgd(0.1), sparsity=0.5))

@@ -46,7 +46,6 @@ from sparsejax.integrations.zero_check import (
     warn_if_followed,
 )
 from sparsejax.methods.base import InitContext, Method, SparseState
-from sparsejax.methods.outside import outside_loop
 from sparsejax.methods.registry import get_method
 
 __all__ = ["SparseTxState", "ZeroCheck", "as_optax", "sparse_tx", "masks_of",
@@ -122,11 +121,7 @@ def as_optax(
     """
     rng = as_key(seed, "seed")
 
-    try:
-        outside_loop(method)
-    except ValueError:
-        pass  # a method that trains the weights
-    else:
+    if method.outside is not None:  # a score method: sparsejax.nnx / sparsejax.linen serve it
         raise _score_method_error(method.name)
 
     def init_fn(params: PyTree) -> SparseTxState:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ from sparsejax.core.validation import check_grads, check_same_structure
 __all__ = [
     "SparseState",
     "Method",
+    "OutsideLoop",
     "InitContext",
     "MaskPhases",
     "branch",
@@ -260,6 +261,32 @@ def no_penalty(state: SparseState, trainables: PyTree) -> jax.Array:
     return jnp.zeros((), jnp.float32)
 
 
+class OutsideLoop(NamedTuple):
+    """The pieces of a score method's ``update`` that do not run the optimizer.
+
+    Attributes:
+      with_trainables: ``(state, trainables) -> state`` with ``trainables`` (the shape of
+        ``method.trainables(state)``) in place of the state's own.
+      advance: ``state -> state`` after an outside optimizer step: ``step + 1`` and the
+        method's bookkeeping (the gates clip their parameters and run the controller).
+      refresh: ``state -> state`` whose masks (and top-k cuts) are those of its trainables
+        at ``state.step``; the identity for methods whose forward reads no mask.
+      trains_weights: whether the method trains the weights too (``supermask_weights``).
+      scores_layout: ``'by_path'`` (``state.scores`` is ``{leaf path: scores}`` over the
+        prunable leaves) or ``'like_params'`` (the params' structure, an empty ``(0,)``
+        array for a leaf without scores).
+      reads_step: whether the training forward or the penalty depend on ``state.step``
+        (the gates' noise, a density ramp), so a loop must count the steps.
+    """
+
+    with_trainables: Callable[[SparseState, PyTree], SparseState]
+    advance: Callable[[SparseState], SparseState]
+    refresh: Callable[[SparseState], SparseState]
+    trains_weights: bool
+    scores_layout: Literal["by_path", "like_params"]
+    reads_step: bool
+
+
 class _MethodFields(NamedTuple):
     """The fields of :class:`Method` (documented there)."""
 
@@ -273,6 +300,7 @@ class _MethodFields(NamedTuple):
     phases: MaskPhases | None = None
     hard_masks: HardMasksFn = masks_in_state
     masked_params: MaskedParamsFn | None = None
+    outside: OutsideLoop | None = None
 
     def params_with_masks(self, state: SparseState, masks: PyTree) -> PyTree:
         """``effective_params(state)`` with ``masks`` as the hard masks.

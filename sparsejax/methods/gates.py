@@ -89,12 +89,12 @@ from sparsejax.core.validation import check_sparsity
 from sparsejax.methods.base import (
     InitContext,
     Method,
+    OutsideLoop,
     SparseState,
     apply_optimizer,
     draws_per_leaf,
     step_key,
 )
-from sparsejax.methods.outside import OutsideLoop, register_outside_loop
 from sparsejax.methods.registry import register_method
 from sparsejax.methods.strong import WEIGHT_INITS, init_weights
 
@@ -582,7 +582,7 @@ def gates(
         hard_masks=hard_masks,
         masked_params=masked_params,
     )
-    return register_outside_loop(method, OutsideLoop(
+    return method._replace(outside=OutsideLoop(
         with_trainables=lambda state, scores: state.replace(scores=scores), advance=advance,
         refresh=lambda state: state, trains_weights=False, scores_layout="like_params",
         reads_step=True))

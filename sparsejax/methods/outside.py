@@ -18,61 +18,24 @@ so a loop with its own optimizer runs the same code as the native engine:
   :func:`forward_params` runs it on the current trainables before ``materialize``, so
   the masks follow the scores whatever optimizer moved them.
 
-:func:`outside_loop` finds the pieces of a method built by :func:`sparsejax.edge_popup`,
-:func:`sparsejax.biprop`, :func:`sparsejax.supermask_weights` or :func:`sparsejax.gates`.
+The pieces are the method's own field, :attr:`Method.outside <sparsejax.Method>` (set by
+:func:`sparsejax.edge_popup`, :func:`sparsejax.biprop`, :func:`sparsejax.supermask_weights`
+and :func:`sparsejax.gates`), so ``method._replace(...)`` keeps them;
+:func:`outside_loop` returns them or says which methods have them.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import jax
 from jax import lax
 
-from sparsejax.methods.base import Method, SparseState
+from sparsejax.methods.base import Method, OutsideLoop, SparseState
 
-__all__ = ["OutsideLoop", "register_outside_loop", "outside_loop", "forward_params"]
+__all__ = ["OutsideLoop", "outside_loop", "forward_params"]
 
 PyTree = Any
-
-
-class OutsideLoop(NamedTuple):
-    """The pieces of a score method's ``update`` that do not run the optimizer.
-
-    Attributes:
-      with_trainables: ``(state, trainables) -> state`` with ``trainables`` (the shape of
-        ``method.trainables(state)``) in place of the state's own.
-      advance: ``state -> state`` after an outside optimizer step: ``step + 1`` and the
-        method's bookkeeping (the gates clip their parameters and run the controller).
-      refresh: ``state -> state`` whose masks (and top-k cuts) are those of its trainables
-        at ``state.step``; the identity for methods whose forward reads no mask.
-      trains_weights: whether the method trains the weights too (``supermask_weights``).
-      scores_layout: ``'by_path'`` (``state.scores`` is ``{leaf path: scores}`` over the
-        prunable leaves) or ``'like_params'`` (the params' structure, an empty ``(0,)``
-        array for a leaf without scores).
-      reads_step: whether the training forward or the penalty depend on ``state.step``
-        (the gates' noise, a density ramp), so a loop must count the steps.
-    """
-
-    with_trainables: Callable[[SparseState, PyTree], SparseState]
-    advance: Callable[[SparseState], SparseState]
-    refresh: Callable[[SparseState], SparseState]
-    trains_weights: bool
-    scores_layout: Literal["by_path", "like_params"]
-    reads_step: bool
-
-
-# Keyed by ``method.init``: a Method is a tuple (no weak references), and its ``update``
-# is wrapped when the Method is built; ``init`` is the builder's own function.
-_LOOPS: weakref.WeakKeyDictionary[Callable[..., Any], OutsideLoop] = weakref.WeakKeyDictionary()
-
-
-def register_outside_loop(method: Method, loop: OutsideLoop) -> Method:
-    """Record ``loop`` as the outside-optimizer pieces of ``method``; returns ``method``."""
-    _LOOPS[method.init] = loop
-    return method
 
 
 def outside_loop(method: Method) -> OutsideLoop:
@@ -86,13 +49,12 @@ def outside_loop(method: Method) -> OutsideLoop:
     ...
     ValueError: method 'static' has no outside-optimizer form here; ...
     """
-    try:
-        return _LOOPS[method.init]
-    except (KeyError, TypeError):
+    if method.outside is None:
         raise ValueError(
             f"method {method.name!r} has no outside-optimizer form here; the score methods "
             "(edge_popup, biprop, supermask_weights, gates) do. Methods that train the "
-            "weights are optax transformations: sparsejax.sparse_tx") from None
+            "weights are optax transformations: sparsejax.sparse_tx")
+    return method.outside
 
 
 def forward_params(method: Method, state: SparseState,

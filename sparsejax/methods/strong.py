@@ -67,11 +67,11 @@ from sparsejax.core.validation import check_sparsity
 from sparsejax.methods.base import (
     InitContext,
     Method,
+    OutsideLoop,
     SparseState,
     apply_optimizer,
     named_error,
 )
-from sparsejax.methods.outside import OutsideLoop, register_outside_loop
 from sparsejax.methods.registry import register_method
 
 __all__ = [
@@ -493,7 +493,7 @@ def score_supermask(
 
     method = Method(name=name, init=init, trainables=trainables, materialize=materialize,
                     update=update, effective_params=effective_params)
-    return register_outside_loop(method, OutsideLoop(
+    return method._replace(outside=OutsideLoop(
         with_trainables=with_trainables, advance=advance, refresh=refresh,
         trains_weights=train_weights, scores_layout="by_path", reads_step=ramp_steps > 0))
 
