@@ -12,8 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import sparsejax
 
 ROOT = Path(sparsejax.__file__).parent
@@ -62,8 +60,6 @@ def test_the_library_never_imports_the_harness():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
-@pytest.mark.xfail(strict=True, reason="core.patterns <-> core.pattern_units, until one "
-                   "type per pattern kind replaces the two modules")
 def test_the_library_import_graph_has_no_cycle():
     library = [name for name in MODULES if not _is_harness(name) and name != "sparsejax"]
     # A package's __init__ only re-exports: importing it imports its modules, and a module

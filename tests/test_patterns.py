@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparsejax.core.patterns import (
+    NM,
     Pattern,
     as_pattern,
     check_pattern,
@@ -131,7 +132,7 @@ def test_parse_round_trips_and_is_hashable():
     for text in ["unstructured", "2:4", "4:8", "1:4@-1", "block:4", "channel"]:
         assert str(as_pattern(text)) == text
         assert as_pattern(str(as_pattern(text))) == as_pattern(text)
-    assert len({Pattern.parse("2:4"), Pattern("nm", n=2, m=4)}) == 1
+    assert len({Pattern.parse("2:4"), NM(2, 4)}) == 1
     assert pattern_density("2:4", 0.5) == 0.5
 
 
@@ -166,7 +167,7 @@ def test_check_pattern_names_every_bad_leaf_and_skips_unprunable_ones():
     assert "fc2/kernel" in str(info.value) and "conv/kernel" in str(info.value)
     assert "fc1" not in str(info.value)
     ok = check_pattern("2:4", {"fc1": params["fc1"]}, density=0.5)
-    assert ok == Pattern("nm", n=2, m=4)
+    assert ok == NM(2, 4)
     with pytest.raises(ValueError, match="fixes the density"):
         check_pattern("2:4", {"fc1": params["fc1"]}, density=0.25)
     check_pattern("channel", params)  # every kernel has output channels
@@ -175,7 +176,7 @@ def test_check_pattern_names_every_bad_leaf_and_skips_unprunable_ones():
 def test_short_rows_rank_exactly_like_topk_mask():
     """N:M groups (rows of at most 16) are ranked by comparing pairs, not by topk_mask's
     search: the same masks, ties (many, and +-0, -inf) to the first entries."""
-    from sparsejax.core.patterns import _topk_rows
+    from sparsejax.core.patterns import topk_rows
 
     rng = np.random.default_rng(0)
     for m in (2, 4, 8, 16):
@@ -183,7 +184,7 @@ def test_short_rows_rank_exactly_like_topk_mask():
         rows[rng.random(rows.shape) < 0.1] = -np.inf
         rows[rng.random(rows.shape) < 0.1] = -0.0
         counts = rng.integers(0, m + 1, size=200).astype(np.int32)
-        fast = np.asarray(_topk_rows(jnp.asarray(rows), jnp.asarray(counts)))
+        fast = np.asarray(topk_rows(jnp.asarray(rows), jnp.asarray(counts)))
         for row, count, kept in zip(rows, counts, fast, strict=True):
             expected = np.asarray(topk_mask(jnp.asarray(row), count=int(count),
                                             check_finite_scores=False))

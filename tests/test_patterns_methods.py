@@ -13,7 +13,13 @@ from toy_mlp import batches, mlp_loss, mlp_params
 
 from sparsejax import get_method, make_train_step, stateless_loss
 from sparsejax.core.distributions import kept_counts, select_masks
-from sparsejax.core.patterns import Pattern, as_pattern, nm_group_topk, nm_groups, pattern_mask
+from sparsejax.core.patterns import (
+    Unstructured,
+    as_pattern,
+    nm_group_topk,
+    nm_groups,
+    pattern_mask,
+)
 from sparsejax.core.ste import supermask
 from sparsejax.core.topk import topk_mask
 from sparsejax.harness.training.loop import TrainConfig, build_method
@@ -116,7 +122,7 @@ def test_select_masks_unstructured_default_is_the_old_selection():
                 expected[i] = m
         for got in (select_masks(scores, 0.3, distribution),
                     select_masks(scores, 0.3, distribution, pattern="unstructured"),
-                    select_masks(scores, 0.3, distribution, pattern=Pattern())):
+                    select_masks(scores, 0.3, distribution, pattern=Unstructured())):
             for g, e in zip(jax.tree_util.tree_leaves(got), expected, strict=True):
                 np.testing.assert_array_equal(g, e)
 

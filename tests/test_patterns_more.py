@@ -16,8 +16,14 @@ from toy_mlp import batches, mlp_loss, mlp_params
 from sparsejax import get_method, make_train_step, stateless_loss
 from sparsejax.core.distributions import kept_counts, select_masks
 from sparsejax.core.masks import default_prunable
-from sparsejax.core.pattern_units import pattern_counts, pattern_topk, pattern_units
-from sparsejax.core.patterns import as_pattern, nm_groups, pattern_mask
+from sparsejax.core.patterns import (
+    as_pattern,
+    nm_groups,
+    pattern_counts,
+    pattern_mask,
+    pattern_topk,
+    pattern_units,
+)
 from sparsejax.core.schedules import cubic_sparsity
 from sparsejax.harness.lottery import (
     LotteryConfig,

@@ -347,7 +347,7 @@ def select_masks(
            [False, False,  True,  True]], dtype=bool)
     """
     pattern = as_pattern(pattern)
-    if pattern.kind != "unstructured":
+    if not pattern.ranks_globally:
         return _select_pattern_masks(scores, density, distribution, pattern, prunable,
                                      overrides)
     counts = kept_counts(scores, density, distribution, prunable=prunable,
@@ -375,7 +375,7 @@ def _select_pattern_masks(scores: Any, density: float, distribution: str, patter
     fixed = _match_overrides(paths, is_prunable, overrides or {})
     # Leaves an override keeps dense carry no pattern, so their shapes need not fit it.
     dense = {paths[i] for i, d in fixed.items() if d == 1.0}
-    if pattern.kind == "nm":
+    if pattern.fixed_density is not None:
         partial = {paths[i]: d for i, d in fixed.items() if d != 1.0}
         if partial:
             raise ValueError(f"pattern {pattern} fixes every pruned leaf's density at "
@@ -383,7 +383,7 @@ def _select_pattern_masks(scores: Any, density: float, distribution: str, patter
                              f"dense (1.0), got {partial}")
     check_pattern(pattern, scores, density,
                   prunable=lambda path, leaf: path not in dense and prunable(path, leaf))
-    if pattern.kind == "nm":
+    if pattern.fixed_density is not None:
         if not any(p and i not in fixed for i, p in enumerate(is_prunable)):
             raise ValueError(f"pattern {pattern}: no leaf of the params is left to prune")
         masks = [pattern_mask(leaf, pattern) if p and i not in fixed

@@ -126,7 +126,7 @@ def supermask(
     """
     check_same_structure(w, scores, reference_name="weights", other_name="scores")
     fixed = jax.tree_util.tree_map(lax.stop_gradient, scores)
-    if as_pattern(pattern).kind == "unstructured":
+    if as_pattern(pattern).ranks_globally:  # one top-k of single weights for the tree
         masks = topk_mask(fixed, density, scope=scope, check_finite_scores=check_finite_scores,
                           by_magnitude=True)
     else:

@@ -264,7 +264,7 @@ def imp_masks(config: LotteryConfig, params: PyTree, masks: PyTree, round_index:
            [ True, False]], dtype=bool)
     """
     prunable, output = _output_filter(config)
-    if as_pattern(config.pattern).kind != "unstructured":
+    if not as_pattern(config.pattern).ranks_globally:
         return pattern_imp_masks(
             as_pattern(config.pattern), params, masks, round_index, prunable,
             lambda p: config.output_fraction if output and re.fullmatch(output, p)

@@ -32,8 +32,14 @@ import numpy as np
 
 from sparsejax.core._tree import map_with_path
 from sparsejax.core.masks import Prunable
-from sparsejax.core.pattern_units import pattern_counts, pattern_topk, pattern_units
-from sparsejax.core.patterns import Pattern, as_pattern, check_pattern
+from sparsejax.core.patterns import (
+    Pattern,
+    as_pattern,
+    check_pattern,
+    pattern_counts,
+    pattern_topk,
+    pattern_units,
+)
 from sparsejax.methods.fixed import random_scores
 from sparsejax.methods.pruning_scores import exclude_pruned, magnitude_scores
 
@@ -99,7 +105,7 @@ def check_lottery_pattern(pattern: str | Pattern, prune_fraction: float,
         pattern = as_pattern(pattern)
     except (TypeError, ValueError) as error:
         raise ValueError(f"lottery pattern: {error}") from None
-    if pattern.kind == "nm":
+    if pattern.fixed_density is not None:  # N:M
         if output_fraction not in (None, 0):
             raise ValueError(f"pattern {pattern} prunes every layer to {pattern.n} of "
                              f"every {pattern.m}; output_fraction must be 'same' (None) "
@@ -116,7 +122,7 @@ def check_lottery_pattern(pattern: str | Pattern, prune_fraction: float,
             raise ValueError(f"pattern {pattern} is reached at round {last} with "
                              f"prune_fraction {prune_fraction:g} ({path} per group of "
                              f"{pattern.m}); rounds {rounds} {ends}: give rounds = {last}")
-    elif pattern.kind != "unstructured" and distribution != "uniform":
+    elif not pattern.ranks_globally and distribution != "uniform":
         raise ValueError(f"pattern {pattern} prunes whole blocks or channels layer by "
                          f"layer; it needs distribution 'uniform', got {distribution!r}")
     return pattern

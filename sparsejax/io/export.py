@@ -43,7 +43,14 @@ from jax.experimental import sparse
 
 from sparsejax.core._tree import map_with_path
 from sparsejax.core.masks import Prunable, apply_masks, default_prunable
-from sparsejax.core.patterns import Pattern, as_pattern, nm_group_topk, nm_groups, nm_ungroup
+from sparsejax.core.patterns import (
+    NM,
+    Pattern,
+    as_pattern,
+    nm_group_topk,
+    nm_groups,
+    nm_ungroup,
+)
 from sparsejax.core.validation import (
     check_binary_masks,
     check_same_structure,
@@ -96,7 +103,7 @@ class NMPacked:
 def _packed_groups(pattern: Pattern) -> Pattern:
     """The packed arrays' own groups: ``N`` consecutive entries along the same axis (the
     kept entries of one group of ``M``), so :func:`nm_groups` reads them as rows."""
-    return Pattern("nm", n=pattern.n, m=pattern.n, axis=pattern.axis)
+    return NM(pattern.n, pattern.n, pattern.axis)
 
 
 def _check_2d(kernel: Any, where: str) -> None:
@@ -161,7 +168,7 @@ def nm_pack(kernel: jax.Array, pattern: str | Pattern, mask: jax.Array | None = 
     ValueError: fc1/kernel: 1 group of 4 along axis -2 keeps more than 2 entries (up to 3), ...
     """
     pattern = as_pattern(pattern)
-    if pattern.kind != "nm":
+    if not isinstance(pattern, NM):
         raise ValueError(f"{where}: nm_pack needs an N:M pattern, got {pattern}")
     if pattern.m > 256:
         raise ValueError(f"{where}: nm_pack stores positions as uint8, so M <= 256; got "
@@ -297,7 +304,7 @@ def sparse_params(params: Any, masks: Any | None = None, form: str | Pattern = "
         masks = jax.tree_util.tree_map(lambda p: jnp.asarray(p) != 0, params)
     check_same_structure(params, masks)
     nm = None if isinstance(form, str) and form.strip().lower() == "bcoo" else as_pattern(form)
-    if nm is not None and nm.kind != "nm":
+    if nm is not None and not isinstance(nm, NM):
         raise ValueError(f"form must be 'bcoo' or an N:M pattern such as '2:4', got {form!r}")
     dense = apply_masks(params, masks)
 

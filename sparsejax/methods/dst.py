@@ -60,8 +60,13 @@ import optax
 
 from sparsejax.core._tree import leaf_paths
 from sparsejax.core.masks import Prunable, default_prunable
-from sparsejax.core.pattern_units import pattern_counts, pattern_topk
-from sparsejax.core.patterns import Pattern, as_pattern
+from sparsejax.core.patterns import (
+    Pattern,
+    Unstructured,
+    as_pattern,
+    pattern_counts,
+    pattern_topk,
+)
 from sparsejax.core.schedules import Schedule, constant, cosine_drop_fraction, is_update_step
 from sparsejax.core.topk import topk_rows
 from sparsejax.core.topk_search import count
@@ -147,7 +152,7 @@ def regrow_masks(rules: RegrowRules, signals: Signals, fraction: jax.Array,
     """
     if pattern is not None:
         pattern = as_pattern(pattern)
-        if pattern.kind != "unstructured":
+        if not pattern.ranks_globally:
             if signals.rows is not None:
                 raise ValueError(f"regrow_masks under pattern {pattern} takes per-leaf "
                                  "signals (rows=None): its units are per leaf")
@@ -177,12 +182,12 @@ def regrow_masks_units(rules: RegrowRules, signals: Signals, fraction: jax.Array
                        pattern: Pattern) -> tuple[list[jax.Array], jax.Array, jax.Array]:
     """:func:`regrow_masks` under a structured ``pattern`` (N:M, ``block:B`` or
     ``channel``): masks that obey the pattern obey it after the update, each leaf with
-    the same number of units (:func:`sparsejax.core.pattern_units.pattern_units`).
+    the same number of units (:func:`sparsejax.core.patterns.pattern_units`).
 
     Per leaf, ``n_drop = drop_counts(fraction, active)`` and the active ones with the
     lowest drop scores go: weights under N:M (one exact top-k per leaf), otherwise the
     blocks or channels with the lowest sum of drop scores
-    (:func:`sparsejax.core.pattern_units.pattern_topk`). Then what was dropped grows back in
+    (:func:`sparsejax.core.patterns.pattern_topk`). Then what was dropped grows back in
     the pattern's units: under N:M each group grows as many as it lost, the highest grow
     scores among its inactive weights (ties to the first along the axis); otherwise as
     many units as were dropped, the highest sums of grow scores among the inactive
@@ -207,8 +212,8 @@ def regrow_masks_units(rules: RegrowRules, signals: Signals, fraction: jax.Array
     >>> masks[0][0], int(n_drop[0]), int(n_grow[0])  # channel 1 (|w| 0.3) moves to 2
     (Array([ True, False,  True], dtype=bool), 1, 1)
     """
-    # N:M drops weights leaf-wide, then regrows per group
-    drop_pattern = Pattern() if pattern.kind == "nm" else pattern
+    # A pattern that fixes the density (N:M) drops weights leaf-wide, then regrows per group
+    drop_pattern = Unstructured() if pattern.fixed_density is not None else pattern
     fits = [_fits(pattern, m.shape) for m in signals.masks]
     n_active = jnp.stack([pattern_counts(m, drop_pattern) if ok else jnp.int32(0)
                           for m, ok in zip(signals.masks, fits, strict=True)])

@@ -131,7 +131,7 @@ def synflow_masks(
     except ValueError as error:
         raise named_error("synflow", error) from None
     schedule = [density ** (k / iterations) for k in range(1, iterations + 1)]
-    if pattern.kind == "unstructured":
+    if pattern.ranks_globally:
         table = _CountTable.of(params, schedule, distribution, prunable, overrides)
     else:
         try:
@@ -249,7 +249,7 @@ def scheduled_magnitude(
     def init(params: PyTree, rng: jax.Array, model_state: Any = None,
              context: InitContext | None = None) -> SparseState:
         del context
-        if pattern.kind != "unstructured":
+        if not pattern.ranks_globally:
             selector(params)  # the pattern's checks, before any training
         return SparseState.create(params=params, rng=rng, opt_state=chained.init(params),
                                   model_state=model_state)
@@ -260,7 +260,7 @@ def scheduled_magnitude(
         key = str(shapes)  # the per-leaf split depends on the shapes only
         if key not in select_holder:
             densities = [1.0 - s for s in sparsities]
-            if pattern.kind == "unstructured":
+            if pattern.ranks_globally:
                 select_holder[key] = masks_for_densities(
                     shapes, densities, distribution, prunable=prunable, overrides=overrides)
             else:

@@ -19,8 +19,7 @@ import numpy as np
 
 from sparsejax.core.distributions import kept_counts, select_masks
 from sparsejax.core.masks import Prunable, default_prunable
-from sparsejax.core.pattern_units import pattern_topk, pattern_units
-from sparsejax.core.patterns import Pattern, as_pattern
+from sparsejax.core.patterns import Pattern, as_pattern, pattern_topk, pattern_units
 from sparsejax.core.topk import num_kept, topk_mask
 
 __all__ = ["masks_for_densities", "pattern_masks_for_densities"]
@@ -122,7 +121,7 @@ def pattern_masks_for_densities(
 
 
 class _PatternTable(NamedTuple):
-    """Per density (row of ``counts``), the :func:`~sparsejax.core.pattern_units.pattern_topk`
+    """Per density (row of ``counts``), the :func:`~sparsejax.core.patterns.pattern_topk`
     count of each patterned leaf ``leaves`` (one column each; per group for N:M, whole
     blocks or channels otherwise); every other leaf is kept whole. Hashable, so it can
     be a static argument of a compiled function."""
@@ -137,7 +136,7 @@ class _PatternTable(NamedTuple):
            overrides: Mapping[str, float] | None) -> _PatternTable:
         if not densities:
             raise ValueError("give at least one density")
-        if pattern.kind == "unstructured":
+        if pattern.ranks_globally:
             raise ValueError("pattern_masks_for_densities needs a structured pattern; "
                              "use masks_for_densities for 'unstructured'")
         densities = [float(d) for d in densities]
@@ -146,7 +145,7 @@ class _PatternTable(NamedTuple):
                                               prunable=prunable, overrides=overrides,
                                               pattern=pattern), params)
         shapes = [tuple(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)]
-        if pattern.kind == "nm":
+        if pattern.fixed_density is not None:  # N:M: a count per group
             final = kept_counts(params, densities[-1], "uniform", prunable=prunable,
                                 overrides=overrides).per_leaf
             leaves = tuple(i for i, c in enumerate(final)

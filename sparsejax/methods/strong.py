@@ -358,7 +358,7 @@ def score_supermask(
     is_prunable = _resolve_prunable(prunable, dense_layers)
     target = 1.0 - float(sparsity)
     pattern = method_pattern(pattern, float(sparsity), name)
-    patterned = pattern.kind != "unstructured"
+    patterned = not pattern.ranks_globally
     if patterned:
         if scope == "global":
             raise ValueError(f"{name}: pattern {pattern} chooses a mask per leaf; it cannot "
@@ -367,15 +367,17 @@ def score_supermask(
             raise ValueError(f"{name}: pattern {pattern} is not supported with a density "
                              f"ramp (ramp_steps/ramp_epochs); use ramp 0")
 
+    fixed = pattern.fixed_density is not None
+
     def target_densities(params: PyTree) -> dict[str, float]:
         """Target density per prunable path (Python floats, from shapes only)."""
         paths = _prunable_paths(params, is_prunable)
         if not paths:
             raise ValueError(f"{name}: the prunable filter selects no leaf of the params")
-        if scope == "global" or distribution == "uniform" or pattern.kind == "nm":
+        if scope == "global" or distribution == "uniform" or fixed:
             sizes = {path_str(p): math.prod(jnp.shape(leaf)) for p, leaf in
                      jax.tree_util.tree_flatten_with_path(params)[0]}
-            if pattern.kind != "nm":  # an N:M pattern keeps N of every group
+            if not fixed:  # an N:M pattern keeps N of every group
                 empty = (paths if num_kept(target, sum(sizes[p] for p in paths)) == 0
                          else []) if scope == "global" else [
                     p for p in paths if num_kept(target, sizes[p]) == 0]

@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from sparsejax.core.patterns import (
+    NM,
     Pattern,
     as_pattern,
     pattern_density,
@@ -103,14 +104,14 @@ def check_posttrain_pattern(method: str, pattern: str | Pattern,
     if method != "sparsegpt":
         return pattern
     check_int(blocksize, "blocksize", minimum=1)
-    if pattern.kind == "nm":
+    if isinstance(pattern, NM):
         if pattern.axis not in (-2, 0):
             raise ValueError(f"sparsegpt prunes N:M along the kernel's input axis (-2 or 0),"
                              f" got pattern {pattern}")
         if blocksize % pattern.m:
             raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.m} "
                              f"for pattern {pattern}")
-    elif pattern.kind != "unstructured":
+    elif not pattern.ranks_globally:
         raise ValueError(f"sparsegpt supports the unstructured and N:M patterns, got "
                          f"{pattern}")
     return pattern
@@ -228,7 +229,7 @@ def _wanda(kernel: jax.Array, scores: jax.Array, pattern: str | Pattern, sparsit
            per_output: bool) -> PrunedLayer:
     pattern = as_pattern(pattern)
     density = posttrain_density(pattern, sparsity)
-    if pattern.kind == "unstructured" and per_output:
+    if pattern.ranks_globally and per_output:  # single weights, compared per output
         mask = per_output_mask(scores, density)
     else:
         mask = pattern_mask(scores, pattern, density)
@@ -309,8 +310,7 @@ def sparsegpt_prune_hessian(kernel: jax.Array, hessian: jax.Array,
     check_finite_number(percdamp, "percdamp")
     if percdamp < 0:
         raise ValueError(f"percdamp must be >= 0, got {percdamp!r}")
-    if pattern.kind == "nm":
-        pattern.check_shape(kernel.shape, where="kernel")
+    pattern.check_shape(kernel.shape, where="kernel")
     n_in, n_out = kernel.shape
     # the count each block keeps (unstructured), on the host: the library's rounding
     block_counts = np.array([num_kept(density, n_out * (min(start + blocksize, n_in) - start))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sparsejax.core.patterns import Pattern, _topk_rows
+from sparsejax.core.patterns import Pattern, topk_rows
 from sparsejax.core.topk import topk_mask
 
 
@@ -20,6 +20,7 @@ def _sparsegpt(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
                blocksize: int) -> tuple[jax.Array, jax.Array]:
     """The SparseGPT walk (see :func:`sparsegpt_prune`) on ``W = kernel.T``."""
     weights = kernel.T  # (out, in): column j holds input j's weight in every output row
+    per_group = pattern.fixed_density is not None  # N:M (checked: else unstructured)
     n_out, n_in = weights.shape
     unseen = jnp.diagonal(hessian) == 0  # inputs the calibration data never uses
     hessian = hessian + jnp.diag(jnp.where(unseen, 1.0, 0.0))
@@ -46,7 +47,7 @@ def _sparsegpt(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
         block_upper = lax.dynamic_slice(upper, (start, start), (width, width))
         block_diag = jnp.diagonal(block_upper)
         block_unseen = lax.dynamic_slice_in_dim(unseen, start, width)
-        if pattern.kind == "unstructured":
+        if not per_group:  # unstructured: the block's count, chosen up front
             keep = topk_mask(saliency(block, block_diag[None, :], block_unseen[None, :]),
                              count=block_counts[index], check_finite_scores=False)
         else:
@@ -55,7 +56,7 @@ def _sparsegpt(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
         def column(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array],
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
             block, errors, keep = carry
-            if pattern.kind == "nm":
+            if per_group:
                 m = pattern.m
 
                 def choose(keep: jax.Array) -> jax.Array:
@@ -63,7 +64,7 @@ def _sparsegpt(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
                     group_diag = lax.dynamic_slice(block_diag, (j,), (m,))
                     group_unseen = lax.dynamic_slice(block_unseen, (j,), (m,))
                     scores = saliency(group, group_diag[None, :], group_unseen[None, :])
-                    group_keep = _topk_rows(scores, pattern.n)  # N of every row of M
+                    group_keep = topk_rows(scores, pattern.n)  # N of every row of M
                     return lax.dynamic_update_slice(keep, group_keep, (0, j))
 
                 keep = lax.cond(j % m == 0, choose, lambda keep: keep, keep)
