@@ -44,6 +44,7 @@ __all__ = [
     "NM",
     "Block",
     "Channel",
+    "WholeUnits",
     "as_pattern",
     "nm_groups",
     "nm_ungroup",
@@ -214,8 +215,10 @@ class NM(Pattern):
         return jnp.sum(rows, axis=1, dtype=jnp.int32)
 
 
-class _WholeUnits(Pattern):
-    """Patterns that keep or prune whole units, ranked by the sum of their scores."""
+class WholeUnits(Pattern):
+    """Patterns that keep or prune whole units, ranked by the sum of their scores
+    (:class:`Block`, :class:`Channel`): a new kind of this family defines ``units``,
+    ``unit_sums`` and ``spread`` (``docs/examples/new_pattern.py``)."""
 
     def unit_sums(self, scores: jax.Array) -> jax.Array:
         raise NotImplementedError
@@ -236,7 +239,7 @@ class _WholeUnits(Pattern):
 
 
 @dataclasses.dataclass(frozen=True)
-class Block(_WholeUnits):
+class Block(WholeUnits):
     """``block x block`` blocks over the kernel's last two axes ``(in, out)`` (for a conv
     kernel, separately at every ``(kh, kw)`` tap), kept or pruned whole.
 
@@ -282,7 +285,7 @@ class Block(_WholeUnits):
 
 
 @dataclasses.dataclass(frozen=True)
-class Channel(_WholeUnits):
+class Channel(WholeUnits):
     """Whole output channels (neurons; the kernel's last axis).
 
     >>> Channel().units((3, 3, 8, 5))
