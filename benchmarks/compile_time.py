@@ -140,7 +140,7 @@ def sparsegpt_row(n_in: int, n_out: int = 256) -> list[dict[str, Any]]:
     import numpy as np
 
     from sparsejax.core.patterns import as_pattern
-    from sparsejax.posttrain.sparsegpt import _sparsegpt
+    from sparsejax.posttrain.sparsegpt import sparsegpt_walk
 
     rows = []
     for pattern in ("unstructured", "2:4"):
@@ -148,7 +148,7 @@ def sparsegpt_row(n_in: int, n_out: int = 256) -> list[dict[str, Any]]:
         args = (jnp.ones((n_in, n_out)), jnp.eye(n_in), jnp.float32(0.01),
                 np.full(blocks, n_out * 64, np.int32))
         start = time.perf_counter()
-        lowered = _sparsegpt.lower(*args, pattern=as_pattern(pattern), blocksize=128)
+        lowered = sparsegpt_walk.lower(*args, pattern=as_pattern(pattern), blocksize=128)
         traced = time.perf_counter()
         lowered.compile()
         done = time.perf_counter()

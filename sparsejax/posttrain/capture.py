@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.tracers import TraceState
 
-__all__ = ["LayerPath", "DenseCall", "capture_dense_inputs", "dense_calls",
+__all__ = ["LayerPath", "DenseCall", "capture_calls", "capture_dense_inputs", "dense_calls",
            "capture_linear_inputs", "dense_input"]
 
 LayerPath = tuple[str, ...]
@@ -111,8 +111,13 @@ def _check_found(captured: dict[LayerPath, Any], layers: Collection[LayerPath] |
                          f"{', '.join(sorted('/'.join(p) for p in missing))}")
 
 
-def _capture(model: nn.Module, variables: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-             layers: Collection[LayerPath] | None, flatten: bool) -> dict[LayerPath, Any]:
+def capture_calls(model: nn.Module, variables: Any, args: tuple[Any, ...],
+                  kwargs: dict[str, Any], layers: Collection[LayerPath] | None,
+                  flatten: bool) -> dict[LayerPath, Any]:
+    """The inputs of the Dense calls of ``model.apply(variables, *args, **kwargs)``, by
+    layer path (``layers``: only those, and the forward stops after the last; ``None``:
+    all); ``flatten`` rows them as ``(examples, in)``. ``ValueError`` names a layer of
+    ``layers`` the forward never called."""
     captured, record = _recorder(layers, flatten)
     try:
         with _intercept(record):
@@ -131,7 +136,7 @@ def capture_dense_inputs(model: nn.Module, variables: Any, *args: Any,
     path, in call order. ``layers``: only these paths (the forward stops after the last
     of them). Traceable: wrap it in ``jax.jit`` with ``model`` static. ``ValueError`` for
     a layer called twice per forward, or a path in ``layers`` that is never called."""
-    return _capture(model, variables, args, kwargs, layers, flatten=True)
+    return capture_calls(model, variables, args, kwargs, layers, flatten=True)
 
 
 def dense_calls(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> list[DenseCall]:
@@ -152,7 +157,7 @@ def dense_calls(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> 
     seen: list[Any] = []  # the traced inputs, compared by identity
 
     def trace(variables: Any, args: tuple[Any, ...]) -> int:
-        captured = _capture(model, variables, args, kwargs, None, flatten=False)
+        captured = capture_calls(model, variables, args, kwargs, None, flatten=False)
         for path, x in captured.items():
             group = next((i for i, other in enumerate(seen) if other is x), len(seen))
             seen.append(x)

@@ -49,7 +49,7 @@ from sparsejax.core.patterns import (
 )
 from sparsejax.core.topk import num_kept
 from sparsejax.core.validation import check_finite, check_finite_number, check_int, check_sparsity
-from sparsejax.posttrain.sparsegpt import _sparsegpt
+from sparsejax.posttrain.sparsegpt import sparsegpt_walk
 
 __all__ = [
     "PrunedLayer",
@@ -315,7 +315,7 @@ def sparsegpt_prune_hessian(kernel: jax.Array, hessian: jax.Array,
     # the count each block keeps (unstructured), on the host: the library's rounding
     block_counts = np.array([num_kept(density, n_out * (min(start + blocksize, n_in) - start))
                              for start in range(0, n_in, blocksize)], np.int32)
-    new_kernel, mask = _sparsegpt(kernel.astype(jnp.float32), hessian,
+    new_kernel, mask = sparsegpt_walk(kernel.astype(jnp.float32), hessian,
                                   jnp.float32(percdamp), block_counts,
                                   pattern=pattern, blocksize=int(blocksize))
     return PrunedLayer(new_kernel.astype(kernel.dtype), mask)

@@ -28,7 +28,7 @@ from sparsejax.core._tree import path_str
 from sparsejax.core.masks import Prunable, default_prunable
 from sparsejax.core.patterns import Pattern, as_pattern
 from sparsejax.core.validation import is_int
-from sparsejax.posttrain.capture import LayerPath, _capture, dense_calls
+from sparsejax.posttrain.capture import LayerPath, capture_calls, dense_calls
 from sparsejax.posttrain.pruners import (
     PosttrainMethod,
     check_posttrain_method,
@@ -217,7 +217,7 @@ def _rebuild(params: Any, flat: Mapping[str, Any]) -> Any:
 def _batch_hessian(model: nn.Module, path: LayerPath, kwargs: tuple[tuple[str, Any], ...],
                    variables: Any, batch: jax.Array) -> jax.Array:
     """``X^T X`` of the input layer ``path`` sees on ``batch`` (the forward stops there)."""
-    return input_hessian(_capture(model, variables, (batch,), dict(kwargs), [path],
+    return input_hessian(capture_calls(model, variables, (batch,), dict(kwargs), [path],
                                   flatten=True)[path])
 
 

@@ -13,12 +13,16 @@ from jax import lax
 from sparsejax.core.patterns import Pattern, topk_rows
 from sparsejax.core.topk import topk_mask
 
+__all__ = ["sparsegpt_walk"]
+
 
 @functools.partial(jax.jit, static_argnames=("pattern", "blocksize"))
-def _sparsegpt(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
-               block_counts: jax.Array, *, pattern: Pattern,
-               blocksize: int) -> tuple[jax.Array, jax.Array]:
-    """The SparseGPT walk (see :func:`sparsegpt_prune`) on ``W = kernel.T``."""
+def sparsegpt_walk(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
+                   block_counts: jax.Array, *, pattern: Pattern,
+                   blocksize: int) -> tuple[jax.Array, jax.Array]:
+    """The SparseGPT walk (see :func:`~sparsejax.posttrain.pruners.sparsegpt_prune`, which
+    checks its arguments) on ``W = kernel.T``: ``(pruned kernel, mask)``, one compiled
+    program per pattern and block size."""
     weights = kernel.T  # (out, in): column j holds input j's weight in every output row
     per_group = pattern.fixed_density is not None  # N:M (checked: else unstructured)
     n_out, n_in = weights.shape
