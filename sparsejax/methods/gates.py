@@ -9,14 +9,10 @@ penalty, normalised by the number of gates so that ``lam`` means the same on eve
 model). The gradient reaches ``g`` through the reparameterisation ``z(g, noise)`` by plain
 automatic differentiation (no ``custom_vjp``).
 
-Gate forms (see ``shared/REFERENCES.md``):
-
-* ``gaussian`` (stochastic gates, Yamada et al. 2020): ``z = clip(mu + eps, 0, 1)`` with
-  ``eps ~ N(0, sigma^2)``; ``P(z > 0) = Phi(mu / sigma)``; test gate ``clip(mu, 0, 1)``.
-* ``hard_concrete`` (Louizos et al. 2018): ``s = sigmoid((log u - log(1-u) + log_alpha) /
-  beta)``, ``z = clip(s * (zeta - gamma) + gamma, 0, 1)`` with ``u ~ U(0, 1)``;
-  ``P(z > 0) = sigmoid(log_alpha - beta * log(-gamma / zeta))``; test gate
-  ``clip(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``.
+The gate forms (``gaussian``, ``hard_concrete``) are in :mod:`sparsejax.methods.gate_forms`;
+the options, checked once, in :mod:`sparsejax.methods.gate_settings`. Every piece below
+(the forward's gated weights, the penalty, the hard masks, the update after the
+optimizer) is a function of those settings, and :func:`gates` assembles them.
 
 Evaluation and export use ``effective_params = w * m`` with a hard binary mask ``m``
 (``method.hard_masks(state)``), derived from the gate parameters by the ``binarize`` rule
@@ -70,9 +66,10 @@ a ResNet-18 step on CPU, see docs/benchmarks.md.)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,10 +79,8 @@ import optax
 from sparsejax.core._tree import path_str
 from sparsejax.core.distributions import warn_empty_layers
 from sparsejax.core.masks import Prunable, default_prunable, dense_masks, prunable_leaves
-from sparsejax.core.schedules import cubic_sparsity
 from sparsejax.core.topk import num_kept, topk_mask
 from sparsejax.core.transforms import zero_masked
-from sparsejax.core.validation import check_sparsity
 from sparsejax.methods.base import (
     InitContext,
     Method,
@@ -95,8 +90,23 @@ from sparsejax.methods.base import (
     draws_per_leaf,
     step_key,
 )
+from sparsejax.methods.gate_forms import (
+    GATE_FORMS,
+    GateForm,
+    gaussian_gate,
+    hard_concrete_gate,
+    normal_cdf,
+)
+from sparsejax.methods.gate_settings import (
+    BINARIZE_RULES,
+    GateSettings,
+    gate_settings,
+    noise_factor,
+    rounding_weight,
+    target_density,
+)
 from sparsejax.methods.registry import register_method
-from sparsejax.methods.strong import WEIGHT_INITS, init_weights
+from sparsejax.methods.strong import init_weights
 
 __all__ = [
     "GateForm",
@@ -105,130 +115,219 @@ __all__ = [
     "gaussian_gate",
     "hard_concrete_gate",
     "gates",
+    "gate_leaves",
+    "expected_density",
+    "open_density",
+    "gate_masks",
+    "init_gates",
+    "gated_weights",
+    "gate_penalty",
+    "advance_gates",
 ]
 
 PyTree = Any
 
-HC_BETA = 2.0 / 3.0
-HC_GAMMA = -0.1
-HC_ZETA = 1.1
-_UNIFORM_EPS = 1e-6  # u is drawn from [eps, 1 - eps] so that log u and log(1-u) are finite
 
-BINARIZE_RULES = ("open", "half", "topk", "exact")
+def _gated_flags(settings: GateSettings, params: PyTree) -> list[bool]:
+    return jax.tree_util.tree_leaves(prunable_leaves(params, settings.prunable))
 
 
-def _normal_cdf(x: jax.Array) -> jax.Array:
-    """``Phi(x)`` as ``(1 + erf(x / sqrt 2)) / 2``: one ``erf`` where ``ndtr`` evaluates
-    both ``erf`` and ``erfc`` (2x the time on CPU). Below ``x = -5`` it loses relative, not
-    absolute, precision (error under 1e-7), which a mean over gates does not notice."""
-    return 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+def gate_leaves(settings: GateSettings, params: PyTree, scores: PyTree) -> list[jax.Array]:
+    """The gate parameters of the prunable leaves, in leaf order."""
+    return [s for s, f in zip(jax.tree_util.tree_leaves(scores), _gated_flags(settings, params),
+                              strict=True) if f]
 
 
-class GateForm(NamedTuple):
-    """One relaxed Bernoulli gate, as pure elementwise functions of the gate parameter.
-
-    Attributes:
-      name: ``'gaussian'`` or ``'hard_concrete'``.
-      init: ``(key, shape) -> gate parameters``.
-      noise: ``(key, shape) -> noise``, the parameter-free randomness (``eps`` or ``u``).
-      relax: ``(g, noise) -> z`` the training gate in [0, 1], differentiable in ``g``.
-      prob_open: ``g -> P(z > 0)``, whose mean is the expected-L0 penalty.
-      test_gate: ``g -> `` the deterministic gate in [0, 1] (no noise).
-    """
-
-    name: str
-    init: Callable[[jax.Array, tuple[int, ...]], jax.Array]
-    noise: Callable[[jax.Array, tuple[int, ...]], jax.Array]
-    relax: Callable[[jax.Array, jax.Array], jax.Array]
-    prob_open: Callable[[jax.Array], jax.Array]
-    test_gate: Callable[[jax.Array], jax.Array]
-
-    def sample(self, g: jax.Array, key: jax.Array) -> jax.Array:
-        """A training gate ``relax(g, noise(key))`` with fresh noise from ``key``."""
-        return self.relax(g, self.noise(key, jnp.shape(g)))
+def _gate_mean(settings: GateSettings, params: PyTree, scores: PyTree,
+               per_gate: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """The mean of ``per_gate(g)`` over every gate parameter ``g`` (0 without gates)."""
+    leaves = gate_leaves(settings, params, scores)
+    total = sum(int(s.size) for s in leaves)
+    if total == 0:
+        return jnp.float32(0.0)
+    return sum(jnp.sum(per_gate(s)) for s in leaves) / total
 
 
-def gaussian_gate(sigma: float = 0.5, mu_init: float = 0.5) -> GateForm:
-    """Gaussian stochastic gates: ``z = clip(mu + eps, 0, 1)``, ``eps ~ N(0, sigma^2)``.
+def prob_open(settings: GateSettings, s: jax.Array, step: Any) -> jax.Array:
+    """``P(z > 0)`` of gate parameters ``s`` at ``step`` (the noise scale of the step)."""
+    if settings.sigma_final is None:
+        return settings.form.prob_open(s)
+    return normal_cdf(s / (settings.sigma * noise_factor(settings, step)))
+
+
+def expected_density(settings: GateSettings, params: PyTree, scores: PyTree,
+                     step: Any) -> jax.Array:
+    """``mean P(z > 0)`` over every gate: the expected-L0 term of the penalty.
 
     >>> import jax.numpy as jnp
-    >>> form = gaussian_gate(sigma=0.5)
-    >>> [round(float(v), 4) for v in form.prob_open(jnp.array([0.0, 0.5]))]  # Phi(mu/sigma)
-    [0.5, 0.8413]
-    >>> form.test_gate(jnp.array([-0.2, 0.3, 1.7]))
-    Array([0. , 0.3, 1. ], dtype=float32)
-    """
-    if not sigma > 0 or not math.isfinite(sigma):
-        raise ValueError(f"sigma must be a positive number, got {sigma!r}")
-    if not math.isfinite(mu_init):
-        raise ValueError(f"mu_init must be finite, got {mu_init!r}")
-
-    def init(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        del key
-        return jnp.full(shape, mu_init, jnp.float32)
-
-    def noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        return sigma * jax.random.normal(key, shape, jnp.float32)
-
-    return GateForm(
-        name="gaussian",
-        init=init,
-        noise=noise,
-        relax=lambda mu, eps: jnp.clip(mu + eps, 0.0, 1.0),
-        prob_open=lambda mu: _normal_cdf(mu / sigma),
-        test_gate=lambda mu: jnp.clip(mu, 0.0, 1.0),
-    )
-
-
-def hard_concrete_gate(drop_init: float = 0.5, beta: float = HC_BETA, gamma: float = HC_GAMMA,
-                       zeta: float = HC_ZETA) -> GateForm:
-    """Hard-concrete L0 gates (Louizos et al. 2018) with parameters ``log_alpha``.
-
-    ``log_alpha`` starts at ``N(log((1 - p) / p), 0.01^2)`` with ``p = drop_init``.
-
-    >>> import jax.numpy as jnp
-    >>> form = hard_concrete_gate()
-    >>> round(float(form.prob_open(jnp.array(0.0))), 4)  # sigmoid(-beta log(-gamma/zeta))
-    0.8318
-    >>> round(float(form.test_gate(jnp.array(0.0))), 4)  # 0.5 * 1.2 - 0.1
+    >>> s = gate_settings(sigma=0.5)
+    >>> w = {"w": jnp.ones((2, 2))}
+    >>> round(float(expected_density(s, w, {"w": jnp.zeros((2, 2))}, 0)), 4)  # Phi(0)
     0.5
     """
-    if not 0.0 < drop_init < 1.0:
-        raise ValueError(f"drop_init must lie in (0, 1), got {drop_init!r}")
-    if not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta!r}")
-    if not (gamma < 0.0 and zeta > 1.0):
-        raise ValueError(f"need gamma < 0 and zeta > 1 (a stretched interval), got "
-                         f"gamma={gamma!r}, zeta={zeta!r}")
-    mean = math.log((1.0 - drop_init) / drop_init)
-    shift = beta * math.log(-gamma / zeta)
-
-    def init(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        return mean + 0.01 * jax.random.normal(key, shape, jnp.float32)
-
-    def stretch(s: jax.Array) -> jax.Array:
-        return jnp.clip(s * (zeta - gamma) + gamma, 0.0, 1.0)
-
-    def noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        return jax.random.uniform(key, shape, jnp.float32, _UNIFORM_EPS, 1.0 - _UNIFORM_EPS)
-
-    def relax(log_alpha: jax.Array, u: jax.Array) -> jax.Array:
-        return stretch(jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + log_alpha) / beta))
-
-    return GateForm(
-        name="hard_concrete",
-        init=init,
-        noise=noise,
-        relax=relax,
-        prob_open=lambda log_alpha: jax.nn.sigmoid(log_alpha - shift),
-        test_gate=lambda log_alpha: stretch(jax.nn.sigmoid(log_alpha)),
-    )
+    return _gate_mean(settings, params, scores, lambda s: prob_open(settings, s, step))
 
 
-GATE_FORMS: dict[str, Callable[..., GateForm]] = {
-    "gaussian": gaussian_gate,
-    "hard_concrete": hard_concrete_gate,
-}
+def open_density(settings: GateSettings, params: PyTree, scores: PyTree) -> jax.Array:
+    """The fraction of gates open at test time (test gate > 0), what the controller reads.
+
+    >>> import jax.numpy as jnp
+    >>> float(open_density(gate_settings(), {"w": jnp.ones((2, 2))},
+    ...                    {"w": jnp.array([[-1.0, 0.2], [0.0, 3.0]])}))
+    0.5
+    """
+    # 1.0 per open gate, summed in float32: exact up to 2**24 gates per leaf, and
+    # twice as fast on CPU as an int32 sum of the booleans.
+    return _gate_mean(settings, params, scores,
+                      lambda s: jnp.where(settings.form.test_gate(s) > 0, 1.0, 0.0))
+
+
+def gate_masks(settings: GateSettings, state: SparseState) -> PyTree:
+    """The binary masks of ``state``'s gate parameters by the ``binarize`` rule (all
+    ``True`` on leaves without gates)."""
+    form, binarize = settings.form, settings.binarize
+    treedef = jax.tree_util.tree_structure(state.params)
+    is_gated = _gated_flags(settings, state.params)
+    score_leaves = jax.tree_util.tree_leaves(state.scores)
+    if binarize in ("topk", "exact"):
+        chosen = iter(topk_mask(
+            [s for s, f in zip(score_leaves, is_gated, strict=True) if f], settings.density,
+            scope="global", check_finite_scores=False))
+    masks = []
+    for leaf, s, f in zip(treedef.flatten_up_to(state.params), score_leaves, is_gated,
+                          strict=True):
+        if not f:
+            masks.append(jnp.ones(jnp.shape(leaf), bool))
+        elif binarize == "exact":
+            masks.append(next(chosen))
+        elif binarize == "topk":
+            masks.append(next(chosen) & (form.test_gate(s) > 0))
+        else:
+            masks.append(form.test_gate(s) > (0.0 if binarize == "open" else 0.5))
+    return jax.tree_util.tree_unflatten(treedef, masks)
+
+
+def init_gates(settings: GateSettings, optimizer: optax.GradientTransformation,
+               params: PyTree, rng: jax.Array, model_state: Any = None,
+               context: InitContext | None = None) -> SparseState:
+    """The method's ``init``: frozen weights drawn by ``weight_init``, one gate parameter
+    per prunable weight (an empty ``(0,)`` leaf elsewhere), ``lam`` and, with
+    ``noise='pool'``, the noise pool in ``state.extra``."""
+    del context
+    form, prunable, density = settings.form, settings.prunable, settings.density
+    weight_key, gate_key = jax.random.split(jax.random.fold_in(rng, 0x67617465))
+    params = init_weights(params, weight_key, settings.weight_init, density=density,
+                          prunable=prunable)
+    is_gated, treedef = jax.tree_util.tree_flatten(prunable_leaves(params, prunable))
+    leaves = treedef.flatten_up_to(params)
+    gated = sum(math.prod(jnp.shape(p)) for p, f in zip(leaves, is_gated, strict=True) if f)
+    if settings.binarize in ("topk", "exact") and gated and num_kept(density, gated) == 0:
+        warn_empty_layers(density, [path_str(p) for (p, _), f in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0], is_gated, strict=True) if f])
+    keys = jax.random.split(gate_key, max(len(leaves), 1))
+    scores = jax.tree_util.tree_unflatten(treedef, [
+        form.init(k, jnp.shape(p)) if f else jnp.zeros((0,), jnp.float32)
+        for k, p, f in zip(keys, leaves, is_gated, strict=True)])
+    extra = {"lam": jnp.float32(settings.lam)}
+    if settings.noise == "pool":
+        # twice as many draws as gates: each step reads a window of one draw per gate at a
+        # random offset (gated_weights)
+        size = sum(int(jnp.size(p)) for p, f in zip(leaves, is_gated, strict=True) if f)
+        extra["noise_pool"] = form.noise(jax.random.fold_in(rng, 0x706F6F6C), (2 * size,))
+    return SparseState.create(
+        params=params, rng=rng, opt_state=optimizer.init(scores), scores=scores,
+        masks=dense_masks(params), model_state=model_state, extra=extra)
+
+
+def _step_noise(settings: GateSettings, state: SparseState, key: jax.Array,
+                shapes: list[tuple[int, ...]], is_gated: list[bool]) -> list[jax.Array | None]:
+    """This step's noise per leaf (None where a leaf has no gates): fresh draws, one key
+    per leaf, or (``noise='pool'``) a window of the pool at a random offset, cut into the
+    gated leaves' shapes."""
+    if settings.noise == "fresh":
+        return draws_per_leaf(key, shapes, settings.form.noise, is_gated)
+    pool = state.extra["noise_pool"]
+    size = pool.shape[0] // 2
+    window = jax.lax.dynamic_slice(pool, (jax.random.randint(key, (), 0, size + 1),), (size,))
+    gated = [shape for shape, f in zip(shapes, is_gated, strict=True) if f]
+    parts = iter(jnp.split(window, np.cumsum([math.prod(g) for g in gated])[:-1]))
+    return [next(parts).reshape(shape) if f else None
+            for shape, f in zip(shapes, is_gated, strict=True)]
+
+
+def gated_weights(settings: GateSettings, state: SparseState, scores: PyTree) -> PyTree:
+    """The method's ``materialize``: every prunable weight times its training gate
+    ``relax(g, noise)`` with this step's noise (``step_key(state, 0x7A)``), differentiable
+    in the gate parameters ``scores``."""
+    is_gated, treedef = jax.tree_util.tree_flatten(
+        prunable_leaves(state.params, settings.prunable))
+    factor = noise_factor(settings, state.step)
+    weights = treedef.flatten_up_to(state.params)
+    draws = _step_noise(settings, state, step_key(state, 0x7A),
+                        [jnp.shape(w) for w in weights], is_gated)
+
+    def sample(s: jax.Array, eps: jax.Array) -> jax.Array:
+        return settings.form.relax(s, eps if settings.sigma_final is None else factor * eps)
+
+    out = [sample(s, eps).astype(jnp.result_type(w)) * w if f else w
+           for w, s, eps, f in zip(weights, jax.tree_util.tree_leaves(scores), draws,
+                                   is_gated, strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _rounding_penalty(settings: GateSettings, params: PyTree, scores: PyTree) -> jax.Array:
+    def per_gate(s: jax.Array) -> jax.Array:
+        c = settings.form.test_gate(s)
+        return c * (1.0 - c)
+
+    return _gate_mean(settings, params, scores, per_gate)
+
+
+def gate_penalty(settings: GateSettings, state: SparseState, scores: PyTree) -> jax.Array:
+    """``lam * mean P(z > 0)``, plus the rounding penalty when ``rounding > 0``."""
+    value = state.extra["lam"] * expected_density(settings, state.params, scores, state.step)
+    if settings.rounding > 0:
+        value = value + rounding_weight(settings, state.step) * _rounding_penalty(
+            settings, state.params, scores)
+    return value
+
+
+def advance_gates(settings: GateSettings, state: SparseState) -> SparseState:
+    """The update after the optimizer: clipping to ``score_bounds``, the controller on
+    ``lam``, the lift, the step."""
+    scores, bounds = state.scores, settings.bounds
+    if bounds is not None:
+        scores = jax.tree_util.tree_map(lambda s: jnp.clip(s, *bounds), scores)
+    lam_now = state.extra["lam"]
+    target = target_density(settings, state.step + 1)
+    if target is not None:
+        error = open_density(settings, state.params, scores) - target
+        lam_now = jnp.maximum(lam_now + settings.lam_rate * error, 0.0).astype(jnp.float32)
+        if settings.lift_rate > 0:
+            lift = settings.lift_rate * jnp.maximum(-error, 0.0)
+            if not settings.lift_with_lam:  # while lam closes gates, it is not undone
+                lift = jnp.where(lam_now > 0, 0.0, lift)
+
+            def raise_gates(s: jax.Array) -> jax.Array:
+                up = s + lift.astype(s.dtype)
+                if settings.lift_scope == "closed":
+                    up = jnp.where(settings.form.test_gate(s) > 0, s, up)
+                return up if bounds is None else jnp.clip(up, *bounds)
+
+            scores = jax.tree_util.tree_map(raise_gates, scores)
+    return state.replace(step=state.step + 1, scores=scores,
+                         extra={**state.extra, "lam": lam_now})
+
+
+def _update(settings: GateSettings, optimizer: optax.GradientTransformation,
+            state: SparseState, grads: PyTree, **extra_args: Any) -> SparseState:
+    scores, opt_state = apply_optimizer(optimizer, grads, state.opt_state, state.scores,
+                                        **extra_args)
+    return advance_gates(settings, state.replace(scores=scores, opt_state=opt_state))
+
+
+def _masked_params(state: SparseState, masks: PyTree) -> PyTree:
+    return zero_masked(state.params, masks)
 
 
 def gates(
@@ -332,258 +431,27 @@ def gates(
     >>> bool(jnp.all((eff == 0) | (eff == state.params["w"])))
     True
     """
-    if gate not in GATE_FORMS:
-        raise ValueError(f"unknown gate {gate!r}; known: {', '.join(GATE_FORMS)}")
-    if gate == "gaussian":
-        if drop_init is not None:
-            raise ValueError("drop_init belongs to gate='hard_concrete'; use mu_init")
-        form = gaussian_gate(sigma, 0.5 if mu_init is None else float(mu_init))
-    else:
-        if mu_init is not None:
-            raise ValueError("mu_init belongs to gate='gaussian'; use drop_init")
-        form = hard_concrete_gate(0.5 if drop_init is None else float(drop_init))
-    if sigma_final is not None:
-        if gate != "gaussian":
-            raise ValueError("sigma_final belongs to gate='gaussian'")
-        if not (sigma_final > 0 and math.isfinite(sigma_final)):
-            raise ValueError(f"sigma_final must be a positive number, got {sigma_final!r}")
-        if total_steps is None:
-            raise ValueError("sigma_final needs total_steps (the harness passes it)")
-    if sparsity is not None:
-        check_sparsity(sparsity)
-    if not (math.isfinite(rounding) and rounding >= 0):
-        raise ValueError(f"rounding must be a finite number >= 0, got {rounding!r}")
-    if rounding > 0 and total_steps is None:
-        raise ValueError("rounding needs total_steps (the harness passes it)")
-    if lift_rate is None:
-        lift_rate = 2.0 if sparsity is not None else 0.0
-    if not (math.isfinite(lift_rate) and lift_rate >= 0):
-        raise ValueError(f"lift_rate must be a finite number >= 0, got {lift_rate!r}")
-    if lift_rate > 0 and sparsity is None:
-        raise ValueError("lift_rate needs a target sparsity")
-    if lift_scope not in ("closed", "all"):
-        raise ValueError(f"lift_scope must be 'closed' or 'all', got {lift_scope!r}")
-    if noise not in ("fresh", "pool"):
-        raise ValueError(f"noise must be 'fresh' (new draws every step) or 'pool' (a window "
-                         f"of a pool drawn once, at a random offset each step), got {noise!r}")
-    binarize = binarize or ("exact" if sparsity is not None else "open")
-    if binarize not in BINARIZE_RULES:
-        raise ValueError(f"unknown binarize rule {binarize!r}; known: {', '.join(BINARIZE_RULES)}")
-    if binarize in ("topk", "exact") and sparsity is None:
-        raise ValueError(f"binarize={binarize!r} needs a target sparsity")
-    if lam is None:
-        lam = 0.0 if sparsity is not None else 1.0
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    if not (math.isfinite(lam_rate) and lam_rate >= 0):
-        raise ValueError(f"lam_rate must be a finite number >= 0, got {lam_rate!r}")
-    if not 0.0 <= ramp <= 1.0:
-        raise ValueError(f"ramp must lie in [0, 1], got {ramp!r}")
-    if weight_init not in WEIGHT_INITS:
-        raise ValueError(f"unknown weight init {weight_init!r}; known: {', '.join(WEIGHT_INITS)}")
-    if weight_init.startswith("scaled_") and sparsity is None:
-        raise ValueError(f"weight_init={weight_init!r} needs a target sparsity")
-    if score_bounds is not None:
-        if len(score_bounds) != 2 or not float(score_bounds[0]) < float(score_bounds[1]):
-            raise ValueError(f"score_bounds must be (low, high) with low < high, got "
-                             f"{score_bounds!r}")
-        low, high = float(score_bounds[0]), float(score_bounds[1])
-    if total_steps is not None and total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    density = 1.0 if sparsity is None else 1.0 - sparsity
-    ramp_steps = int(ramp * total_steps) if total_steps is not None else 0
-    if sparsity is None:
-        target_density: Callable[[jax.Array], jax.Array] | None = None
-    elif ramp_steps > 0:
-        schedule = cubic_sparsity(sparsity, begin_step=0, end_step=ramp_steps)
-        target_density = lambda step: 1.0 - schedule(step)  # noqa: E731
-    else:
-        target_density = lambda step: jnp.float32(density)  # noqa: E731
-
-    def flags(params: PyTree) -> list[bool]:
-        return jax.tree_util.tree_leaves(prunable_leaves(params, prunable))
-
-    def gated(params: PyTree, scores: PyTree) -> list[jax.Array]:
-        """The gate parameters of the prunable leaves, in leaf order."""
-        return [s for s, f in zip(jax.tree_util.tree_leaves(scores), flags(params), strict=True)
-                if f]
-
-    def noise_factor(step: jax.Array) -> jax.Array:
-        """``sigma_t / sigma`` at ``step`` (1 without ``sigma_final``)."""
-        if sigma_final is None:
-            return jnp.float32(1.0)
-        t = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
-        return 1.0 + (sigma_final / sigma - 1.0) * 0.5 * (1.0 - jnp.cos(jnp.pi * t))
-
-    def prob_open(s: jax.Array, step: jax.Array) -> jax.Array:
-        if sigma_final is None:
-            return form.prob_open(s)
-        return _normal_cdf(s / (sigma * noise_factor(step)))
-
-    def gate_mean(params: PyTree, scores: PyTree,
-                  per_gate: Callable[[jax.Array], jax.Array]) -> jax.Array:
-        """The mean of ``per_gate(g)`` over every gate parameter ``g`` (0 without gates)."""
-        leaves = gated(params, scores)
-        total = sum(int(s.size) for s in leaves)
-        if total == 0:
-            return jnp.float32(0.0)
-        return sum(jnp.sum(per_gate(s)) for s in leaves) / total
-
-    def expected_density(params: PyTree, scores: PyTree, step: jax.Array) -> jax.Array:
-        return gate_mean(params, scores, lambda s: prob_open(s, step))
-
-    def open_density(params: PyTree, scores: PyTree) -> jax.Array:
-        # 1.0 per open gate, summed in float32: exact up to 2**24 gates per leaf, and
-        # twice as fast on CPU as an int32 sum of the booleans.
-        return gate_mean(params, scores,
-                         lambda s: jnp.where(form.test_gate(s) > 0, 1.0, 0.0))
-
-    def hard_masks(state: SparseState) -> PyTree:
-        """The binary masks of ``state``'s gate parameters by the ``binarize`` rule."""
-        treedef = jax.tree_util.tree_structure(state.params)
-        is_gated = flags(state.params)
-        score_leaves = jax.tree_util.tree_leaves(state.scores)
-        if binarize in ("topk", "exact"):
-            chosen = iter(topk_mask(
-                [s for s, f in zip(score_leaves, is_gated, strict=True) if f], density,
-                scope="global", check_finite_scores=False))
-        masks = []
-        for leaf, s, f in zip(treedef.flatten_up_to(state.params), score_leaves, is_gated,
-                              strict=True):
-            if not f:
-                masks.append(jnp.ones(jnp.shape(leaf), bool))
-            elif binarize == "exact":
-                masks.append(next(chosen))
-            elif binarize == "topk":
-                masks.append(next(chosen) & (form.test_gate(s) > 0))
-            else:
-                masks.append(form.test_gate(s) > (0.0 if binarize == "open" else 0.5))
-        return jax.tree_util.tree_unflatten(treedef, masks)
-
-    def init(params: PyTree, rng: jax.Array, model_state: Any = None,
-             context: InitContext | None = None) -> SparseState:
-        del context
-        weight_key, gate_key = jax.random.split(jax.random.fold_in(rng, 0x67617465))
-        params = init_weights(params, weight_key, weight_init, density=density,
-                              prunable=prunable)
-        is_gated, treedef = jax.tree_util.tree_flatten(prunable_leaves(params, prunable))
-        leaves = treedef.flatten_up_to(params)
-        gated = sum(math.prod(jnp.shape(p)) for p, f in zip(leaves, is_gated, strict=True)
-                    if f)
-        if binarize in ("topk", "exact") and gated and num_kept(density, gated) == 0:
-            warn_empty_layers(density, [path_str(p) for (p, _), f in zip(
-                jax.tree_util.tree_flatten_with_path(params)[0], is_gated, strict=True)
-                if f])
-        keys = jax.random.split(gate_key, max(len(leaves), 1))
-        scores = jax.tree_util.tree_unflatten(treedef, [
-            form.init(k, jnp.shape(p)) if f else jnp.zeros((0,), jnp.float32)
-            for k, p, f in zip(keys, leaves, is_gated, strict=True)])
-        extra = {"lam": jnp.float32(lam)}
-        if noise == "pool":
-            # twice as many draws as gates: each step reads a window of one draw per gate
-            # at a random offset (materialize)
-            size = sum(int(jnp.size(p)) for p, f in zip(leaves, is_gated, strict=True) if f)
-            extra["noise_pool"] = form.noise(jax.random.fold_in(rng, 0x706F6F6C), (2 * size,))
-        return SparseState.create(
-            params=params, rng=rng, opt_state=optimizer.init(scores), scores=scores,
-            masks=dense_masks(params), model_state=model_state, extra=extra)
-
-    def step_noise(state: SparseState, key: jax.Array, shapes: list[tuple[int, ...]],
-                   is_gated: list[bool]) -> list[jax.Array | None]:
-        """This step's noise per leaf (None where a leaf has no gates): fresh draws, one key
-        per leaf, or (``noise='pool'``) a window of the pool at a random offset, cut into
-        the gated leaves' shapes."""
-        if noise == "fresh":
-            return draws_per_leaf(key, shapes, form.noise, is_gated)
-        pool = state.extra["noise_pool"]
-        size = pool.shape[0] // 2
-        window = jax.lax.dynamic_slice(pool, (jax.random.randint(key, (), 0, size + 1),),
-                                       (size,))
-        gated = [shape for shape, f in zip(shapes, is_gated, strict=True) if f]
-        parts = iter(jnp.split(window, np.cumsum([math.prod(g) for g in gated])[:-1]))
-        return [next(parts).reshape(shape) if f else None
-                for shape, f in zip(shapes, is_gated, strict=True)]
-
-    def materialize(state: SparseState, scores: PyTree) -> PyTree:
-        is_gated, treedef = jax.tree_util.tree_flatten(prunable_leaves(state.params, prunable))
-        factor = noise_factor(state.step)
-        weights = treedef.flatten_up_to(state.params)
-        draws = step_noise(state, step_key(state, 0x7A), [jnp.shape(w) for w in weights],
-                           is_gated)
-
-        def sample(s: jax.Array, eps: jax.Array) -> jax.Array:
-            return form.relax(s, eps if sigma_final is None else factor * eps)
-
-        out = [sample(s, eps).astype(jnp.result_type(w)) * w if f else w
-               for w, s, eps, f in zip(weights, jax.tree_util.tree_leaves(scores), draws,
-                                       is_gated, strict=True)]
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    def rounding_weight(step: jax.Array) -> jax.Array:
-        """``rounding * r_t``: 0 until the ramp ends, then linear to ``rounding``."""
-        start = ramp_steps if target_density is not None else 0
-        span = max(total_steps - start, 1)
-        t = jnp.clip((jnp.asarray(step, jnp.float32) - start) / span, 0.0, 1.0)
-        return rounding * t
-
-    def rounding_penalty(params: PyTree, scores: PyTree) -> jax.Array:
-        def per_gate(s: jax.Array) -> jax.Array:
-            c = form.test_gate(s)
-            return c * (1.0 - c)
-
-        return gate_mean(params, scores, per_gate)
-
-    def penalty(state: SparseState, scores: PyTree) -> jax.Array:
-        value = state.extra["lam"] * expected_density(state.params, scores, state.step)
-        if rounding > 0:
-            value = value + rounding_weight(state.step) * rounding_penalty(state.params, scores)
-        return value
-
-    def advance(state: SparseState) -> SparseState:
-        """The update after the optimizer: clipping, the controller, the step."""
-        scores = state.scores
-        if score_bounds is not None:
-            scores = jax.tree_util.tree_map(lambda s: jnp.clip(s, low, high), scores)
-        lam_now = state.extra["lam"]
-        if target_density is not None:
-            error = open_density(state.params, scores) - target_density(state.step + 1)
-            lam_now = jnp.maximum(lam_now + lam_rate * error, 0.0).astype(jnp.float32)
-            if lift_rate > 0:
-                lift = lift_rate * jnp.maximum(-error, 0.0)
-                if not lift_with_lam:  # while lam closes gates, it is not undone
-                    lift = jnp.where(lam_now > 0, 0.0, lift)
-
-                def raise_gates(s: jax.Array) -> jax.Array:
-                    up = s + lift.astype(s.dtype)
-                    if lift_scope == "closed":
-                        up = jnp.where(form.test_gate(s) > 0, s, up)
-                    return up if score_bounds is None else jnp.clip(up, low, high)
-
-                scores = jax.tree_util.tree_map(raise_gates, scores)
-        return state.replace(step=state.step + 1, scores=scores,
-                             extra={**state.extra, "lam": lam_now})
-
-    def update(state: SparseState, grads: PyTree, **extra_args: Any) -> SparseState:
-        scores, opt_state = apply_optimizer(optimizer, grads, state.opt_state, state.scores,
-                                            **extra_args)
-        return advance(state.replace(scores=scores, opt_state=opt_state))
-
-    def masked_params(state: SparseState, masks: PyTree) -> PyTree:
-        return zero_masked(state.params, masks)
-
+    settings = gate_settings(
+        gate=gate, sparsity=sparsity, lam=lam, lam_rate=lam_rate, ramp=ramp, sigma=sigma,
+        sigma_final=sigma_final, mu_init=mu_init, drop_init=drop_init, binarize=binarize,
+        score_bounds=score_bounds, rounding=rounding, lift_rate=lift_rate,
+        lift_scope=lift_scope, lift_with_lam=lift_with_lam, noise=noise,
+        weight_init=weight_init, total_steps=total_steps, prunable=prunable)
+    hard_masks = functools.partial(gate_masks, settings)
     method = Method(
         name="gates",
-        init=init,
+        init=functools.partial(init_gates, settings, optimizer),
         trainables=lambda state: state.scores,
-        materialize=materialize,
-        update=update,
-        effective_params=lambda state: masked_params(state, hard_masks(state)),
-        penalty=penalty,
+        materialize=functools.partial(gated_weights, settings),
+        update=functools.partial(_update, settings, optimizer),
+        effective_params=lambda state: _masked_params(state, hard_masks(state)),
+        penalty=functools.partial(gate_penalty, settings),
         hard_masks=hard_masks,
-        masked_params=masked_params,
+        masked_params=_masked_params,
     )
     return method._replace(outside=OutsideLoop(
-        with_trainables=lambda state, scores: state.replace(scores=scores), advance=advance,
+        with_trainables=lambda state, scores: state.replace(scores=scores),
+        advance=functools.partial(advance_gates, settings),
         refresh=lambda state: state, trains_weights=False, scores_layout="like_params",
         reads_step=True))
 
