@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import sparsejax.harness.lottery as lottery
+import sparsejax.harness.lottery.trainer as lottery
 from sparsejax.core.distributions import select_masks
 from sparsejax.core.transforms import zero_masked
 from sparsejax.harness.data import train_batches

@@ -187,7 +187,7 @@ def test_tfds_data_source_with_mock_data(tmp_path, name, image_shape, num_classe
     assert dataset.num_classes == num_classes
     assert dataset.train_images.dtype == np.float32 and dataset.train_labels.dtype == np.int32
     assert 0 <= dataset.train_labels.min() and dataset.train_labels.max() < num_classes
-    mean, std = data._IMAGE_MEAN_STD[name]
+    mean, std = data.IMAGE_MEAN_STD[name]
     raw_images = np.stack([example["image"] for example in raw_test])
     expected = (raw_images / 255.0 - np.array(mean)) / np.array(std)
     np.testing.assert_allclose(dataset.test_images, expected, rtol=1e-5, atol=1e-5)

@@ -4,8 +4,8 @@ the dataset's image shape, finite pixels, empty splits, integer labels."""
 import numpy as np
 import pytest
 
-from sparsejax.harness import data
 from sparsejax.harness.data import load_dataset
+from sparsejax.harness.data import tfds as data
 
 
 def _examples(n, shape=(28, 28, 1), label=3, dtype=np.uint8):

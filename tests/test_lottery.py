@@ -20,7 +20,6 @@ from sparsejax.harness.cli import main
 from sparsejax.harness.lottery import (
     LotteryConfig,
     Trainer,
-    _same_counts_random_mask,
     config_hash,
     imp_masks,
     instability,
@@ -28,6 +27,7 @@ from sparsejax.harness.lottery import (
     round_counts,
     run_lottery,
 )
+from sparsejax.harness.lottery import same_counts_random_mask as _same_counts_random_mask
 from sparsejax.io.checkpoint import Checkpointer
 
 TINY = dict(dataset="mnist1d", model="lenet300", batch_size=64, controls=())

@@ -27,14 +27,14 @@ from sparsejax.core.patterns import (
 from sparsejax.core.schedules import cubic_sparsity
 from sparsejax.harness.lottery import (
     LotteryConfig,
-    _config_from_args,
-    _same_counts_random_mask,
     add_commands,
     config_hash,
     imp_masks,
     round_counts,
 )
-from sparsejax.harness.lottery_masks import nm_rounds
+from sparsejax.harness.lottery import config_from_args as _config_from_args
+from sparsejax.harness.lottery import same_counts_random_mask as _same_counts_random_mask
+from sparsejax.harness.lottery.masks import nm_rounds
 from sparsejax.harness.training.loop import TrainConfig, build_method
 from sparsejax.methods.pruning import (
     exclude_pruned,

@@ -17,7 +17,7 @@ __all__ = ["main", "build_parser", "train_config"]
 Handler = Callable[[argparse.Namespace], int]
 
 # Modules that add subcommands: each has ``add_commands(subparsers) -> {name: handler}``.
-_COMMAND_MODULES = ("sparsejax.harness.lottery", "sparsejax.harness.tickets",
+_COMMAND_MODULES = ("sparsejax.harness.lottery.commands", "sparsejax.harness.tickets",
                     "sparsejax.harness.demo",
                     "sparsejax.harness.prune_run", "sparsejax.harness.launch")
 

@@ -26,16 +26,15 @@ from typing import Any
 import numpy as np
 
 from sparsejax.core.validation import is_int
-from sparsejax.harness.data import (
-    TEXT_FILE,
-    TEXT_TRAIN_FRACTION,
-    Dataset,
-    DatasetNotAvailableError,
-    tfds_sources,
-)
+from sparsejax.harness.data.dataset import TEXT_FILE, Dataset, DatasetNotAvailableError
+from sparsejax.harness.data.tfds import tfds_sources
 
-__all__ = ["load_text_dataset", "text_windows"]
+__all__ = ["DEFAULT_CONTEXT", "TEXT_TRAIN_FRACTION", "load_text_dataset", "text_windows"]
 
+DEFAULT_CONTEXT = 64
+"""Characters per example of a text dataset when no ``context`` is given (the GPT's
+default context)."""
+TEXT_TRAIN_FRACTION = 0.9
 TFDS_NAME = "tiny_shakespeare"
 
 
