@@ -1,8 +1,8 @@
 """Several processes for real: two processes of four simulated CPU devices each, started by
 ``sparsejax launch``, form one 8-device JAX job (``jax.distributed``, gloo collectives).
 
-One pair of processes (tests/multiprocess_worker.py) trains dense, RigL, SET, Edge-Popup
-and the gates on the sharded trainer, and RigL on pmap, each process feeding its own rows
+One pair of processes (tests/multiprocess_worker.py) trains RigL, SET, Edge-Popup and
+the gates on the sharded trainer, and RigL on pmap, each process feeding its own rows
 of every global batch. Its masks must be identical in both processes and equal, bit for
 bit, to a one-process run on 8 devices with the same global batches; params and scores
 agree to float rounding (the cross-process all-reduce adds the devices' partial gradients
