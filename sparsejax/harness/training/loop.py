@@ -33,7 +33,6 @@ from sparsejax.harness.data import (
     train_batches,
 )
 from sparsejax.harness.models import get_model, init_model
-from sparsejax.harness.provenance import provenance
 from sparsejax.harness.training.config import TrainConfig, build_method, run_length
 from sparsejax.harness.training.evaluation import (
     classification_loss,
@@ -48,15 +47,14 @@ from sparsejax.harness.training.run_folder import (
     CONFIG_FILE,
     KEEP_BEST,
     check_config,
-    check_resume,
     check_resume_data,
+    check_start,
     clear_run,
     holds_run,
     jsonable,
     run_lock,
-    saved_run,
 )
-from sparsejax.harness.training.run_output import MetricsLog, NoLog, ProgressBar
+from sparsejax.harness.training.run_output import MetricsLog, NoLog, ProgressBar, result_record
 from sparsejax.harness.training.stops import Guard, RunStopped
 from sparsejax.io.checkpoint import Checkpointer, CheckpointError
 from sparsejax.io.files import read_json, write_json
@@ -180,17 +178,7 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
     checkpointer = Checkpointer(out / "checkpoints", max_to_keep=config.keep_checkpoints,
                                 async_save=True, best_metric=config.keep_best,
                                 best_mode=KEEP_BEST.get(config.keep_best, "min"))
-    resume_step = None
-    previous: dict[str, Any] | None = None
-    if config.resume:
-        resume_step = check_resume(config, out, checkpointer)
-        previous = saved_run(out, checkpointer, resume_step)
-    elif primary:  # the others do not look: process 0 may have begun writing
-        existing = holds_run(out)
-        if existing and not config.overwrite:
-            raise FileExistsError(
-                f"{out} already holds a run ({', '.join(existing)}); pass --resume to "
-                "continue it, --overwrite to replace it, or choose another --out")
+    resume_step, previous = check_start(config, out, checkpointer, primary)
     # check_config ran at the top of train
     run = _prepare(config, abstract_state=resume_step is not None)
     dataset, model, method, state = run.dataset, run.model, run.method, run.state
@@ -216,9 +204,6 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
     out.mkdir(parents=True, exist_ok=True)
     previous_steps = None if previous is None else previous.get(
         "total_steps", previous.get("steps"))
-    eval_every = config.eval_every or batches_per_epoch
-    checkpoint_every = config.checkpoint_every or batches_per_epoch
-
     start_step, skipped_before, last_saved = 0, 0, None
     # the device layout of every stretch of the run (a resume may change it): checkpoints
     # carry the history, result.json reports it
@@ -256,70 +241,13 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
         trainer = make_trainer(config.parallel, method, classification_loss(model),
                                skip_nonfinite=config.nonfinite == "skip")
         state = trainer.put_state(state)
-        eval_step = jax.jit(make_eval_step(model))
-        effective_params = jax.jit(method.effective_params)
-
-        def evaluate_state(state: SparseState) -> tuple[dict[str, float], float]:
-            """Test metrics (and, with a validation split, ``validation_accuracy`` and
-            ``validation_loss``) and measured sparsity, from one ``effective_params``."""
-            params = effective_params(state)
-            metrics = evaluate(eval_step, (params, state.model_state), dataset)
-            if run.validation is not None:
-                held = evaluate(eval_step, (params, state.model_state), run.validation)
-                metrics.update(validation_accuracy=held["accuracy"],
-                               validation_loss=held["loss"])
-            return metrics, measured_sparsity(params)
-
+        evaluate_state = _evaluator(run)
         progress = ProgressBar(config.progress and primary, total_steps, start_step)
         guard.add(progress.close)
-        stream = train_batches(dataset, config.batch_size, config.seed,
-                               DataPosition.from_step(start_step, batches_per_epoch))
-        pending: list[dict[str, jax.Array]] = []
-        window_start, skipped = time.time(), 0
-        final_step_finite = True
-        last_eval: dict[str, float] = {}
-        last_sparsity = 0.0
-        for step in range(start_step + 1, total_steps + 1):
-            guard.check()  # a SIGINT or SIGTERM stops the run here, between two steps
-            _, batch = next(stream)
-            if jax.process_count() > 1:
-                batch = shard_for_process(batch, jax.process_index(), jax.process_count())
-            state, metrics = trainer.step(state, trainer.put_batch(batch))
-            guard.step = step
-            pending.append(metrics)
-            log_now = step % config.log_every == 0 or step == total_steps
-            save_now = step % checkpoint_every == 0 or step == total_steps
-            # keep-best ranks every checkpoint by a metric of its own state
-            eval_now = (step % eval_every == 0 or step == total_steps
-                        or (save_now and config.keep_best is not None))
-            if not (log_now or eval_now or save_now):
-                continue
-            # Every pending step is checked before anything is logged or saved, so a
-            # checkpoint never holds a state that a NaN has reached.
-            record = _summarise(pending, step, window_start, config.nonfinite, last_saved)
-            skipped += record.pop("skipped", 0)
-            final_step_finite = record.pop("last_finite")
-            pending, window_start = [], time.time()
-            logical = trainer.get_state(state)
-            if eval_now:
-                last_eval, last_sparsity = evaluate_state(logical)
-                record.update({"test_accuracy": last_eval["accuracy"],
-                               "test_loss": last_eval["loss"], "sparsity": last_sparsity})
-                record.update({k: v for k, v in last_eval.items()
-                               if k.startswith("validation_")})
-            if log_now or eval_now:
-                log.write(record)
-                progress.update(step, record)
-            if save_now and checkpoints:
-                checkpointer.save(step, logical, {
-                    "position": DataPosition.from_step(step, batches_per_epoch)._asdict(),
-                    "config": dataclasses.asdict(config),
-                    "data": data_fingerprint,
-                    "skipped_nonfinite_steps": skipped_before + skipped,
-                    "layouts": layouts},
-                    **({} if config.keep_best is None
-                       else {"metrics": {config.keep_best: last_eval[config.keep_best]}}))
-                last_saved = step
+        end = _train_steps(config, run, trainer, state, evaluate_state, _Stretch(
+            start_step=start_step, checkpoints=checkpoints, fingerprint=data_fingerprint,
+            skipped_before=skipped_before, layouts=layouts, last_saved=last_saved),
+            guard, log, progress, checkpointer)
     except RunStopped:
         raise
     except (OSError, CheckpointError) as error:  # a full disk, a failed save
@@ -329,31 +257,15 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
         raise
     guard.close()  # waits for the last checkpoint; its failure stops the run too
 
-    state = trainer.get_state(state)
+    state = trainer.get_state(end.state)
+    last_eval, last_sparsity, skipped = end.last_eval, end.last_sparsity, end.skipped
     if not last_eval:
         last_eval, last_sparsity = evaluate_state(state)
-    result = {
-        "method": config.method,
-        "model": config.model,
-        "dataset": config.dataset,
-        "sparsity": last_sparsity,
-        "test_accuracy": last_eval["accuracy"],
-        "test_loss": last_eval["loss"],
-        **{k: v for k, v in last_eval.items() if k.startswith("validation_")},
-        "steps": total_steps,
-        "resumed_from_step": start_step,
-        "skipped_nonfinite_steps": skipped_before + skipped,
-        **layout,  # this stretch's; "layouts": every stretch's, from its first step
-        "layouts": layouts,
-        "wall_seconds": time.time() - started,
-        "backend": jax.default_backend(),
-        "config": dataclasses.asdict(config),
-        "config_sources": sources,
-        "provenance": provenance(),
-    }
+    result = result_record(config, sources, total_steps, start_step, skipped_before + skipped,
+                     layouts, last_eval, last_sparsity, started)
     if previous_steps is not None and previous_steps != total_steps:
         result["extended_from_steps"] = previous_steps  # the length the run began with
-    failure = _nonfinite_failure(config, result, final_step_finite)
+    failure = _nonfinite_failure(config, result, end.final_step_finite)
     result["failed"] = failure
     if primary:
         try:
@@ -363,6 +275,102 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
     if failure is not None:
         raise FloatingPointError(f"{failure}; the facts are in {out / 'result.json'}")
     return result
+
+
+def _evaluator(run: Run) -> Any:
+    """``state -> (metrics, measured sparsity)``: test metrics (and, with a validation
+    split, ``validation_accuracy`` and ``validation_loss``) from one ``effective_params``."""
+    eval_step = jax.jit(make_eval_step(run.model))
+    effective_params = jax.jit(run.method.effective_params)
+
+    def evaluate_state(state: SparseState) -> tuple[dict[str, float], float]:
+        params = effective_params(state)
+        metrics = evaluate(eval_step, (params, state.model_state), run.dataset)
+        if run.validation is not None:
+            held = evaluate(eval_step, (params, state.model_state), run.validation)
+            metrics.update(validation_accuracy=held["accuracy"], validation_loss=held["loss"])
+        return metrics, measured_sparsity(params)
+
+    return evaluate_state
+
+
+class _Stretch(NamedTuple):
+    """Where this stretch of a run starts and what its checkpoints record."""
+
+    start_step: int
+    checkpoints: bool  # whether this run writes checkpoints
+    fingerprint: Any  # the data's, saved with every checkpoint
+    skipped_before: int  # non-finite steps skipped before start_step
+    layouts: list[dict[str, Any]]  # the device layout of every stretch so far
+    last_saved: int | None
+
+
+class _LoopEnd(NamedTuple):
+    state: Any  # the trainer's state after the last step
+    skipped: int  # non-finite steps skipped in this stretch
+    final_step_finite: bool
+    last_eval: dict[str, float]
+    last_sparsity: float
+
+
+def _train_steps(config: TrainConfig, run: Run, trainer: Any, state: Any,
+                 evaluate_state: Any, stretch: _Stretch, guard: Guard, log: Any,
+                 progress: ProgressBar, checkpointer: Checkpointer) -> _LoopEnd:
+    """The steps from ``stretch.start_step + 1`` to the end: train, and at their
+    intervals log, evaluate and checkpoint; a SIGINT or SIGTERM stops between steps."""
+    start_step, last_saved = stretch.start_step, stretch.last_saved
+    batches_per_epoch, total_steps = run.batches_per_epoch, run.total_steps
+    eval_every = config.eval_every or batches_per_epoch
+    checkpoint_every = config.checkpoint_every or batches_per_epoch
+    stream = train_batches(run.dataset, config.batch_size, config.seed,
+                           DataPosition.from_step(start_step, batches_per_epoch))
+    pending: list[dict[str, jax.Array]] = []
+    window_start, skipped = time.time(), 0
+    final_step_finite = True
+    last_eval: dict[str, float] = {}
+    last_sparsity = 0.0
+    for step in range(start_step + 1, total_steps + 1):
+        guard.check()  # a SIGINT or SIGTERM stops the run here, between two steps
+        _, batch = next(stream)
+        if jax.process_count() > 1:
+            batch = shard_for_process(batch, jax.process_index(), jax.process_count())
+        state, metrics = trainer.step(state, trainer.put_batch(batch))
+        guard.step = step
+        pending.append(metrics)
+        log_now = step % config.log_every == 0 or step == total_steps
+        save_now = step % checkpoint_every == 0 or step == total_steps
+        # keep-best ranks every checkpoint by a metric of its own state
+        eval_now = (step % eval_every == 0 or step == total_steps
+                    or (save_now and config.keep_best is not None))
+        if not (log_now or eval_now or save_now):
+            continue
+        # Every pending step is checked before anything is logged or saved, so a
+        # checkpoint never holds a state that a NaN has reached.
+        record = _summarise(pending, step, window_start, config.nonfinite, last_saved)
+        skipped += record.pop("skipped", 0)
+        final_step_finite = record.pop("last_finite")
+        pending, window_start = [], time.time()
+        logical = trainer.get_state(state)
+        if eval_now:
+            last_eval, last_sparsity = evaluate_state(logical)
+            record.update({"test_accuracy": last_eval["accuracy"],
+                           "test_loss": last_eval["loss"], "sparsity": last_sparsity})
+            record.update({k: v for k, v in last_eval.items()
+                           if k.startswith("validation_")})
+        if log_now or eval_now:
+            log.write(record)
+            progress.update(step, record)
+        if save_now and stretch.checkpoints:
+            checkpointer.save(step, logical, {
+                "position": DataPosition.from_step(step, batches_per_epoch)._asdict(),
+                "config": dataclasses.asdict(config),
+                "data": stretch.fingerprint,
+                "skipped_nonfinite_steps": stretch.skipped_before + skipped,
+                "layouts": stretch.layouts},
+                **({} if config.keep_best is None
+                   else {"metrics": {config.keep_best: last_eval[config.keep_best]}}))
+            last_saved = step
+    return _LoopEnd(state, skipped, final_step_finite, last_eval, last_sparsity)
 
 
 def _nonfinite_failure(config: TrainConfig, result: dict[str, Any],

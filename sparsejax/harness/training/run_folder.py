@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["SEED_MAX", "RESUMABLE_FIELDS", "CONFIG_FILE", "RUN_FILES", "check_config",
            "config_differences", "check_resume", "check_resume_data", "holds_run",
            "clear_run", "jsonable", "saved_run", "run_lock", "LOCK_FILE", "KEEP_BEST",
-           "FinishedRun", "restore_finished_run"]
+           "FinishedRun", "restore_finished_run", "check_start"]
 
 
 SEED_MAX = 2**32 - 1  # the data generators (mnist1d, numpy) take 32-bit seeds
@@ -295,3 +295,20 @@ def restore_finished_run(run_dir: str | Path,
         step, state, _ = checkpointer.restore(run.state)
         checkpoint_dir = checkpointer.step_dir(step)
     return FinishedRun(config, run, step, state, result, checkpoint_dir)
+
+
+def check_start(config: TrainConfig, out: Path, checkpointer: Checkpointer,
+                primary: bool) -> tuple[int | None, dict[str, Any] | None]:
+    """``(step to resume from, the saved run's config.json)`` for ``--resume`` (checked
+    against this run), else ``(None, None)`` once ``out`` is known to hold no run that
+    this one would silently replace."""
+    if config.resume:
+        resume_step = check_resume(config, out, checkpointer)
+        return resume_step, saved_run(out, checkpointer, resume_step)
+    if primary:  # the others do not look: process 0 may have begun writing
+        existing = holds_run(out)
+        if existing and not config.overwrite:
+            raise FileExistsError(
+                f"{out} already holds a run ({', '.join(existing)}); pass --resume to "
+                "continue it, --overwrite to replace it, or choose another --out")
+    return None, None

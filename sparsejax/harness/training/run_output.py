@@ -21,20 +21,25 @@ a resume can always continue), TensorBoard events, and the progress bar.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
+
 from sparsejax.harness._extras import require
+from sparsejax.harness.provenance import provenance
 from sparsejax.io.files import write_atomic, write_failure
 
 __all__ = ["MetricsLog", "NoLog", "ProgressBar", "repair_metrics", "tensorboard_writer",
-           "LogRepair"]
+           "LogRepair", "result_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -227,3 +232,31 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def result_record(config: Any, sources: dict[str, str], total_steps: int, start_step: int,
+                  skipped: int, layouts: list[dict[str, Any]], last_eval: dict[str, float],
+                  sparsity: float, started: float) -> dict[str, Any]:
+    """``result.json`` of a finished run: its final evaluation, its length and layouts
+    (``layouts[-1]`` is this stretch's, also given at the top level), its config and where
+    each value came from, and its provenance."""
+    layout = {k: v for k, v in layouts[-1].items() if k != "from_step"}
+    return {
+        "method": config.method,
+        "model": config.model,
+        "dataset": config.dataset,
+        "sparsity": sparsity,
+        "test_accuracy": last_eval["accuracy"],
+        "test_loss": last_eval["loss"],
+        **{k: v for k, v in last_eval.items() if k.startswith("validation_")},
+        "steps": total_steps,
+        "resumed_from_step": start_step,
+        "skipped_nonfinite_steps": skipped,
+        **layout,  # this stretch's; "layouts": every stretch's, from its first step
+        "layouts": layouts,
+        "wall_seconds": time.time() - started,
+        "backend": jax.default_backend(),
+        "config": dataclasses.asdict(config),
+        "config_sources": sources,
+        "provenance": provenance(),
+    }
