@@ -119,17 +119,9 @@ from sparsejax.methods.pruning import (
     synflow_masks,
     synflow_scores,
 )
-from sparsejax.methods.strong import (
-    WEIGHT_INITS,
-    binarize,
-    binarized_supermask,
-    biprop,
-    edge_popup,
-    init_scores,
-    init_weights,
-    score_supermask,
-    supermask_weights,
-)
+from sparsejax.methods.strong import biprop, edge_popup, score_supermask, supermask_weights
+from sparsejax.methods.strong_init import WEIGHT_INITS, init_scores, init_weights
+from sparsejax.methods.supermask import binarize, binarized_supermask
 from sparsejax.posttrain.capture import capture_dense_inputs, capture_linear_inputs
 from sparsejax.posttrain.pruners import (
     POSTTRAIN_METHODS,

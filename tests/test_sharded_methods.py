@@ -22,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding
 from toy_mlp import build_toy_method, fc_params
 
 import sparsejax
-from sparsejax.methods.strong import TOPK_CUTS_KEY
+from sparsejax.methods.supermask import TOPK_CUTS_KEY
 
 N_DEVICES = 8
 

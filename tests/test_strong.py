@@ -11,16 +11,9 @@ from toy_mlp import batches, mlp_loss, mlp_params
 
 from sparsejax import get_method, make_train_step, num_kept, stateless_loss
 from sparsejax.harness.training.loop import TrainConfig, build_method
-from sparsejax.methods.strong import (
-    binarize,
-    binarized_supermask,
-    biprop,
-    edge_popup,
-    fans,
-    init_scores,
-    init_weights,
-    supermask_weights,
-)
+from sparsejax.methods.strong import biprop, edge_popup, supermask_weights
+from sparsejax.methods.strong_init import fans, init_scores, init_weights
+from sparsejax.methods.supermask import binarize, binarized_supermask
 
 
 def lenet_params(key, bias=True):

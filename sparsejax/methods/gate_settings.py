@@ -23,7 +23,7 @@ from sparsejax.core.masks import Prunable, default_prunable
 from sparsejax.core.schedules import cubic_sparsity
 from sparsejax.core.validation import check_sparsity
 from sparsejax.methods.gate_forms import GATE_FORMS, GateForm, gaussian_gate, hard_concrete_gate
-from sparsejax.methods.strong import WEIGHT_INITS
+from sparsejax.methods.strong_init import WEIGHT_INITS
 
 __all__ = ["BINARIZE_RULES", "GateSettings", "gate_settings", "target_density",
            "noise_factor", "rounding_weight"]

@@ -106,7 +106,7 @@ from sparsejax.methods.gate_settings import (
     target_density,
 )
 from sparsejax.methods.registry import register_method
-from sparsejax.methods.strong import init_weights
+from sparsejax.methods.strong_init import init_weights
 
 __all__ = [
     "GateForm",
@@ -412,9 +412,9 @@ def gates(
         (chance ``1 / (N + 1)``). It replaces the step's random-number generation (on
         CPU about a dense step's time on LeNet-300-100) by a copy, at the cost of two
         floats of memory per gate (docs/benchmarks.md).
-      weight_init: one of :data:`sparsejax.methods.strong.WEIGHT_INITS` (default: signed
+      weight_init: one of :data:`sparsejax.methods.strong_init.WEIGHT_INITS` (default: signed
         Kaiming constant, Edge-Popup's best), drawn once at init by
-        :func:`sparsejax.methods.strong.init_weights`; the ``scaled_*`` variants divide the
+        :func:`sparsejax.methods.strong_init.init_weights`; the ``scaled_*`` variants divide the
         scale by ``sqrt(1 - sparsity)`` and need a target sparsity.
       total_steps: the run's length (the harness passes it), for the ramp.
       prunable: which leaves get gates; the others are used as they are.
