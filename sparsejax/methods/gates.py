@@ -299,9 +299,9 @@ def advance_gates(settings: GateSettings, state: SparseState) -> SparseState:
     if bounds is not None:
         scores = jax.tree_util.tree_map(lambda s: jnp.clip(s, *bounds), scores)
     lam_now = state.extra["lam"]
-    target = target_density(settings, state.step + 1)
-    if target is not None:
-        error = open_density(settings, state.params, scores) - target
+    if settings.sparsity is not None:  # a target: the controller (and the lift)
+        error = (open_density(settings, state.params, scores)
+                 - target_density(settings, state.step + 1))
         lam_now = jnp.maximum(lam_now + settings.lam_rate * error, 0.0).astype(jnp.float32)
         if settings.lift_rate > 0:
             lift = settings.lift_rate * jnp.maximum(-error, 0.0)
