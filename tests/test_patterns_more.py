@@ -44,7 +44,7 @@ from sparsejax.methods.pruning import (
     synflow_masks,
     synflow_scores,
 )
-from sparsejax.methods.pruning_tables import _PatternTable, pattern_masks_for_densities
+from sparsejax.methods.pruning_tables import _PatternTable, masks_for_densities
 
 KERNELS = (("Dense_0", "kernel"), ("Dense_1", "kernel"))
 
@@ -255,7 +255,7 @@ def test_scheduled_pattern_errors(params):
     with pytest.raises(ValueError, match=r"gradual_magnitude: .*Dense_0/kernel: .*by 8"):
         method.init(params, jax.random.PRNGKey(0))  # at init, before any training
     with pytest.raises(ValueError, match=r"density 0.4 would keep 2 of every 4, fewer"):
-        pattern_masks_for_densities(params, [0.4, 0.75], "3:4")
+        masks_for_densities(params, [0.4, 0.75], pattern="3:4")
 
 
 # ---------------------------------------------------------------------------- lottery

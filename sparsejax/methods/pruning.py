@@ -57,12 +57,7 @@ from sparsejax.methods.pruning_scores import (
     snip_scores,
     synflow_scores,
 )
-from sparsejax.methods.pruning_tables import (
-    _CountTable,
-    _PatternTable,
-    masks_for_densities,
-    pattern_masks_for_densities,
-)
+from sparsejax.methods.pruning_tables import masks_for_densities, schedule_table
 from sparsejax.methods.registry import register_method
 
 __all__ = [
@@ -100,7 +95,7 @@ def synflow_masks(
     ``density ** (k / iterations)`` (an exponential schedule), pruned weights excluded.
 
     With a structured ``pattern`` every round's mask obeys it
-    (:func:`~sparsejax.methods.pruning_tables.pattern_masks_for_densities`): ``block:B``
+    (:func:`~sparsejax.methods.pruning_tables.masks_for_densities`): ``block:B``
     and ``channel`` rounds keep whole blocks or output channels, ranked by the sum of
     their SynFlow scores, each layer at the density the distribution gives it (not
     ``'global'``). ``N:M`` fixes the density at ``N / M`` (``density`` may be ``None``)
@@ -131,14 +126,12 @@ def synflow_masks(
     except ValueError as error:
         raise named_error("synflow", error) from None
     schedule = [density ** (k / iterations) for k in range(1, iterations + 1)]
-    if pattern.ranks_globally:
-        table = _CountTable.of(params, schedule, distribution, prunable, overrides)
-    else:
-        try:
-            table = _PatternTable.of(params, schedule, pattern, distribution, prunable,
-                                     overrides).distinct()
-        except ValueError as error:
-            raise named_error("synflow", error) from None
+    try:
+        table = schedule_table(params, schedule, distribution, pattern, prunable, overrides)
+    except ValueError as error:
+        raise named_error("synflow", error) from None
+    if not pattern.ranks_globally:  # a repeated row of unit counts keeps the mask it is given
+        table = table.distinct()
     rounds = _synflow_rounds
     try:
         hash(apply_fn)
@@ -149,7 +142,7 @@ def synflow_masks(
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "input_shape", "table"))
 def _synflow_rounds(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
-                    input_shape: tuple[int, ...], table: _CountTable | _PatternTable
+                    input_shape: tuple[int, ...], table: Any
                     ) -> PyTree:
     """The rounds of :func:`synflow_masks`, compiled once per ``apply_fn``, shapes and
     counts (an eager loop over a fresh closure would compile again on every call)."""
@@ -219,7 +212,7 @@ def scheduled_magnitude(
     the newly pruned weights are set to exactly zero. Runs inside ``update`` under ``jit``.
 
     With a structured ``pattern`` every pruning step's mask obeys it
-    (:func:`~sparsejax.methods.pruning_tables.pattern_masks_for_densities`): ``block:B``
+    (:func:`~sparsejax.methods.pruning_tables.masks_for_densities`): ``block:B``
     and ``channel`` prune whole blocks or output channels (by the sum of their ``|w|``)
     down to each step's layer density; ``N:M`` fixes the last sparsity at ``1 - N / M``
     and steps the count per group down with the schedule: step ``j`` keeps
@@ -260,16 +253,12 @@ def scheduled_magnitude(
         key = str(shapes)  # the per-leaf split depends on the shapes only
         if key not in select_holder:
             densities = [1.0 - s for s in sparsities]
-            if pattern.ranks_globally:
+            try:
                 select_holder[key] = masks_for_densities(
-                    shapes, densities, distribution, prunable=prunable, overrides=overrides)
-            else:
-                try:
-                    select_holder[key] = pattern_masks_for_densities(
-                        shapes, densities, pattern, distribution, prunable=prunable,
-                        overrides=overrides)
-                except ValueError as error:
-                    raise named_error(name, error) from None
+                    shapes, densities, distribution, pattern=pattern, prunable=prunable,
+                    overrides=overrides)
+            except ValueError as error:
+                raise named_error(name, error) from None
         return select_holder[key]
 
     def update_with(state: SparseState, grads: PyTree, due: jax.Array | bool,

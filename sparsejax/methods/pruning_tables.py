@@ -2,10 +2,10 @@
 counts of every density are computed on the host from shapes alone, once, and the
 selection inside a compiled loop or update is an exact top-k with a traced count.
 
-:func:`masks_for_densities` is :func:`sparsejax.select_masks` for such schedules
-(unstructured); :func:`pattern_masks_for_densities` the same within a sparsity pattern
-(:mod:`sparsejax.core.patterns`). SynFlow's rounds and the scheduled magnitude pruners
-(gradual magnitude, magnitude after ``prune_step`` steps) choose their masks here.
+:func:`masks_for_densities` is :func:`sparsejax.select_masks` for such schedules, in any
+sparsity pattern (:mod:`sparsejax.core.patterns`). SynFlow's rounds and the scheduled
+magnitude pruners (gradual magnitude, magnitude after ``prune_step`` steps) choose their
+masks here.
 """
 
 from __future__ import annotations
@@ -22,27 +22,60 @@ from sparsejax.core.masks import Prunable, default_prunable
 from sparsejax.core.patterns import Pattern, as_pattern, pattern_topk, pattern_units
 from sparsejax.core.topk import num_kept, topk_mask
 
-__all__ = ["masks_for_densities", "pattern_masks_for_densities"]
+__all__ = ["masks_for_densities", "schedule_table"]
 
 PyTree = Any
 
 
 def masks_for_densities(
-    params: PyTree, densities: Sequence[float], distribution: str = "global", *,
-    prunable: Prunable = default_prunable, overrides: Mapping[str, float] | None = None,
+    params: PyTree, densities: Sequence[float], distribution: str | None = None, *,
+    pattern: str | Pattern = "unstructured", prunable: Prunable = default_prunable,
+    overrides: Mapping[str, float] | None = None,
 ) -> Callable[[PyTree, jax.Array], PyTree]:
-    """``select(scores, index) -> masks`` keeping the total ``densities[index]``, where
-    ``index`` may be traced: the per-leaf split of each density is computed here once (on
-    the host, from shapes) and the selection under ``jit`` is :func:`sparsejax.topk_mask`
-    with a traced density. It is :func:`select_masks` for schedules of densities.
+    """``select(scores, index) -> masks`` keeping what :func:`sparsejax.select_masks` keeps
+    at ``densities[index]`` (in ``pattern``), where ``index`` may be traced: the counts of
+    every density are computed here once (on the host, from shapes) and the selection
+    under ``jit`` is an exact top-k with a traced count. ``distribution`` defaults to
+    ``'global'`` where the pattern ranks single weights (unstructured), else ``'uniform'``.
+
+    * unstructured: each leaf's count (or one joint count, ``'global'``), with
+      :func:`sparsejax.topk_mask`;
+    * ``block:B`` / ``channel``: each leaf's count of whole blocks or output channels,
+      ``num_kept(layer density, units)`` with the layer density the distribution (and
+      ``overrides``) give at ``densities[index]``;
+    * ``N:M``: the pattern fixes the final density, so ``densities[-1]`` must be
+      ``N / M``; an earlier density ``d`` keeps ``num_kept(d, M)`` of every group of
+      ``M`` (an ``N':M`` mask; e.g. 1.0, 0.8, 0.5 with 2:4 give 4:4, 3:4, 2:4), in every
+      prunable leaf whatever the distribution. No density may keep fewer than ``N``.
+
+    The checks of :func:`sparsejax.select_masks` (the leaves' shapes, ``'global'`` with
+    blocks or channels, partial overrides with N:M) run here, up front.
 
     >>> import jax.numpy as jnp
     >>> select = masks_for_densities({"w": jnp.zeros((2, 2))}, [0.75, 0.25], "uniform")
     >>> select({"w": jnp.array([[4.0, 3.0], [2.0, 1.0]])}, jnp.int32(1))["w"]
     Array([[ True, False],
            [False, False]], dtype=bool)
+    >>> select = masks_for_densities({"w": jnp.zeros((8, 2))}, [0.8, 0.5], pattern="2:4")
+    >>> scores = {"w": jnp.arange(16.0).reshape(8, 2)}
+    >>> [int(select(scores, jnp.int32(i))["w"].sum()) for i in range(2)]  # 3:4, then 2:4
+    [12, 8]
     """
-    return _CountTable.of(params, densities, distribution, prunable, overrides).select
+    return schedule_table(params, densities, distribution, pattern, prunable, overrides).select
+
+
+def schedule_table(params: PyTree, densities: Sequence[float], distribution: str | None,
+                   pattern: str | Pattern, prunable: Prunable,
+                   overrides: Mapping[str, float] | None) -> _CountTable | _PatternTable:
+    """The hashable table of counts behind :func:`masks_for_densities` (its ``select``
+    chooses the masks of a density): single weights (unstructured) take the tree-wide
+    counts of :func:`sparsejax.kept_counts`, the other patterns a count of units per
+    patterned leaf."""
+    pattern = as_pattern(pattern)
+    if pattern.ranks_globally:
+        return _CountTable.of(params, densities, distribution or "global", prunable, overrides)
+    return _PatternTable.of(params, densities, pattern, distribution or "uniform", prunable,
+                            overrides)
 
 
 class _CountTable(NamedTuple):
@@ -89,37 +122,6 @@ class _CountTable(NamedTuple):
         return jax.tree_util.tree_unflatten(treedef, masks)
 
 
-def pattern_masks_for_densities(
-    params: PyTree, densities: Sequence[float], pattern: str | Pattern,
-    distribution: str = "uniform", *, prunable: Prunable = default_prunable,
-    overrides: Mapping[str, float] | None = None,
-) -> Callable[[PyTree, jax.Array], PyTree]:
-    """:func:`masks_for_densities` within a structured ``pattern``: ``select(scores,
-    index)`` keeps, in every prunable leaf, what :func:`sparsejax.select_masks` with this
-    pattern keeps at ``densities[index]``, with ``index`` traced.
-
-    * ``block:B`` / ``channel``: each leaf's count of whole blocks or output channels,
-      ``num_kept(layer density, units)`` with the layer density the distribution (and
-      ``overrides``) give at ``densities[index]``.
-    * ``N:M``: the pattern fixes the final density, so ``densities[-1]`` must be
-      ``N / M``; an earlier density ``d`` keeps ``num_kept(d, M)`` of every group of
-      ``M`` (an ``N':M`` mask; e.g. 1.0, 0.8, 0.5 with 2:4 give 4:4, 3:4, 2:4), in every
-      prunable leaf whatever the distribution. No density may keep fewer than ``N``.
-
-    The checks of :func:`sparsejax.select_masks` (the leaves' shapes, ``'global'`` with
-    blocks or channels, partial overrides with N:M) run here, up front.
-
-    >>> import jax.numpy as jnp
-    >>> params = {"w": jnp.zeros((8, 2))}
-    >>> select = pattern_masks_for_densities(params, [0.8, 0.5], "2:4")
-    >>> scores = {"w": jnp.arange(16.0).reshape(8, 2)}
-    >>> [int(select(scores, jnp.int32(i))["w"].sum()) for i in range(2)]  # 3:4, then 2:4
-    [12, 8]
-    """
-    return _PatternTable.of(params, densities, as_pattern(pattern), distribution, prunable,
-                            overrides).select
-
-
 class _PatternTable(NamedTuple):
     """Per density (row of ``counts``), the :func:`~sparsejax.core.patterns.pattern_topk`
     count of each patterned leaf ``leaves`` (one column each; per group for N:M, whole
@@ -137,8 +139,8 @@ class _PatternTable(NamedTuple):
         if not densities:
             raise ValueError("give at least one density")
         if pattern.ranks_globally:
-            raise ValueError("pattern_masks_for_densities needs a structured pattern; "
-                             "use masks_for_densities for 'unstructured'")
+            raise ValueError("the pattern table is for patterns of units; single weights "
+                             "take the count table (schedule_table chooses)")
         densities = [float(d) for d in densities]
         # select_masks' own checks, on shapes, at the final density
         jax.eval_shape(lambda p: select_masks(p, densities[-1], distribution,
