@@ -236,9 +236,9 @@ def test_counts_are_exact_for_leaves_beyond_float32_densities():
     # engine passes counts to its search; the drop keeps exactly n_active - n_drop.
     size = 2**24 + 3
     scores = jax.random.uniform(jax.random.PRNGKey(0), (size,))
+    keep = jax.jit(lambda s, c: topk_rows([s[None]], [c[None]])[0][0])  # traced once
     for count in (size - 2, 12_345_677):  # 2**24 + 1 (odd), and one below 2**24
-        mask = jax.jit(lambda s, c: topk_rows([s[None]], [c[None]])[0][0])(
-            scores, jnp.int32(count))
+        mask = keep(scores, jnp.int32(count))
         assert int(mask.sum()) == count
         assert float(jnp.min(jnp.where(mask, scores, 2.0))) >= float(
             jnp.max(jnp.where(mask, -1.0, scores)))
