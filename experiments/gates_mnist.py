@@ -64,7 +64,7 @@ from strong_common import (  # noqa: E402
     train_once,
 )
 
-import sparsejax.harness.training.loop as loop  # noqa: E402
+import sparsejax.harness.training.setup as setup  # noqa: E402  (load_dataset, patched below)
 from sparsejax.harness.training.loop import TrainConfig  # noqa: E402
 
 OUTPUT = RESULTS / "gates_mnist.json"
@@ -148,7 +148,7 @@ TUNE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 def validation_split() -> Iterator[None]:
     """Within this block the harness trains on 50,000 of the MNIST training images and
     reports its "test" accuracy on the other 10,000 (the real test set is not read)."""
-    original = loop.load_dataset
+    original = setup.load_dataset
 
     def load(*args: Any, **kwargs: Any) -> Any:
         data = original(*args, **kwargs)
@@ -159,11 +159,11 @@ def validation_split() -> Iterator[None]:
                              test_images=data.train_images[held],
                              test_labels=data.train_labels[held])
 
-    loop.load_dataset = load
+    setup.load_dataset = load
     try:
         yield
     finally:
-        loop.load_dataset = original
+        setup.load_dataset = original
 
 
 def run(name: str, method: str, sparsity: float, epochs: int, training: dict[str, Any],

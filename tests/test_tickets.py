@@ -40,7 +40,7 @@ def generate_mnist1d_once():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sparsejax.harness.data, "load_dataset", cached)
-        patch.setattr(sparsejax.harness.training.loop, "load_dataset", cached)
+        patch.setattr(sparsejax.harness.training.setup, "load_dataset", cached)
         yield
 
 

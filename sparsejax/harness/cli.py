@@ -40,9 +40,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     from sparsejax.engine.parallel import PARALLEL_MODES
     from sparsejax.harness.data import DATASET_NAMES
     from sparsejax.harness.models import MODEL_NAMES
+    from sparsejax.harness.training.config import KEEP_BEST
     from sparsejax.harness.training.optim import LR_SCHEDULES, OPTIMIZERS
     from sparsejax.harness.training.recipes import RECIPE_CHOICES
-    from sparsejax.harness.training.run_folder import KEEP_BEST
     from sparsejax.methods import METHODS
 
     parser = argparse.ArgumentParser(prog="sparsejax", description=__doc__)

@@ -118,9 +118,9 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, sparsity: float = DEFAULT_SPARSIT
     ``seconds`` (the run's wall time, data and compilation included) and ``steps``.
     """
     from sparsejax.core.validation import check_writable_folder
+    from sparsejax.harness.training.config import check_config
     from sparsejax.harness.training.loop import train
     from sparsejax.harness.training.recipes import resolve_recipe
-    from sparsejax.harness.training.run_folder import check_config
 
     started = time.time()
     sparsity = _check_demo_sparsity(sparsity)

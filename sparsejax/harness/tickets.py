@@ -88,7 +88,7 @@ class _Regenerated(NamedTuple):
 def _regenerate(config: Any, num_classes: int, input_shape: tuple[int, ...],
                 total_steps: int, batches_per_epoch: int) -> _Regenerated:
     """Rebuild model, method and initial state exactly as the training harness does
-    (:func:`sparsejax.harness.training.loop.prepare`), without loading the data."""
+    (:func:`sparsejax.harness.training.setup.prepare`), without loading the data."""
     from sparsejax.harness.models import get_model, init_model
     from sparsejax.harness.training.loop import build_method
     from sparsejax.harness.training.optim import make_optimizer
@@ -247,7 +247,8 @@ def load_ticket(path: str | os.PathLike[str]) -> Ticket:
 def evaluate_ticket(ticket: Ticket, data_dir: str | None = None,
                     batch_size: int = 1000) -> dict[str, float]:
     """Test accuracy and loss of a loaded ticket on its run's dataset."""
-    from sparsejax.harness.training.loop import evaluate, load_run_dataset, make_eval_step
+    from sparsejax.harness.training.evaluation import evaluate, make_eval_step
+    from sparsejax.harness.training.setup import load_run_dataset
 
     dataset = load_run_dataset(ticket.config, data_dir)
     eval_step = jax.jit(make_eval_step(ticket.model))

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sparsejax.harness.training.loop import TrainConfig
+    from sparsejax.harness.training.config import TrainConfig
 
 __all__ = ["Recipe", "RECIPES", "RECIPE_CHOICES", "LIBRARY_DEFAULTS", "MODEL_FAMILIES",
            "TRAINING_FIELDS", "recipe_for", "resolve_recipe"]

@@ -1,7 +1,6 @@
-"""The run folder ``--out`` of ``sparsejax train``: the configuration checks before a run,
-``OUT/config.json``, and what ``--resume`` and ``--overwrite`` may do to a folder that
-already holds a run (a resume must continue the same run; history is never destroyed
-without ``--overwrite``)."""
+"""The run folder ``--out`` of ``sparsejax train``: ``OUT/config.json``, and what
+``--resume`` and ``--overwrite`` may do to a folder that already holds a run (a resume
+must continue the same run; history is never destroyed without ``--overwrite``)."""
 
 from __future__ import annotations
 
@@ -11,92 +10,18 @@ import fcntl
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sparsejax.core.validation import (
-    check_finite_number,
-    check_int,
-    check_local_path,
-    check_sparsity,
-)
-from sparsejax.engine.parallel import PARALLEL_MODES
-from sparsejax.harness.models import check_model_dataset
-from sparsejax.harness.training.optim import check_lr_schedule
+from sparsejax.harness.training.config import TrainConfig
 from sparsejax.io.checkpoint import Checkpointer, NoValidCheckpointError
 from sparsejax.io.files import read_json, tmp_path
 
-if TYPE_CHECKING:
-    from sparsejax.harness.training.loop import TrainConfig
-
-__all__ = ["SEED_MAX", "RESUMABLE_FIELDS", "CONFIG_FILE", "RUN_FILES", "check_config",
-           "config_differences", "check_resume", "check_resume_data", "holds_run",
-           "clear_run", "jsonable", "saved_run", "run_lock", "LOCK_FILE", "KEEP_BEST",
-           "FinishedRun", "restore_finished_run", "check_start"]
+__all__ = ["RESUMABLE_FIELDS", "CONFIG_FILE", "RUN_FILES", "config_differences",
+           "check_resume", "check_resume_data", "holds_run", "clear_run", "jsonable",
+           "saved_run", "run_lock", "LOCK_FILE", "FinishedRun", "restore_finished_run",
+           "check_start"]
 
 
-SEED_MAX = 2**32 - 1  # the data generators (mnist1d, numpy) take 32-bit seeds
-
-
-KEEP_BEST = {"validation_loss": "min", "validation_accuracy": "max"}
-"""The held-out metrics ``--keep-best`` may rank checkpoints by, and which way is best."""
-
-
-METHOD_OPTION_FLAGS = {"sparsity": "--sparsity", "distribution": "--distribution"}
-"""Method options that a run sets from a first-class flag (the flag is handed to the method
-in their place, so a ``--method-option`` beside it is refused)."""
-
-
-def check_config(config: TrainConfig) -> None:
-    """Raise ``ValueError`` (or ``TypeError``) naming the flag of the first bad value in
-    ``config``; host-side only, before any data is loaded or anything is compiled."""
-    if config.parallel not in PARALLEL_MODES:
-        raise ValueError(
-            f"unknown parallel mode {config.parallel!r}; known: {', '.join(PARALLEL_MODES)}")
-    if config.nonfinite not in ("error", "skip"):
-        raise ValueError(f"nonfinite must be 'error' or 'skip', got {config.nonfinite!r}")
-    if config.sparsity is not None:
-        check_sparsity(config.sparsity, "--sparsity")
-    for name in METHOD_OPTION_FLAGS:  # the flag would silently win over the option
-        if name in config.method_options and getattr(config, name) is not None:
-            flag = METHOD_OPTION_FLAGS[name]
-            raise ValueError(f"--method-option {name}={config.method_options[name]} and {flag} "
-                             f"{getattr(config, name)} both set the method's {name}: give it "
-                             f"once, with {flag}")
-    check_model_dataset(config.model, config.dataset)  # before any data or compile
-    check_int(config.seed, "--seed", minimum=0, maximum=SEED_MAX)
-    check_int(config.log_every, "--log-every", minimum=1)
-    check_int(config.eval_every, "--eval-every", minimum=0)
-    check_int(config.checkpoint_every, "--checkpoint-every", minimum=0)
-    check_int(config.init_batches, "--init-batches", minimum=0)
-    check_int(config.validation_size, "--validation-size", minimum=0)
-    check_int(config.lr_decay_every, "--lr-decay-every", minimum=0)
-    check_lr_schedule(config.lr_schedule, config.lr_decay_every)  # before any data loads
-    check_finite_number(config.max_skipped_fraction, "--max-skipped-fraction")
-    if not 0 <= config.max_skipped_fraction <= 1:
-        raise ValueError(f"--max-skipped-fraction must lie in [0, 1], got "
-                         f"{config.max_skipped_fraction}")
-    if config.out is not None:
-        check_local_path(config.out, "--out")  # before Path() turns a URL into a local path
-    if config.keep_best not in (None, *KEEP_BEST):
-        raise ValueError(f"--keep-best must be {' or '.join(KEEP_BEST)}, got "
-                         f"{config.keep_best!r}")
-    if config.keep_best is not None and not config.validation_size:
-        raise ValueError(f"--keep-best {config.keep_best} needs a held-out split "
-                         "(--validation-size N): the test set must not choose the checkpoint")
-    if config.resume and config.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: --resume continues the "
-                         "run in --out, --overwrite replaces it")
-    for flag, value in (("--lr", config.lr), ("--momentum", config.momentum),
-                        ("--weight-decay", config.weight_decay)):
-        check_finite_number(value, flag)
-
-
-# Fields that may differ on --resume: they change what is logged, shown or kept, not the
-# trained state (the length, --steps/--epochs, is checked on its own). ``nonfinite`` may
-# change too: a checkpoint written under ``error`` holds no non-finite step, so it is the
-# same state a ``skip`` run would have reached, and skipped steps are counted across resumes.
-# ``parallel`` may change too: a checkpoint holds one logical state that resumes on another
-# device layout (docs/parallel.md), equal up to floating-point rounding.
 RESUMABLE_FIELDS = frozenset({
     "epochs", "steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
     "tensorboard", "out", "resume", "overwrite", "progress", "data_dir", "nonfinite",
@@ -277,7 +202,7 @@ def restore_finished_run(run_dir: str | Path,
     """Restore the run in ``run_dir`` (``result.json`` and ``checkpoints/``) as it ran; its
     data from ``data_dir`` when given (the folder may have moved: it does not change the
     run), else from where it trained."""
-    from sparsejax.harness.training.loop import TrainConfig, prepare
+    from sparsejax.harness.training.setup import prepare
     from sparsejax.io.files import read_json
 
     run_dir = Path(run_dir)
