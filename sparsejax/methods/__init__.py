@@ -12,14 +12,13 @@ from sparsejax.methods.base import (
     Method,
     SparseState,
     apply_optimizer,
-    branch,
     masks_in_state,
     no_penalty,
-    scheduled_update,
     step_key,
 )
 from sparsejax.methods.dense import dense
 from sparsejax.methods.fixed import fixed_mask, random_scores, static
+from sparsejax.methods.phases import branch, scheduled_update
 from sparsejax.methods.registry import METHODS, MethodBuilder, get_method, register_method
 
 __all__ = [

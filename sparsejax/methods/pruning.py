@@ -39,9 +39,7 @@ from sparsejax.methods.base import (
     Method,
     SparseState,
     apply_optimizer,
-    branch,
     named_error,
-    scheduled_update,
 )
 from sparsejax.methods.fixed import (
     fixed_mask,
@@ -49,6 +47,7 @@ from sparsejax.methods.fixed import (
     masked_weights_method,
     random_scores,
 )
+from sparsejax.methods.phases import branch, scheduled_update
 from sparsejax.methods.pruning_scores import (
     ApplyFn,
     exclude_pruned,

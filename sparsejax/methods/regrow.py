@@ -49,10 +49,7 @@ from sparsejax.methods.base import (
     Method,
     SparseState,
     apply_optimizer,
-    branch,
     count_skipped_step,
-    scheduled_update,
-    select,
     step_key,
 )
 from sparsejax.methods.dst_rules import (
@@ -65,6 +62,7 @@ from sparsejax.methods.dst_rules import (
     grouped,
 )
 from sparsejax.methods.fixed import masked_optimizer, masked_weights_method, static
+from sparsejax.methods.phases import branch, scheduled_update, select
 
 __all__ = [
     "MOMENTUM_KEY",
