@@ -5,7 +5,8 @@
 * the import graph of the package (library and harness) has no cycle, deferred imports
   included; an import of a package's ``__init__`` counts as an import of the modules it
   re-exports;
-* ``import sparsejax`` imports neither the NNX or linen integration nor the harness.
+* ``import sparsejax`` imports neither the NNX or linen integration nor the harness, nor
+  ``flax.nnx``.
 """
 
 import ast
@@ -93,7 +94,7 @@ def test_the_import_graph_has_no_cycle():
 def test_import_sparsejax_imports_no_integration_or_harness():
     code = ("import sys, sparsejax; print(sorted(m for m in sys.modules if m.startswith("
             "('sparsejax.harness', 'sparsejax.integrations.nnx', 'sparsejax.integrations.linen',"
-            " 'sparsejax.nnx', 'sparsejax.linen'))))")
+            " 'sparsejax.nnx', 'sparsejax.linen', 'flax.nnx'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert sparsejax.nnx.sparsify is sparsejax.integrations.nnx.sparsify  # on first use

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from flax.nnx.tracers import TraceState
+
+if TYPE_CHECKING:  # imported where used: `import sparsejax` does not import flax.nnx
+    from flax import nnx
 
 __all__ = ["LayerPath", "DenseCall", "capture_calls", "capture_dense_inputs", "dense_calls",
            "capture_linear_inputs", "dense_input"]
@@ -195,6 +196,9 @@ def capture_linear_inputs(model: nnx.Module, *args: Any,
     >>> [(path, x.shape) for path, x in inputs.items()]
     [(('fc1',), (10, 3)), (('fc2',), (10, 4))]
     """
+    from flax import nnx
+    from flax.nnx.tracers import TraceState
+
     paths = {id(module): tuple(str(key) for key in path)
              for path, module in nnx.iter_graph(model) if isinstance(module, nnx.Linear)}
     captured, record = _recorder(layers, flatten=True)
