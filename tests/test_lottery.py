@@ -105,7 +105,7 @@ def test_random_mask_control_keeps_each_layers_count():
 @pytest.fixture(scope="module")
 def lottery_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("lottery")
-    config = LotteryConfig(steps=40, rounds=2, out_root=str(root),
+    config = LotteryConfig(steps=20, rounds=2, out_root=str(root),
                            **{**TINY, "controls": ("reinit", "random_mask")})
     trainer = Trainer(config)
     summary = run_lottery(config, verbose=False, trainer=trainer)
@@ -146,7 +146,7 @@ def test_lottery_rounds_rewind_to_init_and_controls(lottery_run):
 
 
 def test_late_rewinding_continues_schedule_and_data_order(tmp_path):
-    config = LotteryConfig(steps=70, rounds=1, rewind="10it", out_root=str(tmp_path),
+    config = LotteryConfig(steps=30, rounds=1, rewind="10it", out_root=str(tmp_path),
                            lr_schedule="cosine", **TINY)
     trainer = Trainer(config)
     summary = run_lottery(config, verbose=False, trainer=trainer)
@@ -158,13 +158,13 @@ def test_late_rewinding_continues_schedule_and_data_order(tmp_path):
     # Continuing the recorded w_k (with its optimizer state) reproduces the dense run.
     with Checkpointer(folder / "round_00" / "ticket" / "checkpoints") as c:
         _, dense, _ = c.restore(init)
-    assert_bitwise_equal(trainer.train(rewind_state, 70).params, dense.params)
+    assert_bitwise_equal(trainer.train(rewind_state, 30).params, dense.params)
     # Round 1 restarts from w_k under its mask at step 10.
     with Checkpointer(folder / "round_01" / "ticket" / "checkpoints") as c:
         _, ticket, _ = c.restore(init)
     start = rewind_state.replace(params=zero_masked(rewind_state.params, ticket.masks),
                                  masks=ticket.masks)
-    assert_bitwise_equal(trainer.train(start, 70).params, ticket.params)
+    assert_bitwise_equal(trainer.train(start, 30).params, ticket.params)
 
 
 @pytest.mark.slow  # 28 s; the loop's own SIGKILL resume test runs by default
