@@ -28,6 +28,21 @@ def gpt():
     return model, params, tokens
 
 
+@pytest.fixture(scope="module")
+def pruned_2_4(gpt):
+    """``prune_sequential(model, params, tokens, method, "2:4")`` of the GPT, run once per
+    method in this module (the Hessian and the driver tests both read SparseGPT's)."""
+    model, params, tokens = gpt
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            runs[method] = prune_sequential(model, params, tokens, method, "2:4")
+        return runs[method]
+
+    return get
+
+
 def _by_hand(params, tokens):
     """The inputs of the GPT's Dense layers, from a forward written out by hand."""
     def norm(p, x):
@@ -173,9 +188,9 @@ def test_nnx_capture_refuses_a_jitted_forward():
     np.testing.assert_array_equal(jitted[("fc1",)], x)
 
 
-def test_hessian_summed_over_batches_is_the_one_shot_hessian(gpt):
+def test_hessian_summed_over_batches_is_the_one_shot_hessian(gpt, pruned_2_4):
     model, params, tokens = gpt
-    one = prune_sequential(model, params, tokens, "sparsegpt", "2:4")
+    one = pruned_2_4("sparsegpt")
     split = prune_sequential(model, params, tokens, "sparsegpt", "2:4", batch_size=3)
     x = capture_dense_inputs(model, {"params": params}, tokens)[("block1", "attn", "query")]
     summed = input_hessian(x[:3 * CONTEXT]) + input_hessian(x[3 * CONTEXT:])
@@ -186,9 +201,9 @@ def test_hessian_summed_over_batches_is_the_one_shot_hessian(gpt):
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_driver_equals_layer_by_layer_by_hand_with_recomputed_inputs(gpt, method):
+def test_driver_equals_layer_by_layer_by_hand_with_recomputed_inputs(gpt, pruned_2_4, method):
     model, params, tokens = gpt
-    pruned, report = prune_sequential(model, params, tokens, method, "2:4")
+    pruned, report = pruned_2_4(method)
     # by hand: recapture every layer's input from the params pruned so far
     current = jax.tree.map(lambda a: a, params)
     stale = capture_dense_inputs(model, {"params": params}, tokens)  # the dense model's
