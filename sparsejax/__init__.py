@@ -134,6 +134,7 @@ from sparsejax.posttrain.pruners import (
     wanda_prune,
     wanda_scores,
 )
+from sparsejax.posttrain.registry import PosttrainPruner, register_posttrain_method
 from sparsejax.posttrain.sequential import LayerReport, prune_mlp_sequential, prune_sequential
 
 __version__ = "0.1.0"
@@ -157,6 +158,8 @@ __all__ = [
     "pattern_mask",
     "per_output_mask",
     "POSTTRAIN_METHODS",
+    "PosttrainPruner",
+    "register_posttrain_method",
     "PrunedLayer",
     "input_hessian",
     "magnitude_prune",

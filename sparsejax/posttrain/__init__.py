@@ -1,7 +1,8 @@
 """Post-training pruning of a trained model: magnitude, Wanda and SparseGPT per layer
 (:mod:`~sparsejax.posttrain.pruners`, :mod:`~sparsejax.posttrain.sparsegpt`), the
 calibration inputs of each layer (:mod:`~sparsejax.posttrain.capture`) and the
-layer-by-layer driver (:mod:`~sparsejax.posttrain.sequential`)."""
+layer-by-layer driver (:mod:`~sparsejax.posttrain.sequential`); the algorithms by name
+(:mod:`~sparsejax.posttrain.registry`), open to new ones."""
 
 from sparsejax.posttrain.capture import capture_dense_inputs, capture_linear_inputs
 from sparsejax.posttrain.pruners import (
@@ -15,11 +16,13 @@ from sparsejax.posttrain.pruners import (
     wanda_prune,
     wanda_scores,
 )
+from sparsejax.posttrain.registry import PosttrainPruner, register_posttrain_method
 from sparsejax.posttrain.sequential import LayerReport, prune_mlp_sequential, prune_sequential
 
 __all__ = [
     "POSTTRAIN_METHODS",
     "LayerReport",
+    "PosttrainPruner",
     "PrunedLayer",
     "capture_dense_inputs",
     "capture_linear_inputs",
@@ -29,6 +32,7 @@ __all__ = [
     "prune_mlp_sequential",
     "prune_sequential",
     "reconstruction_error",
+    "register_posttrain_method",
     "sparsegpt_prune",
     "wanda_prune",
     "wanda_scores",

@@ -32,7 +32,7 @@ must be ``1 - N / M``.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,14 @@ from sparsejax.core.patterns import (
 )
 from sparsejax.core.topk import num_kept
 from sparsejax.core.validation import check_finite, check_finite_number, check_int, check_sparsity
+from sparsejax.posttrain.registry import (
+    POSTTRAIN_METHODS,
+    PosttrainPruner,
+    check_posttrain_method,
+    checked_pattern,
+    posttrain_pruner,
+    register_posttrain_method,
+)
 from sparsejax.posttrain.sparsegpt import sparsegpt_walk
 
 __all__ = [
@@ -70,39 +78,28 @@ __all__ = [
     "prune_layer_hessian",
 ]
 
-PosttrainMethod = Literal["magnitude", "wanda", "sparsegpt"]
-POSTTRAIN_METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+PosttrainMethod = str  # a registered name: "magnitude", "wanda", "sparsegpt", ...
 _BLOCKSIZE = 128  # sparsegpt's default block of input columns
 
 
-def check_posttrain_method(method: str) -> None:
-    """``ValueError`` unless ``method`` is one of :data:`POSTTRAIN_METHODS`.
-
-    >>> check_posttrain_method("obs")
-    Traceback (most recent call last):
-    ...
-    ValueError: unknown post-training method 'obs'; known: magnitude, wanda, sparsegpt
-    """
-    if method not in POSTTRAIN_METHODS:
-        raise ValueError(f"unknown post-training method {method!r}; known: "
-                         f"{', '.join(POSTTRAIN_METHODS)}")
-
-
-def check_posttrain_pattern(method: str, pattern: str | Pattern,
-                            blocksize: int = _BLOCKSIZE) -> Pattern:
-    """``pattern`` parsed, or ``ValueError`` when ``method`` cannot prune in it: magnitude
-    and Wanda take every pattern; SparseGPT only unstructured and N:M along the kernel's
-    input axis, with a ``blocksize`` that is a multiple of ``M``. Checks no shapes.
+def check_posttrain_pattern(method: str, pattern: str | Pattern, **options: Any) -> Pattern:
+    """``pattern`` parsed, or ``ValueError`` when ``method`` cannot prune in it (with
+    ``options``): magnitude and Wanda take every pattern; SparseGPT only unstructured and
+    N:M along the kernel's input axis, with a ``blocksize`` that is a multiple of ``M``.
+    Checks no shapes.
 
     >>> check_posttrain_pattern("sparsegpt", "channel")
     Traceback (most recent call last):
     ...
     ValueError: sparsegpt supports the unstructured and N:M patterns, got channel
     """
-    check_posttrain_method(method)
-    pattern = as_pattern(pattern)
-    if method != "sparsegpt":
-        return pattern
+    return checked_pattern(method, pattern, **options)
+
+
+def _sparsegpt_pattern(pattern: Pattern, blocksize: int = _BLOCKSIZE,
+                       **options: Any) -> Pattern:
+    """SparseGPT's patterns: unstructured, and N:M along the input axis in whole blocks."""
+    del options
     check_int(blocksize, "blocksize", minimum=1)
     if isinstance(pattern, NM):
         if pattern.axis not in (-2, 0):
@@ -304,7 +301,7 @@ def sparsegpt_prune_hessian(kernel: jax.Array, hessian: jax.Array,
                             percdamp: float = 0.01) -> PrunedLayer:
     """:func:`sparsegpt_prune` from ``H = X^T X`` (e.g. summed over calibration batches)
     instead of the inputs ``X``: the same walk, the same result for the same ``H``."""
-    pattern = check_posttrain_pattern("sparsegpt", pattern, blocksize)
+    pattern = check_posttrain_pattern("sparsegpt", pattern, blocksize=blocksize)
     kernel, hessian = _check_hessian(kernel, hessian)
     density = posttrain_density(pattern, sparsity)
     check_finite_number(percdamp, "percdamp")
@@ -356,13 +353,8 @@ def _prune(method: str, hessian: bool, kernel: jax.Array, data: jax.Array | None
            options: dict[str, Any]) -> PrunedLayer:
     """:func:`prune_layer` (``data`` the inputs) or, with ``hessian``,
     :func:`prune_layer_hessian` (``data`` the Hessian): one dispatch for both."""
-    check_posttrain_method(method)
-    if method == "magnitude":
-        if options:
-            raise ValueError(f"magnitude pruning takes no options, got {sorted(options)}")
-        return magnitude_prune(kernel, pattern, sparsity)
-    prune = {"wanda": (wanda_prune, wanda_prune_hessian),
-             "sparsegpt": (sparsegpt_prune, sparsegpt_prune_hessian)}[method][hessian]
+    pruner = posttrain_pruner(method)
+    prune = pruner.from_hessian if hessian else pruner.from_inputs
     return prune(kernel, data, pattern, sparsity, **options)
 
 
@@ -398,3 +390,17 @@ def prune_layer_hessian(method: PosttrainMethod, kernel: jax.Array, hessian: jax
            [False]], dtype=bool)
     """
     return _prune(method, True, kernel, hessian, pattern, sparsity, options)
+
+
+def _magnitude(kernel: jax.Array, data: Any, pattern: str | Pattern, sparsity: float | None,
+               **options: Any) -> PrunedLayer:
+    del data  # data-free
+    if options:
+        raise ValueError(f"magnitude pruning takes no options, got {sorted(options)}")
+    return magnitude_prune(kernel, pattern, sparsity)
+
+
+register_posttrain_method("magnitude", PosttrainPruner(_magnitude, _magnitude, needs_data=False))
+register_posttrain_method("wanda", PosttrainPruner(wanda_prune, wanda_prune_hessian))
+register_posttrain_method("sparsegpt", PosttrainPruner(sparsegpt_prune, sparsegpt_prune_hessian,
+                                                       check_pattern=_sparsegpt_pattern))
