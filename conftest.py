@@ -51,10 +51,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # The longest test files first, so that with one file per xdist worker at a time (see
 # pyproject.toml) neither worker is left running a long file alone at the end. Measured
 # with --durations; a file missing from the list runs after these, in collection order.
-_LONGEST_FIRST = ["test_docs.py", "test_multiprocess.py", "test_device_suite.py",
-                  "test_training_loop.py", "test_optax_form.py", "test_pruning.py",
-                  "test_strong.py", "test_topk.py", "test_dst.py", "test_gates.py",
-                  "test_parallel.py", "test_models.py"]
+_LONGEST_FIRST = ["test_multiprocess.py", "test_docs.py", "test_dst.py", "test_training_loop.py",
+                  "test_optax_form.py", "test_pruning.py", "test_stranded_runs.py",
+                  "test_gates.py", "test_parallel.py", "test_strong.py", "test_interrupts.py",
+                  "test_export.py", "test_sharded_methods.py", "test_resume_all_methods.py",
+                  "test_models.py", "test_run_safety.py", "test_optax_compose.py",
+                  "test_posttrain_capture.py", "test_prune_cli.py", "test_compile_cache.py",
+                  "test_topk.py", "test_properties.py", "test_lottery.py",
+                  "test_device_suite.py"]
 
 
 def pytest_collection_modifyitems(session, config, items):
