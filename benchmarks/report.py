@@ -65,6 +65,25 @@ def memory_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def checkpoint_table(rows: list[dict]) -> str:
+    out = ["| model | method | checkpoint every | no checkpoint ms/step | sync ms/step | "
+           "async ms/step | save cost hidden |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['method']} | {r['every']} | "
+                   f"{r['none_ms_per_step']:.1f} | {r['sync_ms_per_step']:.1f} | "
+                   f"{r['async_ms_per_step']:.1f} | {r['hidden_fraction']:.2f} |")
+    return "\n".join(out)
+
+
+def sparse_forward_table(rows: list[dict]) -> str:
+    out = ["| model | form | pattern | sparsity | ms | ratio | kernel bytes ratio |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['form']} | {r['pattern']} | {r['sparsity']:g} | "
+                   f"{r['ms']:.3f} | {r['ratio']:.3f} | {r['bytes_ratio']:.3f} |")
+    return "\n".join(out)
+
+
 def breakdown_table(rows: list[dict]) -> str:
     out = ["| model | variant | dense ms | method ms | ratio |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -153,10 +172,14 @@ def main(paths: list[str]) -> None:
             print(topk_table(rows), end="\n\n")
         elif "total_s" in rows[0] or "first_step_s" in rows[0] and "cache" in rows[0]:
             print(compile_table(rows), end="\n\n")
+        elif "bytes_ratio" in rows[0]:  # sparse_forward.py
+            print(sparse_forward_table(rows), end="\n\n")
         elif "form" in rows[0]:
             print(own_loop_table(rows), end="\n\n")
         elif "case" in rows[0]:
             print(eager_table(rows), end="\n\n")
+        elif "async_ms_per_step" in rows[0]:  # checkpoint_async.py
+            print(checkpoint_table(rows), end="\n\n")
         elif "state_bytes" in rows[0]:
             print(memory_table(rows), end="\n\n")
         elif "variant" in rows[0]:
