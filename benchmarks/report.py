@@ -84,6 +84,16 @@ def sparse_forward_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def posttrain_table(rows: list[dict]) -> str:
+    out = ["| layer | shape | method | pattern | steady ms | ratio to Wanda | compile s | "
+           "peak bytes |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['layer']} | {tuple(r['shape'])} | {r['method']} | {r['pattern']} | "
+                   f"{r['steady_ms']:.2f} | {r.get('ratio_to_wanda', '')} | "
+                   f"{r['compile_s']:.2f} | {r['peak_bytes']:,} |")
+    return "\n".join(out)
+
+
 def breakdown_table(rows: list[dict]) -> str:
     out = ["| model | variant | dense ms | method ms | ratio |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -172,6 +182,8 @@ def main(paths: list[str]) -> None:
             print(topk_table(rows), end="\n\n")
         elif "total_s" in rows[0] or "first_step_s" in rows[0] and "cache" in rows[0]:
             print(compile_table(rows), end="\n\n")
+        elif "steady_ms" in rows[0]:  # posttrain_layers.py
+            print(posttrain_table(rows), end="\n\n")
         elif "bytes_ratio" in rows[0]:  # sparse_forward.py
             print(sparse_forward_table(rows), end="\n\n")
         elif "form" in rows[0]:
