@@ -189,3 +189,13 @@ def test_short_rows_rank_exactly_like_topk_mask():
             expected = np.asarray(topk_mask(jnp.asarray(row), count=int(count),
                                             check_finite_scores=False))
             np.testing.assert_array_equal(kept, expected)
+
+
+def test_the_pattern_interface_itself_is_refused_with_the_way_to_build_one():
+    """The old constructor, Pattern("nm", n=2, m=4), names the new spellings."""
+    from sparsejax.core.patterns import WholeUnits
+
+    for interface in (Pattern, WholeUnits):
+        with pytest.raises(TypeError, match=r"Pattern.parse\('2:4'\) or as NM\(2, 4\)"):
+            interface("nm", n=2, m=4) if interface is Pattern else interface()
+    assert NM(2, 4) == Pattern.parse("2:4")

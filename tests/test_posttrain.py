@@ -312,3 +312,35 @@ def test_sequential_driver_takes_one_pattern_per_layer_and_checks_all_first(monk
     with pytest.raises(ValueError, match="head/kernel: .*not divisible by 16"):
         prune_mlp_sequential(params, x, "wanda", {"fc1": "8:16", "head": "8:16"})
     assert pruned_layers == []
+
+
+def test_a_registered_algorithm_that_leaves_pruned_weights_non_zero_is_refused():
+    """prune_layer (and so the sequential driver and `sparsejax prune`) checks what a
+    registered algorithm returns: a pruned weight left non-zero, or no PrunedLayer, is a
+    ValueError naming the algorithm, not a silently denser kernel."""
+    from sparsejax.posttrain.pruners import PrunedLayer, prune_layer
+    from sparsejax.posttrain.registry import (
+        POSTTRAIN_METHODS,
+        PosttrainPruner,
+        register_posttrain_method,
+    )
+
+    def leaky(kernel, data, pattern="unstructured", sparsity=None):
+        mask = jnp.arange(kernel.size).reshape(kernel.shape) % 2 == 0
+        return PrunedLayer(kernel, mask)  # forgot to zero the pruned half
+
+    def untyped(kernel, data, pattern="unstructured", sparsity=None):
+        return jnp.zeros_like(kernel), jnp.ones(kernel.shape, bool)
+
+    kernel = jnp.arange(1.0, 9.0).reshape(4, 2)
+    try:
+        register_posttrain_method("leaky", PosttrainPruner(leaky, leaky))
+        register_posttrain_method("untyped", PosttrainPruner(untyped, untyped))
+        with pytest.raises(ValueError, match="'leaky' left weights non-zero"):
+            prune_layer("leaky", kernel, None, sparsity=0.5)
+        with pytest.raises(ValueError, match="'untyped' must return a PrunedLayer"):
+            prune_layer("untyped", kernel, None, sparsity=0.5)
+    finally:
+        POSTTRAIN_METHODS.pop("leaky", None)
+        POSTTRAIN_METHODS.pop("untyped", None)
+    assert int(prune_layer("magnitude", kernel, None, sparsity=0.5).mask.sum()) == 4

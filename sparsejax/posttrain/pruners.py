@@ -48,12 +48,18 @@ from sparsejax.core.patterns import (
     per_output_mask,
 )
 from sparsejax.core.topk import num_kept
-from sparsejax.core.validation import check_finite, check_finite_number, check_int, check_sparsity
+from sparsejax.core.validation import (
+    check_finite,
+    check_finite_number,
+    check_int,
+    check_sparsity,
+    is_concrete,
+)
 from sparsejax.posttrain.registry import (
     POSTTRAIN_METHODS,
     PosttrainPruner,
     check_posttrain_method,
-    checked_pattern,
+    check_posttrain_pattern,
     posttrain_pruner,
     register_posttrain_method,
 )
@@ -65,6 +71,7 @@ __all__ = [
     "POSTTRAIN_METHODS",
     "check_posttrain_method",
     "check_posttrain_pattern",
+    "posttrain_density",
     "magnitude_prune",
     "wanda_prune",
     "sparsegpt_prune",
@@ -80,20 +87,6 @@ __all__ = [
 
 PosttrainMethod = str  # a registered name: "magnitude", "wanda", "sparsegpt", ...
 _BLOCKSIZE = 128  # sparsegpt's default block of input columns
-
-
-def check_posttrain_pattern(method: str, pattern: str | Pattern, **options: Any) -> Pattern:
-    """``pattern`` parsed, or ``ValueError`` when ``method`` cannot prune in it (with
-    ``options``): magnitude and Wanda take every pattern; SparseGPT only unstructured and
-    N:M along the kernel's input axis, with a ``blocksize`` that is a multiple of ``M``.
-    Checks no shapes.
-
-    >>> check_posttrain_pattern("sparsegpt", "channel")
-    Traceback (most recent call last):
-    ...
-    ValueError: sparsegpt supports the unstructured and N:M patterns, got channel
-    """
-    return checked_pattern(method, pattern, **options)
 
 
 def _sparsegpt_pattern(pattern: Pattern, blocksize: int = _BLOCKSIZE,
@@ -355,7 +348,25 @@ def _prune(method: str, hessian: bool, kernel: jax.Array, data: jax.Array | None
     :func:`prune_layer_hessian` (``data`` the Hessian): one dispatch for both."""
     pruner = posttrain_pruner(method)
     prune = pruner.from_hessian if hessian else pruner.from_inputs
-    return prune(kernel, data, pattern, sparsity, **options)
+    layer = prune(kernel, data, pattern, sparsity, **options)
+    _check_pruned(method, kernel, layer)
+    return layer
+
+
+def _check_pruned(method: str, kernel: jax.Array, layer: Any) -> None:
+    """``ValueError`` unless an algorithm (a registered one may be the user's) returned a
+    ``PrunedLayer`` whose bool mask has the kernel's shape and whose kernel is zero
+    wherever the mask prunes: a pruned weight left non-zero would count as pruned in the
+    reports and still act in the forward pass. The values are checked when concrete."""
+    shape = tuple(np.shape(kernel))
+    if (not isinstance(layer, PrunedLayer) or tuple(np.shape(layer.kernel)) != shape
+            or tuple(np.shape(layer.mask)) != shape or jnp.result_type(layer.mask) != jnp.bool_):
+        raise ValueError(f"post-training method {method!r} must return a PrunedLayer whose "
+                         f"kernel and bool mask have the kernel's shape {shape}")
+    if is_concrete(layer.kernel) and is_concrete(layer.mask) and bool(
+            jnp.any(jnp.where(layer.mask, 0, layer.kernel) != 0)):
+        raise ValueError(f"post-training method {method!r} left weights non-zero where its "
+                         "mask prunes them")
 
 
 def hessian_reconstruction_error(kernel: jax.Array, pruned_kernel: jax.Array,
@@ -400,7 +411,7 @@ def _magnitude(kernel: jax.Array, data: Any, pattern: str | Pattern, sparsity: f
     return magnitude_prune(kernel, pattern, sparsity)
 
 
-register_posttrain_method("magnitude", PosttrainPruner(_magnitude, _magnitude, needs_data=False))
+register_posttrain_method("magnitude", PosttrainPruner(_magnitude, _magnitude))
 register_posttrain_method("wanda", PosttrainPruner(wanda_prune, wanda_prune_hessian))
 register_posttrain_method("sparsegpt", PosttrainPruner(sparsegpt_prune, sparsegpt_prune_hessian,
                                                        check_pattern=_sparsegpt_pattern))

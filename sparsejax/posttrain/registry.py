@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from sparsejax.core.patterns import Pattern, as_pattern
 
 __all__ = ["PosttrainPruner", "POSTTRAIN_METHODS", "register_posttrain_method",
-           "check_posttrain_method", "posttrain_pruner"]
+           "check_posttrain_method", "check_posttrain_pattern", "posttrain_pruner"]
 
 
 def _every_pattern(pattern: Pattern, **options: Any) -> Pattern:
@@ -36,13 +36,11 @@ class PosttrainPruner(NamedTuple):
       from_hessian: the same from ``H = X^T X`` in place of the inputs.
       check_pattern: ``(pattern, **options) -> pattern``, raising ``ValueError`` for a
         pattern (or options) the algorithm cannot prune in; every pattern by default.
-      needs_data: whether it reads the calibration data (magnitude does not).
     """
 
     from_inputs: Callable[..., Any]
     from_hessian: Callable[..., Any]
     check_pattern: Callable[..., Pattern] = _every_pattern
-    needs_data: bool = True
 
 
 POSTTRAIN_METHODS: dict[str, PosttrainPruner] = {}
@@ -76,6 +74,15 @@ def posttrain_pruner(method: str) -> PosttrainPruner:
     return POSTTRAIN_METHODS[method]
 
 
-def checked_pattern(method: str, pattern: str | Pattern, **options: Any) -> Pattern:
-    """``pattern`` parsed and checked by ``method``'s own ``check_pattern``."""
+def check_posttrain_pattern(method: str, pattern: str | Pattern, **options: Any) -> Pattern:
+    """``pattern`` parsed, or ``ValueError`` when ``method`` cannot prune in it (with
+    ``options``), by the algorithm's own ``check_pattern``: magnitude and Wanda take every
+    pattern; SparseGPT only unstructured and N:M along the kernel's input axis, with a
+    ``blocksize`` that is a multiple of ``M``. Checks no shapes.
+
+    >>> check_posttrain_pattern("sparsegpt", "channel")
+    Traceback (most recent call last):
+    ...
+    ValueError: sparsegpt supports the unstructured and N:M patterns, got channel
+    """
     return posttrain_pruner(method).check_pattern(as_pattern(pattern), **options)

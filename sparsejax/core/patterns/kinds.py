@@ -81,6 +81,13 @@ class Pattern:
     #: can carry the pattern: only :class:`Unstructured`.
     ranks_globally: ClassVar[bool] = False
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Pattern:
+        if cls in (Pattern, WholeUnits):  # what the old Pattern("nm", n=2, m=4) now meets
+            raise TypeError(f"{cls.__name__} is the interface of the pattern kinds; build "
+                            "one with Pattern.parse('2:4') or as NM(2, 4), Block(4), "
+                            "Channel() or Unstructured()")
+        return super().__new__(cls)
+
     @staticmethod
     def parse(spec: str) -> Pattern:
         """The pattern a string names: ``'unstructured'``, ``'N:M'``, ``'N:M@AXIS'``,
