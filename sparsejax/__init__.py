@@ -58,6 +58,7 @@ from sparsejax.engine import LossFn, make_train_step, stateless_loss
 from sparsejax.integrations.optax_form import (
     SparseTxState,
     as_optax,
+    forward_params,
     masks_of,
     replace_masks,
     sparse_tx,
@@ -119,6 +120,13 @@ from sparsejax.methods.pruning import (
     synflow_masks,
     synflow_scores,
 )
+from sparsejax.methods.ste import (
+    sparse_refined_gradients,
+    sr_ste,
+    ste_magnitude,
+    ste_random,
+    straight_through,
+)
 from sparsejax.methods.strong import biprop, edge_popup, score_supermask, supermask_weights
 from sparsejax.methods.strong_init import WEIGHT_INITS, init_scores, init_weights
 from sparsejax.methods.supermask import binarize, binarized_supermask
@@ -177,6 +185,12 @@ __all__ = [
     "nnx",
     "InitContext",
     "zero_pruned",
+    "forward_params",
+    "straight_through",
+    "ste_magnitude",
+    "ste_random",
+    "sr_ste",
+    "sparse_refined_gradients",
     "sparse_tx",
     "replace_masks",
     "masks_of",

@@ -40,6 +40,9 @@ OPTIONS = {
     "biprop": dict(sparsity=0.5),
     "supermask_weights": dict(sparsity=0.5),
     "gates": dict(sparsity=0.8),
+    "ste_magnitude": dict(sparsity=0.8),
+    "ste_random": dict(sparsity=0.8, update_every=3),
+    "sr_ste": dict(sparsity=0.5, pattern="2:4"),
 }
 
 

@@ -52,6 +52,9 @@ RECORDED = {  # method -> (training, distribution, model options, method options
     # no result recorded here: library defaults
     "gradual_magnitude": (LIBRARY, None, {}, {}),
     "supermask_weights": (LIBRARY, None, {}, {}),
+    "ste_magnitude": (LIBRARY, None, {}, {}),
+    "ste_random": (LIBRARY, None, {}, {}),
+    "sr_ste": (LIBRARY, None, {}, {}),
 }
 
 
@@ -77,7 +80,8 @@ def test_the_bare_command_resolves_to_the_recorded_recipe(method):
     assert config.model_options == model_options
     assert config.method_options == method_options
     assert config.steps is None
-    recorded = method not in ("gradual_magnitude", "supermask_weights")
+    recorded = method not in ("gradual_magnitude", "supermask_weights", "ste_magnitude",
+                              "ste_random", "sr_ste")
     for key in (*training, *(f"model_options.{k}" for k in model_options),
                 *(f"method_options.{k}" for k in method_options)):
         assert sources[key] == (f"recipe {method}/mlp" if recorded else "default"), key

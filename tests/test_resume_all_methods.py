@@ -38,6 +38,9 @@ OPTIONS = {
     "biprop": dict(sparsity=0.5),
     "supermask_weights": dict(sparsity=0.5),
     "gates": dict(sparsity=0.8),
+    "ste_magnitude": dict(sparsity=0.8),
+    "ste_random": dict(sparsity=0.8, method_options={"update_every": 3}),
+    "sr_ste": dict(sparsity=0.5, method_options={"pattern": "2:4"}),
 }
 
 
@@ -55,6 +58,8 @@ STATE_OPTIONS = {
     "set": dict(sparsity=0.8, update_every=2),
     "rigl": dict(sparsity=0.8, update_every=2, total_steps=16),  # its drop fraction decays
     "snfs": dict(sparsity=0.8, update_every=2, total_steps=8),
+    "ste_random": dict(sparsity=0.8, update_every=2),
+    "sr_ste": dict(sparsity=0.5, pattern="2:4"),
 }
 
 

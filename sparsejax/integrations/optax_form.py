@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax.core.ste import ste_mask
 from sparsejax.core.transforms import zero_masked
 from sparsejax.core.validation import as_key, check_binary_masks, check_same_structure
 from sparsejax.integrations.zero_check import (
@@ -49,7 +50,7 @@ from sparsejax.methods.base import InitContext, Method, SparseState
 from sparsejax.methods.registry import get_method
 
 __all__ = ["SparseTxState", "ZeroCheck", "as_optax", "sparse_tx", "masks_of",
-           "replace_masks", "zero_pruned"]
+           "replace_masks", "zero_pruned", "forward_params"]
 
 PyTree = Any
 
@@ -67,6 +68,9 @@ class SparseTxState(NamedTuple):
       extra: what the method carries besides (SNFS's moving average of the gradients).
       zero_check: whether pruned weights were found non-zero in the params of an update
         (:class:`ZeroCheck`); :func:`masks_of` refuses to report masks the params escaped.
+        ``None`` for the straight-through methods (``Method.dense_weights``), whose
+        params keep every weight and whose forward pass masks them
+        (:func:`forward_params`).
     """
 
     step: jax.Array
@@ -129,8 +133,10 @@ def as_optax(
         state = method.init(params, rng, model_state, context)
         if jax.tree_util.tree_leaves(state.scores):
             raise _score_method_error(method.name)
+        # Straight-through methods keep the pruned weights' values: nothing to check.
+        check = None if method.dense_weights else fresh_check()
         return SparseTxState(step=state.step, masks=state.masks, inner_state=state.opt_state,
-                             rng=state.rng, extra=state.extra, zero_check=fresh_check())
+                             rng=state.rng, extra=state.extra, zero_check=check)
 
     def update_fn(updates: PyTree, state: SparseTxState, params: PyTree | None = None,
                   **extra_args: Any) -> tuple[PyTree, SparseTxState]:
@@ -163,6 +169,12 @@ def as_optax(
                              opt_state=state.inner_state, rng=state.rng, model_state={},
                              extra=state.extra)
         new = method.update(sparse, updates, **extra_args)
+        if method.dense_weights:  # every weight trains; the forward pass masks them
+            deltas = jax.tree_util.tree_map(lambda new_p, p: (new_p - p).astype(p.dtype),
+                                            new.params, params)
+            return deltas, SparseTxState(step=new.step, masks=new.masks,
+                                         inner_state=new.opt_state, rng=new.rng,
+                                         extra=new.extra, zero_check=None)
         # Whether this update moves the masks (methods without phases never do after init).
         moves = method.phases.due(state.step + 1) if method.phases is not None else False
         # Masked on the way out (fused with the difference), so pruned entries leave
@@ -265,7 +277,8 @@ def masks_of(opt_state: PyTree) -> PyTree:
     Array(2, dtype=int32)
     """
     for state in _find_states(opt_state):
-        raise_if_escaped(state)
+        if state.zero_check is not None:
+            raise_if_escaped(state)
     masks = _masks(opt_state)
     from flax import nnx
 
@@ -293,8 +306,9 @@ def replace_masks(opt_state: PyTree, masks: PyTree) -> PyTree:
     masks = jax.tree_util.tree_map(lambda m: jnp.asarray(m, bool), masks)
     # The next update zeroes the newly pruned weights: the check starts after it.
     return jax.tree_util.tree_map(
-        lambda x: x._replace(masks=masks, zero_check=x.zero_check._replace(
-            checks_from=x.step + 1)) if _is_tx_state(x) else x, opt_state,
+        lambda x: x._replace(masks=masks, zero_check=None if x.zero_check is None
+                             else x.zero_check._replace(checks_from=x.step + 1))
+        if _is_tx_state(x) else x, opt_state,
         is_leaf=_is_tx_state)
 
 
@@ -312,7 +326,14 @@ def zero_pruned(params: PyTree, opt_state: PyTree) -> PyTree:
            [ 2.,  0.]], dtype=float32)
     """
     params = _pure(params)
-    warn_if_followed(_pure(opt_state), _find_states(opt_state), _is_tx_state)
+    states = _find_states(opt_state)
+    if any(state.zero_check is None for state in states):
+        raise ValueError(
+            "zero_pruned: this optimizer state holds a straight-through method, which "
+            "trains every weight and masks them in the forward pass; zeroing the pruned "
+            "weights would throw their values away. Keep the params as they are and use "
+            "sparsejax.forward_params(params, opt_state) in the loss")
+    warn_if_followed(_pure(opt_state), states, _is_tx_state)
     masks = _masks(opt_state)
     # Leaves that no sparse transformation holds (a multi_transform group of another
     # optimizer) are MaskedNode in the masks: keep them.
@@ -325,3 +346,47 @@ def zero_pruned(params: PyTree, opt_state: PyTree) -> PyTree:
     check_same_structure(params, masks, reference_name="params",
                          other_name="the masks of this optimizer state")
     return zero_masked(params, masks)
+
+
+def forward_params(params: PyTree, opt_state: PyTree) -> PyTree:
+    """What the forward pass of a training step uses: for a straight-through method
+    (``ste_magnitude``, ``ste_random``, ``sr_ste``) ``params`` under the masks of the
+    :func:`sparse_tx` state in ``opt_state``, with the straight-through gradient
+    (:func:`sparsejax.ste_mask`: every weight gets the gradient at the masked weights);
+    for the other methods ``params`` as they are (their pruned entries are zero already).
+    The one line in the loss of a straight-through method: ``apply_fn({"params":
+    forward_params(params, opt_state)}, x)``. Given a Flax NNX module, returns a copy of
+    it whose ``nnx.Param`` values are those (inside ``nnx.grad`` the gradient reaches the
+    original module's params): ``forward_params(model, optimizer.opt_state)(x)``.
+
+    >>> import jax, jax.numpy as jnp, optax, sparsejax
+    >>> tx = sparsejax.sparse_tx("ste_magnitude", optax.sgd(0.1), sparsity=0.5)
+    >>> params = {"w": jnp.array([[1.0, -3.0], [2.0, 0.5]])}
+    >>> opt_state = tx.init(params)
+    >>> sparsejax.forward_params(params, opt_state)["w"]
+    Array([[ 0., -3.],
+           [ 2.,  0.]], dtype=float32)
+    >>> jax.grad(lambda p: sparsejax.forward_params(p, opt_state)["w"].sum())(params)["w"]
+    Array([[1., 1.],
+           [1., 1.]], dtype=float32)
+    """
+    from flax import nnx
+
+    if isinstance(params, nnx.Module):
+        graphdef, values, rest = nnx.split(params, nnx.Param, ...)
+        masked = forward_params(nnx.to_pure_dict(values), opt_state)
+        nnx.replace_by_pure_dict(values, masked)
+        return nnx.merge(graphdef, values, rest)
+    states = _find_states(opt_state)
+    if all(state.zero_check is not None for state in states):
+        return params
+    masks = _masks(opt_state)
+    if isinstance(masks, nnx.State):  # an nnx.Optimizer's
+        masks = nnx.to_pure_dict(masks)
+    params = _pure(params)
+    masks = jax.tree_util.tree_map(
+        lambda m, p: jnp.ones(jnp.shape(p), bool) if isinstance(m, optax.MaskedNode) else m,
+        masks, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    check_same_structure(params, masks, reference_name="params",
+                         other_name="the masks of this optimizer state")
+    return ste_mask(params, masks)

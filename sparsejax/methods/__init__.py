@@ -46,4 +46,4 @@ register_method("dense", dense)
 register_method("static", static)
 
 # Each family module registers its methods when imported.
-from sparsejax.methods import dst, gates, pruning, strong  # noqa: E402, F401
+from sparsejax.methods import dst, gates, pruning, ste, strong  # noqa: E402, F401

@@ -232,6 +232,7 @@ class _MethodFields(NamedTuple):
     hard_masks: HardMasksFn = masks_in_state
     masked_params: MaskedParamsFn | None = None
     outside: OutsideLoop | None = None
+    dense_weights: bool = False
 
     def params_with_masks(self, state: SparseState, masks: PyTree) -> PyTree:
         """``effective_params(state)`` with ``masks`` as the hard masks.
@@ -273,6 +274,12 @@ class Method(_MethodFields):
       masked_params: ``(state, masks) -> params``, ``effective_params`` with ``masks`` in
         place of ``hard_masks(state)`` (a ticket rebuilds its weights so); ``None`` (the
         default) sets ``state.masks``. Call it through :meth:`params_with_masks`.
+      outside: for score methods, the pieces a loop outside the method runs
+        (:class:`OutsideLoop`); else ``None``.
+      dense_weights: ``True`` for methods that train every weight and mask them in the
+        forward pass (``materialize``; the straight-through methods): the pruned entries
+        of ``state.params`` keep their trained values. ``False`` (the default): they are
+        exactly zero, and ``materialize`` may use the params as they are.
 
     Constructing a ``Method`` wraps ``update`` and both ``phases`` so that, while they
     are traced, they check that ``grads`` has the structure and leaf shapes of

@@ -20,7 +20,7 @@ import numpy as np
 from sparsejax.core.distributions import kept_counts, select_masks
 from sparsejax.core.masks import Prunable, default_prunable
 from sparsejax.core.patterns import Pattern, as_pattern, pattern_topk, pattern_units
-from sparsejax.core.topk import num_kept, topk_mask
+from sparsejax.core.topk import num_kept, topk_mask_tracked
 
 __all__ = ["masks_for_densities", "schedule_table"]
 
@@ -101,6 +101,19 @@ class _CountTable(NamedTuple):
                    tuple(p.shared_count for p in plans), fixed, tuple(plans[0].shared))
 
     def select(self, scores: PyTree, index: jax.Array) -> PyTree:
+        return self.select_tracked(scores, index, None)[0]
+
+    def cut_rows(self) -> int:
+        """The rows of the cuts :meth:`select_tracked` returns: one per leaf with a count
+        of its own, and one for the leaves ranked together."""
+        return len(self.fixed) + (1 if self.shared else 0)
+
+    def select_tracked(self, scores: PyTree, index: jax.Array, cuts: jax.Array | None,
+                       by_magnitude: bool = False) -> tuple[PyTree, jax.Array]:
+        """``(masks, cuts)``: :meth:`select` (of ``|scores|`` with ``by_magnitude``), whose
+        search starts from ``cuts`` (:meth:`cut_rows` rows, from the previous call; ``None``
+        the first time), :func:`sparsejax.core.topk.topk_mask_tracked`: the same masks
+        whatever ``cuts`` hold, faster when the scores moved little (a top-k every step)."""
         # numpy, then jnp here: select may first run inside a trace, and a jnp array
         # made there and kept would leak that trace into later calls
         counts = jnp.asarray(np.array(self.counts, np.int32).reshape(
@@ -108,18 +121,27 @@ class _CountTable(NamedTuple):
         shared_counts = jnp.asarray(np.array(self.shared_counts, np.int32))
         score_leaves, treedef = jax.tree_util.tree_flatten(scores)
         masks: list[Any] = [jnp.ones(np.shape(s), bool) for s in score_leaves]
+        new_cuts = []
+        n_fixed = len(self.fixed)
         if self.fixed:  # one search call, a count per leaf
-            chosen = topk_mask([score_leaves[i] for i in self.fixed],
-                               count=list(counts[index]), check_finite_scores=False)
+            chosen, fixed_cuts = topk_mask_tracked(
+                [score_leaves[i] for i in self.fixed], count=list(counts[index]),
+                cuts=None if cuts is None else cuts[:n_fixed], check_finite_scores=False,
+                by_magnitude=by_magnitude)
+            new_cuts.append(fixed_cuts)
             for i, m in zip(self.fixed, chosen, strict=True):
                 masks[i] = m
         if self.shared:
-            chosen = topk_mask([score_leaves[i] for i in self.shared],
-                               count=shared_counts[index], scope="global",
-                               check_finite_scores=False)
+            chosen, shared_cuts = topk_mask_tracked(
+                [score_leaves[i] for i in self.shared], count=shared_counts[index],
+                cuts=None if cuts is None else cuts[n_fixed:], scope="global",
+                check_finite_scores=False, by_magnitude=by_magnitude)
+            new_cuts.append(shared_cuts)
             for i, m in zip(self.shared, chosen, strict=True):
                 masks[i] = m
-        return jax.tree_util.tree_unflatten(treedef, masks)
+        found = (jnp.concatenate(new_cuts) if new_cuts
+                 else jnp.zeros((0, 2), jnp.float32))
+        return jax.tree_util.tree_unflatten(treedef, masks), found
 
 
 class _PatternTable(NamedTuple):
