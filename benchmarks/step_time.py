@@ -72,9 +72,13 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     # the gates with their noise read from a pool drawn at init (issue #22)
     "gates_pool": {"sparsity": 0.9, "noise": "pool"},
     "biprop": {"sparsity": 0.5},
+    # straight-through: a top-k of the current weights every step (issue #31)
+    "ste_magnitude": {"sparsity": 0.9},
+    "ste_magnitude_24": {"sparsity": 0.5, "pattern": "2:4"},
+    "sr_ste_24": {"sparsity": 0.5, "pattern": "2:4"},
 }
 # rows that time a registered method under another name, with other options
-VARIANTS = {"gates_pool": "gates"}
+VARIANTS = {"gates_pool": "gates", "ste_magnitude_24": "ste_magnitude", "sr_ste_24": "sr_ste"}
 
 
 def setup(model_name: str, batch_size: int | None = None, **model_options: Any

@@ -33,7 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.core.patterns.rows import group_rows, topk_rows, ungroup_rows
+from sparsejax.core.patterns.rows import (
+    SHORT_ROW,
+    group_rows,
+    nm_topk_in_place,
+    topk_rows,
+    ungroup_rows,
+)
 from sparsejax.core.topk import topk_mask
 from sparsejax.core.validation import is_int
 
@@ -213,6 +219,8 @@ class NM(Pattern):
         return self.m
 
     def topk(self, scores: jax.Array, count: Any) -> jax.Array:
+        if jnp.ndim(count) == 0 and self.m <= SHORT_ROW:
+            return nm_topk_in_place(scores, count, self.m, self.axis)
         rows = group_rows(scores, self.m, self.axis)
         counts = jnp.broadcast_to(jnp.asarray(count, jnp.int32), (rows.shape[0],))
         return ungroup_rows(topk_rows(rows, counts), self.axis, np.shape(scores))

