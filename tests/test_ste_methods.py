@@ -257,3 +257,17 @@ def test_optax_form_keeps_dense_params_and_refuses_zero_pruned():
     # forward_params is the params as they are for a method that zeroes pruned weights
     static = sparsejax.sparse_tx("static", optax.sgd(0.1), sparsity=0.5)
     assert sparsejax.forward_params(params, static.init(params)) is params
+
+
+def test_export_packs_the_hard_masked_weights_with_exact_counts():
+    method, states = _run("sr_ste_24")
+    state = states[-1]
+    packed = sparsejax.export_state(method, state, form="2:4")
+    effective = method.effective_params(state)
+    for layer in KERNELS:
+        dense = np.asarray(sparsejax.nm_unpack(packed[layer]["kernel"]))
+        np.testing.assert_array_equal(dense, effective[layer]["kernel"])
+        assert np.count_nonzero(dense) == dense.size // 2
+    bcoo = sparsejax.export_state(sparsejax.ste_magnitude(optax.sgd(0.1), sparsity=0.9),
+                                  _run("ste_90")[1][-1])
+    assert sum(int(bcoo[layer]["kernel"].nse) for layer in KERNELS) == 32 + 6
