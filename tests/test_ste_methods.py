@@ -271,3 +271,53 @@ def test_export_packs_the_hard_masked_weights_with_exact_counts():
     bcoo = sparsejax.export_state(sparsejax.ste_magnitude(optax.sgd(0.1), sparsity=0.9),
                                   _run("ste_90")[1][-1])
     assert sum(int(bcoo[layer]["kernel"].nse) for layer in KERNELS) == 32 + 6
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("name,options,trainer", [
+    ("sr_ste", {"sparsity": 0.5, "pattern": "2:4"}, "pmap"),
+    ("ste_random", {"sparsity": 0.8, "distribution": "global"}, "sharded")])
+def test_data_parallel_masks_are_identical_on_every_device_and_equal_one_device(
+        name, options, trainer):
+    from toy_mlp import fc_loss, fc_params
+
+    from sparsejax.engine.parallel import (
+        PmapTrainer,
+        ShardedTrainer,
+        SingleDeviceTrainer,
+        make_mesh,
+    )
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 simulated devices")
+    method = sparsejax.get_method(name, optax.sgd(0.1, momentum=0.9), **options)
+    loss = stateless_loss(fc_loss)
+    key = jax.random.PRNGKey(7)
+    xs = np.asarray(jax.random.normal(key, (4, 32, 20)))
+    ys = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (4, 32), 0, 4))
+
+    def run(t):
+        state = t.put_state(method.init(fc_params(20, 32, 4), jax.random.PRNGKey(1)))
+        for i in range(4):
+            state, _ = t.step(state, t.put_batch({"x": xs[i], "y": ys[i]}))
+        return state
+
+    one = run(SingleDeviceTrainer(method, loss))
+    if trainer == "pmap":
+        t = PmapTrainer(method, loss)
+        state = run(t)
+        for leaf in jax.tree_util.tree_leaves(state.masks):
+            leaf = np.asarray(leaf)
+            assert all(np.array_equal(leaf[0], leaf[i]) for i in range(1, leaf.shape[0]))
+        state = t.get_state(state)
+    else:
+        state = run(ShardedTrainer(method, loss, make_mesh()))
+        for leaf in jax.tree_util.tree_leaves(state.masks):
+            shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+            assert all(np.array_equal(shards[0], s) for s in shards[1:])
+    for a, b in zip(jax.tree_util.tree_leaves(state.masks), jax.tree_util.tree_leaves(one.masks),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                    jax.tree_util.tree_leaves(one.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
