@@ -321,3 +321,15 @@ def test_data_parallel_masks_are_identical_on_every_device_and_equal_one_device(
     for a, b in zip(jax.tree_util.tree_leaves(state.params),
                     jax.tree_util.tree_leaves(one.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
+def test_forward_params_inside_multi_transform_masks_only_the_sparse_group():
+    params = {"w": jnp.array([[1.0, -3.0], [2.0, 0.5]]), "b": jnp.array([0.1, 0.2])}
+    tx = optax.multi_transform(
+        {"sparse": sparsejax.sparse_tx("ste_magnitude", optax.sgd(0.1), sparsity=0.5,
+                                       prunable=lambda path, leaf: True),
+         "dense": optax.sgd(0.1)}, {"w": "sparse", "b": "dense"})
+    opt_state = tx.init(params)
+    forward = sparsejax.forward_params(params, opt_state)
+    np.testing.assert_array_equal(forward["w"], [[0.0, -3.0], [2.0, 0.0]])
+    np.testing.assert_array_equal(forward["b"], params["b"])
