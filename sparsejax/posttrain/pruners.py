@@ -256,12 +256,17 @@ def input_hessian(inputs: jax.Array) -> jax.Array:
 
 def sparsegpt_prune(kernel: jax.Array, inputs: jax.Array,
                     pattern: str | Pattern = "unstructured", sparsity: float | None = None,
-                    blocksize: int = _BLOCKSIZE, percdamp: float = 0.01) -> PrunedLayer:
+                    blocksize: int = _BLOCKSIZE, percdamp: float = 0.01,
+                    zero_dead_inputs: bool = True) -> PrunedLayer:
     """SparseGPT: prune with optimal-brain-surgeon updates of the remaining weights.
 
     In the paper's layout ``W`` is ``(out, in)`` (here ``kernel.T``). ``H = X^T X`` is
     dampened by ``percdamp`` times its mean diagonal (inputs the calibration data never
-    uses get ``H_jj = 1`` first, and saliency 0: pruning them costs nothing there);
+    uses, ``H_jj == 0``, get ``H_jj = 1`` first, and saliency 0: pruning them costs
+    nothing there). ``zero_dead_inputs`` (default, the reference code's ``W[:, dead] =
+    0``): their weights are all pruned, so where more inputs are dead than the sparsity
+    removes the layer keeps less than asked; ``False``: they are pruned first but the
+    count stays exact, the rest of it kept on dead inputs' weights;
     ``U`` is the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), so that
     ``U_jj^2 = [H_F^-1]_jj`` for ``F = {j, j+1, ...}``, the columns not yet processed.
     Columns go in blocks of ``blocksize``. Unstructured: at each block's start, the block
@@ -285,13 +290,13 @@ def sparsegpt_prune(kernel: jax.Array, inputs: jax.Array,
     """
     kernel, inputs = _check_kernel(kernel, inputs, required=True)
     return sparsegpt_prune_hessian(kernel, input_hessian(inputs), pattern, sparsity,
-                                   blocksize, percdamp)
+                                   blocksize, percdamp, zero_dead_inputs)
 
 
 def sparsegpt_prune_hessian(kernel: jax.Array, hessian: jax.Array,
                             pattern: str | Pattern = "unstructured",
                             sparsity: float | None = None, blocksize: int = _BLOCKSIZE,
-                            percdamp: float = 0.01) -> PrunedLayer:
+                            percdamp: float = 0.01, zero_dead_inputs: bool = True) -> PrunedLayer:
     """:func:`sparsegpt_prune` from ``H = X^T X`` (e.g. summed over calibration batches)
     instead of the inputs ``X``: the same walk, the same result for the same ``H``."""
     pattern = check_posttrain_pattern("sparsegpt", pattern, blocksize=blocksize)
@@ -307,7 +312,8 @@ def sparsegpt_prune_hessian(kernel: jax.Array, hessian: jax.Array,
                              for start in range(0, n_in, blocksize)], np.int32)
     new_kernel, mask = sparsegpt_walk(kernel.astype(jnp.float32), hessian,
                                   jnp.float32(percdamp), block_counts,
-                                  pattern=pattern, blocksize=int(blocksize))
+                                  pattern=pattern, blocksize=int(blocksize),
+                                  zero_dead_inputs=bool(zero_dead_inputs))
     return PrunedLayer(new_kernel.astype(kernel.dtype), mask)
 
 

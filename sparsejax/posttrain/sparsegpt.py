@@ -16,10 +16,10 @@ from sparsejax.core.topk import topk_mask
 __all__ = ["sparsegpt_walk"]
 
 
-@functools.partial(jax.jit, static_argnames=("pattern", "blocksize"))
+@functools.partial(jax.jit, static_argnames=("pattern", "blocksize", "zero_dead_inputs"))
 def sparsegpt_walk(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
-                   block_counts: jax.Array, *, pattern: Pattern,
-                   blocksize: int) -> tuple[jax.Array, jax.Array]:
+                   block_counts: jax.Array, *, pattern: Pattern, blocksize: int,
+                   zero_dead_inputs: bool = True) -> tuple[jax.Array, jax.Array]:
     """The SparseGPT walk (see :func:`~sparsejax.posttrain.pruners.sparsegpt_prune`, which
     checks its arguments) on ``W = kernel.T``: ``(pruned kernel, mask)``, one compiled
     program per pattern and block size."""
@@ -27,6 +27,8 @@ def sparsegpt_walk(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
     per_group = pattern.fixed_density is not None  # N:M (checked: else unstructured)
     n_out, n_in = weights.shape
     unseen = jnp.diagonal(hessian) == 0  # inputs the calibration data never uses
+    if zero_dead_inputs:  # the reference: W[:, dead] = 0, pruned whatever the count
+        weights = jnp.where(unseen[None, :], 0.0, weights)
     hessian = hessian + jnp.diag(jnp.where(unseen, 1.0, 0.0))
     damp = percdamp * jnp.mean(jnp.diagonal(hessian))
     hessian = hessian + damp * jnp.eye(n_in, dtype=jnp.float32)
@@ -102,4 +104,6 @@ def sparsegpt_walk(kernel: jax.Array, hessian: jax.Array, percdamp: jax.Array,
     if tail:
         carry = prune_block(n_blocks, carry, width=tail)
     weights, mask = carry
+    if zero_dead_inputs:
+        mask = mask & ~unseen[None, :]
     return jnp.where(mask, weights, 0.0).T, mask.T
