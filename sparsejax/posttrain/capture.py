@@ -7,6 +7,8 @@ and returns, for every ``nn.Dense`` it calls, the input that layer saw, flattene
 ``jax.jit`` and ``jax.eval_shape``. :func:`dense_calls` lists the layers, their input
 sizes and which ones share one input (query, key and value do) without computing
 anything. :func:`capture_linear_inputs` is the NNX counterpart for ``nnx.Linear``.
+:func:`trace_blocks` records the calls of named blocks (submodules), linen or NNX, and the
+layers each one calls: what the block-by-block driver needs.
 
 >>> import jax, jax.numpy as jnp
 >>> from sparsejax.harness.models.mlp import MLP
@@ -20,6 +22,7 @@ anything. :func:`capture_linear_inputs` is the NNX counterpart for ``nnx.Linear`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -31,7 +34,7 @@ if TYPE_CHECKING:  # imported where used: `import sparsejax` does not import fla
     from flax import nnx
 
 __all__ = ["LayerPath", "DenseCall", "capture_calls", "capture_dense_inputs", "dense_calls",
-           "capture_linear_inputs", "dense_input"]
+           "capture_linear_inputs", "dense_input", "BlockCall", "trace_blocks"]
 
 LayerPath = tuple[str, ...]
 """A Dense layer's path in the params tree, e.g. ``('block1', 'attn', 'query')``; its
@@ -230,3 +233,122 @@ def capture_linear_inputs(model: nnx.Module, *args: Any,
                          "un-jitted (jit the capture instead)")
     _check_found(captured, layers, "nnx.Linear")
     return captured
+
+
+@dataclasses.dataclass
+class BlockCall:
+    """One call of a named block (a submodule) by the forward: its ``path``, the
+    ``module`` called (linen: bound, NNX: the module), the ``args`` and ``kwargs`` it got,
+    its ``output`` (``None`` when the forward stopped at it) and the Dense/Linear layers
+    it called, as ``(path inside the block, input)`` in call order."""
+
+    path: LayerPath
+    module: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any = None
+    layers: list[tuple[LayerPath, Any]] = dataclasses.field(default_factory=list)
+
+
+def trace_blocks(model: Any, variables: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 blocks: Collection[LayerPath], stop: bool = False,
+                 ) -> tuple[list[BlockCall], list[LayerPath]]:
+    """Run the forward (linen: ``model.apply(variables, *args, **kwargs)``; NNX, with
+    ``variables=None``: ``model(*args, **kwargs)``) recording every call of a block
+    (``__call__`` of the submodule at one of the paths ``blocks``) and every Dense/Linear
+    call: inside a block's call, as that block's layer; outside, in the second list
+    returned. ``stop``: the forward ends at the first block call (its inputs recorded).
+    ``ValueError`` for a block path that names no submodule (NNX) or a layer called
+    inside a block that is none of its submodules."""
+    calls: list[BlockCall] = []
+    outside: list[LayerPath] = []
+    running: list[BlockCall] = []  # the block whose call is in progress
+    wanted = {tuple(b) for b in blocks}
+
+    def on_layer(path: LayerPath, x: Any) -> None:
+        if not running:
+            outside.append(path)
+            return
+        block = running[-1]
+        if path[:len(block.path)] != block.path:
+            raise ValueError(f"layer {'/'.join(path)} is called inside block "
+                             f"{'/'.join(block.path)} but is not one of its submodules")
+        block.layers.append((path[len(block.path):], x))
+
+    def on_block(path: LayerPath, module: Any, call: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Any:
+        calls.append(BlockCall(path, module, args, kwargs))
+        if stop:
+            raise _Stop
+        running.append(calls[-1])
+        try:
+            calls[-1].output = call(*args, **kwargs)
+        finally:
+            running.pop()
+        return calls[-1].output
+
+    try:
+        if variables is None:
+            _trace_nnx(model, args, kwargs, wanted, on_layer, on_block)
+        else:
+            def interceptor(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                            context: Any) -> Any:
+                path = tuple(str(name) for name in context.module.path)
+                if is_dense_call(context):
+                    on_layer(path, dense_input(args, kwargs))
+                elif context.method_name == "__call__" and path in wanted and not running:
+                    return on_block(path, context.module, next_fun, args, kwargs)
+                return next_fun(*args, **kwargs)
+
+            with nn.intercept_methods(interceptor):
+                model.apply(variables, *args, **kwargs)
+    except _Stop:
+        pass
+    return calls, outside
+
+
+def _trace_nnx(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               wanted: set[LayerPath], on_layer: Callable[..., None],
+               on_block: Callable[..., Any]) -> None:
+    """:func:`trace_blocks` of an NNX model: ``__call__`` of ``nnx.Linear`` and of the
+    blocks' classes is wrapped for the duration of the forward."""
+    from flax import nnx
+
+    modules = {tuple(str(key) for key in path): module
+               for path, module in nnx.iter_graph(model) if isinstance(module, nnx.Module)}
+    for path in wanted:
+        if path not in modules:
+            raise ValueError(f"no submodule at {'/'.join(path)} in the NNX model")
+    blocks = {id(modules[path]): path for path in wanted}
+    linears = {id(m): path for path, m in modules.items() if isinstance(m, nnx.Linear)}
+    running: set[int] = set()  # a subclass's __call__ calling its parent's: one call
+    saved = {}
+
+    def wrap(cls: type, original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            key = id(self)
+            if key in running or (key not in blocks and key not in linears):
+                return original(self, *args, **kwargs)
+            running.add(key)
+            try:
+                if key in linears:
+                    on_layer(linears[key], dense_input(args, kwargs))
+                if key in blocks:
+                    return on_block(blocks[key], self,
+                                    lambda *a, **k: original(self, *a, **k), args, kwargs)
+                return original(self, *args, **kwargs)
+            finally:
+                running.discard(key)
+        return call
+
+    for cls in {nnx.Linear} | {type(modules[path]) for path in wanted}:
+        saved[cls] = cls.__dict__.get("__call__")
+        cls.__call__ = wrap(cls, cls.__call__)  # type: ignore[method-assign]
+    try:
+        model(*args, **kwargs)
+    finally:
+        for cls, original in saved.items():
+            if original is None:
+                del cls.__call__
+            else:
+                cls.__call__ = original  # type: ignore[method-assign]

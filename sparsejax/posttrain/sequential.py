@@ -155,14 +155,7 @@ def prune_sequential(model: nn.Module, params: Any, calibration_inputs: jax.Arra
     >>> [r.name for r in report][:4], {r.density for r in report}
     (['block1/attn/query', 'block1/attn/key', 'block1/attn/value', 'block1/attn/out'], {0.5})
     """
-    inputs = jnp.asarray(calibration_inputs)
-    if inputs.ndim < 1 or inputs.shape[0] == 0:
-        raise ValueError(f"calibration inputs must hold at least one example, got shape "
-                         f"{inputs.shape}")
-    size = inputs.shape[0] if batch_size is None else batch_size
-    if not is_int(size) or size < 1:
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    batches = [inputs[i:i + size] for i in range(0, inputs.shape[0], size)]
+    batches = _calibration_batches(calibration_inputs, batch_size)
     kwargs = tuple(sorted((apply_kwargs or {}).items()))
     state = dict(model_state or {})
     calls = dense_calls(model, {"params": params, **state}, batches[0], **dict(kwargs))
@@ -189,6 +182,19 @@ def prune_sequential(model: nn.Module, params: Any, calibration_inputs: jax.Arra
             error = hessian_reconstruction_error(kernel, result.kernel, hessian)
             report.append(LayerReport(name, float(jnp.mean(result.mask)), float(error)))
     return _rebuild(params, flat), report
+
+
+def _calibration_batches(calibration_inputs: Any, batch_size: int | None) -> list[jax.Array]:
+    """The calibration inputs (examples first) cut into batches of ``batch_size`` examples
+    (``None``: one batch); ``ValueError`` for no examples or a bad ``batch_size``."""
+    inputs = jnp.asarray(calibration_inputs)
+    if inputs.ndim < 1 or inputs.shape[0] == 0:
+        raise ValueError(f"calibration inputs must hold at least one example, got shape "
+                         f"{inputs.shape}")
+    size = inputs.shape[0] if batch_size is None else batch_size
+    if not is_int(size) or size < 1:
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    return [inputs[i:i + size] for i in range(0, inputs.shape[0], size)]
 
 
 def _prunable_layers(params: Any, calls: list[Any], prunable: Prunable) -> list[Any]:
