@@ -496,12 +496,31 @@ def test_template_mismatch_is_a_clear_error(two_steps):
 # --------------------------------------------------------------------------- SIGKILL
 
 CHILD = r"""
-import os, pathlib, shutil, signal, sys, threading, time
+import json, os, pathlib, shutil, signal, sys, threading, time
 import jax, jax.numpy as jnp
 import sparsejax.io.checkpoint as ck
 import sparsejax.io.checkpoint_manifest as manifest
 
-directory, point = sys.argv[1], sys.argv[2]
+# One child per scenario, forked from this process once the modules are imported (no JAX
+# backend exists yet, so no thread is forked): the imports are paid once, not per child.
+outputs, scenarios = sys.argv[1], sys.argv[2:]
+children = {}
+for directory, point in zip(scenarios[::2], scenarios[1::2]):
+    pid = os.fork()
+    if pid == 0:
+        log = os.open(os.path.join(outputs, point), os.O_WRONLY | os.O_CREAT, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        break
+    children[point] = pid
+else:
+    codes = {}
+    for point, pid in children.items():
+        status = os.waitpid(pid, 0)[1]
+        codes[point] = (-os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                        else os.WEXITSTATUS(status))
+    print(json.dumps(codes), flush=True)
+    sys.exit(0)
 
 def small(step):
     return {"w": jnp.arange(1000, dtype=jnp.float32) * step,
@@ -552,6 +571,7 @@ if point == "during_async_write":
     die()
 ckpt.wait_until_finished()
 print("save finished without being killed", flush=True)
+os._exit(0)
 """
 
 
@@ -569,34 +589,23 @@ KILL_POINTS = ["during_async_write", "while_hashing", "before_commit", "during_d
 
 @pytest.fixture(scope="module")
 def killed_saves(tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
-    """Run every SIGKILL scenario at once, each in a child process with its own directory."""
+    """Run every SIGKILL scenario at once, each in a child process with its own directory
+    (forked from one process that imported jax and the checkpointer once)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     # One device in the child, but the same XLA flags otherwise: the child's arrays are
     # compared bit for bit with the same arrays computed here.
     env["XLA_FLAGS"] = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split()
                                 if "device_count" not in flag)
-    started = {}
-    for point in KILL_POINTS:
-        directory = tmp_path_factory.mktemp(point)
-        started[point] = (
-            directory,
-            subprocess.Popen(
-                [sys.executable, "-c", CHILD, str(directory), point],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            ),
-        )
-    results = {}
-    for point, (directory, proc) in started.items():
-        try:
-            output, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-        results[point] = directory, proc.returncode, output
-    return results
+    outputs = tmp_path_factory.mktemp("outputs")
+    directories = {point: tmp_path_factory.mktemp(point) for point in KILL_POINTS}
+    args = [str(a) for point in KILL_POINTS for a in (directories[point], point)]
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(outputs), *args], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout
+    codes = json.loads(proc.stdout.splitlines()[-1])
+    return {point: (directories[point], codes[point], (outputs / point).read_text())
+            for point in KILL_POINTS}
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
