@@ -130,6 +130,7 @@ from sparsejax.methods.ste import (
 from sparsejax.methods.strong import biprop, edge_popup, score_supermask, supermask_weights
 from sparsejax.methods.strong_init import WEIGHT_INITS, init_scores, init_weights
 from sparsejax.methods.supermask import binarize, binarized_supermask
+from sparsejax.posttrain.blocks import prune_blocks
 from sparsejax.posttrain.capture import capture_dense_inputs, capture_linear_inputs
 from sparsejax.posttrain.pruners import (
     POSTTRAIN_METHODS,
@@ -179,6 +180,7 @@ __all__ = [
     "LayerReport",
     "prune_mlp_sequential",
     "prune_sequential",
+    "prune_blocks",
     "capture_dense_inputs",
     "capture_linear_inputs",
     "linen",

@@ -330,3 +330,36 @@ def test_sparsegpt_zeroes_dead_inputs_as_the_reference_does():
     assert np.all(np.asarray(nm_groups(nm.mask, "2:4").sum(axis=1)) <= 2)
     assert float(nm.mask.mean()) < 0.5
     assert float(sparsegpt_prune(kernel, inputs, "2:4", zero_dead_inputs=False).mask.mean()) == 0.5
+
+
+class _Pair(nn.Module):
+    """A block returning ``(x, aux)`` and taking a keyword the model passes to all."""
+
+    @nn.compact
+    def __call__(self, x, *, scale):
+        y = nn.Dense(8, name="fc")(x) * scale
+        return y, jnp.mean(y)
+
+
+class _PairStack(nn.Module):
+    vary: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x, _ = _Pair(name=f"block{i}")(x, scale=1.0 + i if self.vary else 0.5)
+        return x
+
+
+def test_a_block_returning_a_tuple_feeds_its_first_element_and_others_are_checked():
+    x = jax.random.normal(jax.random.key(3), (16, 8))
+    params = _PairStack().init(jax.random.key(0), x)["params"]
+    pruned, report = prune_blocks(_PairStack(), params, x, "wanda", "unstructured", 0.5,
+                                  blocks=["block0", "block1"])
+    hidden = nn.Dense(8).apply({"params": pruned["block0"]["fc"]}, x) * 0.5
+    expected = prune_layer("wanda", params["block1"]["fc"]["kernel"], hidden, "unstructured",
+                           0.5).kernel
+    np.testing.assert_allclose(pruned["block1"]["fc"]["kernel"], expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="block block1 gets other arguments than block block0"):
+        prune_blocks(_PairStack(vary=True), params, x, "wanda", "unstructured", 0.5,
+                     blocks=["block0", "block1"])

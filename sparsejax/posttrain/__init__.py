@@ -1,9 +1,11 @@
 """Post-training pruning of a trained model: magnitude, Wanda and SparseGPT per layer
 (:mod:`~sparsejax.posttrain.pruners`, :mod:`~sparsejax.posttrain.sparsegpt`), the
 calibration inputs of each layer (:mod:`~sparsejax.posttrain.capture`) and the
-layer-by-layer driver (:mod:`~sparsejax.posttrain.sequential`); the algorithms by name
+layer-by-layer driver (:mod:`~sparsejax.posttrain.sequential`) and the block-by-block
+one (:mod:`~sparsejax.posttrain.blocks`); the algorithms by name
 (:mod:`~sparsejax.posttrain.registry`), open to new ones."""
 
+from sparsejax.posttrain.blocks import prune_blocks
 from sparsejax.posttrain.capture import capture_dense_inputs, capture_linear_inputs
 from sparsejax.posttrain.pruners import (
     POSTTRAIN_METHODS,
@@ -28,6 +30,7 @@ __all__ = [
     "capture_linear_inputs",
     "input_hessian",
     "magnitude_prune",
+    "prune_blocks",
     "prune_layer",
     "prune_mlp_sequential",
     "prune_sequential",

@@ -2,14 +2,17 @@
 
 Each Dense layer is pruned (magnitude, Wanda or SparseGPT, by
 :func:`sparsejax.posttrain.pruners.prune_layer_hessian`) on the inputs that the layers already
-pruned before it produce, as SparseGPT and Wanda prune a transformer block by block.
-:func:`prune_sequential` drives any linen model whose prunable kernels are all ``nn.Dense``
-kernels (the GPT, the MLPs): the layers are found in call order by
-:func:`sparsejax.posttrain.capture.dense_calls`; for each layer, or group of layers that
-share one input (query, key, value), the forward is run again with the current params on
-every calibration batch and ``H = X^T X`` is summed over the batches. Memory is bounded by
-one layer's Hessian and one batch of activations. :func:`prune_mlp_sequential` is the
-same on the params of an MLP alone.
+pruned before it produce: the granularity of IST-DASLab's ``--true_sequential``, applied
+across the whole model. :func:`prune_sequential` drives any linen model whose prunable
+kernels are all ``nn.Dense`` kernels (the GPT, the MLPs): the layers are found in call
+order by :func:`sparsejax.posttrain.capture.dense_calls`; for each layer, or group of
+layers that share one input (query, key, value), the forward is run again from the
+model's input with the current params on every calibration batch and ``H = X^T X`` is
+summed over the batches. Memory is bounded by one layer's Hessian and one batch of
+activations, but the time grows with the depth squared. The reference code's
+block-by-block form (the calibration set run once, each block's inputs cached) is
+:func:`sparsejax.posttrain.blocks.prune_blocks`, linear in depth.
+:func:`prune_mlp_sequential` is the same on the params of an MLP alone.
 """
 
 from __future__ import annotations
@@ -131,7 +134,10 @@ def prune_sequential(model: nn.Module, params: Any, calibration_inputs: jax.Arra
     """Prune every prunable Dense kernel of the linen ``model`` (``params``, and
     ``model_state`` such as batch statistics), layer after layer in call order: each
     layer, or group of layers that share one input, is pruned on the inputs the forward
-    gives it with every layer before it already pruned.
+    gives it with every layer before it already pruned. The forward is re-run from the
+    model's input for every group, so the time grows with the depth squared;
+    :func:`~sparsejax.posttrain.blocks.prune_blocks` prunes block by block on cached
+    activations (linear in depth), as the Wanda and SparseGPT reference code does.
 
     ``calibration_inputs`` are model inputs (examples first), run ``batch_size`` examples
     at a time (``None``: all at once); ``H = X^T X`` of each layer is summed over the
