@@ -71,9 +71,12 @@ class Patched:
 
 
 def start_child(argv, **env):
-    """``python tests/slow_cli.py ARGV`` with ``env`` added (SPARSEJAX_TEST_...)."""
+    """``python tests/slow_cli.py ARGV`` with ``env`` added (SPARSEJAX_TEST_...), and
+    this process's MNIST-1D (tests/child_data.py)."""
+    from child_data import child_env
+
     return subprocess.Popen([sys.executable, str(SLOW_CLI), *map(str, argv)],
-                            env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            env={**os.environ, **child_env(), **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

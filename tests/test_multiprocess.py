@@ -26,6 +26,7 @@ import jax
 import multiprocess_worker as worker
 import numpy as np
 import pytest
+from child_data import child_env
 
 from sparsejax.harness.launch import launch
 from sparsejax.harness.training.loop import train
@@ -48,6 +49,7 @@ def two_processes(tmp_path_factory):
         [sys.executable, "-m", "sparsejax.harness.cli", "launch", "-n", "2",
          "--devices-per-process", "4", "--grace", "1", "--", sys.executable,
          str(TESTS / "multiprocess_worker.py"), str(out), *args],
+        env={**os.environ, **child_env()},  # this process's MNIST-1D (tests/child_data.py)
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         reference = {run: worker.run_method(run[1], run[0]) for run in RUNS}

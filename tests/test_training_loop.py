@@ -11,6 +11,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from child_data import child_env
+from stop_checks import SLOW_CLI
 
 from sparsejax.harness.cli import main
 from sparsejax.harness.provenance import provenance
@@ -73,8 +75,9 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
               "--batch-size", "64", "--checkpoint-every", "10", "--log-every", "10",
               "--no-progress", "--weight-decay", "5e-4"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sparsejax.harness.cli", *common,
-                             "--out", str(killed)],
+    # the CLI (tests/slow_cli.py: its main, no faults) on this process's MNIST-1D
+    proc = subprocess.Popen([sys.executable, str(SLOW_CLI), *common, "--out", str(killed)],
+                            env={**os.environ, **child_env()},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step_00000020").exists():
