@@ -76,9 +76,13 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "ste_magnitude": {"sparsity": 0.9},
     "ste_magnitude_24": {"sparsity": 0.5, "pattern": "2:4"},
     "sr_ste_24": {"sparsity": 0.5, "pattern": "2:4"},
+    # ResNet-18's stem conv has 3 input channels, which 2:4 cannot split: kept dense
+    "sr_ste_24_dense_stem": {"sparsity": 0.5, "pattern": "2:4",
+                             "overrides": {"stem_conv/kernel": 1.0}},
 }
 # rows that time a registered method under another name, with other options
-VARIANTS = {"gates_pool": "gates", "ste_magnitude_24": "ste_magnitude", "sr_ste_24": "sr_ste"}
+VARIANTS = {"gates_pool": "gates", "ste_magnitude_24": "ste_magnitude", "sr_ste_24": "sr_ste",
+            "sr_ste_24_dense_stem": "sr_ste"}
 
 
 def setup(model_name: str, batch_size: int | None = None, **model_options: Any
@@ -276,11 +280,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--optax-baseline", action="store_true",
                         help="also time the user's plain optax dense step of each model")
+    parser.add_argument("--other-load", default="not recorded",
+                        help="what else ran on the machine, recorded in every row")
     args = parser.parse_args()
 
     rows = time_steps(args.models, args.methods, block=args.block, repeats=args.repeats,
                       amortize=args.amortize, optax_baseline=args.optax_baseline)
-    write_json(args.json, rows)
+    write_json(args.json, [{**row, "other_load": args.other_load} for row in rows])
 
 
 if __name__ == "__main__":
