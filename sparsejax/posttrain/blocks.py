@@ -61,6 +61,8 @@ from sparsejax.posttrain.sequential import (
 
 __all__ = ["prune_blocks", "WITHIN"]
 
+_ARRAYS = (jax.Array, np.ndarray)
+
 WITHIN = ("block_inputs", "sequential")
 """How the layers inside a block are calibrated: on the dense block's inputs (the
 references' default), or each group of layers on what the already pruned layers of the
@@ -272,7 +274,7 @@ def _check_calls(calls: list[BlockCall], paths: list[LayerPath], fns: list[Any])
                                  "block's output as its first argument (x = block(x, ...))")
         others, other_tree = jax.tree.flatten((call.args[1:], call.kwargs))
         if other_tree != tree or not all(
-                a is b or (not isinstance(a, jax.Array) and not isinstance(b, jax.Array)
+                a is b or (not isinstance(a, _ARRAYS) and not isinstance(b, _ARRAYS)
                            and a == b) for a, b in zip(others, rest, strict=True)):
             raise ValueError(f"block {names[i]} gets other arguments than block {names[0]}; "
                              "prune_blocks reuses the first block's other arguments (masks, "
@@ -367,7 +369,7 @@ def _split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, list[Any
     """A call's arguments as a hashable static part (structure and non-array values) and
     the list of its arrays (the hidden states first)."""
     leaves, tree = jax.tree.flatten((args, kwargs))
-    arrays = tuple(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
+    arrays = tuple(isinstance(leaf, _ARRAYS) for leaf in leaves)
     return ((tree, tuple(None if a else leaf for leaf, a in zip(leaves, arrays, strict=True)),
              arrays), [leaf for leaf, a in zip(leaves, arrays, strict=True) if a])
 
