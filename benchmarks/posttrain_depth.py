@@ -15,7 +15,9 @@ by three drivers:
 
 Per row: ``cold_s``, the whole call after ``jax.clear_caches()`` (what a user pays once:
 its compilations included), and ``warm_s``, the median of ``--repeats`` more calls (the
-compiled programs cached). ``max_abs_diff_to_sequential`` checks that
+compiled programs cached), each also as this process's CPU time (``cold_cpu_s``,
+``warm_cpu_s``: on one pinned core, what the other jobs' load does not inflate).
+``max_abs_diff_to_sequential`` checks that
 ``prune_blocks_seq`` gives ``prune_sequential``'s kernels. Each row also names the
 device, the cores the process may use, the load average before and after, the busiest
 other processes (command names and %CPU from ``ps``) and ``--note``: other engineers' jobs
@@ -103,20 +105,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         results = {}
         for name, run in drivers(model, n_layer).items():
             jax.clear_caches()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             results[name] = jax.block_until_ready(run(params, tokens)[0])
-            cold = time.perf_counter() - start
-            warm = []
+            cold, cold_cpu = time.perf_counter() - start, time.process_time() - cpu
+            warm, warm_cpu = [], []
             for _ in range(args.repeats):
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 jax.block_until_ready(run(params, tokens)[0])
                 warm.append(time.perf_counter() - start)
+                warm_cpu.append(time.process_time() - cpu)
             row = {"n_layer": n_layer, "driver": name, "cold_s": round(cold, 3),
                    "warm_s": round(statistics.median(warm), 3),
+                   "cold_cpu_s": round(cold_cpu, 3),
+                   "warm_cpu_s": round(statistics.median(warm_cpu), 3),
                    "pruned_layers": 6 * n_layer, **common}
             rows.append(row)
-            print(f"{n_layer:3d} blocks  {name:17s} cold {cold:8.2f} s  warm "
-                  f"{row['warm_s']:8.2f} s", flush=True)
+            print(f"{n_layer:3d} blocks  {name:17s} cold {cold:8.2f} s ({cold_cpu:.2f} CPU)  "
+                  f"warm {row['warm_s']:8.2f} s ({row['warm_cpu_s']:.2f} CPU)", flush=True)
         diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
             jax.tree.leaves(results["prune_blocks_seq"]),
             jax.tree.leaves(results["prune_sequential"]), strict=True))
