@@ -94,6 +94,18 @@ def posttrain_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def depth_table(rows: list[dict]) -> str:
+    """posttrain_depth.py: seconds to prune a GPT against its depth, per driver."""
+    out = ["| blocks | driver | cold s (CPU s) | warm s (CPU s) | warm ratio to prune_blocks |",
+           "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['n_layer']} | {r['driver']} | {r['cold_s']:.2f} "
+                   f"({r.get('cold_cpu_s', float('nan')):.2f}) | {r['warm_s']:.2f} "
+                   f"({r.get('warm_cpu_s', float('nan')):.2f}) | "
+                   f"{r['ratio_to_prune_blocks_warm']:.2f} |")
+    return "\n".join(out)
+
+
 def breakdown_table(rows: list[dict]) -> str:
     out = ["| model | variant | dense ms | method ms | ratio |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -178,7 +190,9 @@ def main(paths: list[str]) -> None:
         rows = json.loads(Path(path).read_text())
         if not rows:
             continue
-        if "algorithm" in rows[0]:
+        if rows[0].get("benchmark") == "posttrain_depth":
+            print(depth_table(rows), end="\n\n")
+        elif "algorithm" in rows[0]:
             print(topk_table(rows), end="\n\n")
         elif "total_s" in rows[0] or "first_step_s" in rows[0] and "cache" in rows[0]:
             print(compile_table(rows), end="\n\n")
