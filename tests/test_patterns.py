@@ -35,6 +35,9 @@ def scores_of(shape: tuple[int, ...], seed: int, ties: bool) -> np.ndarray:
     return np.round(values) if ties else values  # rounding makes ties common
 
 
+jitted_pattern_mask = jax.jit(pattern_mask, static_argnums=1)
+
+
 @st.composite
 def nm_cases(draw):
     m = draw(st.sampled_from([2, 4, 8]))
@@ -49,7 +52,9 @@ def nm_cases(draw):
 def test_every_nm_group_keeps_exactly_n_of_the_largest(case):
     shape, n, m, seed, ties = case
     scores = scores_of(shape, seed, ties)
-    mask = np.asarray(pattern_mask(jnp.asarray(scores), f"{n}:{m}"))
+    # jitted: one program per drawn shape and pattern (eagerly each of its ops compiled);
+    # the eager call is checked by the tests below
+    mask = np.asarray(jitted_pattern_mask(jnp.asarray(scores), f"{n}:{m}"))
     assert mask.shape == shape and mask.dtype == bool
     # groups of m consecutive entries along the input axis (-2)
     grouped_mask = np.moveaxis(mask, -2, -1).reshape(-1, m)

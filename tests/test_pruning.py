@@ -90,7 +90,7 @@ def test_harness_snip_mask_is_global_topk_of_dense_init_saliency_on_first_batch(
         logits, _ = apply_model(model, p, {}, batch["image"], train=True)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)  # one program, not an eager op each
     names = ("fc1", "fc2", "head")
     saliency = np.concatenate([np.abs(np.asarray(grads[n]["kernel"] * params[n]["kernel"])).ravel()
                                for n in names])
@@ -114,9 +114,9 @@ def test_grasp_hessian_vector_product_matches_explicit_hessian():
     def loss_fn(params, model_state, batch):
         return loss_vec(params["w"]), (model_state, {})
 
-    scores = grasp_scores(loss_fn, {"w": w}, {}, [None])["w"]
-    g = jax.grad(loss_vec)(w)
-    hessian = jax.hessian(loss_vec)(w)
+    # jitted, as the harness runs it (eagerly every op of the HVP compiled on its own)
+    scores = jax.jit(lambda p: grasp_scores(loss_fn, p, {}, [None]))({"w": w})["w"]
+    g, hessian = jax.jit(lambda v: (jax.grad(loss_vec)(v), jax.hessian(loss_vec)(v)))(w)
     expected = -w * (hessian @ g)
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
     assert np.abs(expected).max() > 1e-2  # not a vacuous comparison
@@ -139,7 +139,7 @@ def test_grasp_temperature_and_per_class_sampling():
         logits = apply_fn(p, state, x[chosen]) / 7.0
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels[chosen]).mean()
 
-    g = jax.grad(objective)(params)
+    g = jax.jit(jax.grad(objective))(params)
     flat_g, unravel = jax.flatten_util.ravel_pytree(g)
     flat_w, _ = jax.flatten_util.ravel_pytree(params)
     hessian = jax.jit(jax.hessian(lambda v: objective(unravel(v))))(flat_w)
