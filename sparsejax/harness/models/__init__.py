@@ -9,6 +9,12 @@ The models are plain: masks live outside, in a pytree shaped like ``params``. Le
   default filter);
 * ``batch_stats`` (model state, never masked): ``mean`` and ``var`` of each batch norm.
 
+``llama`` is an NNX module (:mod:`sparsejax.harness.models.llama`): ``get_model`` gives an
+:class:`~sparsejax.harness.models._nnx.NNXModel` whose ``init``/``apply`` build and call it
+through ``nnx.split``/``nnx.merge``, so ``init_model`` and ``apply_model`` (and the whole
+training harness) take it as they take a linen model; its ``params`` are its
+``nnx.Param`` state as a dict with string keys (``layers/0/self_attn/q_proj/kernel``).
+
 Every model's classifier is the Dense submodule ``head`` (``gpt``'s gives next-token logits
 ``(batch, time, vocab)``; its ``num_classes`` is the vocabulary size). A convolution
 directly followed by batch norm has no bias (the norm cancels it); ``use_bias`` governs all
@@ -30,6 +36,10 @@ vit_small     small ViT. ``use_bias``, ``patch_size`` (4), ``embed_dim`` (128), 
               (6), ``num_heads`` (4), ``mlp_ratio`` (2.0), ``pool`` ("cls" or "mean")
 gpt           small causal GPT over token ids ``(batch, time)``. ``use_bias``, ``n_layer``
               (4), ``n_embd`` (128), ``n_head`` (4), ``context`` (64: positions learned)
+llama         small LLaMA-style decoder in Flax NNX (RMSNorm, RoPE, SwiGLU, grouped-query
+              attention). ``use_bias`` (False), ``n_layer`` (4), ``n_embd`` (128),
+              ``n_head`` (4), ``n_kv_head`` (2), ``context`` (64), ``mlp_hidden``
+              (``8/3 n_embd`` rounded up to 32: 352)
 ============  ==========================================================================
 
 >>> import jax, jax.numpy as jnp
@@ -42,6 +52,7 @@ gpt           small causal GPT over token ids ``(batch, time)``. ``use_bias``, `
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -53,8 +64,10 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.harness.models._layers import KERNEL_INITS, NORM_KINDS
+from sparsejax.harness.models._nnx import NNXModel
 from sparsejax.harness.models.convnets import ConvNet
 from sparsejax.harness.models.gpt import GPT
+from sparsejax.harness.models.llama import Llama, check_heads
 from sparsejax.harness.models.mlp import MLP, LeNet300
 from sparsejax.harness.models.resnets import BasicBlock, PreActBlock, ResNet, WideResNet
 from sparsejax.harness.models.vit import POOLS, ViT
@@ -78,6 +91,8 @@ __all__ = [
     "PreActBlock",
     "ViT",
     "GPT",
+    "Llama",
+    "NNXModel",
 ]
 
 PARAM_LEAF_NAMES: tuple[str, ...] = ("kernel", "bias", "scale", "cls_token", "pos_embedding",
@@ -89,8 +104,15 @@ STATE_LEAF_NAMES: tuple[str, ...] = ("mean", "var")
 
 _CONV_OPTIONS = ("use_bias", "norm", "norm_affine", "width")
 
-# name -> (module class, fixed constructor arguments, accepted options)
-_REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any], tuple[str, ...]]] = {
+
+
+def _llama(num_classes: int, **options: Any) -> NNXModel:
+    """The NNX :class:`Llama` with these options, as the harness takes a model."""
+    return NNXModel(Llama, (("num_classes", num_classes), *sorted(options.items())))
+
+
+# name -> (module class or NNX model builder, fixed constructor arguments, accepted options)
+_REGISTRY: dict[str, tuple[Callable[..., Any], dict[str, Any], tuple[str, ...]]] = {
     "lenet300": (LeNet300, {}, ("use_bias", "width", "kernel_init")),
     "mlp": (MLP, {}, ("use_bias", "width", "hidden", "kernel_init")),
     "conv2": (ConvNet, {"num_pairs": 1}, _CONV_OPTIONS),
@@ -110,13 +132,15 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any], tuple[str, ...]]] = 
         ("use_bias", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "pool"),
     ),
     "gpt": (GPT, {}, ("use_bias", "n_layer", "n_embd", "n_head", "context")),
+    "llama": (_llama, {}, ("use_bias", "n_layer", "n_embd", "n_head", "n_kv_head", "context",
+                           "mlp_hidden")),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 """Names accepted by :func:`get_model`."""
 
 
-TEXT_MODELS: tuple[str, ...] = ("gpt",)
+TEXT_MODELS: tuple[str, ...] = ("gpt", "llama")
 """Models that take token sequences (text datasets); every other model takes images."""
 
 
@@ -193,6 +217,8 @@ _OPTION_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "n_layer": _check_positive_int,
     "n_embd": _check_positive_int,
     "n_head": _check_positive_int,
+    "n_kv_head": _check_positive_int,
+    "mlp_hidden": _check_positive_int,
     "context": _check_positive_int,
     "hidden": _check_widths,
     "kernel_init": _check_choice(tuple(KERNEL_INITS)),
@@ -210,8 +236,9 @@ def model_options(name: str) -> tuple[str, ...]:
     return _REGISTRY[name][2]
 
 
-def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
-    """Build the registered model ``name`` with ``num_classes`` outputs.
+def get_model(name: str, num_classes: int, **options: Any) -> nn.Module | NNXModel:
+    """Build the registered model ``name`` with ``num_classes`` outputs (a linen module,
+    or for the NNX ``llama`` an :class:`NNXModel`: the same ``init``/``apply``).
 
     Raises ``ValueError`` for an unknown name (listing the known ones), ``TypeError`` for an
     option the model does not take (naming it), and ``ValueError``/``TypeError`` for a bad
@@ -248,6 +275,10 @@ def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
         dim, heads = options.get("n_embd", GPT.n_embd), options.get("n_head", GPT.n_head)
         if dim % heads != 0:
             raise ValueError(f"n_embd={dim} is not divisible by n_head={heads}")
+    if name == "llama":  # before anything is built
+        defaults = inspect.signature(Llama.__init__).parameters
+        check_heads(*(options.get(key, defaults[key].default)
+                      for key in ("n_embd", "n_head", "n_kv_head")))
     return cls(num_classes=int(num_classes), **fixed, **options)
 
 
