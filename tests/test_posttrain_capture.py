@@ -23,7 +23,9 @@ ORDER = ["block1/attn/query", "block1/attn/key", "block1/attn/value", "block1/at
 @pytest.fixture(scope="module")
 def gpt():
     model = GPT(num_classes=VOCAB, n_layer=1, n_embd=16, n_head=2, context=CONTEXT)
-    params = model.init(jax.random.key(0), jnp.zeros((1, CONTEXT), jnp.int32))["params"]
+    # one jitted init: eagerly every op of it compiled a program of its own
+    params = jax.jit(model.init)(jax.random.key(0),
+                                 jnp.zeros((1, CONTEXT), jnp.int32))["params"]
     tokens = jax.random.randint(jax.random.key(1), (6, CONTEXT), 0, VOCAB)
     return model, params, tokens
 
