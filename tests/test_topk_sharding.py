@@ -1,6 +1,9 @@
 """Exact top-k on sharded scores: per shard inside ``shard_map`` (with its default
 ``check_vma``), global and bitwise equal to the unsharded result under ``jit`` on
-explicitly sharded arrays. Needs the 8 simulated CPU devices of conftest.py."""
+explicitly sharded arrays. Needs the 8 simulated CPU devices of conftest.py.
+
+The ``shard_map`` calls are jitted (as in a train step): called eagerly, each op of the
+search inside them compiled a program of its own."""
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +63,8 @@ def explicit_mesh():
 
 def test_shard_map_layer_topk_is_per_shard(manual_mesh):
     tree = scores_tree()
-    masks = jax.shard_map(lambda s: sparsejax.topk_mask(s, 0.3), mesh=manual_mesh,
-                          in_specs=P("x"), out_specs=P("x"))(tree)
+    masks = jax.jit(jax.shard_map(lambda s: sparsejax.topk_mask(s, 0.3), mesh=manual_mesh,
+                                  in_specs=P("x"), out_specs=P("x")))(tree)
     assert_trees_equal(masks, per_block(lambda s: sparsejax.topk_mask(s, 0.3), tree))
     for name, mask in masks.items():
         block_size = tree[name].size // N_DEVICES
@@ -71,16 +74,18 @@ def test_shard_map_layer_topk_is_per_shard(manual_mesh):
 
 def test_shard_map_global_and_tracked_topk_are_per_shard(manual_mesh):
     tree = scores_tree()
-    masks = jax.shard_map(lambda s: sparsejax.topk_mask(s, count=500, scope="global"),
-                          mesh=manual_mesh, in_specs=P("x"), out_specs=P("x"))(tree)
+    masks = jax.jit(jax.shard_map(
+        lambda s: sparsejax.topk_mask(s, count=500, scope="global"),
+        mesh=manual_mesh, in_specs=P("x"), out_specs=P("x")))(tree)
     assert_trees_equal(masks, per_block(
         lambda s: sparsejax.topk_mask(s, count=500, scope="global"), tree))
     kept = sum(np.asarray(m).reshape(N_DEVICES, -1).sum(axis=1) for m in masks.values())
     assert (kept == 500).all()
     # Replicated cuts (not varying over the mesh) seed a per-shard search.
     cuts = jnp.array([[0.5, 0.1]] * 3, jnp.float32)
-    tracked = jax.shard_map(lambda s, c: topk_mask_tracked(s, 0.2, c)[0], mesh=manual_mesh,
-                            in_specs=(P("x"), P()), out_specs=P("x"))(tree, cuts)
+    tracked = jax.jit(jax.shard_map(lambda s, c: topk_mask_tracked(s, 0.2, c)[0],
+                                    mesh=manual_mesh, in_specs=(P("x"), P()),
+                                    out_specs=P("x")))(tree, cuts)
     assert_trees_equal(tracked, per_block(lambda s: sparsejax.topk_mask(s, 0.2), tree))
 
 
