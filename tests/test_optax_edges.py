@@ -131,8 +131,9 @@ def test_rigl_skips_the_optimizer_on_mask_updates_but_counts_the_step():
     opt_state = tx.init(params)
     params = sparsejax.zero_pruned(params, opt_state)
     xs, ys = batches(4)
+    grad = jax.jit(jax.grad(mlp_loss))  # one program (eagerly: a program per op)
     for i in range(4):
-        grads = jax.grad(mlp_loss)(params, (xs[i], ys[i]))
+        grads = grad(params, (xs[i], ys[i]))
         updates, opt_state = tx.update(grads, opt_state, params)
         new = optax.apply_updates(params, updates)
         masks = sparsejax.masks_of(opt_state)
