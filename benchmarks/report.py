@@ -183,6 +183,22 @@ def optax_baseline_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def posttrain_memory_table(rows: list[dict]) -> str:
+    """benchmarks/posttrain_memory.py: peak resident memory of prune_blocks (warm: the
+    pruning; cold: with its compilations) against params + one block's activations."""
+    mib = 1 << 20
+    out = ["| model | layers | windows | params MiB | block io MiB | block batch MiB | "
+           "expected MiB | warm peak MiB | ratio | cold peak MiB |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['n_layer']} | {r['windows']} | "
+                   f"{r['params_bytes'] / mib:.1f} | {r['block_io_bytes'] / mib:.1f} | "
+                   f"{r['block_batch_bytes'] / mib:.1f} | {r['expected_bytes'] / mib:.1f} | "
+                   f"{r['warm_peak_bytes'] / mib:.1f} | {r['warm_ratio_to_expected']:.2f} | "
+                   f"{r['cold_peak_bytes'] / mib:.1f} |")
+    return "\n".join(out)
+
+
 def main(paths: list[str]) -> None:
     steps: list[dict] = []
     breakdown: list[dict] = []
@@ -190,7 +206,9 @@ def main(paths: list[str]) -> None:
         rows = json.loads(Path(path).read_text())
         if not rows:
             continue
-        if rows[0].get("benchmark") == "posttrain_depth":
+        if rows[0].get("benchmark") == "posttrain_memory":
+            print(posttrain_memory_table(rows), end="\n\n")
+        elif rows[0].get("benchmark") == "posttrain_depth":
             print(depth_table(rows), end="\n\n")
         elif "algorithm" in rows[0]:
             print(topk_table(rows), end="\n\n")

@@ -14,6 +14,7 @@ from sparsejax.harness.models import (
     MODEL_NAMES,
     PARAM_LEAF_NAMES,
     STATE_LEAF_NAMES,
+    TEXT_MODELS,
     apply_model,
     get_model,
     init_model,
@@ -26,7 +27,7 @@ CIFAR = (BATCH, 32, 32, 3)
 MNIST = (BATCH, 28, 28, 1)
 TOKENS = (BATCH, 16)  # gpt: token ids (batch, time); CLASSES is its vocabulary
 INPUT_SHAPES = {name: CIFAR for name in MODEL_NAMES} | {"lenet300": MNIST, "vit_small": MNIST,
-                                                        "gpt": TOKENS}
+                                                        **dict.fromkeys(TEXT_MODELS, TOKENS)}
 BN_MODELS = ("resnet18", "resnet20", "wrn22_2")
 
 jit_apply = jax.jit(apply_model, static_argnums=0, static_argnames="train")
@@ -85,10 +86,10 @@ def images(shape: tuple[int, ...], seed: int = 1) -> jax.Array:
 def test_forward_under_jit_gives_finite_logits(name):
     model, params, state = initialised(name)
     x = images(INPUT_SHAPES[name])
-    if name == "gpt":
+    if name in TEXT_MODELS:
         x = jax.random.randint(jax.random.key(1), TOKENS, 0, CLASSES)
     logits, new_state = jit_apply(model, params, state, x, train=False)
-    assert logits.shape == ((*TOKENS, CLASSES) if name == "gpt" else (BATCH, CLASSES))
+    assert logits.shape == ((*TOKENS, CLASSES) if name in TEXT_MODELS else (BATCH, CLASSES))
     assert bool(jnp.all(jnp.isfinite(logits)))
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     # no None leaves anywhere in the state

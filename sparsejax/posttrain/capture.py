@@ -112,7 +112,7 @@ def _check_found(captured: dict[LayerPath, Any], layers: Collection[LayerPath] |
     missing = set() if layers is None else {tuple(layer) for layer in layers} - set(captured)
     if missing:
         raise ValueError(f"the forward called no {kind} at "
-                         f"{', '.join(sorted('/'.join(p) for p in missing))}")
+                         f"{', '.join(sorted('/'.join(map(str, p)) for p in missing))}")
 
 
 def capture_calls(model: nn.Module, variables: Any, args: tuple[Any, ...],
