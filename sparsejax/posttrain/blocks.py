@@ -4,7 +4,9 @@
 :func:`prune_blocks` runs the calibration set through the model once, up to the first
 block, and keeps every argument that block is called with (hidden states, masks,
 positions). Then, block after block, it prunes the block's Dense (linen) or Linear (NNX)
-layers from ``H = X^T X`` (:func:`~sparsejax.posttrain.pruners.prune_layer_hessian`) and
+layers, and its einsum layers (``nn.Einsum``, ``nnx.Einsum``, as the matrix view of
+:mod:`~sparsejax.posttrain.kernels`), from ``H = X^T X``
+(:func:`~sparsejax.posttrain.pruners.prune_layer_hessian`) and
 runs the pruned block on its inputs: its outputs are the next block's inputs. The forward
 thus runs once in all, and each block twice (once for the Hessians, once for its
 outputs; the last block once): time linear in depth, where
@@ -31,7 +33,6 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.core._tree import path_str
@@ -43,12 +44,13 @@ from sparsejax.posttrain.capture import (
     LayerPath,
     capture_calls,
     capture_linear_inputs,
+    layer_calls,
     trace_blocks,
 )
+from sparsejax.posttrain.kernels import KernelLayout, prune_kernel
 from sparsejax.posttrain.pruners import (
     PosttrainMethod,
     check_posttrain_method,
-    hessian_reconstruction_error,
     input_hessian,
     prune_layer_hessian,
 )
@@ -88,9 +90,11 @@ def prune_blocks(model: Any, params: Any, calibration_inputs: jax.Array, method:
                  batch_size: int | None = None, prunable: Prunable | None = None,
                  apply_kwargs: Mapping[str, Any] | None = None,
                  **options: Any) -> tuple[Any, list[LayerReport]]:
-    """Prune the Dense/Linear layers of the ``blocks`` of a linen model (``params``, and
-    ``model_state`` such as batch statistics) or of an NNX model (``params=None``), block
-    after block on cached activations.
+    """Prune the Dense/Linear and Einsum layers of the ``blocks`` of a linen model
+    (``params``, and ``model_state`` such as batch statistics) or of an NNX model
+    (``params=None``), block after block on cached activations. An einsum kernel is
+    pruned as the matrix (contracted input axes, output axes), N:M groups along its
+    flattened input features (:mod:`~sparsejax.posttrain.kernels`).
 
     ``within="block_inputs"`` (default, the references'): every layer of a block is
     calibrated on the inputs the dense block gives it (one forward of the block);
@@ -98,8 +102,9 @@ def prune_blocks(model: Any, params: Any, calibration_inputs: jax.Array, method:
     value), on the inputs the already pruned layers of the block give it. Either way the
     next block gets the pruned block's outputs. Layers outside the blocks (the output
     head, the embeddings) stay dense, as in the reference code; ``prunable`` (default:
-    every kernel of ``ndim >= 2`` inside the blocks) selecting a leaf outside them, or a
-    kernel inside that no Dense/Linear layer calls (a Conv), is a ``ValueError``.
+    every kernel of ``ndim >= 2`` inside the blocks) selecting a leaf outside them, a
+    conv kernel, an einsum the matrix view cannot handle, or a kernel inside that no
+    such layer calls, is a ``ValueError`` naming it.
     ``calibration_inputs`` are model inputs (examples first), run ``batch_size`` at a
     time (``None``: all at once); ``apply_kwargs`` go to the forward. ``pattern``: one
     for all, or a mapping from every layer name (``'block1/attn/query'``) to its own;
@@ -148,7 +153,10 @@ def prune_blocks(model: Any, params: Any, calibration_inputs: jax.Array, method:
     leaves = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(named)[0]}
     names = [f"{b.name}/{'/'.join(c.path)}" for b, calls in zip(found, chosen, strict=True)
              for c in calls]
-    shapes = {name: np.shape(leaves[f"{name}/kernel"]) for name in names}
+    layouts = {f"{b.name}/{'/'.join(c.path)}": c.layout for b, calls in zip(found, chosen,
+               strict=True) for c in calls}
+    shapes = {name: layouts[name].matrix_shape(np.shape(leaves[f"{name}/kernel"]))
+              for name in names}
     patterns = _layer_patterns(shapes, method, pattern, sparsity, options)
 
     inputs = [_first_inputs(model, graphdef, variables, batch, kwargs, paths[0])
@@ -284,17 +292,15 @@ def _check_calls(calls: list[BlockCall], paths: list[LayerPath], fns: list[Any])
     return blocks
 
 
-def _layer_calls(name: str, layers: list[tuple[LayerPath, Any]]) -> tuple[DenseCall, ...]:
+def _layer_calls(name: str, layers: list[tuple[LayerPath, Any, KernelLayout]],
+                 ) -> tuple[DenseCall, ...]:
     """A block's layer calls with their shared-input groups (inputs compared by identity)."""
-    calls, seen = [], []
-    for path, x in layers:
-        if any(c.path == path for c in calls):
+    paths = [path for path, _, _ in layers]
+    for path in paths:
+        if paths.count(path) > 1:
             raise ValueError(f"layer {name}/{'/'.join(path)} is called more than once per "
                              "forward (shared weights); prune_blocks supports one call per layer")
-        group = next((i for i, other in enumerate(seen) if other is x), len(seen))
-        seen.append(x)
-        calls.append(DenseCall(path, int(x.shape[-1]), group))
-    return tuple(calls)
+    return tuple(layer_calls(layers))
 
 
 def _chosen_layers(named: Any, blocks: list[_Block],
@@ -310,12 +316,17 @@ def _chosen_layers(named: Any, blocks: list[_Block],
         if not (prunable(name, leaf) if prunable is not None
                 else inside and default_prunable(name, leaf)):
             continue
+        if name in kernels and kernels[name][1].layout.refused is not None:
+            raise ValueError(f"{name} is prunable but is not the kernel of a layer prune_blocks "
+                             f"can prune: {name[:-len('/kernel')]} "
+                             f"{kernels[name][1].layout.refused}; leave it out of `prunable` "
+                             "to keep it dense")
         if name in kernels:
             chosen[kernels[name][0]].append(kernels[name][1])
         elif inside:
-            raise ValueError(f"{name} is prunable but is not the kernel of a Dense/Linear layer "
-                             "its block calls; post-training pruning supports Dense kernels "
-                             "only (Conv and other layers are not supported yet)")
+            raise ValueError(f"{name} is prunable but is not the kernel of a Dense/Linear or "
+                             "Einsum layer its block calls; post-training pruning supports "
+                             "those kernels only (other layers are not supported yet)")
         else:
             raise ValueError(f"{name} is prunable but lies outside the blocks "
                              f"{[b.name for b in blocks]}: prune_blocks keeps every layer "
@@ -348,15 +359,10 @@ def _prune_block(block: _Block, weights: Any, calls: list[DenseCall], inputs: li
         for call in members:
             name = f"{block.name}/{'/'.join(call.path)}"
             key = prefix + "/".join(call.path) + "/kernel"
-            kernel = flat[key]
-            try:
-                result = prune_layer_hessian(method, kernel, hessian, patterns[name], sparsity,
-                                             **options)
-            except ValueError as error:
-                raise ValueError(f"{name}/kernel: {error}") from None
-            flat[key] = result.kernel
-            error = hessian_reconstruction_error(kernel, result.kernel, hessian)
-            report.append(LayerReport(name, float(jnp.mean(result.mask)), float(error)))
+            flat[key], density, error = prune_kernel(method, flat[key], hessian, call.layout,
+                                                     patterns[name], sparsity, name,
+                                                     solver=prune_layer_hessian, **options)
+            report.append(LayerReport(name, density, error))
     return _rebuild(weights, flat), report
 
 

@@ -4,7 +4,8 @@ Each Dense layer is pruned (magnitude, Wanda or SparseGPT, by
 :func:`sparsejax.posttrain.pruners.prune_layer_hessian`) on the inputs that the layers already
 pruned before it produce: the granularity of IST-DASLab's ``--true_sequential``, applied
 across the whole model. :func:`prune_sequential` drives any linen model whose prunable
-kernels are all ``nn.Dense`` kernels (the GPT, the MLPs): the layers are found in call
+kernels are all ``nn.Dense`` kernels (the GPT, the MLPs) or ``nn.Einsum`` kernels (as
+matrices, :mod:`~sparsejax.posttrain.kernels`): the layers are found in call
 order by :func:`sparsejax.posttrain.capture.dense_calls`; for each layer, or group of
 layers that share one input (query, key, value), the forward is run again from the
 model's input with the current params on every calibration batch and ``H = X^T X`` is
@@ -32,11 +33,11 @@ from sparsejax.core.masks import Prunable, default_prunable
 from sparsejax.core.patterns import Pattern, as_pattern
 from sparsejax.core.validation import is_int
 from sparsejax.posttrain.capture import LayerPath, capture_calls, dense_calls
+from sparsejax.posttrain.kernels import prune_kernel
 from sparsejax.posttrain.pruners import (
     PosttrainMethod,
     check_posttrain_method,
     check_posttrain_pattern,
-    hessian_reconstruction_error,
     input_hessian,
     posttrain_density,
     prune_layer_hessian,
@@ -168,7 +169,8 @@ def prune_sequential(model: nn.Module, params: Any, calibration_inputs: jax.Arra
     layers = _prunable_layers(params, calls, prunable)
     flat = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     names = ["/".join(c.path) for c in layers]
-    patterns = _layer_patterns({n: np.shape(flat[f"{n}/kernel"]) for n in names},
+    patterns = _layer_patterns({n: c.layout.matrix_shape(np.shape(flat[f"{n}/kernel"]))
+                                for n, c in zip(names, layers, strict=True)},
                                method, pattern, sparsity, options)
     report = []
     for group in dict.fromkeys(c.group for c in layers):
@@ -178,15 +180,10 @@ def prune_sequential(model: nn.Module, params: Any, calibration_inputs: jax.Arra
                                      {"params": current, **state}, batch) for batch in batches)
         for call in members:
             name = "/".join(call.path)
-            kernel = flat[f"{name}/kernel"]
-            try:
-                result = prune_layer_hessian(method, kernel, hessian, patterns[name], sparsity,
-                                             **options)
-            except ValueError as error:
-                raise ValueError(f"{name}/kernel: {error}") from None
-            flat[f"{name}/kernel"] = result.kernel
-            error = hessian_reconstruction_error(kernel, result.kernel, hessian)
-            report.append(LayerReport(name, float(jnp.mean(result.mask)), float(error)))
+            flat[f"{name}/kernel"], density, error = prune_kernel(
+                method, flat[f"{name}/kernel"], hessian, call.layout, patterns[name], sparsity,
+                name, solver=prune_layer_hessian, **options)
+            report.append(LayerReport(name, density, error))
     return _rebuild(params, flat), report
 
 
@@ -212,10 +209,13 @@ def _prunable_layers(params: Any, calls: list[Any], prunable: Prunable) -> list[
         name = path_str(path)
         if not prunable(name, leaf):
             continue
-        if name not in kernels:
-            raise ValueError(f"{name} is prunable but is not the kernel of an nn.Dense layer "
-                             f"that the forward calls; post-training pruning supports Dense "
-                             f"kernels only (Conv and other layers are not supported yet)")
+        if name not in kernels or kernels[name].layout.refused is not None:
+            why = ("" if name not in kernels else
+                   f": {name[:-len('/kernel')]} {kernels[name].layout.refused}")
+            raise ValueError(f"{name} is prunable but is not the kernel of an nn.Dense or "
+                             f"nn.Einsum layer that the forward calls{why}; post-training "
+                             f"pruning supports those kernels only (Conv and other layers "
+                             f"are not supported yet)")
         chosen.add(name)
     return [c for c in calls if "/".join(c.path) + "/kernel" in chosen]
 
