@@ -191,15 +191,17 @@ def _kernel(model: _Decoder, block: int, name: str) -> np.ndarray:
     return np.asarray(module.kernel[...])
 
 
-@pytest.mark.parametrize("pattern,sparsity", PATTERNS)
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_user_written_nnx_decoder_with_einsum_attention(method, pattern, sparsity):
+@pytest.mark.parametrize("method,pattern,sparsity,within", [
+    ("wanda", "unstructured", 0.5, "block_inputs"), ("wanda", "2:4", None, "block_inputs"),
+    ("sparsegpt", "unstructured", 0.5, "block_inputs"), ("sparsegpt", "2:4", None, "block_inputs"),
+    ("sparsegpt", "2:4", None, "sequential")])
+def test_user_written_nnx_decoder_with_einsum_attention(method, pattern, sparsity, within):
     vocab, depth = 13, 2
     model = _Decoder(vocab, 16, 2, depth, nnx.Rngs(0))
     before = _params(model)
     tokens = jax.random.randint(jax.random.key(1), (4, T), 0, vocab)
     pruned, report = prune_blocks(model, None, tokens, method, pattern, sparsity,
-                                  blocks=[f"blocks/{i}" for i in range(depth)])
+                                  blocks=[f"blocks/{i}" for i in range(depth)], within=within)
     assert [r.name for r in report] == [f"blocks/{i}/{n}" for i in range(depth)
                                         for n in ["attn/q", "attn/k", "attn/v", "attn/o",
                                                   "up", "down"]]

@@ -169,17 +169,19 @@ def _capture(model: nn.Module, variables: Any, args: tuple[Any, ...], kwargs: di
 def capture_dense_inputs(model: nn.Module, variables: Any, *args: Any,
                          layers: Collection[LayerPath] | None = None,
                          **kwargs: Any) -> dict[LayerPath, jax.Array]:
-    """The input of every ``nn.Dense`` that ``model.apply(variables, *args, **kwargs)``
-    calls, as ``(tokens, in)`` (all leading axes flattened), keyed by the layer's params
-    path, in call order. ``layers``: only these paths (the forward stops after the last
+    """The input of every ``nn.Dense`` (and ``nn.Einsum``) that ``model.apply(variables,
+    *args, **kwargs)`` calls, as ``(tokens, in)`` (all leading axes flattened; an einsum's
+    input as the rows of its kernel's matrix view), keyed by the layer's params path, in
+    call order. ``layers``: only these paths (the forward stops after the last
     of them). Traceable: wrap it in ``jax.jit`` with ``model`` static. ``ValueError`` for
     a layer called twice per forward, or a path in ``layers`` that is never called."""
     return capture_calls(model, variables, args, kwargs, layers, flatten=True)
 
 
 def dense_calls(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> list[DenseCall]:
-    """The Dense layers ``model.apply(variables, *args, **kwargs)`` calls, in call order,
-    with their input sizes and shared-input groups (traced with ``jax.eval_shape``:
+    """The Dense and Einsum layers (and, refused, Conv layers: ``features_in=0``)
+    ``model.apply(variables, *args, **kwargs)`` calls, in call order, with their input
+    sizes, shared-input groups and kernel layouts (traced with ``jax.eval_shape``:
     nothing is computed).
 
     >>> import jax, jax.numpy as jnp
