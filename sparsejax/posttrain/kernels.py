@@ -88,7 +88,7 @@ class KernelLayout:
 
     def input_perm(self, ndim: int) -> tuple[int, ...]:
         """The input's axes reordered as (token axes, contracted axes in kernel order)."""
-        lhs, rhs, out = _parse(self.equation)
+        lhs, rhs, _ = _parse(self.equation)
         lhs = _expand(lhs, ndim)
         tokens = [i for i, c in enumerate(lhs) if c not in rhs]
         return tuple(tokens + [lhs.index(c) for c in rhs if c in lhs])
@@ -133,7 +133,7 @@ class KernelLayout:
         perm, _ = self._kernel_perm(len(shape))
         kernel = jnp.reshape(matrix, tuple(int(shape[i]) for i in perm))
         return kernel if perm == tuple(range(len(shape))) else jnp.transpose(
-            kernel, tuple(np.argsort(perm)))
+            kernel, tuple(int(i) for i in np.argsort(perm)))
 
 
 DENSE = KernelLayout()
