@@ -52,9 +52,9 @@ RECORDED = {  # method -> (training, distribution, model options, method options
     # no result recorded here: library defaults
     "gradual_magnitude": (LIBRARY, None, {}, {}),
     "supermask_weights": (LIBRARY, None, {}, {}),
-    "ste_magnitude": (LIBRARY, None, {}, {}),
+    "ste_magnitude": ({**RIGL_MNIST, "lr": 0.1}, "erk", {}, {}),
+    "sr_ste": ({**RIGL_MNIST, "lr": 0.1}, "erk", {}, {}),
     "ste_random": (LIBRARY, None, {}, {}),
-    "sr_ste": (LIBRARY, None, {}, {}),
 }
 
 
@@ -80,8 +80,7 @@ def test_the_bare_command_resolves_to_the_recorded_recipe(method):
     assert config.model_options == model_options
     assert config.method_options == method_options
     assert config.steps is None
-    recorded = method not in ("gradual_magnitude", "supermask_weights", "ste_magnitude",
-                              "ste_random", "sr_ste")
+    recorded = method not in ("gradual_magnitude", "supermask_weights", "ste_random")
     for key in (*training, *(f"model_options.{k}" for k in model_options),
                 *(f"method_options.{k}" for k in method_options)):
         assert sources[key] == (f"recipe {method}/mlp" if recorded else "default"), key

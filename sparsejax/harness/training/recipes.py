@@ -81,6 +81,7 @@ _NO_BIAS = {"use_bias": False}
 _DST = "docs/results.md, Dynamic sparse training (30 epochs, 3 seeds)"
 _STRONG = "docs/results.md, Strong lottery tickets"
 _AT_INIT = "docs/results.md, Pruning at initialisation"
+_STE = "docs/results.md, Straight-through sparsity (30 epochs, 3 seeds; the dense recipe)"
 
 _ALL = (
     Recipe("dense/mlp", f"{_DST}: dense 98.51 +- 0.02 at lr 0.1 (lr 0.2 diverged)",
@@ -91,6 +92,10 @@ _ALL = (
     Recipe("rigl/mlp", f"{_DST}: 98.37 / 98.22 / 97.71 at 90 / 95 / 98%",
            {**_RIGL_MNIST, "distribution": "erk"}),
     Recipe("snfs/mlp", f"{_DST}: 98.41 at 90%", {**_RIGL_MNIST, "distribution": "erk"}),
+    Recipe("ste_magnitude/mlp", f"{_STE}: 98.55 / 98.49 at 90 / 95% (ERK), 98.50 at 2:4",
+           {**_RIGL_MNIST, "lr": 0.1, "distribution": "erk"}),
+    Recipe("sr_ste/mlp", f"{_STE}: 98.39 at 2:4", {**_RIGL_MNIST, "lr": 0.1,
+                                                 "distribution": "erk"}),
     Recipe("edge_popup/mlp",
            f"{_STRONG}: 98.08 at density 0.5, signed Kaiming constant, 14 epochs (1 seed)",
            _EDGE_POPUP_MNIST, _NO_BIAS, {"weight_init": "signed_constant"}),
