@@ -56,9 +56,9 @@ from sparsejax.posttrain.pruners import (
 )
 from sparsejax.posttrain.sequential import (
     LayerReport,
-    _calibration_batches,
-    _layer_patterns,
-    _rebuild,
+    calibration_batches,
+    layer_patterns,
+    rebuild_params,
 )
 
 __all__ = ["prune_blocks", "WITHIN"]
@@ -126,7 +126,7 @@ def prune_blocks(model: Any, params: Any, calibration_inputs: jax.Array, method:
     if within not in WITHIN:
         raise ValueError(f"within must be one of {WITHIN}, got {within!r}")
     check_posttrain_method(method)
-    batches = _calibration_batches(calibration_inputs, batch_size)
+    batches = calibration_batches(calibration_inputs, batch_size)
     kwargs = dict(apply_kwargs or {})
     paths = _block_paths(blocks)
     if params is None:
@@ -157,7 +157,7 @@ def prune_blocks(model: Any, params: Any, calibration_inputs: jax.Array, method:
                strict=True) for c in calls}
     shapes = {name: layouts[name].matrix_shape(np.shape(leaves[f"{name}/kernel"]))
               for name in names}
-    patterns = _layer_patterns(shapes, method, pattern, sparsity, options)
+    patterns = layer_patterns(shapes, method, pattern, sparsity, options)
 
     inputs = [_first_inputs(model, graphdef, variables, batch, kwargs, paths[0])
               for batch in batches]
@@ -347,7 +347,7 @@ def _prune_block(block: _Block, weights: Any, calls: list[DenseCall], inputs: li
     leaders = tuple(members[0].path for members in groups.values())
 
     def hessians(paths: tuple[LayerPath, ...]) -> list[jax.Array]:
-        current = _rebuild(weights, flat)
+        current = rebuild_params(weights, flat)
         per_batch = [_block_hessians(block.fn, static, paths, current, dynamic)
                      for static, dynamic in inputs]
         return [sum(h[i] for h in per_batch) for i in range(len(paths))]
@@ -363,7 +363,7 @@ def _prune_block(block: _Block, weights: Any, calls: list[DenseCall], inputs: li
                                                      patterns[name], sparsity, name,
                                                      solver=prune_layer_hessian, **options)
             report.append(LayerReport(name, density, error))
-    return _rebuild(weights, flat), report
+    return rebuild_params(weights, flat), report
 
 
 def _replace(tree: Any, pruned: Mapping[str, Any]) -> Any:

@@ -162,20 +162,20 @@ def prune_sequential(model: nn.Module, params: Any, calibration_inputs: jax.Arra
     >>> [r.name for r in report][:4], {r.density for r in report}
     (['block1/attn/query', 'block1/attn/key', 'block1/attn/value', 'block1/attn/out'], {0.5})
     """
-    batches = _calibration_batches(calibration_inputs, batch_size)
+    batches = calibration_batches(calibration_inputs, batch_size)
     kwargs = tuple(sorted((apply_kwargs or {}).items()))
     state = dict(model_state or {})
     calls = dense_calls(model, {"params": params, **state}, batches[0], **dict(kwargs))
     layers = _prunable_layers(params, calls, prunable)
     flat = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     names = ["/".join(c.path) for c in layers]
-    patterns = _layer_patterns({n: c.layout.matrix_shape(np.shape(flat[f"{n}/kernel"]))
+    patterns = layer_patterns({n: c.layout.matrix_shape(np.shape(flat[f"{n}/kernel"]))
                                 for n, c in zip(names, layers, strict=True)},
                                method, pattern, sparsity, options)
     report = []
     for group in dict.fromkeys(c.group for c in layers):
         members = [c for c in layers if c.group == group]
-        current = _rebuild(params, flat)
+        current = rebuild_params(params, flat)
         hessian = sum(_batch_hessian(model, members[0].path, kwargs,
                                      {"params": current, **state}, batch) for batch in batches)
         for call in members:
@@ -184,10 +184,10 @@ def prune_sequential(model: nn.Module, params: Any, calibration_inputs: jax.Arra
                 method, flat[f"{name}/kernel"], hessian, call.layout, patterns[name], sparsity,
                 name, solver=prune_layer_hessian, **options)
             report.append(LayerReport(name, density, error))
-    return _rebuild(params, flat), report
+    return rebuild_params(params, flat), report
 
 
-def _calibration_batches(calibration_inputs: Any, batch_size: int | None) -> list[jax.Array]:
+def calibration_batches(calibration_inputs: Any, batch_size: int | None) -> list[jax.Array]:
     """The calibration inputs (examples first) cut into batches of ``batch_size`` examples
     (``None``: one batch); ``ValueError`` for no examples or a bad ``batch_size``."""
     inputs = jnp.asarray(calibration_inputs)
@@ -220,7 +220,7 @@ def _prunable_layers(params: Any, calls: list[Any], prunable: Prunable) -> list[
     return [c for c in calls if "/".join(c.path) + "/kernel" in chosen]
 
 
-def _rebuild(params: Any, flat: Mapping[str, Any]) -> Any:
+def rebuild_params(params: Any, flat: Mapping[str, Any]) -> Any:
     """``params`` with every leaf replaced by ``flat[its path]``."""
     return jax.tree_util.tree_map_with_path(lambda p, _: flat[path_str(p)], params)
 
@@ -233,7 +233,7 @@ def _batch_hessian(model: nn.Module, path: LayerPath, kwargs: tuple[tuple[str, A
                                   flatten=True)[path])
 
 
-def _layer_patterns(shapes: Mapping[str, tuple[int, ...]], method: str,
+def layer_patterns(shapes: Mapping[str, tuple[int, ...]], method: str,
                     pattern: str | Pattern | Mapping[str, str | Pattern],
                     sparsity: float | None, options: Mapping[str, Any]) -> dict[str, Pattern]:
     """Every layer's pattern (one for all, or a mapping naming every layer), each checked
