@@ -99,9 +99,10 @@ def test_gpt_keeps_the_old_driver_and_prunes_the_head_on_request(gpt_run, tmp_pa
     # block 1 sees the same dense inputs either way; the head is calibrated on pruned features
     assert head["layers"][0]["reconstruction_error"] == pytest.approx(
         old["layers"][0]["reconstruction_error"], rel=1e-5)
-    dense_head = prune_run(gpt_run, "wanda", "4:8", calibration_examples=200,
-                           driver="sequential", prune_head=False, out=tmp_path / "dense")
+    dense_head = prune_run(gpt_run, "wanda", "4:8", driver="sequential", prune_head=False,
+                           out=tmp_path / "dense")
     assert dense_head["head_pruned"] is False and dense_head["sparsity"] < 0.5
+    assert dense_head["calibration_examples"] == 128  # the references' nsamples, by default
     assert "head" not in [r["name"] for r in dense_head["layers"]]
 
 

@@ -110,8 +110,15 @@ def restore_run(run_dir: str | Path, data_dir: str | Path | None = None) -> Any:
             "data folder does not change the run)") from None
 
 
+BLOCK_CALIBRATION = 128
+"""Calibration sequences of a model with blocks (gpt, llama) by default: the number the
+Wanda and SparseGPT reference code calibrates on (``--nsamples 128``)."""
+LAYER_CALIBRATION = 1024
+"""Calibration examples of the other models (MLPs on images) by default."""
+
+
 def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
-              sparsity: float | None = None, *, calibration_examples: int = 1024,
+              sparsity: float | None = None, *, calibration_examples: int | None = None,
               seed: int = 0, out: str | Path | None = None,
               overwrite: bool = False, data_dir: str | Path | None = None,
               driver: str | None = None, prune_head: bool | None = None) -> dict[str, Any]:
@@ -119,7 +126,9 @@ def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
 
     ``OUT`` defaults to ``RUN_DIR/prune/<method>_<pattern>[_s<sparsity>][_<driver>]
     [_head|_densehead]_seed<seed>`` (driver and head as given);
-    calibration takes ``calibration_examples`` training examples drawn with ``seed``; the
+    calibration takes ``calibration_examples`` training examples drawn with ``seed``
+    (``None``: :data:`BLOCK_CALIBRATION` sequences for a model with blocks, the
+    references' 128, else :data:`LAYER_CALIBRATION` examples); the
     run's data comes from ``data_dir`` when given, else from where it trained. ``driver``
     (:data:`DRIVERS`; ``None``: ``blocks`` for a model with blocks, else ``sequential``)
     and ``prune_head`` (``None``: the driver's default, dense with ``blocks``, pruned with
@@ -129,7 +138,8 @@ def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
     posttrain_density(check_posttrain_pattern(method, pattern), sparsity, "--sparsity")
     if driver is not None and driver not in DRIVERS:
         raise ValueError(f"--driver must be one of {', '.join(DRIVERS)}, got {driver!r}")
-    check_int(calibration_examples, "--calibration-examples", minimum=1)
+    if calibration_examples is not None:
+        check_int(calibration_examples, "--calibration-examples", minimum=1)
     check_int(seed, "--seed", minimum=0, maximum=2**32 - 1)
     run_dir = Path(run_dir)
     tag = f"{method}_{pattern.replace(':', 'of')}"
@@ -149,6 +159,8 @@ def prune_run(run_dir: str | Path, method: str, pattern: str = "unstructured",
         raise ValueError(f"--driver blocks: model {config.model!r} has no transformer blocks; "
                          "use --driver sequential")
     head = (driver == "sequential") if prune_head is None else prune_head
+    if calibration_examples is None:
+        calibration_examples = BLOCK_CALIBRATION if blocks else LAYER_CALIBRATION
     params = jax.jit(run.method.effective_params)(finished.state)
     model_state = finished.state.model_state
     images = run.dataset.train_images
@@ -303,8 +315,10 @@ def add_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], int]
                             "block:B or channel (magnitude and wanda only)")
     prune.add_argument("--sparsity", type=float, default=None,
                        help="fraction of each kernel pruned (not with an N:M pattern)")
-    prune.add_argument("--calibration-examples", type=int, default=1024,
-                       help="training examples the layers are calibrated on")
+    prune.add_argument("--calibration-examples", type=int, default=None,
+                       help="training examples the layers are calibrated on (default: 128 "
+                            "sequences for gpt and llama, the Wanda and SparseGPT "
+                            "references' count; 1024 examples for the other models)")
     prune.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
     prune.add_argument("--driver", choices=DRIVERS, default=None,
                        help="blocks: block by block on cached activations (default for gpt "
