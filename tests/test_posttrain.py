@@ -8,6 +8,7 @@ import pytest
 
 from sparsejax.core.topk import num_kept
 from sparsejax.harness.models.mlp import MLP
+from sparsejax.posttrain import kernels as posttrain_kernels
 from sparsejax.posttrain import sequential as posttrain_sequential
 from sparsejax.posttrain.pruners import (
     check_posttrain_pattern,
@@ -307,7 +308,7 @@ def test_sequential_driver_takes_one_pattern_per_layer_and_checks_all_first(monk
         prune_mlp_sequential(params, x, "obs", "2:4")
     # head does not fit: refused before fc1 is pruned
     pruned_layers = []
-    monkeypatch.setattr(posttrain_sequential, "prune_layer_hessian",
+    monkeypatch.setattr(posttrain_kernels, "prune_layer_hessian",
                         lambda *args, **kw: pruned_layers.append(args) or None)
     with pytest.raises(ValueError, match="head/kernel: .*not divisible by 16"):
         prune_mlp_sequential(params, x, "wanda", {"fc1": "8:16", "head": "8:16"})

@@ -14,7 +14,7 @@ from flax import nnx
 from sparsejax.core.masks import default_prunable
 from sparsejax.core.patterns import nm_groups
 from sparsejax.harness.models.gpt import GPT
-from sparsejax.posttrain import blocks as posttrain_blocks
+from sparsejax.posttrain import kernels as posttrain_kernels
 from sparsejax.posttrain.blocks import prune_blocks
 from sparsejax.posttrain.capture import capture_dense_inputs, capture_linear_inputs
 from sparsejax.posttrain.pruners import (
@@ -71,13 +71,13 @@ def test_sequential_within_blocks_equals_prune_sequential(gpt, method):
 def test_block_inputs_calibrates_every_layer_on_the_dense_block(gpt, monkeypatch):
     model, params, tokens = gpt
     hessians = []
-    real = posttrain_blocks.prune_layer_hessian
+    real = posttrain_kernels.prune_layer_hessian
 
     def recording(method, kernel, hessian, *args, **kwargs):
         hessians.append(hessian)
         return real(method, kernel, hessian, *args, **kwargs)
 
-    monkeypatch.setattr(posttrain_blocks, "prune_layer_hessian", recording)
+    monkeypatch.setattr(posttrain_kernels, "prune_layer_hessian", recording)
     pruned, report = prune_blocks(model, params, tokens, "sparsegpt", "unstructured", 0.5,
                                   blocks=BLOCKS)
     sequential, _ = prune_blocks(model, params, tokens, "sparsegpt", "unstructured", 0.5,

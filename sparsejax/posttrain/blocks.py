@@ -52,7 +52,6 @@ from sparsejax.posttrain.pruners import (
     PosttrainMethod,
     check_posttrain_method,
     input_hessian,
-    prune_layer_hessian,
 )
 from sparsejax.posttrain.sequential import (
     LayerReport,
@@ -360,8 +359,7 @@ def _prune_block(block: _Block, weights: Any, calls: list[DenseCall], inputs: li
             name = f"{block.name}/{'/'.join(call.path)}"
             key = prefix + "/".join(call.path) + "/kernel"
             flat[key], density, error = prune_kernel(method, flat[key], hessian, call.layout,
-                                                     patterns[name], sparsity, name,
-                                                     solver=prune_layer_hessian, **options)
+                                                     patterns[name], sparsity, name, **options)
             report.append(LayerReport(name, density, error))
     return rebuild_params(weights, flat), report
 

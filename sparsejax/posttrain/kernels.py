@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -42,7 +42,6 @@ import numpy as np
 from sparsejax.core.patterns import Pattern
 from sparsejax.posttrain.pruners import (
     PosttrainMethod,
-    PrunedLayer,
     hessian_reconstruction_error,
     prune_layer_hessian,
 )
@@ -216,11 +215,10 @@ def nnx_layer_classes() -> tuple[type, ...]:
 
 def prune_kernel(method: PosttrainMethod, kernel: jax.Array, hessian: jax.Array,
                  layout: KernelLayout, pattern: Pattern, sparsity: float | None,
-                 name: str, solver: Callable[..., PrunedLayer] = prune_layer_hessian,
-                 **options: Any) -> tuple[jax.Array, float, float]:
+                 name: str, **options: Any) -> tuple[jax.Array, float, float]:
     """Prune one layer's kernel as its matrix ``(in, out)`` from ``H = X^T X`` of its
-    flattened inputs by ``solver`` (:func:`~sparsejax.posttrain.pruners.prune_layer_hessian`,
-    or the caller's reference to it): the pruned kernel (in its own shape), its density
+    flattened inputs by :func:`~sparsejax.posttrain.pruners.prune_layer_hessian`, the one
+    per-layer step of every driver: the pruned kernel (in its own shape), its density
     and its reconstruction error. ``ValueError`` messages start with ``name``.
 
     >>> import jax.numpy as jnp
@@ -233,7 +231,7 @@ def prune_kernel(method: PosttrainMethod, kernel: jax.Array, hessian: jax.Array,
     layout.check(name)
     matrix = layout.to_matrix(kernel)
     try:
-        result = solver(method, matrix, hessian, pattern, sparsity, **options)
+        result = prune_layer_hessian(method, matrix, hessian, pattern, sparsity, **options)
     except ValueError as error:
         raise ValueError(f"{name}/kernel: {error}") from None
     error = hessian_reconstruction_error(matrix, result.kernel, hessian)

@@ -40,7 +40,6 @@ from sparsejax.posttrain.pruners import (
     check_posttrain_pattern,
     input_hessian,
     posttrain_density,
-    prune_layer_hessian,
 )
 
 __all__ = ["LayerReport", "prune_sequential", "prune_mlp_sequential"]
@@ -182,7 +181,7 @@ def prune_sequential(model: nn.Module, params: Any, calibration_inputs: jax.Arra
             name = "/".join(call.path)
             flat[f"{name}/kernel"], density, error = prune_kernel(
                 method, flat[f"{name}/kernel"], hessian, call.layout, patterns[name], sparsity,
-                name, solver=prune_layer_hessian, **options)
+                name, **options)
             report.append(LayerReport(name, density, error))
     return rebuild_params(params, flat), report
 
