@@ -9,7 +9,8 @@ The models are plain: masks live outside, in a pytree shaped like ``params``. Le
   default filter);
 * ``batch_stats`` (model state, never masked): ``mean`` and ``var`` of each batch norm.
 
-``llama`` is an NNX module (:mod:`sparsejax.harness.models.llama`): ``get_model`` gives an
+``llama`` and ``vit_nnx`` are NNX modules (:mod:`sparsejax.harness.models.llama`,
+:mod:`sparsejax.harness.models.vit_nnx`): ``get_model`` gives an
 :class:`~sparsejax.harness.models._nnx.NNXModel` whose ``init``/``apply`` build and call it
 through ``nnx.split``/``nnx.merge``, so ``init_model`` and ``apply_model`` (and the whole
 training harness) take it as they take a linen model; its ``params`` are its
@@ -34,6 +35,10 @@ resnet20      CIFAR ResNet-20 (1x1-conv projection shortcuts). Same options as r
 wrn22_2       pre-activation Wide ResNet-22-2. Same options as resnet18
 vit_small     small ViT. ``use_bias``, ``patch_size`` (4), ``embed_dim`` (128), ``depth``
               (6), ``num_heads`` (4), ``mlp_ratio`` (2.0), ``pool`` ("cls" or "mean")
+vit_nnx       small ViT in Flax NNX (every projection an ``nnx.Linear``; mean pooling; the
+              position table ``pos_embed/embedding``). ``use_bias``, ``image_size`` (32),
+              ``channels`` (3; MNIST: ``image_size=28, channels=1``), ``patch_size`` (4),
+              ``embed_dim`` (64), ``depth`` (4), ``num_heads`` (4), ``mlp_ratio`` (2.0)
 gpt           small causal GPT over token ids ``(batch, time)``. ``use_bias``, ``n_layer``
               (4), ``n_embd`` (128), ``n_head`` (4), ``context`` (64: positions learned)
 llama         small LLaMA-style decoder in Flax NNX (RMSNorm, RoPE, SwiGLU, grouped-query
@@ -71,6 +76,7 @@ from sparsejax.harness.models.llama import Llama, check_heads
 from sparsejax.harness.models.mlp import MLP, LeNet300
 from sparsejax.harness.models.resnets import BasicBlock, PreActBlock, ResNet, WideResNet
 from sparsejax.harness.models.vit import POOLS, ViT
+from sparsejax.harness.models.vit_nnx import ViTNNX
 
 __all__ = [
     "MODEL_NAMES",
@@ -92,6 +98,7 @@ __all__ = [
     "ViT",
     "GPT",
     "Llama",
+    "ViTNNX",
     "NNXModel",
 ]
 
@@ -109,6 +116,11 @@ _CONV_OPTIONS = ("use_bias", "norm", "norm_affine", "width")
 def _llama(num_classes: int, **options: Any) -> NNXModel:
     """The NNX :class:`Llama` with these options, as the harness takes a model."""
     return NNXModel(Llama, (("num_classes", num_classes), *sorted(options.items())))
+
+
+def _vit_nnx(num_classes: int, **options: Any) -> NNXModel:
+    """The NNX :class:`ViTNNX` with these options, as the harness takes a model."""
+    return NNXModel(ViTNNX, (("num_classes", num_classes), *sorted(options.items())))
 
 
 # name -> (module class or NNX model builder, fixed constructor arguments, accepted options)
@@ -130,6 +142,12 @@ _REGISTRY: dict[str, tuple[Callable[..., Any], dict[str, Any], tuple[str, ...]]]
         ViT,
         {},
         ("use_bias", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "pool"),
+    ),
+    "vit_nnx": (
+        _vit_nnx,
+        {},
+        ("use_bias", "image_size", "channels", "patch_size", "embed_dim", "depth", "num_heads",
+         "mlp_ratio"),
     ),
     "gpt": (GPT, {}, ("use_bias", "n_layer", "n_embd", "n_head", "context")),
     "llama": (_llama, {}, ("use_bias", "n_layer", "n_embd", "n_head", "n_kv_head", "context",
@@ -211,6 +229,8 @@ _OPTION_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "width": _check_positive_real,
     "mlp_ratio": _check_positive_real,
     "patch_size": _check_positive_int,
+    "image_size": _check_positive_int,
+    "channels": _check_positive_int,
     "embed_dim": _check_positive_int,
     "depth": _check_positive_int,
     "num_heads": _check_positive_int,
@@ -271,6 +291,14 @@ def get_model(name: str, num_classes: int, **options: Any) -> nn.Module | NNXMod
         heads = options.get("num_heads", ViT.num_heads)
         if dim % heads != 0:
             raise ValueError(f"embed_dim={dim} is not divisible by num_heads={heads}")
+    if name == "vit_nnx":  # before anything is built
+        defaults = inspect.signature(ViTNNX.__init__).parameters
+        dim, heads, size, patch = (options.get(key, defaults[key].default) for key in
+                                   ("embed_dim", "num_heads", "image_size", "patch_size"))
+        if dim % heads != 0:
+            raise ValueError(f"embed_dim={dim} is not divisible by num_heads={heads}")
+        if size % patch != 0:
+            raise ValueError(f"image_size={size} is not divisible by patch_size={patch}")
     if name == "gpt":
         dim, heads = options.get("n_embd", GPT.n_embd), options.get("n_head", GPT.n_head)
         if dim % heads != 0:
