@@ -20,6 +20,7 @@ import optax
 
 import sparsejax
 from sparsejax.core.topk import topk_mask, topk_mask_tracked
+from sparsejax.core.topk_search import SAMPLE_SIZE
 
 GOLDEN = Path(__file__).parent / "golden" / "masks.json"
 
@@ -80,7 +81,7 @@ def topk_cases():
         tree, masks, cuts = _tree(5), [], None
         for step in range(4):
             moved = jax.tree_util.tree_map(lambda x, s=step: x + 1e-3 * s * jnp.sin(x), tree)
-            m, cuts = topk_mask_tracked(moved, 0.3, cuts)
+            m, cuts = topk_mask_tracked(moved, 0.3, cuts, sampled_above=SAMPLE_SIZE)
             masks.append(m)
         return masks
 

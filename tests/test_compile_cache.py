@@ -17,6 +17,7 @@ from toy_mlp import mlp_params
 
 import sparsejax
 from sparsejax.core.topk import kth_largest, topk_mask, topk_mask_tracked
+from sparsejax.core.topk_search import SAMPLE_SIZE
 
 try:
     from jax._src.dispatch import BACKEND_COMPILE_EVENT
@@ -47,7 +48,8 @@ def second_call_compiles(call):
 
 
 def wide_leaf(seed=0):
-    """30,000 scores: above 2048, so the sampled search (a while loop), not the bitwise."""
+    """30,000 scores: above 2048, so the sampled search (a while loop) where a tracked
+    top-k is given ``sampled_above=SAMPLE_SIZE``."""
     return jax.random.normal(jax.random.PRNGKey(seed), (300, 100))
 
 
@@ -89,9 +91,11 @@ def test_other_densities_and_counts_reuse_the_program():
 
 def test_topk_mask_tracked():
     x = wide_leaf()
-    _, cuts = topk_mask_tracked(x, 0.3)
-    assert compiles(lambda: topk_mask_tracked(x, 0.3)) == 0
-    assert second_call_compiles(lambda: topk_mask_tracked(x * 1.001, 0.3, cuts)) == 0
+    for sampled_above in (None, SAMPLE_SIZE):  # bitwise and sampled
+        _, cuts = topk_mask_tracked(x, 0.3, sampled_above=sampled_above)
+        assert compiles(lambda: topk_mask_tracked(x, 0.3, sampled_above=sampled_above)) == 0
+        assert second_call_compiles(lambda: topk_mask_tracked(
+            x * 1.001, 0.3, cuts, sampled_above=sampled_above)) == 0
     tree = mlp_params(jax.random.PRNGKey(0))
     _, cuts = topk_mask_tracked(tree, 0.3, scope="global", by_magnitude=True)
     assert second_call_compiles(lambda: topk_mask_tracked(

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from sparsejax import get_method, make_train_step, stateless_loss
+from sparsejax.core import topk_search
 from sparsejax.harness.training.loop import TrainConfig, build_method
 from sparsejax.methods.gates import gates, gaussian_gate, hard_concrete_gate
 
@@ -286,10 +287,12 @@ def test_controller_reaches_target_density(gate, lr):
 
 
 @pytest.mark.parametrize("rule", ["topk", "exact"])
-def test_hard_masks_are_the_exact_topk_at_every_step(rule):
-    # 3,840 + 180 gates: the global top-k takes the sampled search; the masks must be the
+def test_hard_masks_are_the_exact_topk_at_every_step(rule, monkeypatch):
+    # 3,840 + 180 gates: the global top-k takes the sampled search (above 2048 gates here,
+    # above SAMPLED_ABOVE in a real run); the masks must be the
     # exact top-k of mu over all gates (ties in leaf order), restricted to the open gates
     # for 'topk', all of it (exactly k gates, closed ones filling up) for 'exact'.
+    monkeypatch.setattr(topk_search, "SAMPLED_ABOVE", topk_search.SAMPLE_SIZE)
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(4), 3)
     params = {"a": {"kernel": jax.random.normal(k1, (64, 60)) * 0.2},
               "b": {"kernel": jax.random.normal(k2, (60, 3)) * 0.2}}

@@ -10,6 +10,7 @@ import pytest
 from toy_mlp import batches, mlp_loss, mlp_params
 
 from sparsejax import get_method, make_train_step, num_kept, stateless_loss
+from sparsejax.core import topk_search
 from sparsejax.harness.training.loop import TrainConfig, build_method
 from sparsejax.methods.strong import biprop, edge_popup, supermask_weights
 from sparsejax.methods.strong_init import fans, init_scores, init_weights
@@ -109,9 +110,11 @@ def test_masks_track_the_scores_after_every_update():
     assert int(state.step) == 5
 
 
-def test_masks_of_large_leaves_stay_exact_with_the_tracked_top_k():
-    # 6000 scores per leaf: the sampled search, started each step from the last cuts
-    # kept in state.extra; the masks must still be the exact top-k of |scores|.
+def test_masks_of_large_leaves_stay_exact_with_the_tracked_top_k(monkeypatch):
+    # 6000 scores per leaf, searched as a large leaf is (above 2048 scores here, above
+    # SAMPLED_ABOVE in a real run): the sampled search, started each step from the last
+    # cuts kept in state.extra; the masks must still be the exact top-k of |scores|.
+    monkeypatch.setattr(topk_search, "SAMPLED_ABOVE", topk_search.SAMPLE_SIZE)
     params = {"fc": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (100, 60))}}
     method = edge_popup(optax.sgd(0.5, momentum=0.9), sparsity=0.7)
 
@@ -130,6 +133,7 @@ def test_masks_of_large_leaves_stay_exact_with_the_tracked_top_k():
         np.testing.assert_array_equal(np.asarray(state.masks["fc"]["kernel"]).ravel(), expected)
     assert state.extra["topk_cuts"].shape == (1, 2)
     assert bool(jnp.all(jnp.isfinite(state.extra["topk_cuts"])))
+    assert float(state.extra["topk_cuts"][0, 1]) > 0  # the sampled search ran: its cut moved
 
 
 # --------------------------------------------------------------------------- frozen weights

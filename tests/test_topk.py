@@ -150,7 +150,8 @@ def _sampled(scores, density, scope="layer", check_finite_scores=True):
     the strided sample (``topk_mask`` itself searches bitwise)."""
     groups = 1 if scope == "global" else len(jax.tree_util.tree_leaves(scores))
     return topk_mask_tracked(scores, density, jnp.zeros((groups, 2)), scope=scope,
-                             check_finite_scores=check_finite_scores)[0]
+                             check_finite_scores=check_finite_scores,
+                             sampled_above=topk_search.SAMPLE_SIZE)[0]
 
 
 _sampled_unchecked = jax.jit(lambda s, d: _sampled(s, d, check_finite_scores=False))
@@ -262,7 +263,8 @@ def test_tracked_search_gives_the_same_masks_whatever_the_cuts():
     rng = np.random.default_rng(7)
     scores = {"a": rng.normal(size=(120, 50)).astype(np.float32),
               "b": rng.uniform(size=(3000,)).astype(np.float32)}
-    select = jax.jit(lambda s, d, c: topk_mask_tracked(s, d, c))
+    select = jax.jit(lambda s, d, c: topk_mask_tracked(
+        s, d, c, sampled_above=topk_search.SAMPLE_SIZE))  # "b" takes the sampled search
     masks, cuts = topk_mask_tracked(scores, 0.3)
     assert cuts.shape == (2, 2)
     bad_cuts = [cuts, cuts + 5.0, jnp.full((2, 2), jnp.nan), jnp.array([[0.0, 0.0], [1e30, 1e30]]),
@@ -290,7 +292,8 @@ def test_counts_stay_exact_beyond_the_integers_float32_holds():
 
 
 _select_magnitude = jax.jit(
-    lambda s, d, c: topk_mask_tracked(s, d, c, check_finite_scores=False, by_magnitude=True))
+    lambda s, d, c: topk_mask_tracked(s, d, c, check_finite_scores=False, by_magnitude=True,
+                                      sampled_above=topk_search.SAMPLE_SIZE))
 
 
 @pytest.mark.parametrize("n", [1000, 5003, 6000])  # bitwise; sampled without / with rows
@@ -337,3 +340,24 @@ def test_zeros_and_subnormals_rank_as_zero_ties_by_position(n, odd_one):
         want = np.zeros(n, bool)
         want[:k] = True
         np.testing.assert_array_equal(got, want, err_msg=f"k={k}")
+
+
+def test_tracked_search_routes_groups_by_size(monkeypatch):
+    """Groups of more than ``sampled_above`` entries take the sampled search (its cut moves
+    from the hint), the rest the bitwise one (moved 0); ``None`` reads
+    ``topk_search.SAMPLED_ABOVE`` at the call; the masks are the same either way."""
+    rng = np.random.default_rng(3)
+    scores = {"small": rng.normal(size=3000).astype(np.float32),
+              "large": rng.normal(size=5000).astype(np.float32)}
+    hints = jnp.zeros((2, 2))
+    expected = {name: reference_topk(v, num_kept(0.3, v.size)) for name, v in scores.items()}
+    masks, cuts = topk_mask_tracked(scores, 0.3, hints)  # default 2**17: both bitwise
+    chex.assert_trees_all_equal(masks, expected)
+    assert np.asarray(cuts[:, 1]).tolist() == [0.0, 0.0]
+    monkeypatch.setattr(topk_search, "SAMPLED_ABOVE", 4096)
+    masks, cuts = topk_mask_tracked(scores, 0.3, hints)
+    chex.assert_trees_all_equal(masks, expected)
+    assert float(cuts[0, 1]) > 0 and float(cuts[1, 1]) == 0  # leaves in key order: large, small
+    for bad in (2047, 1.5e5, True, "big"):
+        with pytest.raises(ValueError, match="sampled_above must be an int >= 2048"):
+            topk_mask_tracked(scores, 0.3, hints, sampled_above=bad)

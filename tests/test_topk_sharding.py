@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import sparsejax
 from sparsejax.core.topk import topk_mask_tracked
+from sparsejax.core.topk_search import SAMPLE_SIZE
 
 N_DEVICES = 8
 
@@ -83,7 +84,8 @@ def test_shard_map_global_and_tracked_topk_are_per_shard(manual_mesh):
     assert (kept == 500).all()
     # Replicated cuts (not varying over the mesh) seed a per-shard search.
     cuts = jnp.array([[0.5, 0.1]] * 3, jnp.float32)
-    tracked = jax.jit(jax.shard_map(lambda s, c: topk_mask_tracked(s, 0.2, c)[0],
+    tracked = jax.jit(jax.shard_map(lambda s, c: topk_mask_tracked(
+        s, 0.2, c, sampled_above=SAMPLE_SIZE)[0],
                                     mesh=manual_mesh, in_specs=(P("x"), P()),
                                     out_specs=P("x")))(tree, cuts)
     assert_trees_equal(tracked, per_block(lambda s: sparsejax.topk_mask(s, 0.2), tree))

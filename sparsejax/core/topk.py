@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.core import topk_search
 from sparsejax.core.topk_sampled import sampled_topk
 from sparsejax.core.topk_search import (
     SAMPLE_SIZE,
@@ -157,6 +159,7 @@ def topk_mask_tracked(
     scope: Scope = "layer",
     check_finite_scores: bool = True,
     by_magnitude: bool = False,
+    sampled_above: int | None = None,
 ) -> tuple[Any, jax.Array]:
     """:func:`topk_mask` for scores that change a little between calls (a per-step top-k
     in training): returns ``(masks, cuts)``; pass ``cuts`` to the next call.
@@ -167,7 +170,11 @@ def topk_mask_tracked(
     cut between steps, so the first pass brackets a handful of entries and an extraction
     pass settles them. The masks are exactly those of :func:`topk_mask` whatever
     ``cuts`` holds; only the time changes. With ``by_magnitude`` the cuts are on
-    ``|score|``.
+    ``|score|``. Groups of more than ``sampled_above`` entries (at least ``SAMPLE_SIZE``,
+    2048) take the sampled search, a few passes per call but a program compiled once per
+    group size; smaller groups share one bitwise search (32 passes, one small program).
+    ``None`` takes ``sparsejax.core.topk_search.SAMPLED_ABOVE`` (``2**17``), where the
+    passes saved start to outweigh the compile.
 
     >>> import jax, jax.numpy as jnp
     >>> x = jax.random.normal(jax.random.PRNGKey(0), (100, 100))
@@ -176,11 +183,20 @@ def topk_mask_tracked(
     >>> bool(jnp.all(masks == masks2)), cuts.shape
     (True, (1, 2))
     """
-    return _topk(scores, density, count, scope, check_finite_scores, cuts, by_magnitude)
+    if sampled_above is None:
+        sampled_above = topk_search.SAMPLED_ABOVE
+    if (isinstance(sampled_above, bool) or not isinstance(sampled_above, numbers.Integral)
+            or sampled_above < SAMPLE_SIZE):
+        raise ValueError(f"sampled_above must be an int >= {SAMPLE_SIZE} (groups up to "
+                         f"SAMPLE_SIZE entries are always searched bitwise), got "
+                         f"{sampled_above!r}")
+    return _topk(scores, density, count, scope, check_finite_scores, cuts, by_magnitude,
+                 int(sampled_above))
 
 
 def _topk(scores: Any, density: Any, count: Any, scope: str, check_finite_scores: bool,
-          hints: jax.Array | None, by_magnitude: bool = False) -> tuple[Any, jax.Array]:
+          hints: jax.Array | None, by_magnitude: bool = False,
+          sampled_above: int = SAMPLE_SIZE) -> tuple[Any, jax.Array]:
     """``(masks, new hints)``: the argument checks and grouping of :func:`topk_mask`."""
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
@@ -206,7 +222,7 @@ def _topk(scores: Any, density: Any, count: Any, scope: str, check_finite_scores
             raise ValueError("scope='global' takes one density or count for all leaves")
         total = sum(int(jnp.size(leaf)) for leaf in leaves)
         masks, new_hints = _topk_compiled(leaves, [_as_int32(_kept(density, count, total))],
-                                          hints, True, by_magnitude)
+                                          hints, True, by_magnitude, sampled_above)
         return jax.tree_util.tree_unflatten(treedef, masks), new_hints
 
     if isinstance(amount, (int, float)) or (hasattr(amount, "ndim") and amount.ndim == 0):
@@ -221,20 +237,21 @@ def _topk(scores: Any, density: Any, count: Any, scope: str, check_finite_scores
           else _kept(None, a, int(jnp.size(leaf)))
           for leaf, a in zip(leaves, amounts, strict=True)]
     masks, new_hints = _topk_compiled(leaves, [_as_int32(k) for k in ks], hints, False,
-                                      by_magnitude)
+                                      by_magnitude, sampled_above)
     return jax.tree_util.tree_unflatten(treedef, masks), new_hints
 
 
-@functools.partial(jax.jit, static_argnames=("joint", "by_magnitude"))
+@functools.partial(jax.jit, static_argnames=("joint", "by_magnitude", "sampled_above"))
 def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Array | None,
-                   joint: bool, by_magnitude: bool) -> tuple[list[jax.Array], jax.Array]:
+                   joint: bool, by_magnitude: bool,
+                   sampled_above: int) -> tuple[list[jax.Array], jax.Array]:
     """Masks keeping ``ks[i]`` of each leaf (or, ``joint``, ``ks[0]`` of all leaves
     together) and the new hints, ``[cut, how far it moved]`` per group (``(groups, 2)``).
 
     Without ``hints`` the search is bitwise, every leaf a segment of one search (32
     counting passes, a small program: a one-off or occasional top-k pays its compile,
     not its passes); with them (a top-k every step, :func:`topk_mask_tracked`) leaves
-    of more than ``SAMPLE_SIZE`` entries take the sampled search started from their
+    of more than ``sampled_above`` entries take the sampled search started from their
     hints, a few passes but a larger program, the leaves of one size as the rows of one
     search. ``by_magnitude`` ranks the absolute values, taken inside the passes.
 
@@ -258,7 +275,7 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
     flat = [jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves]
     # The groups of leaves searched as the rows of one array: all leaves as one row
     # (joint); else a row per leaf, the leaves of one size stacked where the sampled
-    # search runs (tracked, above SAMPLE_SIZE entries), which compiles once per size.
+    # search runs (tracked, above sampled_above entries), which compiles once per size.
     if joint:
         groups = [list(range(len(leaves)))]
         rows, counts = [jnp.concatenate(flat)[None]], [jnp.reshape(ks[0], (1,))]
@@ -266,14 +283,14 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
         by_size: dict[int, list[int]] = {}
         groups = []
         for i, size in enumerate(sizes):
-            if hints is not None and size > SAMPLE_SIZE:
+            if hints is not None and size > sampled_above:
                 by_size.setdefault(size, []).append(i)
             else:
                 groups.append([i])
         groups += list(by_size.values())
         rows = [jnp.stack([flat[i] for i in g]) for g in groups]
         counts = [jnp.stack([jnp.asarray(ks[i], jnp.int32) for i in g]) for g in groups]
-    sampled = [hints is not None and row.shape[1] > SAMPLE_SIZE for row in rows]
+    sampled = [hints is not None and row.shape[1] > sampled_above for row in rows]
     found: list[Any] = [None] * len(groups)
     cuts: list[Any] = [None] * len(groups)
     moved: list[Any] = [None] * len(groups)

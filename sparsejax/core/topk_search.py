@@ -30,8 +30,18 @@ import numpy as np
 from jax import lax
 
 SAMPLE_SIZE = 2048
-"""A tracked top-k searches rows up to this long bitwise; longer ones take the sampled
-search, seeded with a strided sample of about this many keys."""
+"""The sampled search seeds a row with a strided sample of about this many keys; rows up
+to this long are always searched bitwise."""
+SAMPLED_ABOVE = 2**17
+"""A tracked top-k (:func:`sparsejax.topk_mask_tracked`) searches groups of more entries
+than this with the sampled search, the rest with the one bitwise search. The sampled
+search takes a few passes per call where the bitwise one takes 32, but its program is
+compiled once per group size (about 1.6 s each on this project's CPU, XLA's default
+flags): below this size its passes save less than its program costs. Measured (session
+16, docs/benchmarks.md): with 2048 here Edge-Popup's step on ResNet-18 compiled in 26 s,
+with 2**17 in 16 s, with every group bitwise in 6 s; LeNet-300-100's step time was the
+same at 2048 and 2**17, and 1.3x slower with every group bitwise (its 235,200-entry
+kernel then counts 32 passes every step)."""
 _SIGN_BIT = 0x80000000
 _CHUNK = 512
 """The bitwise search counts in chunks of this many entries (see :func:`bitwise_topk`)."""
