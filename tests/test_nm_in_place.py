@@ -22,11 +22,14 @@ CASES = [((16, 6), -2, n, m) for n, m in [(2, 4), (1, 4), (4, 8), (3, 16)]] + [
 
 @pytest.mark.parametrize("shape,axis,n,m", CASES)
 def test_in_place_equals_rows(shape, axis, n, m):
-    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     # ties inside groups, zeros of both signs, and a run of equal values
-    x = x.at[(0,) * (len(shape) - 1)].set(1.0).reshape(-1).at[:8].set(0.5).reshape(shape)
-    x = x.reshape(-1).at[8:12].set(jnp.array([0.0, -0.0, 0.0, -0.0])).reshape(shape)
-    got = NM(n, m, axis=axis).topk(x, n)
-    np.testing.assert_array_equal(got, _rows_form(x, n, m, axis))
-    counts = np.asarray(NM(n, m, axis=axis).counts(got))
+    x[(0,) * (len(shape) - 1)] = 1.0
+    x.reshape(-1)[:8] = 0.5
+    x.reshape(-1)[8:12] = [0.0, -0.0, 0.0, -0.0]
+    pattern = NM(n, m, axis=axis)
+    # both forms compiled, as in a step (eager, each would compile op by op)
+    got = jax.jit(lambda x: pattern.topk(x, n))(x)
+    np.testing.assert_array_equal(got, jax.jit(lambda x: _rows_form(x, n, m, axis))(x))
+    counts = np.asarray(jax.jit(pattern.counts)(got))
     assert np.all(counts == n)
