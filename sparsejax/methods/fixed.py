@@ -22,6 +22,7 @@ from sparsejax.methods.base import (
     Method,
     SparseState,
     apply_optimizer,
+    draw_flat,
     named_error,
     params_as_they_are,
 )
@@ -121,7 +122,8 @@ def _uniform_scores(rng: jax.Array, shapes: tuple[tuple[int, ...], ...]) -> list
     """One compiled program per set of shapes (eagerly, each leaf's draw and the key
     split would compile apart on a first call); the same bits as drawn eagerly."""
     keys = jax.random.split(rng, max(len(shapes), 1))
-    return [jax.random.uniform(k, shape) for k, shape in zip(keys, shapes, strict=False)]
+    return [draw_flat(jax.random.uniform, k, shape)
+            for k, shape in zip(keys, shapes, strict=False)]
 
 
 def static(

@@ -87,6 +87,7 @@ from sparsejax.methods.base import (
     OutsideLoop,
     SparseState,
     apply_optimizer,
+    draw_flat,
     draws_per_leaf,
     step_key,
 )
@@ -226,7 +227,7 @@ def init_gates(settings: GateSettings, optimizer: optax.GradientTransformation,
             jax.tree_util.tree_flatten_with_path(params)[0], is_gated, strict=True) if f])
     keys = jax.random.split(gate_key, max(len(leaves), 1))
     scores = jax.tree_util.tree_unflatten(treedef, [
-        form.init(k, jnp.shape(p)) if f else jnp.zeros((0,), jnp.float32)
+        draw_flat(form.init, k, jnp.shape(p)) if f else jnp.zeros((0,), jnp.float32)
         for k, p, f in zip(keys, leaves, is_gated, strict=True)])
     extra = {"lam": jnp.float32(settings.lam)}
     if settings.noise == "pool":

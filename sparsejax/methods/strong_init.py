@@ -17,6 +17,7 @@ with ``a = sqrt(5)``, the paper's score init).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 
 from sparsejax.core._tree import path_str
 from sparsejax.core.masks import Prunable, default_prunable
+from sparsejax.methods.base import draw_flat
 
 __all__ = [
     "WEIGHT_INITS",
@@ -132,7 +134,8 @@ def init_weights(
                 raise ValueError(f"scaled inits need densities in (0, 1], got {leaf_density}")
             std = std / math.sqrt(float(leaf_density))
         dtype = jnp.result_type(leaf)
-        z = jax.random.normal(key, jnp.shape(leaf), jnp.float32)
+        z = draw_flat(functools.partial(jax.random.normal, dtype=jnp.float32), key,
+                      jnp.shape(leaf))
         if weight_init.endswith("kaiming_normal"):
             w = z * jnp.float32(std)
         else:
@@ -163,6 +166,7 @@ def init_scores(params: PyTree, rng: jax.Array,
         name = path_str(path)
         if prunable(name, leaf):
             bound = 1.0 / math.sqrt(fans(jnp.shape(leaf))[0])
-            scores[name] = jax.random.uniform(key, jnp.shape(leaf), jnp.float32,
-                                              -bound, bound)
+            scores[name] = draw_flat(functools.partial(
+                jax.random.uniform, dtype=jnp.float32, minval=-bound, maxval=bound),
+                key, jnp.shape(leaf))
     return scores
