@@ -224,3 +224,13 @@ def test_draw_flat_gives_the_numbers_of_the_shaped_draw(partitionable):
         got = jax.jit(lambda k: draws_per_leaf(k, shapes, jax.random.normal))(key)
         for k, shape, value in zip(jax.random.split(key, 3), shapes, got, strict=True):
             np.testing.assert_array_equal(value, jax.random.normal(k, shape))
+
+
+def test_computed_once_is_fn_bitwise_under_jit_and_vmap():
+    from sparsejax.methods.base import computed_once
+
+    x = jnp.linspace(-2.0, 3.0, 12).reshape(3, 4)  # first entries with either low bit
+    np.testing.assert_array_equal(jax.jit(lambda v: computed_once(jnp.sin, v))(x),
+                                  jax.jit(jnp.sin)(x))
+    np.testing.assert_array_equal(jax.jit(jax.vmap(lambda v: computed_once(jnp.sin, v)))(x),
+                                  jax.jit(jnp.sin)(x))

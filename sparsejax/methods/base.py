@@ -344,6 +344,29 @@ def step_key(state: SparseState, salt: int = 0) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), salt)
 
 
+def computed_once(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, computed into a buffer of its own in a compiled program: run as
+    ``lax.cond(p, fn, fn, *args)`` on a predicate ``p`` that XLA cannot fold (a bit of
+    the first argument). XLA fuses a cheap elementwise producer into each of its
+    consumers; where one value (a random draw, a mean over every layer) feeds a fused loop
+    per layer, its code is copied into every one of them and the program grows with the
+    number of layers, or with its square. ``jax.lax.optimization_barrier`` does not stop
+    this on CPU (XLA removes it before fusing). Both branches are ``fn``: the result is
+    ``fn(*args)`` bit for bit, whichever runs.
+
+    >>> import jax.numpy as jnp
+    >>> float(computed_once(lambda x: x.sum(), jnp.arange(4.0)))
+    6.0
+    """
+    first = jax.tree_util.tree_leaves(args)[0]
+    if jax.dtypes.issubdtype(first.dtype, jax.dtypes.prng_key):
+        first = jax.random.key_data(first)
+    bit = jnp.ravel(first)[0]
+    if jnp.issubdtype(bit.dtype, jnp.floating):
+        bit = jax.lax.bitcast_convert_type(bit.astype(jnp.float32), jnp.uint32)
+    return jax.lax.cond(bit.astype(jnp.uint32) & 1 == 0, fn, fn, *args)
+
+
 def draw_flat(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], key: jax.Array,
               shape: tuple[int, ...]) -> jax.Array:
     """``draw(key, shape)`` drawn as ``draw(key, (size,))`` and reshaped: the same numbers
@@ -383,7 +406,8 @@ def draws_per_leaf(key: jax.Array, shapes: list[tuple[int, ...]],
             by_shape.setdefault(tuple(shape), []).append(i)
     draws: list[jax.Array | None] = [None] * len(shapes)
     for shape, ids in by_shape.items():
-        drawn = jax.vmap(lambda k, shape=shape: draw_flat(draw, k, shape))(keys[jnp.array(ids)])
+        drawn = computed_once(lambda ks, shape=shape: jax.vmap(
+            lambda k: draw_flat(draw, k, shape))(ks), keys[jnp.array(ids)])
         for row, i in enumerate(ids):
             draws[i] = drawn[row]
     return draws
