@@ -352,13 +352,17 @@ def computed_once(fn: Callable[..., Any], *args: Any) -> Any:
     per layer, its code is copied into every one of them and the program grows with the
     number of layers, or with its square. ``jax.lax.optimization_barrier`` does not stop
     this on CPU (XLA removes it before fusing). Both branches are ``fn``: the result is
-    ``fn(*args)`` bit for bit, whichever runs.
+    ``fn(*args)`` bit for bit, whichever runs (the bit comes from the first non-empty
+    array in ``args``; with none, ``fn`` is called as it is).
 
     >>> import jax.numpy as jnp
     >>> float(computed_once(lambda x: x.sum(), jnp.arange(4.0)))
     6.0
     """
-    first = jax.tree_util.tree_leaves(args)[0]
+    sized = [leaf for leaf in jax.tree_util.tree_leaves(args) if jnp.size(leaf) > 0]
+    if not sized:
+        return fn(*args)
+    first = sized[0]
     if jax.dtypes.issubdtype(first.dtype, jax.dtypes.prng_key):
         first = jax.random.key_data(first)
     bit = jnp.ravel(first)[0]
