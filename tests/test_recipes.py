@@ -117,10 +117,14 @@ def test_a_resolved_config_resolves_to_itself():
 
 def test_the_recipe_follows_the_model_family():
     conv, _ = resolve_recipe(TrainConfig(method="edge_popup", model="conv4", sparsity=0.5))
-    assert (conv.batch_size, conv.weight_decay, conv.epochs) == (128, 1e-4, 100)
+    assert (conv.batch_size, conv.weight_decay, conv.epochs) == (128, 5e-4, 1)
+    assert conv.method_options == {"weight_init": "scaled_signed_constant"}
     resnet, _ = resolve_recipe(TrainConfig(method="edge_popup", model="resnet20",
                                            sparsity=0.5))
     assert resnet.model_options == {"use_bias": False, "norm_affine": False}
+    vit, sources = resolve_recipe(TrainConfig(method="gates", model="vit_nnx", sparsity=0.9))
+    assert (vit.optimizer, vit.lr, vit.epochs) == ("adam", 0.05, 2)
+    assert sources["method_options.gate"] == "recipe gates/vit"
     # no recipe for dynamic sparse training on ResNets: library defaults
     rigl, sources = resolve_recipe(TrainConfig(method="rigl", model="resnet18", sparsity=0.9))
     assert (rigl.batch_size, rigl.optimizer, rigl.epochs) == (128, "sgd", 1)
