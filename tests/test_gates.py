@@ -583,3 +583,34 @@ def test_registered_and_options_map_from_the_harness():
     method = build_method(config, optax.sgd(0.1), total_steps=100, batches_per_epoch=10)
     state = method.init(tiny_params(), jax.random.PRNGKey(0))
     assert state.scores["Dense_0"]["kernel"].shape == (12, 16)
+
+
+def test_the_harness_warns_that_gates_on_batch_norm_report_relaxed_statistics():
+    """Evaluation uses batch norm's running statistics, gathered through the relaxed gates:
+    on a model with batch norm the reported accuracy can be far below the mask's
+    (docs/results.md), so the harness says so; not for Edge-Popup, nor without batch norm."""
+    import os
+    import warnings
+    from pathlib import Path
+
+    from sparsejax.harness.training.recipes import resolve_recipe
+    from sparsejax.harness.training.setup import RelaxedBatchNormWarning, prepare_run
+
+    mnist = Path(os.environ.get("SPARSEJAX_MNIST",
+                                Path(__file__).resolve().parents[2] / "shared/data/mnist"))
+    if not mnist.exists():
+        pytest.skip("real MNIST not available")
+
+    def config(method, norm):  # resolved as `prepare` resolves it; the state abstract
+        return resolve_recipe(TrainConfig(
+            method=method, sparsity=0.5, model="conv2", dataset="mnist", data_dir=str(mnist),
+            batch_size=8, steps=1, progress=False,
+            model_options={"norm": norm, "norm_affine": False}))[0]
+
+    with pytest.warns(RelaxedBatchNormWarning, match="--method gates on conv2, a model with "
+                                                     "batch norm"):
+        prepare_run(config("gates", "batch"), abstract_state=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RelaxedBatchNormWarning)
+        prepare_run(config("edge_popup", "batch"), abstract_state=True)
+        prepare_run(config("gates", "none"), abstract_state=True)
