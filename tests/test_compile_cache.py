@@ -93,9 +93,10 @@ def test_topk_mask_tracked():
     x = wide_leaf()
     for sampled_above in (None, SAMPLE_SIZE):  # bitwise and sampled
         _, cuts = topk_mask_tracked(x, 0.3, sampled_above=sampled_above)
-        assert compiles(lambda: topk_mask_tracked(x, 0.3, sampled_above=sampled_above)) == 0
-        assert second_call_compiles(lambda: topk_mask_tracked(
-            x * 1.001, 0.3, cuts, sampled_above=sampled_above)) == 0
+        assert compiles(lambda s=sampled_above: topk_mask_tracked(
+            x, 0.3, sampled_above=s)) == 0
+        assert second_call_compiles(lambda s=sampled_above, c=cuts: topk_mask_tracked(
+            x * 1.001, 0.3, c, sampled_above=s)) == 0
     tree = mlp_params(jax.random.PRNGKey(0))
     _, cuts = topk_mask_tracked(tree, 0.3, scope="global", by_magnitude=True)
     assert second_call_compiles(lambda: topk_mask_tracked(

@@ -210,7 +210,7 @@ def test_draw_flat_gives_the_numbers_of_the_shaped_draw(partitionable):
     under either of JAX's threefry modes, vmapped over keys too."""
     import functools
 
-    from sparsejax.methods.base import draw_flat, draws_per_leaf
+    from sparsejax.methods.draws import draw_flat, draws_per_leaf
 
     key = jax.random.PRNGKey(7)
     draws = [jax.random.normal, jax.random.bits,
@@ -227,7 +227,7 @@ def test_draw_flat_gives_the_numbers_of_the_shaped_draw(partitionable):
 
 
 def test_computed_once_is_fn_bitwise_under_jit_and_vmap():
-    from sparsejax.methods.base import computed_once
+    from sparsejax.methods.draws import computed_once
 
     x = jnp.linspace(-2.0, 3.0, 12).reshape(3, 4)  # first entries with either low bit
     np.testing.assert_array_equal(jax.jit(lambda v: computed_once(jnp.sin, v))(x),

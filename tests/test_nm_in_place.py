@@ -3,7 +3,6 @@ for one count per group) keeps exactly what the row form keeps: the same keys, t
 ties (the first entries of a group), on every axis and kernel rank."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.methods.base import draws_per_leaf
+from sparsejax.methods.draws import draws_per_leaf
 
 __all__ = [
     "Signals",
@@ -150,7 +150,7 @@ def uniform_per_leaf(key: jax.Array, signals: Signals) -> list[jax.Array]:
     ``split(key, number of leaves)[i]`` (flattened, row-major, when grouped): the same
     numbers whether or not the signals are grouped. Leaves of one size draw theirs in one
     vmapped call, so the program holds one random-bits generator per size, not per leaf
-    (:func:`sparsejax.methods.base.draws_per_leaf`).
+    (:func:`sparsejax.methods.draws.draws_per_leaf`).
 
     >>> import jax, jax.numpy as jnp
     >>> leaves = [jnp.ones(3), jnp.ones(3)]

@@ -22,10 +22,10 @@ from sparsejax.methods.base import (
     Method,
     SparseState,
     apply_optimizer,
-    draw_flat,
     named_error,
     params_as_they_are,
 )
+from sparsejax.methods.draws import draw_flat
 
 __all__ = ["fixed_mask", "masked_optimizer", "masked_weights_method", "static",
            "random_scores"]

@@ -87,10 +87,9 @@ from sparsejax.methods.base import (
     OutsideLoop,
     SparseState,
     apply_optimizer,
-    draw_flat,
-    draws_per_leaf,
     step_key,
 )
+from sparsejax.methods.draws import draw_flat, draws_per_leaf
 from sparsejax.methods.gate_forms import (
     GATE_FORMS,
     GateForm,

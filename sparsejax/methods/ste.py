@@ -47,9 +47,9 @@ from sparsejax.methods.base import (
     Method,
     SparseState,
     apply_optimizer,
-    draws_per_leaf,
     named_error,
 )
+from sparsejax.methods.draws import draws_per_leaf
 from sparsejax.methods.phases import branch, scheduled_update
 from sparsejax.methods.pruning_tables import schedule_table
 from sparsejax.methods.registry import register_method

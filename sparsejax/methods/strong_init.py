@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from sparsejax.core._tree import path_str
 from sparsejax.core.masks import Prunable, default_prunable
-from sparsejax.methods.base import draw_flat
+from sparsejax.methods.draws import draw_flat
 
 __all__ = [
     "WEIGHT_INITS",
