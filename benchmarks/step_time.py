@@ -74,6 +74,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "biprop": {"sparsity": 0.5},
     # straight-through: a top-k of the current weights every step (issue #31)
     "ste_magnitude": {"sparsity": 0.9},
+    "ste_random": {"sparsity": 0.9},  # its random scores drawn every step (draws_per_leaf)
     "ste_magnitude_24": {"sparsity": 0.5, "pattern": "2:4"},
     "sr_ste_24": {"sparsity": 0.5, "pattern": "2:4"},
     # ResNet-18's stem conv has 3 input channels, which 2:4 cannot split: kept dense

@@ -36,10 +36,11 @@ SAMPLED_ABOVE = 2**17
 """A tracked top-k (:func:`sparsejax.topk_mask_tracked`) searches groups of more entries
 than this with the sampled search, the rest with the one bitwise search. The sampled
 search takes a few passes per call where the bitwise one takes 32, but its program is
-compiled once per group size (about 1.6 s each on this project's CPU, XLA's default
+compiled once per group size (about 1.3-1.8 s each on this project's CPU, XLA's default
 flags): below this size its passes save less than its program costs. Measured (session
 16, docs/benchmarks.md): with 2048 here Edge-Popup's step on ResNet-18 compiled in 26 s,
-with 2**17 in 16 s, with every group bitwise in 6 s; LeNet-300-100's step time was the
+with 2**17 in 12.8 s (15.8 s in a run on a busier machine), with every group bitwise in
+6 s; LeNet-300-100's step time was the
 same at 2048 and 2**17, and 1.3x slower with every group bitwise (its 235,200-entry
 kernel then counts 32 passes every step)."""
 _SIGN_BIT = 0x80000000

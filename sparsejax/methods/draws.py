@@ -26,7 +26,8 @@ def computed_once(fn: Callable[..., Any], *args: Any) -> Any:
     number of layers, or with its square. ``jax.lax.optimization_barrier`` does not stop
     this on CPU (XLA removes it before fusing). Both branches are ``fn``: the result is
     ``fn(*args)`` bit for bit, whichever runs (the bit comes from the first non-empty
-    array in ``args``; with none, ``fn`` is called as it is).
+    array in ``args``; with none, ``fn`` is called as it is). Under ``vmap`` with a
+    batched first argument the ``cond`` becomes a select and ``fn`` runs twice.
 
     >>> import jax.numpy as jnp
     >>> float(computed_once(lambda x: x.sum(), jnp.arange(4.0)))
