@@ -226,6 +226,54 @@ def test_draw_flat_gives_the_numbers_of_the_shaped_draw(partitionable):
             np.testing.assert_array_equal(value, jax.random.normal(k, shape))
 
 
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_draw_rows_gives_every_row_its_own_keys_draw_from_one_generator(partitionable):
+    """``draw_rows`` draws the rows of every leaf size with one threefry generator (a
+    program that compiles one generator, not one per size); row ``r`` of an entry must
+    hold exactly what ``uniform(keys[r], (n,))`` draws, for raw and typed keys, with an
+    empty entry among them; under JAX's older threefry mode it falls back to one vmapped
+    draw per entry, with the same numbers."""
+    from sparsejax.methods.draws import UniformDraw, draw_rows
+
+    lengths = [7, 1, 5, 300]
+    for keys in (jax.random.split(jax.random.PRNGKey(3), 6),
+                 jax.random.split(jax.random.key(3), 6)):
+        entries = [keys[:2], keys[2:3], keys[2:2], keys[3:6]]
+        for draw in (UniformDraw(), UniformDraw(1e-6, 1 - 1e-6), UniformDraw(-0.3, 0.3)):
+            with jax.threefry_partitionable(partitionable):
+                rows = jax.jit(lambda e, d=draw: draw_rows(d, e, lengths))(entries)
+                for got, ks, n in zip(rows, entries, lengths, strict=True):
+                    want = jax.jit(lambda ks, d=draw, n=n: jax.vmap(
+                        lambda k: d(k, (n,)))(ks))(ks)
+                    assert got.shape == (len(ks), n)
+                    np.testing.assert_array_equal(got, want)
+    with jax.threefry_partitionable(partitionable):
+        text = jax.jit(lambda e: draw_rows(UniformDraw(), e, lengths)).lower(
+            entries).as_text()
+    # one generator for every entry, against one per entry (the empty one's included)
+    assert text.count("call @threefry2x32") == (1 if partitionable else len(entries))
+
+
+def test_rigl_noise_is_the_same_grouped_or_per_leaf():
+    """The engine draws its tie-breaking and SET's growth on leaves grouped by size, by
+    one generator; a rule called on per-leaf signals draws leaf by leaf. Both must give
+    each leaf the numbers of ``uniform(split(key, leaves)[i], shape)``."""
+    from sparsejax.methods.dst_rules import Signals, grouped, uniform_per_leaf
+
+    shapes = [(4, 6), (3, 5), (6, 4), (2,)]
+    leaves = [jnp.ones(s) for s in shapes]
+    key = jax.random.PRNGKey(11)
+    signals = Signals(leaves, leaves, leaves, None, key)
+    per_leaf = jax.jit(lambda k: uniform_per_leaf(k, signals))(key)
+    group = grouped(signals)
+    rows = jax.jit(lambda k: uniform_per_leaf(k, group))(key)
+    by_rows = group.ungroup(rows, shapes)
+    for i, (k, shape) in enumerate(zip(jax.random.split(key, 4), shapes, strict=True)):
+        want = jax.random.uniform(k, shape)
+        np.testing.assert_array_equal(per_leaf[i], want)
+        np.testing.assert_array_equal(by_rows[i], want)
+
+
 def test_computed_once_is_fn_bitwise_under_jit_and_vmap():
     from sparsejax.methods.draws import computed_once
 
@@ -234,6 +282,9 @@ def test_computed_once_is_fn_bitwise_under_jit_and_vmap():
                                   jax.jit(jnp.sin)(x))
     np.testing.assert_array_equal(jax.jit(jax.vmap(lambda v: computed_once(jnp.sin, v)))(x),
                                   jax.jit(jnp.sin)(x))
+    # fn is compiled once: the other branch is zeros, not a second copy of fn
+    compiled = jax.jit(lambda v: computed_once(jnp.sin, v)).lower(x).compile().as_text()
+    assert compiled.count(" sine(") == 1
 
 
 def test_per_leaf_noise_is_computed_once_not_copied_into_every_layer():

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.methods.draws import draws_per_leaf
+from sparsejax.methods.draws import UniformDraw, draw_rows, draws_per_leaf
 
 __all__ = [
     "Signals",
@@ -148,9 +148,9 @@ class RegrowRules(NamedTuple):
 def uniform_per_leaf(key: jax.Array, signals: Signals) -> list[jax.Array]:
     """``U(0, 1)`` noise shaped like ``signals.params``, leaf ``i`` drawn with
     ``split(key, number of leaves)[i]`` (flattened, row-major, when grouped): the same
-    numbers whether or not the signals are grouped. Leaves of one size draw theirs in one
-    vmapped call, so the program holds one random-bits generator per size, not per leaf
-    (:func:`sparsejax.methods.draws.draws_per_leaf`).
+    numbers whether or not the signals are grouped, made by one random-bits generator for
+    every leaf of every size (:func:`sparsejax.methods.draws.draw_rows`), not one per
+    leaf or per size.
 
     >>> import jax, jax.numpy as jnp
     >>> leaves = [jnp.ones(3), jnp.ones(3)]
@@ -161,11 +161,12 @@ def uniform_per_leaf(key: jax.Array, signals: Signals) -> list[jax.Array]:
     True
     """
     if signals.rows is None:
-        return draws_per_leaf(key, [p.shape for p in signals.params], jax.random.uniform)
-    # grouped: each entry's rows drawn at once, already stacked as the entry is
+        return draws_per_leaf(key, [p.shape for p in signals.params], UniformDraw())
+    # grouped: each entry's rows drawn at once, already stacked as the entry is, every
+    # entry by one generator (draw_rows)
     keys = jax.random.split(key, sum(len(r) for r in signals.rows))
-    return [jax.vmap(lambda k, n=p.shape[1]: jax.random.uniform(k, (n,)))(
-        keys[np.asarray(r, int)]) for r, p in zip(signals.rows, signals.params, strict=True)]
+    return draw_rows(UniformDraw(), [keys[np.asarray(r, int)] for r in signals.rows],
+                     [p.shape[1] for p in signals.params])
 
 
 def magnitude_drop(signals: Signals) -> list[jax.Array]:
@@ -243,8 +244,8 @@ def allocate(total: jax.Array, weights: jax.Array, capacity: jax.Array) -> jax.A
     total = jnp.asarray(total, jnp.int32)
     capacity = jnp.asarray(capacity, jnp.int32)
     weights = jnp.maximum(jnp.asarray(weights, jnp.float32), 0.0)
-    alloc = jnp.zeros_like(capacity)
-    for _ in range(int(capacity.shape[0])):
+
+    def one_pass(_: Any, alloc: jax.Array) -> jax.Array:
         remaining = total - jnp.sum(alloc)
         room = capacity - alloc
         w = jnp.where(room > 0, weights, 0.0)
@@ -253,7 +254,10 @@ def allocate(total: jax.Array, weights: jax.Array, capacity: jax.Array) -> jax.A
         add = jnp.minimum(jnp.floor(share * remaining.astype(jnp.float32)).astype(jnp.int32),
                           room)
         add = jnp.clip(remaining - (jnp.cumsum(add) - add), 0, add)
-        alloc = alloc + add
+        return alloc + add
+
+    # a loop, not unrolled: one pass per slot would make the program grow with the leaves
+    alloc = jax.lax.fori_loop(0, int(capacity.shape[0]), one_pass, jnp.zeros_like(capacity))
     remaining = total - jnp.sum(alloc)
     room = capacity - alloc
     return alloc + jnp.clip(remaining - (jnp.cumsum(room) - room), 0, room)
