@@ -103,7 +103,9 @@ def harness_run(name: str, model: str, method: str, sparsity: float | None, step
         keep_checkpoints=1, checkpoint_every=200, eval_every=steps, log_every=100,
         validation_size=VALIDATION_SIZE, batch_size=BATCH, recipe="none", tensorboard=False,
         model_options=dict(MODELS[model]["options"]), method_options=dict(options),
-        **training)
+        # the recorded test_accuracy is with training's running statistics (the harness's
+        # evaluation when these ran); --recalibrate adds the recomputed one beside it
+        bn_recalibration_batches=0, **training)
     config.resume = out.exists()
     result = train_once(config)
     return {"test_accuracy": result["test_accuracy"],
@@ -203,46 +205,27 @@ RECALIBRATION_BATCHES = 40
 
 def recalibrated(run_dir: Path) -> dict[str, float]:
     """Test and validation accuracy of a finished harness run's hard mask with the batch
-    norm statistics recomputed for it: the mean and variance of every batch norm over
-    ``RECALIBRATION_BATCHES`` training batches of 128 (a fixed choice) run through the
-    effective weights (frozen weights times the binary mask) in training mode, in place of
-    the running averages training left. The gates train through relaxed gates (soft,
-    noisy), so their running averages describe that network, not the binary one that is
-    evaluated; Edge-Popup and biprop train through their hard masks (a control)."""
+    norm statistics recomputed for it over ``RECALIBRATION_BATCHES`` training batches of
+    128 (:func:`sparsejax.harness.training.batch_norm.recalibrated_batch_stats`, which
+    ``sparsejax train`` now applies to the gates by default), in place of the running
+    averages training left. The gates train through relaxed gates (soft, noisy), so their
+    running averages describe that network, not the binary one that is evaluated;
+    Edge-Popup and biprop train through their hard masks (a control)."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from sparsejax.harness.models import apply_model
-    from sparsejax.harness.models._layers import BN_MOMENTUM
     from sparsejax.harness.prune_run import restore_run
+    from sparsejax.harness.training.batch_norm import (
+        recalibrated_batch_stats,
+        recalibration_images,
+    )
     from sparsejax.harness.training.evaluation import evaluate, make_eval_step
 
     finished = restore_run(ROOT / run_dir)
     run, state = finished.run, finished.state
     params = run.method.effective_params(state)
-    zeros = jax.tree.map(jnp.zeros_like, state.model_state)
-
-    @jax.jit
-    def batch_stats(images: jax.Array) -> Any:  # running = (1 - momentum) * batch from 0
-        new = apply_model(run.model, params, zeros, images, train=True)[1]
-        return jax.tree.map(lambda v: v / (1.0 - BN_MOMENTUM), new)
-
-    images = run.dataset.train_images
-    order = np.random.default_rng(0).permutation(len(images))
-    stats = [batch_stats(jnp.asarray(images[order[i * BATCH:(i + 1) * BATCH]]))
-             for i in range(RECALIBRATION_BATCHES)]
-
-    # the mean of the batch means and of the batch variances ...
-    merged = jax.tree.map(lambda *leaves: jnp.mean(jnp.stack(leaves), 0), *stats)
-    # ... plus the variance of the batch means: the variance over all the images
-    flat_means = {tuple(k.key for k in p[:-1]): jnp.stack([
-        jax.tree_util.tree_flatten_with_path(s)[0][i][1] for s in stats])
-        for i, (p, _) in enumerate(jax.tree_util.tree_flatten_with_path(stats[0])[0])
-        if p[-1].key == "mean"}
-    merged = jax.tree_util.tree_map_with_path(
-        lambda p, v: v + jnp.var(flat_means[tuple(k.key for k in p[:-1])], 0)
-        if p[-1].key == "var" else v, merged)
+    images = recalibration_images(run.dataset.train_images, RECALIBRATION_BATCHES, BATCH,
+                                  seed=0)
+    merged = recalibrated_batch_stats(run.model, params, state.model_state, images)
     eval_step = jax.jit(make_eval_step(run.model))
     test = evaluate(eval_step, (params, merged), run.dataset)
     held = evaluate(eval_step, (params, merged), run.validation)

@@ -126,6 +126,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     train.add_argument("--validation-size", type=int, default=0,
                        help="training examples held out (a fixed seeded choice) and "
                             "evaluated beside the test set, >= 0; 0: none held out")
+    train.add_argument("--bn-recalibration-batches", type=int, default=40,
+                       help="the gates on a model with batch norm are evaluated with batch-norm "
+                            "statistics recomputed for the binary mask over this many "
+                            "training batches, >= 0; 0: with training's running averages")
     train.add_argument("--model-option", dest="model_options", type=_option, action="append",
                        default=[], metavar="KEY=VALUE",
                        help="an option of the model, e.g. use_bias=false (repeatable)")

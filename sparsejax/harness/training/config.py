@@ -59,6 +59,11 @@ class TrainConfig:
     # training examples held out (a fixed seeded choice, sparsejax.harness.data.split_validation)
     # and evaluated beside the test set; 0: train on the whole training set
     validation_size: int = 0
+    # a relaxed method (the gates) on a model with batch norm is evaluated with batch-norm
+    # statistics recomputed for its binary mask over this many training batches (a fixed
+    # seeded choice, sparsejax.harness.training.batch_norm); 0: with the running averages
+    # of training, which describe the relaxed network (a RelaxedBatchNormWarning)
+    bn_recalibration_batches: int = 40
     parallel: str = "none"  # none | pmap | sharded (sparsejax.engine.parallel)
     nonfinite: str = "error"  # error | skip: what a NaN/inf loss or gradient does
     max_skipped_fraction: float = 0.5  # with nonfinite="skip": more skipped steps fail the run
@@ -178,6 +183,7 @@ def check_config(config: TrainConfig) -> None:
     check_int(config.checkpoint_every, "--checkpoint-every", minimum=0)
     check_int(config.init_batches, "--init-batches", minimum=0)
     check_int(config.validation_size, "--validation-size", minimum=0)
+    check_int(config.bn_recalibration_batches, "--bn-recalibration-batches", minimum=0)
     check_int(config.lr_decay_every, "--lr-decay-every", minimum=0)
     check_lr_schedule(config.lr_schedule, config.lr_decay_every)  # before any data loads
     check_finite_number(config.max_skipped_fraction, "--max-skipped-fraction")

@@ -27,6 +27,11 @@ from sparsejax.harness.data import (
     shard_for_process,
     train_batches,
 )
+from sparsejax.harness.training.batch_norm import (
+    needs_recalibration,
+    recalibrated_batch_stats,
+    recalibration_images,
+)
 from sparsejax.harness.training.config import KEEP_BEST, TrainConfig, build_method, check_config
 from sparsejax.harness.training.evaluation import (
     classification_loss,
@@ -167,7 +172,7 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
         trainer = make_trainer(config.parallel, method, classification_loss(model),
                                skip_nonfinite=config.nonfinite == "skip")
         state = trainer.put_state(state)
-        evaluate_state = _evaluator(run)
+        evaluate_state = _evaluator(run, config)
         progress = ProgressBar(config.progress and primary, total_steps, start_step)
         guard.add(progress.close)
         end = _train_steps(config, run, trainer, state, evaluate_state, _Stretch(
@@ -203,17 +208,28 @@ def _train_in(config: TrainConfig, sources: dict[str, str], out: Path,
     return result
 
 
-def _evaluator(run: Run) -> Any:
+def _evaluator(run: Run, config: TrainConfig) -> Any:
     """``state -> (metrics, measured sparsity)``: test metrics (and, with a validation
-    split, ``validation_accuracy`` and ``validation_loss``) from one ``effective_params``."""
+    split, ``validation_accuracy`` and ``validation_loss``) from one ``effective_params``;
+    a relaxed method on batch norm with its batch-norm statistics recomputed for the
+    binary mask (``config.bn_recalibration_batches``)."""
     eval_step = jax.jit(make_eval_step(run.model))
     effective_params = jax.jit(run.method.effective_params)
+    recalibrate = (needs_recalibration(run.method.name, run.state.model_state)
+                   and config.bn_recalibration_batches > 0)
+    if recalibrate:  # fixed batches: every evaluation of the run sees the same ones
+        images = recalibration_images(run.dataset.train_images,
+                                      config.bn_recalibration_batches, config.batch_size,
+                                      config.seed)
 
     def evaluate_state(state: SparseState) -> tuple[dict[str, float], float]:
         params = effective_params(state)
-        metrics = evaluate(eval_step, (params, state.model_state), run.dataset)
+        model_state = state.model_state
+        if recalibrate:  # batch-norm statistics of the binary mask, not of the relaxed net
+            model_state = recalibrated_batch_stats(run.model, params, model_state, images)
+        metrics = evaluate(eval_step, (params, model_state), run.dataset)
         if run.validation is not None:
-            held = evaluate(eval_step, (params, state.model_state), run.validation)
+            held = evaluate(eval_step, (params, model_state), run.validation)
             metrics.update(validation_accuracy=held["accuracy"], validation_loss=held["loss"])
         return metrics, measured_sparsity(params)
 
