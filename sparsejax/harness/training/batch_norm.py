@@ -25,7 +25,7 @@ parameter changed and nothing chosen on the test set; the harness evaluates the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -35,7 +35,7 @@ import numpy as np
 from sparsejax.harness.models import apply_model
 
 __all__ = ["RELAXED_METHODS", "needs_recalibration", "recalibration_images",
-           "recalibrated_batch_stats"]
+           "recalibrated_batch_stats", "recalibrator"]
 
 RELAXED_METHODS = ("gates",)
 """Methods whose training forward pass differs from the evaluated network (relaxed
@@ -62,7 +62,8 @@ def recalibrated_batch_stats(model: Any, params: Any, model_state: Any,
     """``model_state`` with every batch norm's ``mean`` and ``var`` recomputed through
     ``params`` over ``images`` (equally large batches): the mean and the biased variance
     over all of their examples (the mean of the batch variances plus the variance of the
-    batch means), from forward passes in training mode.
+    batch means), from forward passes in training mode. ``recalibrator(model)`` is the
+    same, compiled once for every later call (the harness evaluates so).
 
     A batch-norm layer updates ``running = m * running + (1 - m) * batch``; one pass
     from running statistics of zeros and one from ones give ``m`` and the batch's own
@@ -70,35 +71,42 @@ def recalibrated_batch_stats(model: Any, params: Any, model_state: Any,
     ``1 - m`` (about 1e-5 relative at Flax's default momentum of 0.99, 1e-6 at the model
     zoo's 0.9: far below the sampling error of any number of batches).
     """
-    if not images:
-        raise ValueError("recalibrated_batch_stats needs at least one batch of images")
-    if len({np.shape(batch)[0] for batch in images}) != 1:
-        raise ValueError("recalibrated_batch_stats takes batches of one size (an exact "
-                         "mean over all examples weighs every batch alike)")
-    stats = model_state["batch_stats"]
+    return recalibrator(model)(params, model_state, images)
+
+
+def recalibrator(model: Any) -> Callable[[Any, Any, Sequence[Any]], Any]:
+    """``(params, model_state, images) -> model_state``: :func:`recalibrated_batch_stats`
+    of ``model``, its per-batch pass compiled once."""
 
     @jax.jit
-    def batch_stats(batch: Any) -> Any:
+    def batch_stats(params: Any, model_state: Any, batch: Any) -> Any:
         def updated(start: float) -> Any:
-            state = {**model_state,
-                     "batch_stats": jax.tree.map(lambda v: jnp.full_like(v, start), stats)}
+            state = {**model_state, "batch_stats": jax.tree.map(
+                lambda v: jnp.full_like(v, start), model_state["batch_stats"])}
             return apply_model(model, params, state, batch, train=True)[1]["batch_stats"]
 
         from_zeros, from_ones = updated(0.0), updated(1.0)
         # from_zeros = (1 - m) * b and from_ones = m + (1 - m) * b
         return jax.tree.map(lambda z, o: z / (1.0 - (o - z)), from_zeros, from_ones)
 
-    per_batch = [batch_stats(jnp.asarray(batch)) for batch in images]
-    means = jax.tree.map(lambda *leaves: jnp.mean(jnp.stack(leaves), 0), *per_batch)
+    def recalibrate(params: Any, model_state: Any, images: Sequence[Any]) -> Any:
+        if not images:
+            raise ValueError("recalibrated_batch_stats needs at least one batch of images")
+        if len({np.shape(batch)[0] for batch in images}) != 1:
+            raise ValueError("recalibrated_batch_stats takes batches of one size (an exact "
+                             "mean over all examples weighs every batch alike)")
+        per_batch = [batch_stats(params, model_state, jnp.asarray(batch)) for batch in images]
+        means = jax.tree.map(lambda *leaves: jnp.mean(jnp.stack(leaves), 0), *per_batch)
 
-    def exact(path: tuple[Any, ...], mean: jax.Array) -> jax.Array:
-        if getattr(path[-1], "key", None) != "var":
-            return mean
-        layer = path[:-1]
-        batch_means = jnp.stack([_at(s, layer)["mean"] for s in per_batch])
-        return mean + jnp.var(batch_means, 0)
+        def exact(path: tuple[Any, ...], mean: jax.Array) -> jax.Array:
+            if getattr(path[-1], "key", None) != "var":
+                return mean
+            batch_means = jnp.stack([_at(s, path[:-1])["mean"] for s in per_batch])
+            return mean + jnp.var(batch_means, 0)
 
-    return {**model_state, "batch_stats": jax.tree_util.tree_map_with_path(exact, means)}
+        return {**model_state, "batch_stats": jax.tree_util.tree_map_with_path(exact, means)}
+
+    return recalibrate
 
 
 def _at(tree: Any, path: tuple[Any, ...]) -> Any:

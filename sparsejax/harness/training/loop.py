@@ -29,8 +29,8 @@ from sparsejax.harness.data import (
 )
 from sparsejax.harness.training.batch_norm import (
     needs_recalibration,
-    recalibrated_batch_stats,
     recalibration_images,
+    recalibrator,
 )
 from sparsejax.harness.training.config import KEEP_BEST, TrainConfig, build_method, check_config
 from sparsejax.harness.training.evaluation import (
@@ -221,12 +221,13 @@ def _evaluator(run: Run, config: TrainConfig) -> Any:
         images = recalibration_images(run.dataset.train_images,
                                       config.bn_recalibration_batches, config.batch_size,
                                       config.seed)
+        recalibrated_batch_stats = recalibrator(run.model)
 
     def evaluate_state(state: SparseState) -> tuple[dict[str, float], float]:
         params = effective_params(state)
         model_state = state.model_state
         if recalibrate:  # batch-norm statistics of the binary mask, not of the relaxed net
-            model_state = recalibrated_batch_stats(run.model, params, model_state, images)
+            model_state = recalibrated_batch_stats(params, model_state, images)
         metrics = evaluate(eval_step, (params, model_state), run.dataset)
         if run.validation is not None:
             held = evaluate(eval_step, (params, model_state), run.validation)
