@@ -353,9 +353,13 @@ def select_masks(
     counts = kept_counts(scores, density, distribution, prunable=prunable,
                          overrides=overrides)
     leaves, treedef = jax.tree_util.tree_flatten(scores)
-    masks: list[Any] = [jnp.ones(np.shape(leaf), bool) if count is None
-                        else topk_mask(leaf, count=count)
-                        for leaf, count in zip(leaves, counts.per_leaf, strict=True)]
+    masks: list[Any] = [jnp.ones(np.shape(leaf), bool) for leaf in leaves]
+    ranked = [i for i, count in enumerate(counts.per_leaf) if count is not None]
+    if ranked:  # one search for every leaf (one program, not one per leaf)
+        chosen = topk_mask([leaves[i] for i in ranked],
+                           count=[counts.per_leaf[i] for i in ranked])
+        for i, mask in zip(ranked, chosen, strict=True):
+            masks[i] = mask
     if counts.shared:
         chosen = topk_mask([leaves[i] for i in counts.shared], count=counts.shared_count,
                            scope="global")

@@ -25,7 +25,7 @@ from sparsejax.methods.base import (
     named_error,
     params_as_they_are,
 )
-from sparsejax.methods.draws import draw_flat
+from sparsejax.methods.draws import UniformDraw, draws_per_leaf
 
 __all__ = ["fixed_mask", "masked_optimizer", "masked_weights_method", "static",
            "random_scores"]
@@ -120,10 +120,10 @@ def random_scores(params: Any, rng: jax.Array) -> Any:
 @functools.partial(jax.jit, static_argnums=1)
 def _uniform_scores(rng: jax.Array, shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
     """One compiled program per set of shapes (eagerly, each leaf's draw and the key
-    split would compile apart on a first call); the same bits as drawn eagerly."""
-    keys = jax.random.split(rng, max(len(shapes), 1))
-    return [draw_flat(jax.random.uniform, k, shape)
-            for k, shape in zip(keys, shapes, strict=False)]
+    split would compile apart on a first call) holding one random-bits generator for
+    every leaf (:func:`~sparsejax.methods.draws.draw_rows`); the same bits as drawn
+    eagerly with ``split(rng, leaves)[i]``."""
+    return draws_per_leaf(rng, list(shapes), UniformDraw(), one_generator=True)
 
 
 def static(
