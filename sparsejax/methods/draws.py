@@ -17,7 +17,8 @@ import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["UniformDraw", "computed_once", "draw_flat", "draw_rows", "draws_per_leaf"]
+__all__ = ["NormalDraw", "UniformDraw", "computed_once", "draw_each", "draw_flat", "draw_rows",
+           "draws_per_leaf"]
 
 
 def computed_once(fn: Callable[..., Any], *args: Any) -> Any:
@@ -94,10 +95,37 @@ class UniformDraw:
 
     def from_bits(self, bits: jax.Array) -> jax.Array:
         """The draws of the uint32 random ``bits``."""
-        low, high = jnp.float32(self.minval), jnp.float32(self.maxval)
         one_to_two = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9))
                                                   | jnp.uint32(0x3F800000), jnp.float32)
-        return jnp.maximum(low, (one_to_two - jnp.float32(1)) * (high - low) + low)
+        return self.from_unit(one_to_two - jnp.float32(1))
+
+    def from_unit(self, unit: jax.Array) -> jax.Array:
+        """The draws of ``UniformDraw()``'s numbers ``unit`` in [0, 1), scaled to this
+        interval as JAX scales them (so one unit draw serves leaves of several bounds)."""
+        low, high = jnp.float32(self.minval), jnp.float32(self.maxval)
+        return jnp.maximum(low, unit * (high - low) + low)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalDraw:
+    """``jax.random.normal(key, shape, float32)`` as a draw that :func:`draw_rows` can
+    make for rows of many lengths from one generator (``from_bits``: JAX's map,
+    ``sqrt(2) * erf_inv(u)`` of a uniform ``u`` in ``(-1, 1)``).
+
+    >>> import jax
+    >>> key = jax.random.PRNGKey(0)
+    >>> bool((NormalDraw()(key, (3,)) == jax.random.normal(key, (3,))).all())
+    True
+    """
+
+    def __call__(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        return jax.random.normal(key, shape, jnp.float32)
+
+    def from_bits(self, bits: jax.Array) -> jax.Array:
+        """The draws of the uint32 random ``bits``."""
+        above_minus_one = float(np.nextafter(np.float32(-1), np.float32(0)))
+        uniform = UniformDraw(above_minus_one, 1.0).from_bits(bits)
+        return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
 
 
 def _threefry_key_data(keys: jax.Array) -> jax.Array | None:
@@ -204,12 +232,10 @@ def draws_per_leaf(key: jax.Array, shapes: list[tuple[int, ...]],
             by_shape.setdefault(tuple(shape), []).append(i)
     draws: list[jax.Array | None] = [None] * len(shapes)
     if one_generator and by_shape:
-        groups = list(by_shape.items())
-        rows = draw_rows(draw, [keys[jnp.array(ids)] for _, ids in groups],
-                         [math.prod(shape) for shape, _ in groups])
-        for (shape, ids), drawn in zip(groups, rows, strict=True):
-            for row, i in enumerate(ids):
-                draws[i] = drawn[row].reshape(shape)
+        included = [i for ids in by_shape.values() for i in ids]
+        for i, drawn in zip(included, draw_each(draw, [keys[i] for i in included],
+                                                [shapes[i] for i in included]), strict=True):
+            draws[i] = drawn
         return draws
     for shape, ids in by_shape.items():
         drawn = computed_once(lambda ks, shape=shape: jax.vmap(
@@ -217,3 +243,31 @@ def draws_per_leaf(key: jax.Array, shapes: list[tuple[int, ...]],
         for row, i in enumerate(ids):
             draws[i] = drawn[row]
     return draws
+
+
+def draw_each(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
+              keys: list[jax.Array], shapes: list[tuple[int, ...]]) -> list[jax.Array]:
+    """``[draw(keys[i], shapes[i]) for i]``, the leaves of every shape drawn by one
+    generator (:func:`draw_rows`, for a draw with ``from_bits``): for draws made once, at
+    init, whose program would otherwise hold a generator per leaf.
+
+    >>> import jax
+    >>> keys = [jax.random.PRNGKey(1), jax.random.PRNGKey(2)]
+    >>> a, b = draw_each(UniformDraw(), keys, [(2, 3), (4,)])
+    >>> bool((a == jax.random.uniform(keys[0], (2, 3))).all()), b.shape
+    (True, (4,))
+    """
+    if not keys:
+        return []
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        by_shape.setdefault(tuple(shape), []).append(i)
+    groups = list(by_shape.items())
+    stacked = jnp.stack(keys)
+    rows = draw_rows(draw, [stacked[np.asarray(ids)] for _, ids in groups],
+                     [math.prod(shape) for shape, _ in groups])
+    out: list[Any] = [None] * len(keys)
+    for (shape, ids), drawn in zip(groups, rows, strict=True):
+        for row, i in enumerate(ids):
+            out[i] = drawn[row].reshape(shape)
+    return out

@@ -17,7 +17,6 @@ with ``a = sqrt(5)``, the paper's score init).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 
 from sparsejax.core._tree import path_str
 from sparsejax.core.masks import Prunable, default_prunable
-from sparsejax.methods.draws import draw_flat
+from sparsejax.methods.draws import NormalDraw, UniformDraw, draw_each
 
 __all__ = [
     "WEIGHT_INITS",
@@ -122,9 +121,14 @@ def init_weights(
         if len(densities) != len(flat):
             raise ValueError("density must be one number or a tree with the params' structure")
     keys = _leaf_keys(rng, len(flat))
+    redrawn = [i for i, (path, leaf) in enumerate(flat) if prunable(path_str(path), leaf)]
+    # one generator for every leaf's normal draw (a program per leaf compiled slowly)
+    normals = dict(zip(redrawn, draw_each(NormalDraw(), [keys[i] for i in redrawn],
+                                          [jnp.shape(flat[i][1]) for i in redrawn]),
+                       strict=True))
     out = []
-    for (path, leaf), key, leaf_density in zip(flat, keys, densities, strict=True):
-        if not prunable(path_str(path), leaf):
+    for i, ((_, leaf), leaf_density) in enumerate(zip(flat, densities, strict=True)):
+        if i not in normals:
             out.append(leaf)
             continue
         fan_in, fan_out = fans(jnp.shape(leaf))
@@ -134,8 +138,7 @@ def init_weights(
                 raise ValueError(f"scaled inits need densities in (0, 1], got {leaf_density}")
             std = std / math.sqrt(float(leaf_density))
         dtype = jnp.result_type(leaf)
-        z = draw_flat(functools.partial(jax.random.normal, dtype=jnp.float32), key,
-                      jnp.shape(leaf))
+        z = normals[i]
         if weight_init.endswith("kaiming_normal"):
             w = z * jnp.float32(std)
         else:
@@ -161,12 +164,13 @@ def init_scores(params: PyTree, rng: jax.Array,
     """
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     keys = _leaf_keys(rng, len(flat))
+    scored = [i for i, (path, leaf) in enumerate(flat) if prunable(path_str(path), leaf)]
+    # one generator for every leaf: units in [0, 1), scaled per leaf as JAX scales them
+    units = draw_each(UniformDraw(), [keys[i] for i in scored],
+                      [jnp.shape(flat[i][1]) for i in scored])
     scores = {}
-    for (path, leaf), key in zip(flat, keys, strict=True):
-        name = path_str(path)
-        if prunable(name, leaf):
-            bound = 1.0 / math.sqrt(fans(jnp.shape(leaf))[0])
-            scores[name] = draw_flat(functools.partial(
-                jax.random.uniform, dtype=jnp.float32, minval=-bound, maxval=bound),
-                key, jnp.shape(leaf))
+    for i, unit in zip(scored, units, strict=True):
+        path, leaf = flat[i]
+        bound = 1.0 / math.sqrt(fans(jnp.shape(leaf))[0])
+        scores[path_str(path)] = UniformDraw(-bound, bound).from_unit(unit)
     return scores
