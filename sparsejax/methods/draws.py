@@ -8,6 +8,7 @@ docs/design.md, "Compile time", says why each is needed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -259,6 +260,14 @@ def draw_each(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
     """
     if not keys:
         return []
+    return _draw_each(draw, list(keys), tuple(tuple(int(d) for d in s) for s in shapes))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _draw_each(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], keys: list[jax.Array],
+               shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
+    """:func:`draw_each`, compiled once per draw and shapes: called eagerly (a method's
+    init), its ``lax.cond`` would otherwise be traced and compiled again every call."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, shape in enumerate(shapes):
         by_shape.setdefault(tuple(shape), []).append(i)
