@@ -112,6 +112,10 @@ def test_the_harness_evaluates_gates_on_batch_norm_with_recalibrated_statistics(
     recalibrated = recalibrated_batch_stats(run.model, params, state.model_state, images)
     expected = evaluate(eval_step, (params, recalibrated), run.dataset)
     assert result["test_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
-    # the checkpoint keeps training's running statistics: evaluation changes no state
+    assert result["test_loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    # ... and not what the running statistics give (a run that skipped the recomputation
+    # would match this); the checkpoint keeps them: evaluation changes no state
+    running = evaluate(eval_step, (params, state.model_state), run.dataset)
+    assert result["test_loss"] != pytest.approx(running["loss"], rel=1e-3)
     assert not np.allclose(recalibrated["batch_stats"]["bn1"]["mean"],
                            state.model_state["batch_stats"]["bn1"]["mean"])

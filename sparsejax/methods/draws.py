@@ -208,8 +208,7 @@ def draw_rows(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
 
 def draws_per_leaf(key: jax.Array, shapes: list[tuple[int, ...]],
                    draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
-                   include: list[bool] | None = None, *,
-                   one_generator: bool = False) -> list[jax.Array | None]:
+                   include: list[bool] | None = None) -> list[jax.Array | None]:
     """``draw(split(key, len(shapes))[i], shapes[i])`` for every leaf ``i`` (``None``
     where ``include[i]`` is False). The leaves of one shape draw in one vmapped call,
     which gives the same numbers as one call each, so the compiled program holds one
@@ -217,8 +216,7 @@ def draws_per_leaf(key: jax.Array, shapes: list[tuple[int, ...]],
     (:func:`draw_flat`) and computed once (:func:`computed_once`). This is the form for
     draws at every step: :func:`draw_rows`'s one generator for every size compiles
     faster, but runs about 2x slower on CPU (a key per draw where these carry one per
-    row). ``one_generator=True`` draws the leaves of every shape so (draws made once,
-    at init: the same numbers).
+    row); draws made once, at init, take it (:func:`draw_each`).
 
     >>> import jax
     >>> a, b = draws_per_leaf(jax.random.PRNGKey(0), [(3,), (3,)], jax.random.uniform)
@@ -232,12 +230,6 @@ def draws_per_leaf(key: jax.Array, shapes: list[tuple[int, ...]],
         if include is None or include[i]:
             by_shape.setdefault(tuple(shape), []).append(i)
     draws: list[jax.Array | None] = [None] * len(shapes)
-    if one_generator and by_shape:
-        included = [i for ids in by_shape.values() for i in ids]
-        for i, drawn in zip(included, draw_each(draw, [keys[i] for i in included],
-                                                [shapes[i] for i in included]), strict=True):
-            draws[i] = drawn
-        return draws
     for shape, ids in by_shape.items():
         drawn = computed_once(lambda ks, shape=shape: jax.vmap(
             lambda k: draw_flat(draw, k, shape))(ks), keys[jnp.array(ids)])

@@ -148,9 +148,10 @@ class RegrowRules(NamedTuple):
 def uniform_per_leaf(key: jax.Array, signals: Signals) -> list[jax.Array]:
     """``U(0, 1)`` noise shaped like ``signals.params``, leaf ``i`` drawn with
     ``split(key, number of leaves)[i]`` (flattened, row-major, when grouped): the same
-    numbers whether or not the signals are grouped, made by one random-bits generator for
-    every leaf of every size (:func:`sparsejax.methods.draws.draw_rows`), not one per
-    leaf or per size.
+    numbers whether or not the signals are grouped. Grouped (as the engine hands them),
+    every leaf of every size is drawn by one random-bits generator
+    (:func:`sparsejax.methods.draws.draw_rows`); per-leaf signals by one per leaf shape
+    (:func:`sparsejax.methods.draws.draws_per_leaf`).
 
     >>> import jax, jax.numpy as jnp
     >>> leaves = [jnp.ones(3), jnp.ones(3)]

@@ -25,7 +25,7 @@ from sparsejax.methods.base import (
     named_error,
     params_as_they_are,
 )
-from sparsejax.methods.draws import UniformDraw, draws_per_leaf
+from sparsejax.methods.draws import UniformDraw, draw_each
 
 __all__ = ["fixed_mask", "masked_optimizer", "masked_weights_method", "static",
            "random_scores"]
@@ -123,7 +123,7 @@ def _uniform_scores(rng: jax.Array, shapes: tuple[tuple[int, ...], ...]) -> list
     split would compile apart on a first call) holding one random-bits generator for
     every leaf (:func:`~sparsejax.methods.draws.draw_rows`); the same bits as drawn
     eagerly with ``split(rng, leaves)[i]``."""
-    return draws_per_leaf(rng, list(shapes), UniformDraw(), one_generator=True)
+    return draw_each(UniformDraw(), list(jax.random.split(rng, len(shapes))), list(shapes))
 
 
 def static(

@@ -96,20 +96,16 @@ def recalibrator(model: Any) -> Callable[[Any, Any, Sequence[Any]], Any]:
             raise ValueError("recalibrated_batch_stats takes batches of one size (an exact "
                              "mean over all examples weighs every batch alike)")
         per_batch = [batch_stats(params, model_state, jnp.asarray(batch)) for batch in images]
-        means = jax.tree.map(lambda *leaves: jnp.mean(jnp.stack(leaves), 0), *per_batch)
 
-        def exact(path: tuple[Any, ...], mean: jax.Array) -> jax.Array:
-            if getattr(path[-1], "key", None) != "var":
-                return mean
-            batch_means = jnp.stack([_at(s, path[:-1])["mean"] for s in per_batch])
-            return mean + jnp.var(batch_means, 0)
+        def combined(*layer: dict[str, jax.Array]) -> dict[str, jax.Array]:
+            means = jnp.stack([stats["mean"] for stats in layer])
+            variances = jnp.stack([stats["var"] for stats in layer])
+            return {"mean": jnp.mean(means, 0),
+                    "var": jnp.mean(variances, 0) + jnp.var(means, 0)}
 
-        return {**model_state, "batch_stats": jax.tree_util.tree_map_with_path(exact, means)}
+        return {**model_state, "batch_stats": jax.tree.map(
+            combined, *per_batch, is_leaf=lambda node: isinstance(node, dict)
+            and set(node) == {"mean", "var"})}
 
     return recalibrate
 
-
-def _at(tree: Any, path: tuple[Any, ...]) -> Any:
-    for entry in path:
-        tree = tree[entry.key]
-    return tree
