@@ -361,3 +361,26 @@ def test_tracked_search_routes_groups_by_size(monkeypatch):
     for bad in (2047, 1.5e5, True, "big"):
         with pytest.raises(ValueError, match="sampled_above must be an int >= 2048"):
             topk_mask_tracked(scores, 0.3, hints, sampled_above=bad)
+
+
+def test_ties_ranked_by_position_across_chunks_rows_and_sizes():
+    """The tie ranking (a bitwise search over positions) on rows of several sizes at once,
+    each spanning several 512-entry chunks with ties on both sides of chunk boundaries:
+    every row keeps exactly its count, ties to its first entries, whether its ties are
+    too many (ranked) or all kept, and whatever the other rows need; no cumulative sum."""
+    rng = np.random.default_rng(5)
+    xs = [rng.integers(0, 3, (3, 1500)).astype(np.float32),  # 3 chunks, mass ties
+          np.zeros((2, 700), np.float32),                     # all tied: position alone
+          rng.normal(size=(2, 5)).astype(np.float32)]         # no ties
+    ks = [np.array([0, 1001, 1500]), np.array([699, 513]), np.array([2, 5])]
+    search = jax.jit(lambda xs, ks: topk_search.bitwise_topk(xs, ks)[0])
+    for shift in (0, 1, 17):  # the cut lands on different tied positions
+        counts = [np.clip(k - shift, 0, x.shape[1]).astype(np.int32)
+                  for x, k in zip(xs, ks, strict=True)]
+        masks = search([jnp.asarray(x) for x in xs], [jnp.asarray(k) for k in counts])
+        for x, k, mask in zip(xs, counts, masks, strict=True):
+            for row in range(x.shape[0]):
+                np.testing.assert_array_equal(np.asarray(mask[row]),
+                                              reference_topk(x[row], int(k[row])))
+    hlo = search.lower([jnp.asarray(x) for x in xs], [jnp.asarray(k) for k in ks]).as_text()
+    assert "cumsum" not in hlo and "reduce_window" not in hlo

@@ -259,8 +259,8 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
     reuses the program of an earlier one (its loops and branches, built from fresh
     closures, would otherwise be traced and compiled again on every call)."""
     # Explicitly sharded scores (an ``Explicit`` mesh) are searched replicated: the
-    # strided sample, the sub-row views and the tie ranking (a cumulative sum) reshape or
-    # scan the whole array, which JAX refuses on a sharded type. The masks come back with
+    # strided sample, the sub-row views and the bitwise search's chunks reshape the whole
+    # array, which JAX refuses on a sharded type. The masks come back with
     # the scores' shardings, and are exactly those of the unsharded search.
     shardings = [_explicit_sharding(leaf) for leaf in leaves]
     if any(sharding is not None for sharding in shardings):

@@ -115,52 +115,72 @@ def kth_largest_keys(keys: jax.Array, ranks: jax.Array) -> jax.Array:
 
 
 def masks_at_threshold(x: jax.Array, threshold: jax.Array, k: jax.Array,
-                       segment: np.ndarray | None = None) -> jax.Array:
+                       segment: np.ndarray | None = None,
+                       at_or_above: jax.Array | None = None) -> jax.Array:
     """Masks keeping exactly ``k[s]`` entries of each segment ``s`` of ``x`` (order keys,
     or float32 values, which compare alike), given each segment's exact k-th largest
     value ``threshold[s]``; ties at it go to the segment's first entries.
 
     A segment is one row of ``x`` (``segment=None``), or, with ``segment`` (static, one
     sorted segment index per row), the consecutive rows with one index: the chunks of
-    :func:`bitwise_topk`.
+    :func:`bitwise_topk`. ``at_or_above``, each segment's count of entries at or above
+    its threshold, saves a pass when the caller has it.
+
+    Where more entries tie at a threshold than may be kept, a second bitwise search
+    finds, per segment, the position up to which ties are kept: one counting pass per
+    bit of a position, and none when no segment has such a tie. It is a loop in place
+    of a cumulative sum, which compiles in about 0.25 s on this project's CPU and runs
+    as fast as a few passes (docs/design.md, "Compile time").
     """
+    rows, width = int(x.shape[0]), int(x.shape[1])
     if segment is None:
         def per_segment(per_row: jax.Array) -> jax.Array:
             return per_row
 
         def of_rows(per_segment_values: jax.Array) -> jax.Array:
             return per_segment_values[:, None]
+        start, longest = np.zeros(rows, np.uint32), width
     else:
         def per_segment(per_row: jax.Array) -> jax.Array:
             return _segment_sum(per_row, segment, threshold.shape[0])
 
         def of_rows(per_segment_values: jax.Array) -> jax.Array:
             return per_segment_values[segment][:, None]
+        # Each row's first position in its segment (the chunks of a segment are
+        # consecutive rows).
+        firsts = np.concatenate([[0], np.flatnonzero(np.diff(segment)) + 1])
+        chunk = np.arange(rows) - np.repeat(firsts, np.diff(np.append(firsts, rows)))
+        start, longest = (chunk * width).astype(np.uint32), int(chunk.max() + 1) * width
 
     cut = of_rows(threshold)
-    above, ties = x > cut, x == cut
-    ties_needed = k - per_segment(count(above))
+    if at_or_above is None:
+        at_or_above = per_segment(count(x >= cut))
+    bits = max(1, (longest - 1).bit_length())
+    last = np.uint32(2**bits - 1)
 
-    def keep_first_ties(_: None) -> jax.Array:
-        # jnp.cumsum, not lax.associative_scan: the scan runs 4x faster on CPU but adds
-        # seconds to every compile, for a branch that rarely runs.
-        if segment is None:
-            rank = jnp.cumsum(ties, axis=1, dtype=jnp.int32)
-        else:  # a running count over all chunks, less the count before the segment
-            running = jnp.cumsum(ties.ravel(), dtype=jnp.int32)
-            firsts = np.concatenate([[0], np.flatnonzero(np.diff(segment)) + 1]) * x.shape[1]
-            before = jnp.concatenate([jnp.zeros(1, jnp.int32), running])[firsts]
-            rank = running.reshape(ties.shape) - of_rows(before)
-        return above | (ties & (rank <= of_rows(ties_needed)))
+    def earliness() -> jax.Array:  # larger for earlier entries of a segment
+        iota = lax.broadcasted_iota(jnp.uint32, x.shape, 1)
+        return last - (jnp.asarray(start)[:, None] + iota)
 
-    def keep_all_ties(_: None) -> jax.Array:
-        return above | ties
+    def kept(position_cut: jax.Array) -> jax.Array:
+        return (x > cut) | ((x == cut) & (earliness() >= of_rows(position_cut)))
 
-    # The cumulative sum that ranks ties costs several counting passes, so it runs only
-    # when in some segment more entries tie at the threshold than may be kept.
-    masks = lax.cond(jnp.any(per_segment(count(ties)) > ties_needed), keep_first_ties,
-                     keep_all_ties, None)
-    return masks & of_rows(k > 0)
+    def more_to_rank(carry: tuple[jax.Array, jax.Array]) -> jax.Array:
+        i, _ = carry
+        return (i < bits) & jnp.any(at_or_above > k)
+
+    def body(carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        i, position_cut = carry
+        candidate = position_cut | jnp.left_shift(jnp.uint32(1),
+                                                  (bits - 1 - i).astype(jnp.uint32))
+        reached = per_segment(count(kept(candidate)))
+        return i + 1, jnp.where(reached >= k, candidate, position_cut)
+
+    # The largest earliness cut that still keeps k entries per segment; 0 (every tie
+    # kept) where none is too many, and wherever the loop does not run.
+    start_cut = vary(jnp.zeros(threshold.shape, jnp.uint32), varying_axes(x, k))
+    _, position_cut = lax.while_loop(more_to_rank, body, (jnp.int32(0), start_cut))
+    return kept(position_cut) & of_rows(k > 0)
 
 
 def _segment_sum(per_row: jax.Array, segment: np.ndarray, n_segments: int) -> jax.Array:
@@ -180,7 +200,8 @@ def bitwise_topk(xs: Sequence[jax.Array], ks: Sequence[jax.Array],
     chunks of all rows are the rows of one ``(chunks, width)`` array, and a pass counts
     per chunk and adds the chunk counts per segment (``segment_sum`` over the chunks). So
     one program serves leaves of any number of sizes; 32 passes find each segment's k-th
-    largest key bit by bit, and ties at it go to the segment's first entries.
+    largest key bit by bit, and ties at it go to the segment's first entries
+    (:func:`masks_at_threshold`).
     """
     width = max(1, min(_CHUNK, max(int(x.shape[1]) for x in xs)))
     pieces, segment_of, layout, n_segments = [], [], [], 0
@@ -198,17 +219,23 @@ def bitwise_topk(xs: Sequence[jax.Array], ks: Sequence[jax.Array],
     segment = np.concatenate(segment_of).astype(np.int32)
     k = jnp.concatenate([jnp.reshape(jnp.asarray(k, jnp.int32), (-1,)) for k in ks])
 
-    def body(i: jax.Array, answer: jax.Array) -> jax.Array:
+    def body(i: jax.Array, carry: tuple[jax.Array, jax.Array]
+             ) -> tuple[jax.Array, jax.Array]:
+        answer, at_or_above = carry
         bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
         candidate = answer | bit
         reached = _segment_sum(count(keys >= candidate[segment][:, None]), segment,
                                n_segments)
-        return jnp.where(reached >= k, candidate, answer)
+        accept = reached >= k
+        return jnp.where(accept, candidate, answer), jnp.where(accept, reached, at_or_above)
 
     # Inside ``shard_map`` the carry must vary over the mesh axes the keys vary over.
-    start = vary(jnp.zeros(n_segments, jnp.uint32), varying_axes(keys, k))
-    threshold = lax.fori_loop(0, 32, body, start)
-    chunk_masks = masks_at_threshold(keys, threshold, k, segment)
+    # Every key, pads included, is at or above the first answer, 0.
+    every = np.bincount(segment, minlength=n_segments).astype(np.int32) * width
+    start = vary((jnp.zeros(n_segments, jnp.uint32), jnp.asarray(every)),
+                 varying_axes(keys, k))
+    threshold, at_or_above = lax.fori_loop(0, 32, body, start)
+    chunk_masks = masks_at_threshold(keys, threshold, k, segment, at_or_above)
     masks, cuts, at, row = [], [], 0, 0
     values = key_value(threshold)
     for rows, chunks, n in layout:
