@@ -2,15 +2,14 @@
 the formula against numpy on fixed inputs, the fixed choice of batches, and the harness
 evaluating a gates run with them."""
 
-import os
 import warnings
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from small_mnist import small_mnist
 
 from sparsejax.harness.training.batch_norm import (
     needs_recalibration,
@@ -91,20 +90,17 @@ def test_the_harness_evaluates_gates_on_batch_norm_with_recalibrated_statistics(
     from sparsejax.harness.training.loop import train
     from sparsejax.harness.training.setup import RelaxedBatchNormWarning
 
-    mnist = Path(os.environ.get("SPARSEJAX_MNIST",
-                                Path(__file__).resolve().parents[2] / "shared/data/mnist"))
-    if not mnist.exists():
-        pytest.skip("real MNIST not available")
+    mnist = small_mnist(tmp_path / "mnist")  # real images, 1,000 + 500 of them
 
     config = TrainConfig(method="gates", sparsity=0.5, model="conv2", dataset="mnist",
                          data_dir=str(mnist), batch_size=8, steps=2, progress=False,
-                         tensorboard=False, bn_recalibration_batches=3, out=str(tmp_path),
+                         tensorboard=False, bn_recalibration_batches=3, out=str(tmp_path / "run"),
                          model_options={"norm": "batch", "norm_affine": False, "width": 0.25})
     with warnings.catch_warnings():
         warnings.simplefilter("error", RelaxedBatchNormWarning)
         result = train(config)
     assert result["config"]["bn_recalibration_batches"] == 3
-    finished = restore_run(tmp_path)
+    finished = restore_run(tmp_path / "run")
     run, state = finished.run, finished.state
     params = jax.jit(run.method.effective_params)(state)
     images = recalibration_images(run.dataset.train_images, 3, 8, seed=0)

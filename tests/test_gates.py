@@ -585,23 +585,20 @@ def test_registered_and_options_map_from_the_harness():
     assert state.scores["Dense_0"]["kernel"].shape == (12, 16)
 
 
-def test_the_harness_warns_that_gates_on_batch_norm_report_relaxed_statistics():
+def test_the_harness_warns_that_gates_on_batch_norm_report_relaxed_statistics(tmp_path):
     """With ``bn_recalibration_batches=0`` evaluation uses batch norm's running statistics,
     gathered through the relaxed gates: on a model with batch norm the reported accuracy
     can be far below the mask's (docs/results.md), so the harness says so; not by default
     (it recomputes them, tests/test_batch_norm_recalibration.py), not for Edge-Popup, nor
     without batch norm."""
-    import os
     import warnings
-    from pathlib import Path
+
+    from small_mnist import small_mnist
 
     from sparsejax.harness.training.recipes import resolve_recipe
     from sparsejax.harness.training.setup import RelaxedBatchNormWarning, prepare_run
 
-    mnist = Path(os.environ.get("SPARSEJAX_MNIST",
-                                Path(__file__).resolve().parents[2] / "shared/data/mnist"))
-    if not mnist.exists():
-        pytest.skip("real MNIST not available")
+    mnist = small_mnist(tmp_path / "mnist")  # real images, 1,000 + 500 of them
 
     def config(method, norm, batches=0):  # resolved as `prepare` resolves it
         return resolve_recipe(TrainConfig(
