@@ -73,10 +73,26 @@ def test_the_batches_are_a_fixed_seeded_choice_without_repeats():
 
 
 def test_only_relaxed_methods_on_batch_norm_are_recalibrated():
-    assert needs_recalibration("gates", {"batch_stats": {}})
-    assert not needs_recalibration("edge_popup", {"batch_stats": {}})
-    assert not needs_recalibration("gates", {})
-    assert not needs_recalibration("gates", None)
+    """The methods say whether their training forward pass is relaxed
+    (``Method.relaxed_forward``): of every registered method, only the gates."""
+    import optax
+
+    import sparsejax
+    from sparsejax.methods.registry import METHODS
+
+    needs = {"dense": {}, "rigl": {"sparsity": 0.5, "total_steps": 100},
+             "set": {"sparsity": 0.5, "batches_per_epoch": 10},
+             "snfs": {"sparsity": 0.5, "total_steps": 100, "batches_per_epoch": 10},
+             "gradual_magnitude": {"sparsity": 0.5, "total_steps": 100},
+             "synflow": {"sparsity": 0.5, "apply_fn": lambda params, state, x: x}}
+    relaxed = set()
+    for name in sorted(METHODS):
+        method = sparsejax.get_method(name, optax.sgd(0.1), **needs.get(name, {"sparsity": 0.5}))
+        if needs_recalibration(method, {"batch_stats": {}}):
+            relaxed.add(name)
+        assert not needs_recalibration(method, {})
+        assert not needs_recalibration(method, None)
+    assert relaxed == {"gates"}
 
 
 def test_the_harness_evaluates_gates_on_batch_norm_with_recalibrated_statistics(tmp_path):

@@ -232,6 +232,7 @@ class _MethodFields(NamedTuple):
     masked_params: MaskedParamsFn | None = None
     outside: OutsideLoop | None = None
     dense_weights: bool = False
+    relaxed_forward: bool = False
 
     def params_with_masks(self, state: SparseState, masks: PyTree) -> PyTree:
         """``effective_params(state)`` with ``masks`` as the hard masks.
@@ -279,6 +280,11 @@ class Method(_MethodFields):
         forward pass (``materialize``; the straight-through methods): the pruned entries
         of ``state.params`` keep their trained values. ``False`` (the default): they are
         exactly zero, and ``materialize`` may use the params as they are.
+      relaxed_forward: ``True`` for methods whose training forward pass is not the
+        network they evaluate (the gates' relaxed, noisy gates): what the model gathers
+        in training, such as batch norm's running averages, describes another network
+        (the harness recomputes them, :mod:`sparsejax.harness.training.batch_norm`).
+        ``False`` (the default): training runs the evaluated masks.
 
     Constructing a ``Method`` wraps ``update`` and both ``phases`` so that, while they
     are traced, they check that ``grads`` has the structure and leaf shapes of

@@ -448,6 +448,7 @@ def gates(
         penalty=functools.partial(gate_penalty, settings),
         hard_masks=hard_masks,
         masked_params=_masked_params,
+        relaxed_forward=True,
     )
     return method._replace(outside=OutsideLoop(
         with_trainables=lambda state, scores: state.replace(scores=scores),

@@ -33,19 +33,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.harness.models import apply_model
+from sparsejax.methods.base import Method
 
-__all__ = ["RELAXED_METHODS", "needs_recalibration", "recalibration_images",
-           "recalibrated_batch_stats", "recalibrator"]
-
-RELAXED_METHODS = ("gates",)
-"""Methods whose training forward pass differs from the evaluated network (relaxed
-gates), so batch norm's running averages describe another network."""
+__all__ = ["needs_recalibration", "recalibration_images", "recalibrated_batch_stats",
+           "recalibrator"]
 
 
-def needs_recalibration(method_name: str, model_state: Any) -> bool:
-    """Whether a run of ``method_name`` on a model with this ``model_state`` evaluates
-    with running statistics of another network (a relaxed method on batch norm)."""
-    return method_name in RELAXED_METHODS and "batch_stats" in (model_state or {})
+def needs_recalibration(method: Method, model_state: Any) -> bool:
+    """Whether a run of ``method`` on a model with this ``model_state`` evaluates with
+    running statistics of another network: a method whose training forward pass is
+    relaxed (``Method.relaxed_forward``, the gates) on a model with batch norm."""
+    return method.relaxed_forward and "batch_stats" in (model_state or {})
 
 
 def recalibration_images(train_images: np.ndarray, batches: int, batch_size: int,

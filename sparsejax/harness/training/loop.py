@@ -215,7 +215,7 @@ def _evaluator(run: Run, config: TrainConfig) -> Any:
     binary mask (``config.bn_recalibration_batches``)."""
     eval_step = jax.jit(make_eval_step(run.model))
     effective_params = jax.jit(run.method.effective_params)
-    recalibrate = (needs_recalibration(run.method.name, run.state.model_state)
+    recalibrate = (needs_recalibration(run.method, run.state.model_state)
                    and config.bn_recalibration_batches > 0)
     if recalibrate:  # fixed batches: every evaluation of the run sees the same ones
         images = recalibration_images(run.dataset.train_images,

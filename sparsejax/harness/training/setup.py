@@ -85,7 +85,7 @@ def prepare_run(config: TrainConfig, *, abstract_state: bool = False) -> Run:
     method = build_method(config, optimizer, total_steps=total_steps,
                           batches_per_epoch=batches_per_epoch,
                           apply_fn=model_apply_fn(model))
-    if needs_recalibration(method.name, model_state) and not config.bn_recalibration_batches:
+    if needs_recalibration(method, model_state) and not config.bn_recalibration_batches:
         warnings.warn(RelaxedBatchNormWarning(
             f"--method {method.name} on {config.model}, a model with batch norm, with "
             "--bn-recalibration-batches 0: the running statistics that evaluation uses are "
