@@ -1,4 +1,5 @@
 import jax
+import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -228,8 +229,8 @@ def test_draw_flat_gives_the_numbers_of_the_shaped_draw(partitionable):
 
 @pytest.mark.parametrize("partitionable", [True, False])
 def test_draw_rows_gives_every_row_its_own_keys_draw_from_one_generator(partitionable):
-    """``draw_rows`` draws the rows of every leaf size with one threefry generator (a
-    program that compiles one generator, not one per size); row ``r`` of an entry must
+    """``draw_rows`` draws the rows of every leaf size with JAX's threefry hash written
+    out (no loop, where JAX's vmapped draws hold one per size); row ``r`` of an entry must
     hold exactly what ``uniform(keys[r], (n,))`` draws, for raw and typed keys, with an
     empty entry among them; under JAX's older threefry mode it falls back to one vmapped
     draw per entry, with the same numbers."""
@@ -242,7 +243,9 @@ def test_draw_rows_gives_every_row_its_own_keys_draw_from_one_generator(partitio
         for draw in (UniformDraw(), UniformDraw(1e-6, 1 - 1e-6), UniformDraw(-0.3, 0.3)):
             with jax.threefry_partitionable(partitionable):
                 rows = jax.jit(lambda e, d=draw: draw_rows(d, e, lengths))(entries)
-                for got, ks, n in zip(rows, entries, lengths, strict=True):
+                flat = jax.jit(lambda e, d=draw: draw_rows(d, e, lengths, once=True))(entries)
+                for got, once, ks, n in zip(rows, flat, entries, lengths, strict=True):
+                    np.testing.assert_array_equal(once, got)  # the layout made once
                     want = jax.jit(lambda ks, d=draw, n=n: jax.vmap(
                         lambda k: d(k, (n,)))(ks))(ks)
                     assert got.shape == (len(ks), n)
@@ -250,8 +253,30 @@ def test_draw_rows_gives_every_row_its_own_keys_draw_from_one_generator(partitio
     with jax.threefry_partitionable(partitionable):
         text = jax.jit(lambda e: draw_rows(UniformDraw(), e, lengths)).lower(
             entries).as_text()
-    # one generator for every entry, against one per entry (the empty one's included)
-    assert text.count("call @threefry2x32") == (1 if partitionable else len(entries))
+    # the hash written out (draws.threefry2x32: no loop), against one of JAX's per
+    # entry (the empty one's included), a loop each on CPU
+    assert text.count("call @threefry2x32") == (0 if partitionable else len(entries))
+    assert ("stablehlo.while" in text) == (not partitionable)
+
+
+def test_draw_rows_keeps_no_array_of_its_size_but_a_few():
+    """The one generator is JAX's hash written out (``draws.threefry2x32``, bitwise
+    JAX's: the test above): JAX's CPU loop carried six arrays of the draw's size with a
+    key per draw, and XLA copied them in and out of it (10x the output in temporaries
+    here; ResNet-18's RigL step needed 574 MB of temporaries against 286 MB)."""
+    from sparsejax.methods.draws import UniformDraw, draw_rows, threefry2x32
+
+    keys = jax.random.split(jax.random.PRNGKey(3), 5)
+    entries, lengths = [keys[:2], keys[2:]], [3000, 5000]
+    compiled = jax.jit(lambda e: draw_rows(UniformDraw(), e, lengths)).lower(
+        entries).compile()
+    output_bytes = (2 * 3000 + 3 * 5000) * 4
+    assert compiled.memory_analysis().temp_size_in_bytes <= 3 * output_bytes
+    counts = [jnp.asarray(np.random.default_rng(0).integers(0, 2**32, 64, np.uint64)
+                          .astype(np.uint32)) for _ in range(4)]
+    for got, want in zip(jax.jit(threefry2x32)(*counts),
+                         jax.extend.random.threefry2x32_p.bind(*counts), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_rigl_noise_is_the_same_grouped_or_per_leaf():

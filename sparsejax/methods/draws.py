@@ -14,12 +14,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["NormalDraw", "UniformDraw", "computed_once", "draw_each", "draw_flat", "draw_rows",
-           "draws_per_leaf"]
+__all__ = ["NormalDraw", "ScaledDraw", "UniformDraw", "computed_once", "draw_each", "draw_flat",
+           "draw_rows", "draws_per_leaf", "threefry2x32"]
 
 
 def computed_once(fn: Callable[..., Any], *args: Any) -> Any:
@@ -129,6 +128,60 @@ class NormalDraw:
         return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
 
 
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array,
+                 ) -> tuple[jax.Array, jax.Array]:
+    """JAX's ``threefry2x32`` hash (``jax.extend.random.threefry2x32_p``) of the counts
+    ``(x0, x1)`` under the keys ``(k0, k1)``, elementwise (uint32), written out as its 20
+    rounds. On CPU JAX lowers the primitive to a loop of five trips, which carries every
+    operand through each trip: with a key per draw (:func:`draw_rows`) that is six
+    arrays of the draw's size, and XLA copies them in and out of the loop (a RigL step on
+    8 layers of 256x256 needed 28.7 MB of temporaries against 17.7 MB with a generator
+    per leaf size). Written out, the rounds fuse into one elementwise computation that
+    keeps no array but its result (16.7 MB).
+
+    >>> import jax, jax.numpy as jnp
+    >>> import jax.extend.random
+    >>> args = [jnp.array([1, 7], jnp.uint32)] * 4
+    >>> got, want = threefry2x32(*args), jax.extend.random.threefry2x32_p.bind(*args)
+    >>> bool((got[0] == want[0]).all() and (got[1] == want[1]).all())
+    True
+    """
+    k0, k1, x0, x1 = (jnp.asarray(a).astype(jnp.uint32) for a in (k0, k1, x0, x1))
+    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r)))
+        x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x0, x1
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledDraw:
+    """``scale * draw(key, shape)`` as a draw with ``from_bits`` (``draw``'s, scaled): the
+    gates' noise ``sigma * N(0, 1)``.
+
+    >>> import jax
+    >>> key = jax.random.PRNGKey(0)
+    >>> bool((ScaledDraw(NormalDraw(), 0.5)(key, (3,)) == 0.5 * jax.random.normal(key, (3,))).all())
+    True
+    """
+
+    draw: Any
+    scale: float
+
+    def __call__(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        return self.scale * self.draw(key, shape)
+
+    def from_bits(self, bits: jax.Array) -> jax.Array:
+        """The draws of the uint32 random ``bits``."""
+        return self.scale * self.draw.from_bits(bits)
+
+
 def _threefry_key_data(keys: jax.Array) -> jax.Array | None:
     """``keys`` as ``(rows, 2)`` uint32 threefry keys, or ``None`` if they belong to
     another generator."""
@@ -142,20 +195,27 @@ def _threefry_key_data(keys: jax.Array) -> jax.Array | None:
 
 
 def draw_rows(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
-              keys: Sequence[jax.Array], lengths: Sequence[int]) -> list[jax.Array]:
+              keys: Sequence[jax.Array], lengths: Sequence[int], *,
+              once: bool = False) -> list[jax.Array]:
     """``jax.vmap(lambda k: draw(k, (n,)))(ks)`` for every ``ks, n`` in ``zip(keys,
     lengths)``: an array ``(len(ks), n)`` per entry, row ``r`` drawn from key ``ks[r]``.
 
-    A draw with a ``from_bits`` map (:class:`UniformDraw`) is made for every row of every
-    entry by one threefry generator, each row counting from zero under its own key as
-    JAX's (partitionable, the default) threefry counts a draw of one key: the same
-    numbers, in a program that holds one generator where the vmapped calls hold one per
-    entry, each of which XLA compiles in about 0.2 s on this project's CPU (ResNet-18's
-    twelve kernel sizes: 2.7 s against 0.5 s). It runs about 2x slower than the vmapped
-    calls on CPU (a key per draw, where they carry one per row): the form for draws at
-    mask updates (RigL's tie-breaking noise, SET's random growth), not at every step
-    (:func:`draws_per_leaf`). Any other draw, JAX's older threefry mode or another
-    generator: one vmapped call per entry.
+    A draw with a ``from_bits`` map (:class:`UniformDraw`, :class:`NormalDraw`) hashes
+    each row's counts under the row's key with JAX's threefry written out
+    (:func:`threefry2x32`), as JAX's (partitionable, the default) threefry counts a draw
+    of one key: the same numbers, bit for bit, in one fused computation per entry with
+    no loop. JAX lowers its hash on CPU to a loop that XLA compiles in about 0.2 s per
+    call and that carries every operand through five trips; ResNet-18's kernels drew
+    their uniform numbers in 21 ms against 179 ms vmapped, and compiled in 1.5 s against
+    3.9 s (one core). Computed once (:func:`computed_once`). Any other draw, JAX's older
+    threefry mode or another generator: one vmapped call per entry.
+
+    ``once=True`` (a draw made once, at init: :func:`draw_each`) hashes every row of every
+    entry in one flat computation instead, each draw's key and count computed from its
+    flat index: a program that traces and compiles one hash whatever the number of
+    entries (ResNet-18's Edge-Popup init, two draws of 12 sizes: 4.4-5.3 s against
+    6.3-6.9 s), but runs several times slower (an integer division and a key gather per
+    draw), which a draw made once does not feel.
 
     >>> import jax
     >>> keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -167,7 +227,7 @@ def draw_rows(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
     data = [_threefry_key_data(ks) for ks in keys]
     total = sum(int(k.shape[0]) * n for k, n in zip(keys, lengths, strict=True))
     fused = (hasattr(draw, "from_bits") and jax.config.jax_threefry_partitionable
-             and all(d is not None for d in data) and total < 2**32)
+             and all(d is not None for d in data) and max(lengths, default=0) < 2**32)
     if not fused:
         return [jax.vmap(lambda k, n=n: draw_flat(draw, k, (n,)))(ks)
                 for ks, n in zip(keys, lengths, strict=True)]
@@ -175,10 +235,30 @@ def draw_rows(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
     if not total:
         return [jnp.zeros(shape, jnp.float32) for shape in shapes]
 
-    # One flat draw over an index i: entry e's rows are [start_e, start_e + rows_e * n_e);
-    # the key row and the count of each i are computed from i, so the program holds one
-    # loop over the draws whatever the number of entries (broadcast and concatenated
-    # keys and counts compiled in twice the time).
+    if once:
+        return _draw_rows_flat(draw, data, shapes)
+
+    def generate(*blocks: jax.Array) -> list[jax.Array]:
+        drawn = []
+        for block, (rows, n) in zip(blocks, shapes, strict=True):
+            # JAX's partitionable threefry: entry j of a row of n < 2**32 hashes the
+            # counts (0, j) under the row's key
+            column = jax.lax.broadcasted_iota(jnp.uint32, (rows, n), 1)
+            block = block.astype(jnp.uint32)
+            bits_a, bits_b = threefry2x32(block[:, 0:1], block[:, 1:2],
+                                          jnp.zeros_like(column), column)
+            drawn.append(draw.from_bits(bits_a ^ bits_b))
+        return drawn
+
+    return computed_once(generate, *data)
+
+
+def _draw_rows_flat(draw: Any, data: list[jax.Array], shapes: list[tuple[int, int]],
+                    ) -> list[jax.Array]:
+    """:func:`draw_rows` with ``once=True``: one flat hash over an index ``i``; entry
+    ``e``'s rows are ``[start_e, start_e + rows_e * n_e)``, and the key row and count of
+    each ``i`` are computed from ``i``."""
+    total = sum(rows * n for rows, n in shapes)
     table = jnp.concatenate([d.astype(jnp.uint32) for d in data])
     entries = [(int(start), int(first), n) for start, first, (rows, n) in zip(
         np.cumsum([0] + [rows * n for rows, n in shapes]),
@@ -195,9 +275,8 @@ def draw_rows(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
         at = i - start
         row = at // length
         key = table[first + row]
-        # JAX's partitionable threefry: a row of n < 2**32 counts (0, j) at its entry j
-        bits_a, bits_b = jax.extend.random.threefry2x32_p.bind(
-            key[:, 0], key[:, 1], jnp.zeros_like(at), at - row * length)
+        bits_a, bits_b = threefry2x32(key[:, 0], key[:, 1], jnp.zeros_like(at),
+                                      at - row * length)
         return draw.from_bits(bits_a ^ bits_b)
 
     values = computed_once(generate, table)
@@ -210,13 +289,10 @@ def draws_per_leaf(key: jax.Array, shapes: list[tuple[int, ...]],
                    draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
                    include: list[bool] | None = None) -> list[jax.Array | None]:
     """``draw(split(key, len(shapes))[i], shapes[i])`` for every leaf ``i`` (``None``
-    where ``include[i]`` is False). The leaves of one shape draw in one vmapped call,
-    which gives the same numbers as one call each, so the compiled program holds one
-    random-bits generator per shape rather than one per leaf, each drawn flat
-    (:func:`draw_flat`) and computed once (:func:`computed_once`). This is the form for
-    draws at every step: :func:`draw_rows`'s one generator for every size compiles
-    faster, but runs about 2x slower on CPU (a key per draw where these carry one per
-    row); draws made once, at init, take it (:func:`draw_each`).
+    where ``include[i]`` is False), the same numbers drawn flat (:func:`draw_flat`): a
+    draw with ``from_bits`` (:class:`UniformDraw`, :class:`NormalDraw`) as the rows of
+    :func:`draw_rows`, the leaves of one size as one entry; any other draw in one
+    vmapped call per leaf shape, computed once (:func:`computed_once`).
 
     >>> import jax
     >>> a, b = draws_per_leaf(jax.random.PRNGKey(0), [(3,), (3,)], jax.random.uniform)
@@ -225,11 +301,22 @@ def draws_per_leaf(key: jax.Array, shapes: list[tuple[int, ...]],
     True
     """
     keys = jax.random.split(key, max(len(shapes), 1))
+    draws: list[jax.Array | None] = [None] * len(shapes)
+    if hasattr(draw, "from_bits"):
+        by_size: dict[int, list[int]] = {}
+        for i, shape in enumerate(shapes):
+            if include is None or include[i]:
+                by_size.setdefault(math.prod(shape), []).append(i)
+        rows = draw_rows(draw, [keys[np.asarray(ids)] for ids in by_size.values()],
+                         list(by_size))
+        for ids, drawn in zip(by_size.values(), rows, strict=True):
+            for row, i in enumerate(ids):
+                draws[i] = drawn[row].reshape(shapes[i])
+        return draws
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, shape in enumerate(shapes):
         if include is None or include[i]:
             by_shape.setdefault(tuple(shape), []).append(i)
-    draws: list[jax.Array | None] = [None] * len(shapes)
     for shape, ids in by_shape.items():
         drawn = computed_once(lambda ks, shape=shape: jax.vmap(
             lambda k: draw_flat(draw, k, shape))(ks), keys[jnp.array(ids)])
@@ -266,7 +353,7 @@ def _draw_each(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], keys: li
     groups = list(by_shape.items())
     stacked = jnp.stack(keys)
     rows = draw_rows(draw, [stacked[np.asarray(ids)] for _, ids in groups],
-                     [math.prod(shape) for shape, _ in groups])
+                     [math.prod(shape) for shape, _ in groups], once=True)
     out: list[Any] = [None] * len(keys)
     for (shape, ids), drawn in zip(groups, rows, strict=True):
         for row, i in enumerate(ids):

@@ -18,6 +18,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sparsejax.methods.draws import NormalDraw, ScaledDraw, UniformDraw
+
 __all__ = ["GateForm", "GATE_FORMS", "gaussian_gate", "hard_concrete_gate", "normal_cdf"]
 
 HC_BETA = 2.0 / 3.0
@@ -75,13 +77,10 @@ def gaussian_gate(sigma: float = 0.5, mu_init: float = 0.5) -> GateForm:
         del key
         return jnp.full(shape, mu_init, jnp.float32)
 
-    def noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        return sigma * jax.random.normal(key, shape, jnp.float32)
-
     return GateForm(
         name="gaussian",
         init=init,
-        noise=noise,
+        noise=ScaledDraw(NormalDraw(), sigma),  # sigma * N(0, 1)
         relax=lambda mu, eps: jnp.clip(mu + eps, 0.0, 1.0),
         prob_open=lambda mu: normal_cdf(mu / sigma),
         test_gate=lambda mu: jnp.clip(mu, 0.0, 1.0),
@@ -117,16 +116,13 @@ def hard_concrete_gate(drop_init: float = 0.5, beta: float = HC_BETA, gamma: flo
     def stretch(s: jax.Array) -> jax.Array:
         return jnp.clip(s * (zeta - gamma) + gamma, 0.0, 1.0)
 
-    def noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        return jax.random.uniform(key, shape, jnp.float32, _UNIFORM_EPS, 1.0 - _UNIFORM_EPS)
-
     def relax(log_alpha: jax.Array, u: jax.Array) -> jax.Array:
         return stretch(jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + log_alpha) / beta))
 
     return GateForm(
         name="hard_concrete",
         init=init,
-        noise=noise,
+        noise=UniformDraw(_UNIFORM_EPS, 1.0 - _UNIFORM_EPS),
         relax=relax,
         prob_open=lambda log_alpha: jax.nn.sigmoid(log_alpha - shift),
         test_gate=lambda log_alpha: stretch(jax.nn.sigmoid(log_alpha)),

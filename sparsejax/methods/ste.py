@@ -49,7 +49,7 @@ from sparsejax.methods.base import (
     apply_optimizer,
     named_error,
 )
-from sparsejax.methods.draws import draws_per_leaf
+from sparsejax.methods.draws import UniformDraw, draws_per_leaf
 from sparsejax.methods.phases import branch, scheduled_update
 from sparsejax.methods.pruning_tables import schedule_table
 from sparsejax.methods.registry import register_method
@@ -147,7 +147,7 @@ class _Selection:
             return params  # ranked by |w| inside the search
         leaves, treedef = jax.tree_util.tree_flatten(params)
         key = jax.random.fold_in(jax.random.fold_in(rng, _RANDOM_SALT), step)
-        draws = draws_per_leaf(key, [jnp.shape(p) for p in leaves], jax.random.uniform)
+        draws = draws_per_leaf(key, [jnp.shape(p) for p in leaves], UniformDraw())
         return jax.tree_util.tree_unflatten(treedef, draws)
 
     def masks(self, params: PyTree, rng: jax.Array, step: jax.Array,
