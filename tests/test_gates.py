@@ -614,3 +614,37 @@ def test_the_harness_warns_that_gates_on_batch_norm_report_relaxed_statistics(tm
         prepare_run(config("gates", "batch", batches=40), abstract_state=True)
         prepare_run(config("edge_popup", "batch"), abstract_state=True)
         prepare_run(config("gates", "none"), abstract_state=True)
+
+
+def test_hard_concrete_start_is_jaxs_draw_per_leaf_from_one_generator():
+    """The hard-concrete gates start at ``m + 0.01 N(0, 1)``, leaf ``i`` drawn with
+    ``split(gate_key, leaves)[i]`` exactly as ``jax.random.normal`` draws it; all leaves
+    come from one generator, so the init program's loops do not grow with the leaves."""
+    def build():
+        return get_method("gates", optax.sgd(0.1), sparsity=0.5,
+                                    gate="hard_concrete", drop_init=0.3)
+
+    params = {f"l{i}": {"kernel": jnp.ones((n, 8)), "bias": jnp.zeros(8)}
+              for i, n in enumerate([3, 4, 5])}
+    rng = jax.random.PRNGKey(4)
+    state = jax.jit(build().init)(params, rng)
+    gate_key = jax.random.split(jax.random.fold_in(rng, 0x67617465))[1]
+    leaves = jax.tree_util.tree_leaves(params)
+    keys = jax.random.split(gate_key, len(leaves))
+    mean = math.log((1.0 - 0.3) / 0.3)
+    for key, (path, leaf) in zip(keys, jax.tree_util.tree_flatten_with_path(params)[0],
+                                 strict=True):
+        got = state.scores[path[0].key][path[1].key]
+        if path[1].key == "bias":
+            assert got.shape == (0,)
+            continue
+        want = jax.jit(lambda k, s=leaf.shape: mean + 0.01 * jax.random.normal(
+            k, (math.prod(s),), jnp.float32).reshape(s))(key)
+        np.testing.assert_array_equal(got, want)
+
+    def loops(sizes):
+        tree = {f"l{i}": {"kernel": jnp.ones((n, 8))} for i, n in enumerate(sizes)}
+        compiled = jax.jit(build().init).lower(tree, rng).compile()
+        return compiled.as_text().count(" while(")  # after inlining
+
+    assert loops([3, 4]) == loops([3, 4, 5, 6, 7, 9])

@@ -162,8 +162,9 @@ def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array,
 
 @dataclasses.dataclass(frozen=True)
 class ScaledDraw:
-    """``scale * draw(key, shape)`` as a draw with ``from_bits`` (``draw``'s, scaled): the
-    gates' noise ``sigma * N(0, 1)``.
+    """``shift + scale * draw(key, shape)`` as a draw with ``from_bits`` (``draw``'s, scaled
+    and shifted, in that order, so the numbers are those of the plain expression): the
+    gates' noise ``sigma * N(0, 1)``, the hard-concrete gates' start ``m + 0.01 N(0, 1)``.
 
     >>> import jax
     >>> key = jax.random.PRNGKey(0)
@@ -173,13 +174,18 @@ class ScaledDraw:
 
     draw: Any
     scale: float
+    shift: float = 0.0
 
     def __call__(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        return self.scale * self.draw(key, shape)
+        return self._affine(self.draw(key, shape))
 
     def from_bits(self, bits: jax.Array) -> jax.Array:
         """The draws of the uint32 random ``bits``."""
-        return self.scale * self.draw.from_bits(bits)
+        return self._affine(self.draw.from_bits(bits))
+
+    def _affine(self, x: jax.Array) -> jax.Array:
+        scaled = self.scale * x
+        return scaled if self.shift == 0.0 else self.shift + scaled
 
 
 def _threefry_key_data(keys: jax.Array) -> jax.Array | None:

@@ -110,9 +110,6 @@ def hard_concrete_gate(drop_init: float = 0.5, beta: float = HC_BETA, gamma: flo
     mean = math.log((1.0 - drop_init) / drop_init)
     shift = beta * math.log(-gamma / zeta)
 
-    def init(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        return mean + 0.01 * jax.random.normal(key, shape, jnp.float32)
-
     def stretch(s: jax.Array) -> jax.Array:
         return jnp.clip(s * (zeta - gamma) + gamma, 0.0, 1.0)
 
@@ -121,7 +118,7 @@ def hard_concrete_gate(drop_init: float = 0.5, beta: float = HC_BETA, gamma: flo
 
     return GateForm(
         name="hard_concrete",
-        init=init,
+        init=ScaledDraw(NormalDraw(), 0.01, mean),  # mean + 0.01 * N(0, 1)
         noise=UniformDraw(_UNIFORM_EPS, 1.0 - _UNIFORM_EPS),
         relax=relax,
         prob_open=lambda log_alpha: jax.nn.sigmoid(log_alpha - shift),

@@ -89,7 +89,7 @@ from sparsejax.methods.base import (
     apply_optimizer,
     step_key,
 )
-from sparsejax.methods.draws import draw_flat, draws_per_leaf
+from sparsejax.methods.draws import draw_each, draw_flat, draws_per_leaf
 from sparsejax.methods.gate_forms import (
     GATE_FORMS,
     GateForm,
@@ -225,9 +225,17 @@ def init_gates(settings: GateSettings, optimizer: optax.GradientTransformation,
         warn_empty_layers(density, [path_str(p) for (p, _), f in zip(
             jax.tree_util.tree_flatten_with_path(params)[0], is_gated, strict=True) if f])
     keys = jax.random.split(gate_key, max(len(leaves), 1))
+    if hasattr(form.init, "from_bits"):  # a random start: every leaf from one generator
+        drawn = iter(draw_each(form.init, [k for k, f in zip(keys, is_gated, strict=True) if f],
+                               [jnp.shape(p) for p, f in zip(leaves, is_gated, strict=True)
+                                if f]))
+        starts = [next(drawn) if f else None for f in is_gated]
+    else:
+        starts = [draw_flat(form.init, k, jnp.shape(p)) if f else None
+                  for k, p, f in zip(keys, leaves, is_gated, strict=True)]
     scores = jax.tree_util.tree_unflatten(treedef, [
-        draw_flat(form.init, k, jnp.shape(p)) if f else jnp.zeros((0,), jnp.float32)
-        for k, p, f in zip(keys, leaves, is_gated, strict=True)])
+        start if f else jnp.zeros((0,), jnp.float32)
+        for start, f in zip(starts, is_gated, strict=True)])
     extra = {"lam": jnp.float32(settings.lam)}
     if settings.noise == "pool":
         # twice as many draws as gates: each step reads a window of one draw per gate at a
