@@ -621,8 +621,8 @@ def test_hard_concrete_start_is_jaxs_draw_per_leaf_from_one_generator():
     ``split(gate_key, leaves)[i]`` exactly as ``jax.random.normal`` draws it; all leaves
     come from one generator, so the init program's loops do not grow with the leaves."""
     def build():
-        return get_method("gates", optax.sgd(0.1), sparsity=0.5,
-                                    gate="hard_concrete", drop_init=0.3)
+        return get_method("gates", optax.sgd(0.1), sparsity=0.5, gate="hard_concrete",
+                          drop_init=0.3)
 
     params = {f"l{i}": {"kernel": jnp.ones((n, 8)), "bias": jnp.zeros(8)}
               for i, n in enumerate([3, 4, 5])}

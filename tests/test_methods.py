@@ -304,8 +304,9 @@ def test_an_init_is_one_search_and_one_generator_whatever_the_leaves(name):
     """``select_masks`` ranks every prunable leaf in one search, and the random scores and
     the strong tickets' weights come from one generator: the init program's loops do not
     grow with the number of leaves (ResNet-18's static init held 21 searches and 21
-    generators and compiled in 9-11 s; static's loops were 6 and 14 at 2 and 6 leaves,
-    Edge-Popup's and the gates' 4 and 8)."""
+    generators and compiled in 9-11 s; in the lowered text static's loops were 6 and 14
+    at 2 and 6 leaves; compiled, Edge-Popup's init held 8 and 16 and the gates' 4 and 8
+    while each leaf folded its own key)."""
     def loops(sizes):
         params = {f"l{i}": jnp.ones((n, 8)) for i, n in enumerate(sizes)}
         method = sparsejax.get_method(name, optax.sgd(0.1), sparsity=0.5)

@@ -165,9 +165,11 @@ def masks_at_threshold(x: jax.Array, threshold: jax.Array, k: jax.Array,
     def kept(position_cut: jax.Array) -> jax.Array:
         return (x > cut) | ((x == cut) & (earliness() >= of_rows(position_cut)))
 
+    too_many_ties = jnp.any(at_or_above > k)
+
     def more_to_rank(carry: tuple[jax.Array, jax.Array]) -> jax.Array:
         i, _ = carry
-        return (i < bits) & jnp.any(at_or_above > k)
+        return (i < bits) & too_many_ties
 
     def body(carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         i, position_cut = carry

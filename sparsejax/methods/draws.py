@@ -307,18 +307,9 @@ def draws_per_leaf(key: jax.Array, shapes: list[tuple[int, ...]],
     True
     """
     keys = jax.random.split(key, max(len(shapes), 1))
-    draws: list[jax.Array | None] = [None] * len(shapes)
     if hasattr(draw, "from_bits"):
-        by_size: dict[int, list[int]] = {}
-        for i, shape in enumerate(shapes):
-            if include is None or include[i]:
-                by_size.setdefault(math.prod(shape), []).append(i)
-        rows = draw_rows(draw, [keys[np.asarray(ids)] for ids in by_size.values()],
-                         list(by_size))
-        for ids, drawn in zip(by_size.values(), rows, strict=True):
-            for row, i in enumerate(ids):
-                draws[i] = drawn[row].reshape(shapes[i])
-        return draws
+        return _draw_leaves(draw, keys, shapes, include, once=False)
+    draws: list[jax.Array | None] = [None] * len(shapes)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, shape in enumerate(shapes):
         if include is None or include[i]:
@@ -353,15 +344,21 @@ def _draw_each(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], keys: li
                shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
     """:func:`draw_each`, compiled once per draw and shapes: called eagerly (a method's
     init), its ``lax.cond`` would otherwise be traced and compiled again every call."""
-    by_shape: dict[tuple[int, ...], list[int]] = {}
+    return _draw_leaves(draw, jnp.stack(keys), shapes, None, once=True)
+
+
+def _draw_leaves(draw: Any, keys: jax.Array, shapes: Sequence[tuple[int, ...]],
+                 include: list[bool] | None, once: bool) -> list[Any]:
+    """``draw(keys[i], shapes[i])`` for every leaf ``i`` (``None`` where ``include[i]``
+    is False), the leaves of one size as the rows of one :func:`draw_rows` entry."""
+    by_size: dict[int, list[int]] = {}
     for i, shape in enumerate(shapes):
-        by_shape.setdefault(tuple(shape), []).append(i)
-    groups = list(by_shape.items())
-    stacked = jnp.stack(keys)
-    rows = draw_rows(draw, [stacked[np.asarray(ids)] for _, ids in groups],
-                     [math.prod(shape) for shape, _ in groups], once=True)
-    out: list[Any] = [None] * len(keys)
-    for (shape, ids), drawn in zip(groups, rows, strict=True):
+        if include is None or include[i]:
+            by_size.setdefault(math.prod(shape), []).append(i)
+    rows = draw_rows(draw, [keys[np.asarray(ids)] for ids in by_size.values()],
+                     list(by_size), once=once)
+    out: list[Any] = [None] * len(shapes)
+    for ids, drawn in zip(by_size.values(), rows, strict=True):
         for row, i in enumerate(ids):
-            out[i] = drawn[row].reshape(shape)
+            out[i] = drawn[row].reshape(shapes[i])
     return out

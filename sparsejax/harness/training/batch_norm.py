@@ -106,4 +106,3 @@ def recalibrator(model: Any) -> Callable[[Any, Any, Sequence[Any]], Any]:
             and set(node) == {"mean", "var"})}
 
     return recalibrate
-
