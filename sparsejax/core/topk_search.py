@@ -158,12 +158,18 @@ def masks_at_threshold(x: jax.Array, threshold: jax.Array, k: jax.Array,
     bits = max(1, (longest - 1).bit_length())
     last = np.uint32(2**bits - 1)
 
-    def earliness() -> jax.Array:  # larger for earlier entries of a segment
-        iota = lax.broadcasted_iota(jnp.uint32, x.shape, 1)
-        return last - (jnp.asarray(start)[:, None] + iota)
+    # An entry's earliness, larger for earlier entries of a segment, is ``last - (start
+    # + column)``; ``earliness >= p`` is ``column <= room - p`` with ``room = last -
+    # start`` per row (``p <= room`` first, or the unsigned difference would wrap). Only
+    # the column index is entry-sized: XLA hoists a loop-invariant entry-sized
+    # ``earliness`` out of the loop below into an array of the size of ``x``.
+    room = jnp.asarray(last - start)[:, None]
 
     def kept(position_cut: jax.Array) -> jax.Array:
-        return (x > cut) | ((x == cut) & (earliness() >= of_rows(position_cut)))
+        p = of_rows(position_cut)
+        column = lax.broadcasted_iota(jnp.uint32, x.shape, 1)
+        early = (p <= room) & (column <= room - p)
+        return (x > cut) | ((x == cut) & early)
 
     too_many_ties = jnp.any(at_or_above > k)
 
