@@ -17,6 +17,7 @@
 """
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -46,6 +47,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     atexit.register(shutil.rmtree, _cache, True)
+
+# Python's cyclic garbage collector ran about 21,000 times in a default run and took 33 s of
+# the two workers' CPU time (a `gc.callbacks` timer, session 19): tracing and lowering
+# allocate many small objects, and the workers' heaps hold every program they compiled.
+# A larger first generation runs it about a hundredth as often (0.2 s against 2.5 s on
+# test_gates.py with test_models.py); no test depends on when garbage is collected.
+gc.set_threshold(50_000, 50, 1_000)
 
 
 # The longest test files first, so that with one file per xdist worker at a time (see
