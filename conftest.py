@@ -9,6 +9,7 @@
   compile time of the rest (test_dst, test_gates). What the tests check (masks, counts,
   bitwise resume, parity with hand-worked values) depends on none of them; benchmarks and
   real runs keep XLA's defaults.
+* One folder for generated datasets (``SPARSEJAX_CACHE_DIR``), fresh for the run.
 * One persistent compilation cache for the whole run, in a fresh temporary folder: many
   tests build the same train step again (a run, then its resume; a CLI subprocess after
   another), and XLA compiles each program once instead of each time. pytest-xdist's
@@ -47,6 +48,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     atexit.register(shutil.rmtree, _cache, True)
+
+# Generated datasets (MNIST-1D) are kept in a fresh folder of this run, not the user's
+# ~/.cache/sparsejax: a worker or CLI child reads what another generated, and no run starts
+# from an old file.
+if "SPARSEJAX_CACHE_DIR" not in os.environ:
+    _data_cache = tempfile.mkdtemp(prefix="sparsejax-tests-data-cache-")
+    os.environ["SPARSEJAX_CACHE_DIR"] = _data_cache
+    atexit.register(shutil.rmtree, _data_cache, True)
 
 # Python's cyclic garbage collector ran about 21,000 times in a default run and took 33 s of
 # the two workers' CPU time (a `gc.callbacks` timer, session 19): tracing and lowering

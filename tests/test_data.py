@@ -232,6 +232,7 @@ def test_mnist1d_is_deterministic_offline_and_leaves_global_rngs_alone(mnist1d, 
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("SPARSEJAX_CACHE_DIR", "")  # generated, not read from a kept file
     random.seed(123)
     np.random.seed(123)
     expected_python_draw, expected_numpy_draw = random.random(), np.random.rand()
@@ -245,6 +246,57 @@ def test_mnist1d_is_deterministic_offline_and_leaves_global_rngs_alone(mnist1d, 
     for array, same in zip(mnist1d, again, strict=True):
         np.testing.assert_array_equal(array, same)
     assert not np.array_equal(mnist1d.train_images, other_seed.train_images)
+
+
+def test_mnist1d_is_kept_on_disk_read_back_bitwise_and_damaged_files_are_written_again(
+        tmp_path, monkeypatch, caplog):
+    """The first process generates a seed and keeps it; the next reads it back, bit for
+    bit, without importing mnist1d; a truncated file or one with other shapes is generated
+    again and rewritten; a folder that cannot be written, or no cache, still loads."""
+    from sparsejax.harness.data import mnist1d as module
+
+    monkeypatch.setenv("SPARSEJAX_CACHE_DIR", str(tmp_path / "cache"))
+    module._generated_mnist1d.cache_clear()
+    generated = module.generate_mnist1d(0)  # an empty folder: generated, then kept
+    (kept,) = (tmp_path / "cache").iterdir()
+    assert kept.name.startswith("mnist1d-") and kept.name.endswith("-seed0.npz")
+
+    arrays = [generated.train_images, generated.train_labels, generated.test_images,
+              generated.test_labels]
+    generations = []
+    monkeypatch.setattr(module, "_generate", lambda *a: generations.append(a) or [
+        np.array(x) for x in arrays])
+    monkeypatch.setattr(module, "require", lambda name: generations.append(name))
+
+    def load() -> Dataset:
+        module._generated_mnist1d.cache_clear()
+        return module.generate_mnist1d(0)
+
+    read = load()
+    assert generations == []  # read back: neither the package nor its generator
+    for array, same in zip(arrays, [read.train_images, read.train_labels, read.test_images,
+                                    read.test_labels], strict=True):
+        assert array.dtype == same.dtype and not same.flags.writeable
+        np.testing.assert_array_equal(array, same)
+
+    kept.write_bytes(kept.read_bytes()[:1000])  # a write cut short by a crash
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(load().train_images, generated.train_images)
+    assert len(generations) == 2 and "unreadable" in caplog.text
+    assert module._read(kept) is not None  # written again, whole
+
+    np.savez(kept, x=np.zeros((3, 40, 1), np.float32), y=np.zeros(3, np.int32),
+             x_test=np.zeros((3, 40, 1), np.float32), y_test=np.zeros(3, np.int32))
+    np.testing.assert_array_equal(load().test_labels, generated.test_labels)
+    assert len(generations) == 4 and module._read(kept) is not None
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("SPARSEJAX_CACHE_DIR", str(blocked / "cache"))
+    np.testing.assert_array_equal(load().train_labels, generated.train_labels)
+    monkeypatch.setenv("SPARSEJAX_CACHE_DIR", "")
+    assert module._cache_file(0) is None
+    module._generated_mnist1d.cache_clear()
 
 
 # --------------------------------------------------------------------------- batching
