@@ -23,9 +23,6 @@ from pathlib import Path
 from sparsejax.engine.parallel import initialize_distributed
 
 if __name__ == "__main__":
-    import child_data
-
-    child_data.install()  # MNIST-1D as the test process generated it
     initialize_distributed()  # before anything touches a device
 
 import jax  # noqa: E402

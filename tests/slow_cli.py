@@ -8,8 +8,9 @@ through the environment:
   of ``FILE`` (``metrics.jsonl``, ``config.json`` or ``result.json``): ``PHASE`` ``before``
   the write, ``torn`` after half its bytes, or ``after`` it (for ``result.json`` and
   ``config.json``: once the temporary file is written, before it replaces the old one).
-* ``SPARSEJAX_TEST_MNIST1D=FILE``: MNIST-1D as the test process generated it
-  (tests/child_data.py), instead of generating it again here.
+
+MNIST-1D comes as the test process generated it (``SPARSEJAX_CACHE_DIR``,
+tests/child_data.py).
 """
 
 import os
@@ -18,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import child_data
 from stop_checks import Patched
 
 import sparsejax.harness.training.loop as loop
@@ -85,7 +85,6 @@ def _kill_at(name: str, count: int, phase: str) -> None:
 
 
 if __name__ == "__main__":
-    child_data.install()
     if os.environ.get("SPARSEJAX_TEST_BATCH_DELAY"):
         _delay_batches(float(os.environ["SPARSEJAX_TEST_BATCH_DELAY"]))
     if os.environ.get("SPARSEJAX_TEST_KILL"):
