@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal
+import sys
+from typing import TYPE_CHECKING, Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import sparse
 
 from sparsejax.core._tree import map_with_path
 from sparsejax.core.masks import Prunable, apply_masks, default_prunable
@@ -58,6 +58,9 @@ from sparsejax.core.validation import (
     is_concrete,
 )
 from sparsejax.posttrain.capture import dense_input, is_dense_call
+
+if TYPE_CHECKING:
+    from jax.experimental import sparse
 
 __all__ = [
     "NMPacked",
@@ -144,6 +147,8 @@ def to_bcoo(kernel: jax.Array, mask: jax.Array | None = None, *,
     rows, cols = np.nonzero(kept)
     data = np.asarray(kernel)[rows, cols]
     indices = np.stack([rows, cols], axis=1).astype(np.int32)
+    from jax.experimental import sparse  # on first use: 0.2 s that import sparsejax skips
+
     return sparse.BCOO((jnp.asarray(data), jnp.asarray(indices)), shape=kept.shape,
                        indices_sorted=True, unique_indices=True)
 
@@ -279,7 +284,9 @@ def sparse_matmul(x: jax.Array, kernel: Any, precision: Any = None,
     kernel ``(in, out)`` (``nm_product``: how :func:`nm_matmul` multiplies)."""
     if isinstance(kernel, NMPacked):
         return nm_matmul(x, kernel, precision, nm_product)
-    if isinstance(kernel, sparse.BCOO):
+    if _is_bcoo(kernel):
+        from jax.experimental import sparse
+
         numbers = (((jnp.ndim(x) - 1,), (0,)), ((), ()))
         return sparse.bcoo_dot_general(x, kernel, dimension_numbers=numbers,
                                        precision=precision)
@@ -327,8 +334,15 @@ def export_state(method: Any, state: Any, form: str | Pattern = "bcoo",
                          prunable)
 
 
+def _is_bcoo(leaf: Any) -> bool:
+    """Whether ``leaf`` is a BCOO matrix, without importing ``jax.experimental.sparse``
+    (0.2 s): no leaf can be one before that module is imported."""
+    module = sys.modules.get("jax.experimental.sparse")
+    return module is not None and isinstance(leaf, module.BCOO)
+
+
 def _is_sparse(leaf: Any) -> bool:
-    return isinstance(leaf, (NMPacked, sparse.BCOO))
+    return isinstance(leaf, NMPacked) or _is_bcoo(leaf)
 
 
 def _sparse_dense(nm_product: NMProduct) -> Any:
