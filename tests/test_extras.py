@@ -54,9 +54,13 @@ def test_core_imports_and_trains_without_any_extra():
     assert "core ok" in result.stdout
 
 
-def test_loading_mnist1d_without_the_data_extra_names_it(monkeypatch):
+def test_loading_mnist1d_without_the_data_extra_names_it(monkeypatch, tmp_path):
     from sparsejax.harness.data import load_dataset
+    from sparsejax.harness.data.mnist1d import _generated_mnist1d
 
+    # a seed not generated yet: neither in this process nor kept on disk
+    monkeypatch.setenv("SPARSEJAX_CACHE_DIR", str(tmp_path))
+    _generated_mnist1d.cache_clear()
     monkeypatch.setitem(sys.modules, "mnist1d", None)
     monkeypatch.delitem(sys.modules, "mnist1d.data", raising=False)
     with pytest.raises(ImportError, match=r"sparsejax\[data\]") as info:
