@@ -251,8 +251,9 @@ def test_mnist1d_is_deterministic_offline_and_leaves_global_rngs_alone(mnist1d, 
 def test_mnist1d_is_kept_on_disk_read_back_bitwise_and_damaged_files_are_written_again(
         tmp_path, monkeypatch, caplog):
     """The first process generates a seed and keeps it; the next reads it back, bit for
-    bit, without importing mnist1d; a truncated file or one with other shapes is generated
-    again and rewritten; a folder that cannot be written, or no cache, still loads."""
+    bit, without importing mnist1d; a truncated file, one whose bytes no longer match its
+    digest, or one without a digest is generated again and rewritten; a folder that
+    cannot be written, or no cache, still loads."""
     from sparsejax.harness.data import mnist1d as module
 
     monkeypatch.setenv("SPARSEJAX_CACHE_DIR", str(tmp_path / "cache"))
@@ -285,10 +286,19 @@ def test_mnist1d_is_kept_on_disk_read_back_bitwise_and_damaged_files_are_written
     assert len(generations) == 2 and "unreadable" in caplog.text
     assert module._read(kept) is not None  # written again, whole
 
+    with np.load(kept) as file:  # one signal value changed, the digest kept
+        stored = {name: file[name] for name in file.files}
+    stored["x"] = stored["x"].copy()
+    stored["x"][7, 3, 0] += 1.0
+    np.savez(kept, **stored)
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(load().train_images, generated.train_images)
+    assert len(generations) == 4 and "does not hold what it should" in caplog.text
+
     np.savez(kept, x=np.zeros((3, 40, 1), np.float32), y=np.zeros(3, np.int32),
              x_test=np.zeros((3, 40, 1), np.float32), y_test=np.zeros(3, np.int32))
     np.testing.assert_array_equal(load().test_labels, generated.test_labels)
-    assert len(generations) == 4 and module._read(kept) is not None
+    assert len(generations) == 6 and module._read(kept) is not None
 
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")

@@ -2,20 +2,23 @@
 test examples), once per seed in a process (:func:`generate_mnist1d`), and kept on disk
 for the next process.
 
-Importing ``mnist1d`` (it pulls in matplotlib) and generating its 5000 examples takes
-2-5 s of Python, about half of a warm ``sparsejax train`` start on LeNet-300-100. The
-arrays are written once per seed and ``mnist1d`` version to :func:`cache_dir` (default
+Importing ``mnist1d`` (it pulls in matplotlib) and generating its 5000 examples cost
+1.4-2 s of every ``sparsejax train`` start on LeNet-300-100 (3.2-3.8 s to the first step
+with both caches warm, against 4.6-5.9 s; docs/benchmarks.md). The arrays are written
+once per seed and ``mnist1d`` version to :func:`cache_dir` (default
 ``$XDG_CACHE_HOME/sparsejax``, else ``~/.cache/sparsejax``; the environment variable
-``SPARSEJAX_CACHE_DIR`` names another folder, or turns the cache off when empty), and
-read back from there without importing the package. A file that cannot be read, or
-holds arrays of other shapes or types, is generated and written again; a folder that
-cannot be written only costs the time.
+``SPARSEJAX_CACHE_DIR`` names another folder, or turns the cache off when empty), with
+a SHA-256 digest of their bytes, and read back from there without importing the
+package. A file that cannot be read, whose arrays do not fit together as mnist1d's, or
+whose digest does not match, is generated and written again; a folder that cannot be
+written only costs the time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -35,7 +38,7 @@ __all__ = ["cache_dir", "generate_mnist1d"]
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SPARSEJAX_CACHE_DIR"
-_TRAIN, _TEST, _LENGTH = 4000, 1000, 40  # mnist1d's default split and signal length
+_NAMES = ("x", "y", "x_test", "y_test")
 
 
 def cache_dir() -> Path | None:
@@ -108,28 +111,45 @@ def _cache_file(seed: int) -> Path | None:
     return folder / f"mnist1d-{version}-seed{int(seed)}.npz"
 
 
-_EXPECTED = (("x", np.float32, (_TRAIN, _LENGTH, 1)), ("y", np.int32, (_TRAIN,)),
-             ("x_test", np.float32, (_TEST, _LENGTH, 1)), ("y_test", np.int32, (_TEST,)))
+def _digest(arrays: list[np.ndarray]) -> str:
+    """SHA-256 of the arrays' types, shapes and bytes, in order."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _fit(arrays: list[np.ndarray]) -> bool:
+    """Whether ``(x, y, x_test, y_test)`` fit together as mnist1d's arrays do: float32
+    signals ``(n, length, 1)``, int32 labels ``(n,)`` in ``[0, 10)``."""
+    x, y, x_test, y_test = arrays
+    return (x.dtype == x_test.dtype == np.float32 and y.dtype == y_test.dtype == np.int32
+            and x.ndim == x_test.ndim == 3 and x.shape[2:] == x_test.shape[2:] == (1,)
+            and x.shape[1] == x_test.shape[1] and y.shape == x.shape[:1]
+            and y_test.shape == x_test.shape[:1]
+            and all(((labels >= 0) & (labels < NUM_CLASSES["mnist1d"])).all()
+                    for labels in (y, y_test)))
 
 
 def _read(path: Path) -> list[np.ndarray] | None:
-    """The arrays kept in ``path``, or ``None`` if it is missing, unreadable or holds
-    anything but mnist1d's four arrays of their shapes, types and labels."""
+    """The arrays kept in ``path``, or ``None`` if it is missing, unreadable, not
+    mnist1d's four arrays, or not what its digest says."""
     try:
         with np.load(path, allow_pickle=False) as file:
-            arrays = [file[name] for name, _, _ in _EXPECTED]
+            arrays = [file[name] for name in _NAMES]
+            digest = str(file["sha256"])
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         logger.warning("mnist1d: the cached %s is unreadable (%s); generating it again",
                        path, error)
         return None
-    for array, (name, dtype, shape) in zip(arrays, _EXPECTED, strict=True):
-        if array.dtype != dtype or array.shape != shape or (
-                name.startswith("y") and not ((array >= 0) & (array < 10)).all()):
-            logger.warning("mnist1d: the cached %s holds %s %s as %r; generating it again",
-                           path, array.dtype, array.shape, name)
-            return None
+    if not _fit(arrays) or digest != _digest(arrays):
+        logger.warning("mnist1d: the cached %s does not hold what it should (arrays %s, "
+                       "digest %s); generating it again", path,
+                       [(a.dtype.str, a.shape) for a in arrays], digest[:12])
+        return None
     return arrays
 
 
@@ -144,8 +164,8 @@ def _write(path: Path, arrays: list[np.ndarray]) -> None:
         return
     try:
         with os.fdopen(handle, "wb") as file:
-            np.savez(file, **{name: a for (name, _, _), a in zip(_EXPECTED, arrays,
-                                                                  strict=True)})
+            np.savez(file, sha256=np.array(_digest(arrays)),
+                     **dict(zip(_NAMES, arrays, strict=True)))
         os.replace(temporary, path)
     except OSError as error:
         logger.info("mnist1d: not kept in %s (%s)", path.parent, error)
