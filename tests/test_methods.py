@@ -259,6 +259,26 @@ def test_draw_rows_gives_every_row_its_own_keys_draw_from_one_generator(partitio
     assert ("stablehlo.while" in text) == (not partitionable)
 
 
+def test_draw_rows_made_once_hashes_sizes_apart_from_2_to_the_32_draws(monkeypatch):
+    """The flat layout of a draw made once (``once=True``) counts every draw in one uint32
+    index, which would wrap from 2**32 draws in all and repeat draws; there each size
+    hashes apart. Traced only (``eval_shape``): nothing of that size is allocated."""
+    from sparsejax.methods import draws
+    from sparsejax.methods.draws import UniformDraw
+
+    flat = []
+    real = draws._draw_rows_flat
+    monkeypatch.setattr(draws, "_draw_rows_flat", lambda *a: flat.append(a) or real(*a))
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+
+    def rows(n):
+        return jax.eval_shape(lambda k: draws.draw_rows(UniformDraw(), [k], [n], once=True),
+                              keys)[0].shape
+
+    assert rows(8) == (2, 8) and len(flat) == 1
+    assert rows(2**31) == (2, 2**31) and len(flat) == 1  # 2**32 draws: per size
+
+
 def test_draw_rows_keeps_no_array_of_its_size_but_a_few():
     """The one generator is JAX's hash written out (``draws.threefry2x32``, bitwise
     JAX's: the test above): JAX's CPU loop carried six arrays of the draw's size with a

@@ -221,7 +221,8 @@ def draw_rows(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
     flat index: a program that traces and compiles one hash whatever the number of
     entries (ResNet-18's Edge-Popup init, two draws of 12 sizes: 4.4-5.3 s against
     6.3-6.9 s), but runs several times slower (an integer division and a key gather per
-    draw), which a draw made once does not feel.
+    draw), which a draw made once does not feel. That index is uint32, so from 2**32
+    draws in all (a model of billions of weights) the entries hash apart again.
 
     >>> import jax
     >>> keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -241,7 +242,7 @@ def draw_rows(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
     if not total:
         return [jnp.zeros(shape, jnp.float32) for shape in shapes]
 
-    if once:
+    if once and total < 2**32:  # the flat layout counts every draw in one uint32 index
         return _draw_rows_flat(draw, data, shapes)
 
     def generate(*blocks: jax.Array) -> list[jax.Array]:
