@@ -3,7 +3,7 @@ test examples), once per seed in a process (:func:`generate_mnist1d`), and kept 
 for the next process.
 
 Importing ``mnist1d`` (it pulls in matplotlib) and generating its 5000 examples cost
-1.4-2 s of every ``sparsejax train`` start on LeNet-300-100 (3.2-3.8 s to the first step
+0.8-2.1 s of every ``sparsejax train`` start on LeNet-300-100 (3.2-3.9 s to the first step
 with both caches warm, against 4.6-5.9 s; docs/benchmarks.md). The arrays are written
 once per seed and ``mnist1d`` version to :func:`cache_dir` (default
 ``$XDG_CACHE_HOME/sparsejax``, else ``~/.cache/sparsejax``; the environment variable
