@@ -16,14 +16,13 @@ written only costs the time.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.metadata
+import io
 import logging
 import os
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +31,7 @@ import numpy as np
 
 from sparsejax.harness._extras import require
 from sparsejax.harness.data.dataset import NUM_CLASSES, Dataset
+from sparsejax.io.files import write_atomic
 
 __all__ = ["cache_dir", "generate_mnist1d"]
 
@@ -154,20 +154,12 @@ def _read(path: Path) -> list[np.ndarray] | None:
 
 
 def _write(path: Path, arrays: list[np.ndarray]) -> None:
-    """Keep ``arrays`` in ``path``, written whole or not at all (a temporary file in the
-    same folder, then renamed); a folder that cannot be written is skipped."""
+    """Keep ``arrays`` in ``path``, written whole or not at all (:func:`write_atomic`); a
+    folder that cannot be written is skipped."""
+    buffer = io.BytesIO()
+    np.savez(buffer, sha256=np.array(_digest(arrays)), **dict(zip(_NAMES, arrays, strict=True)))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        write_atomic(path, buffer.getvalue())
     except OSError as error:
         logger.info("mnist1d: not kept in %s (%s)", path.parent, error)
-        return
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, sha256=np.array(_digest(arrays)),
-                     **dict(zip(_NAMES, arrays, strict=True)))
-        os.replace(temporary, path)
-    except OSError as error:
-        logger.info("mnist1d: not kept in %s (%s)", path.parent, error)
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
