@@ -8,10 +8,12 @@ a ``State`` of variables and in its pure-array form (``nnx.as_pure``, ``nnx.to_p
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 KeyPath = tuple[Any, ...]
 
@@ -57,3 +59,35 @@ def leaf_paths(tree: Any) -> list[str]:
 def map_with_path(fn: Callable[[str, Any], Any], tree: Any, *rest: Any) -> Any:
     """``tree_map`` whose function also receives the leaf's slash-separated path."""
     return jax.tree_util.tree_map_with_path(lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest)
+
+
+def split_rows(stacks: list[Any], rows_of: list[list[int]],
+               shapes: list[tuple[int, ...]]) -> list[Any]:
+    """Leaf ``i`` of ``shapes`` from row ``r`` of ``stacks[j]`` where ``rows_of[j][r] ==
+    i`` (each stack holding its leaves flattened, one per row); leaves in no stack are
+    ``None``.
+
+    Called eagerly, a row is taken at a runtime index, by one small program per stack
+    shape and leaf shape: a compiled program that returned the leaves itself would slice
+    each at its own offset, and XLA's CPU backend compiles every such slice as a kernel
+    of its own (about 12 ms each, docs/design.md "Compile time"). Traced, the rows are
+    plain slices of the caller's program.
+
+    >>> import jax.numpy as jnp
+    >>> [x.tolist() for x in split_rows([jnp.arange(6).reshape(2, 3)], [[1, 0]],
+    ...                                 [(3,), (1, 3)])]
+    [[[3, 4, 5]], [0, 1, 2]]
+    """
+    out: list[Any] = [None] * len(shapes)
+    for stack, ids in zip(stacks, rows_of, strict=True):
+        traced = isinstance(stack, jax.core.Tracer)
+        for row, i in enumerate(ids):
+            shape = tuple(shapes[i])
+            out[i] = (stack[row].reshape(shape) if traced
+                      else _row(stack, np.int32(row), shape))
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _row(stack: jax.Array, row: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(stack, row, keepdims=False).reshape(shape)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.core import topk_search
+from sparsejax.core._tree import split_rows
 from sparsejax.core.topk_sampled import sampled_topk
 from sparsejax.core.topk_search import (
     SAMPLE_SIZE,
@@ -241,10 +242,56 @@ def _topk(scores: Any, density: Any, count: Any, scope: str, check_finite_scores
     return jax.tree_util.tree_unflatten(treedef, masks), new_hints
 
 
-@functools.partial(jax.jit, static_argnames=("joint", "by_magnitude", "sampled_above"))
 def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Array | None,
                    joint: bool, by_magnitude: bool,
                    sampled_above: int) -> tuple[list[jax.Array], jax.Array]:
+    """:func:`_topk_groups`, its masks split into leaves (by :func:`split_rows` outside
+    the compiled search: called eagerly, no slice per leaf is compiled)."""
+    shardings = [_explicit_sharding(leaf) for leaf in leaves]
+    shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
+    found, new_hints = _topk_groups(leaves, ks, hints, joint, by_magnitude, sampled_above)
+    if joint:
+        sizes = [math.prod(shape) for shape in shapes]
+        masks = _split_row(found[0], sizes, shapes)
+    else:
+        masks = split_rows(found, _groups([math.prod(shape) for shape in shapes]), shapes)
+    masks = [mask if sharding is None else jax.sharding.reshard(mask, sharding)
+             for mask, sharding in zip(masks, shardings, strict=True)]
+    return masks, new_hints
+
+
+def _groups(sizes: list[int]) -> list[list[int]]:
+    """The leaves searched as the rows of one array: the leaves of one size, stacked. The
+    sampled search (tracked, above ``sampled_above`` entries) compiles once per size; the
+    bitwise search takes every group as segments of one array, and a stack of equally
+    large leaves costs XLA's CPU backend one kernel where each of them as a piece of that
+    array cost a kernel of its own, about 12 ms (docs/design.md, "Compile time")."""
+    by_size: dict[int, list[int]] = {}
+    for i, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(i)
+    return list(by_size.values())
+
+
+def _split_row(row: jax.Array, sizes: list[int], shapes: list[tuple[int, ...]]
+               ) -> list[jax.Array]:
+    """The leaves of a joint search's one row of masks (``(1, sum(sizes))``): slices
+    traced, and eagerly spans taken at runtime offsets (see :func:`split_rows`)."""
+    offsets = np.cumsum([0, *sizes])
+    if isinstance(row, jax.core.Tracer):
+        return [row[0, offsets[i]:offsets[i + 1]].reshape(shape)
+                for i, shape in enumerate(shapes)]
+    return [_span(row, np.int32(offsets[i]), shape) for i, shape in enumerate(shapes)]
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _span(row: jax.Array, offset: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(row[0], offset, math.prod(shape)).reshape(shape)
+
+
+@functools.partial(jax.jit, static_argnames=("joint", "by_magnitude", "sampled_above"))
+def _topk_groups(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Array | None,
+                 joint: bool, by_magnitude: bool,
+                 sampled_above: int) -> tuple[list[jax.Array], jax.Array]:
     """Masks keeping ``ks[i]`` of each leaf (or, ``joint``, ``ks[0]`` of all leaves
     together) and the new hints, ``[cut, how far it moved]`` per group (``(groups, 2)``).
 
@@ -262,8 +309,7 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
     # strided sample, the sub-row views and the bitwise search's chunks reshape the whole
     # array, which JAX refuses on a sharded type. The masks come back with
     # the scores' shardings, and are exactly those of the unsharded search.
-    shardings = [_explicit_sharding(leaf) for leaf in leaves]
-    if any(sharding is not None for sharding in shardings):
+    if any(_explicit_sharding(leaf) is not None for leaf in leaves):
         leaves = [_replicated(leaf) for leaf in leaves]
         ks = [_replicated(k) for k in ks]
         hints = None if hints is None else _replicated(hints)
@@ -274,20 +320,12 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
     sizes = [int(jnp.size(leaf)) for leaf in leaves]
     flat = [jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves]
     # The groups of leaves searched as the rows of one array: all leaves as one row
-    # (joint); else a row per leaf, the leaves of one size stacked where the sampled
-    # search runs (tracked, above sampled_above entries), which compiles once per size.
+    # (joint); else a row per leaf, the leaves of one size stacked (_groups).
     if joint:
         groups = [list(range(len(leaves)))]
         rows, counts = [jnp.concatenate(flat)[None]], [jnp.reshape(ks[0], (1,))]
     else:
-        by_size: dict[int, list[int]] = {}
-        groups = []
-        for i, size in enumerate(sizes):
-            if hints is not None and size > sampled_above:
-                by_size.setdefault(size, []).append(i)
-            else:
-                groups.append([i])
-        groups += list(by_size.values())
+        groups = _groups(sizes)
         rows = [jnp.stack([flat[i] for i in g]) for g in groups]
         counts = [jnp.stack([jnp.asarray(ks[i], jnp.int32) for i in g]) for g in groups]
     sampled = [hints is not None and row.shape[1] > sampled_above for row in rows]
@@ -303,20 +341,12 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
         hint = hints if joint else hints[np.array(groups[j])]
         found[j], cuts[j] = sampled_topk(rows[j], counts[j], hint, view)
         moved[j] = jnp.abs(cuts[j] - hint[:, 0])
-    masks: list[Any] = [None] * len(leaves)
-    offsets = np.cumsum([0, *sizes])
-    for j, group in enumerate(groups):
-        for row, i in enumerate(group):
-            masks[i] = (found[j][0, offsets[i]:offsets[i + 1]] if joint
-                        else found[j][row]).reshape(jnp.shape(leaves[i]))
     new_hints = jnp.concatenate([
         jnp.stack([c, jnp.where(jnp.isfinite(m), m, 0.0)], axis=1)
         for c, m in zip(cuts, moved, strict=True)])
     if not joint:
         new_hints = new_hints[np.argsort(np.concatenate(groups), kind="stable")]
-    masks = [mask if sharding is None else jax.sharding.reshard(mask, sharding)
-             for mask, sharding in zip(masks, shardings, strict=True)]
-    return masks, new_hints
+    return found, new_hints
 
 
 def topk_rows(xs: list[jax.Array], ks: list[jax.Array]) -> list[jax.Array]:

@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.core._tree import split_rows
+
 __all__ = ["NormalDraw", "ScaledDraw", "UniformDraw", "computed_once", "draw_each", "draw_flat",
-           "draw_rows", "draws_per_leaf", "threefry2x32"]
+           "draw_rows", "draw_split", "draws_per_leaf", "threefry2x32"]
 
 
 def computed_once(fn: Callable[..., Any], *args: Any) -> Any:
@@ -337,29 +339,68 @@ def draw_each(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
     """
     if not keys:
         return []
-    return _draw_each(draw, list(keys), tuple(tuple(int(d) for d in s) for s in shapes))
+    shapes = [tuple(int(d) for d in s) for s in shapes]
+    return split_rows(_draw_each(draw, list(keys), tuple(shapes)), _by_size(shapes, None),
+                      shapes)
+
+
+def draw_split(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], key: jax.Array,
+               shapes: list[tuple[int, ...]]) -> list[jax.Array]:
+    """:func:`draw_each` with the keys ``split(key, len(shapes))``, split in the same
+    program as the draws (eagerly, the split and each key taken from it would compile
+    programs of their own on a first call).
+
+    >>> import jax
+    >>> a, b = draw_split(UniformDraw(), jax.random.PRNGKey(0), [(2, 3), (4,)])
+    >>> bool((b == jax.random.uniform(jax.random.split(jax.random.PRNGKey(0))[1],
+    ...                                (4,))).all())
+    True
+    """
+    if not shapes:
+        return []
+    shapes = [tuple(int(d) for d in s) for s in shapes]
+    return split_rows(_draw_split(draw, key, tuple(shapes)), _by_size(shapes, None), shapes)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _draw_each(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], keys: list[jax.Array],
                shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
-    """:func:`draw_each`, compiled once per draw and shapes: called eagerly (a method's
-    init), its ``lax.cond`` would otherwise be traced and compiled again every call."""
-    return _draw_leaves(draw, jnp.stack(keys), shapes, None, once=True)
+    """The rows of :func:`draw_each`, one stack per size, compiled once per draw and
+    shapes: called eagerly (a method's init), its ``lax.cond`` would otherwise be traced
+    and compiled again every call. The leaves are split from the rows outside
+    (:func:`~sparsejax.core._tree.split_rows`: no slice per leaf is compiled)."""
+    return _draw_stacks(draw, jnp.stack(keys), shapes, None, once=True)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _draw_split(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], key: jax.Array,
+                shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
+    """The rows of :func:`draw_split` (as :func:`_draw_each`)."""
+    return _draw_stacks(draw, jax.random.split(key, len(shapes)), shapes, None, once=True)
+
+
+def _by_size(shapes: Sequence[tuple[int, ...]], include: list[bool] | None
+             ) -> list[list[int]]:
+    """The leaves (``include[i]`` True, or all) grouped by size, in order of first use."""
+    by_size: dict[int, list[int]] = {}
+    for i, shape in enumerate(shapes):
+        if include is None or include[i]:
+            by_size.setdefault(math.prod(shape), []).append(i)
+    return list(by_size.values())
+
+
+def _draw_stacks(draw: Any, keys: jax.Array, shapes: Sequence[tuple[int, ...]],
+                 include: list[bool] | None, once: bool) -> list[jax.Array]:
+    """``draw(keys[i], shapes[i])`` for every leaf ``i`` (``include[i]`` True, or all),
+    flattened, the leaves of one size as the rows of one :func:`draw_rows` entry."""
+    groups = _by_size(shapes, include)
+    return draw_rows(draw, [keys[np.asarray(ids)] for ids in groups],
+                     [math.prod(shapes[ids[0]]) for ids in groups], once=once)
 
 
 def _draw_leaves(draw: Any, keys: jax.Array, shapes: Sequence[tuple[int, ...]],
                  include: list[bool] | None, once: bool) -> list[Any]:
     """``draw(keys[i], shapes[i])`` for every leaf ``i`` (``None`` where ``include[i]``
     is False), the leaves of one size as the rows of one :func:`draw_rows` entry."""
-    by_size: dict[int, list[int]] = {}
-    for i, shape in enumerate(shapes):
-        if include is None or include[i]:
-            by_size.setdefault(math.prod(shape), []).append(i)
-    rows = draw_rows(draw, [keys[np.asarray(ids)] for ids in by_size.values()],
-                     list(by_size), once=once)
-    out: list[Any] = [None] * len(shapes)
-    for ids, drawn in zip(by_size.values(), rows, strict=True):
-        for row, i in enumerate(ids):
-            out[i] = drawn[row].reshape(shapes[i])
-    return out
+    return split_rows(_draw_stacks(draw, keys, shapes, include, once),
+                      _by_size(shapes, include), [tuple(s) for s in shapes])

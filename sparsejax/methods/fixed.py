@@ -4,7 +4,6 @@ every "score, then keep the top fraction, then train the survivors" method.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,7 +24,7 @@ from sparsejax.methods.base import (
     named_error,
     params_as_they_are,
 )
-from sparsejax.methods.draws import UniformDraw, draw_each
+from sparsejax.methods.draws import UniformDraw, draw_split
 
 __all__ = ["fixed_mask", "masked_optimizer", "masked_weights_method", "static",
            "random_scores"]
@@ -111,19 +110,12 @@ def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
 
 
 def random_scores(params: Any, rng: jax.Array) -> Any:
-    """Uniform random scores with the structure of ``params`` (one key per leaf)."""
+    """Uniform random scores with the structure of ``params`` (one key per leaf,
+    ``split(rng, leaves)[i]``; one compiled program per set of shapes,
+    :func:`~sparsejax.methods.draws.draw_split`)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    shapes = tuple(tuple(jax.numpy.shape(p)) for p in leaves)
-    return jax.tree_util.tree_unflatten(treedef, _uniform_scores(rng, shapes))
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _uniform_scores(rng: jax.Array, shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
-    """One compiled program per set of shapes (eagerly, each leaf's draw and the key
-    split would compile apart on a first call) holding one random-bits generator for
-    every leaf (:func:`~sparsejax.methods.draws.draw_rows`); the same bits as drawn
-    eagerly with ``split(rng, leaves)[i]``."""
-    return draw_each(UniformDraw(), list(jax.random.split(rng, len(shapes))), list(shapes))
+    shapes = [tuple(jax.numpy.shape(p)) for p in leaves]
+    return jax.tree_util.tree_unflatten(treedef, draw_split(UniformDraw(), rng, shapes))
 
 
 def static(
