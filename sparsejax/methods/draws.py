@@ -326,10 +326,12 @@ def draws_per_leaf(key: jax.Array, shapes: list[tuple[int, ...]],
 
 
 def draw_each(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
-              keys: list[jax.Array], shapes: list[tuple[int, ...]]) -> list[jax.Array]:
+              keys: jax.Array | list[jax.Array], shapes: list[tuple[int, ...]]
+              ) -> list[jax.Array]:
     """``[draw(keys[i], shapes[i]) for i]``, the leaves of every shape drawn by one
     generator (:func:`draw_rows`, for a draw with ``from_bits``): for draws made once, at
-    init, whose program would otherwise hold a generator per leaf.
+    init, whose program would otherwise hold a generator per leaf. ``keys``: a list, or
+    the keys stacked (eagerly, iterating a stacked array compiles a slice per key).
 
     >>> import jax
     >>> keys = [jax.random.PRNGKey(1), jax.random.PRNGKey(2)]
@@ -337,11 +339,11 @@ def draw_each(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
     >>> bool((a == jax.random.uniform(keys[0], (2, 3))).all()), b.shape
     (True, (4,))
     """
-    if not keys:
+    if not len(keys):
         return []
     shapes = [tuple(int(d) for d in s) for s in shapes]
-    return split_rows(_draw_each(draw, list(keys), tuple(shapes)), _by_size(shapes, None),
-                      shapes)
+    keys = keys if isinstance(keys, jax.Array) else jnp.stack(keys)
+    return split_rows(_draw_each(draw, keys, tuple(shapes)), _by_size(shapes, None), shapes)
 
 
 def draw_split(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], key: jax.Array,
@@ -363,13 +365,13 @@ def draw_split(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], key: jax
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
-def _draw_each(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], keys: list[jax.Array],
+def _draw_each(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], keys: jax.Array,
                shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
     """The rows of :func:`draw_each`, one stack per size, compiled once per draw and
     shapes: called eagerly (a method's init), its ``lax.cond`` would otherwise be traced
     and compiled again every call. The leaves are split from the rows outside
     (:func:`~sparsejax.core._tree.split_rows`: no slice per leaf is compiled)."""
-    return _draw_stacks(draw, jnp.stack(keys), shapes, None, once=True)
+    return _draw_stacks(draw, keys, shapes, None, once=True)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

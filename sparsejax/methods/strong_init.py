@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsejax.core._tree import path_str
 from sparsejax.core.masks import Prunable, default_prunable
@@ -71,13 +72,11 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _leaf_keys(rng: jax.Array, n: int) -> list[jax.Array]:
-    """``[fold_in(rng, i) for i in range(n)]``, folded in one vmapped call (the same
-    keys): on CPU each ``fold_in`` is a loop of its own in the compiled init."""
-    if n == 0:
-        return []
-    folded = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(n, dtype=jnp.uint32))
-    return list(folded)
+def _leaf_keys(rng: jax.Array, n: int) -> jax.Array:
+    """``fold_in(rng, i)`` for ``i`` in ``range(n)``, stacked, folded in one vmapped call
+    (the same keys): on CPU each ``fold_in`` is a loop of its own in the compiled init.
+    Stacked, not a list: eagerly, a list of the rows compiles a slice per row."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(n, dtype=jnp.uint32))
 
 
 def init_weights(
@@ -128,7 +127,7 @@ def init_weights(
     keys = _leaf_keys(rng, len(flat))
     redrawn = [i for i, (path, leaf) in enumerate(flat) if prunable(path_str(path), leaf)]
     # one generator for every leaf's normal draw (a program per leaf compiled slowly)
-    normals = dict(zip(redrawn, draw_each(NormalDraw(), [keys[i] for i in redrawn],
+    normals = dict(zip(redrawn, draw_each(NormalDraw(), keys[np.asarray(redrawn, int)],
                                           [jnp.shape(flat[i][1]) for i in redrawn]),
                        strict=True))
     out = []
@@ -171,7 +170,7 @@ def init_scores(params: PyTree, rng: jax.Array,
     keys = _leaf_keys(rng, len(flat))
     scored = [i for i, (path, leaf) in enumerate(flat) if prunable(path_str(path), leaf)]
     # one generator for every leaf: units in [0, 1), scaled per leaf as JAX scales them
-    units = draw_each(UniformDraw(), [keys[i] for i in scored],
+    units = draw_each(UniformDraw(), keys[np.asarray(scored, int)],
                       [jnp.shape(flat[i][1]) for i in scored])
     scores = {}
     for i, unit in zip(scored, units, strict=True):
