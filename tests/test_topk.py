@@ -409,7 +409,8 @@ def _slices(compiled_text: str) -> int:
 
 def test_eager_init_programs_hold_no_slice_per_leaf():
     """The compiled programs of an eager top-k and of the eager random scores return one
-    stack per leaf size, and the leaves are taken from it outside at a runtime index
+    stack per leaf size (of many leaves), and the leaves are taken from it outside at a
+    runtime index
     (``split_rows``): XLA's CPU backend compiles every slice at its own offset as a kernel
     of its own (about 12 ms), so a slice per leaf made the eager init of 32 equal layers
     compile in 3.3 s, against 1.3 s now. The masks and scores are those of the traced
@@ -428,7 +429,9 @@ def test_eager_init_programs_hold_no_slice_per_leaf():
                                         shapes).compile().as_text()
         return _slices(search), _slices(drawn)
 
-    assert programs(2) == programs(12)
+    from sparsejax.core._tree import SPLIT_OUTSIDE  # fewer leaves of a size: sliced inside
+
+    assert programs(SPLIT_OUTSIDE) == programs(3 * SPLIT_OUTSIDE)
     params = {f"d{i}": {"kernel": jax.random.normal(jax.random.PRNGKey(i), (40, 30)),
                         "bias": jnp.zeros(30)} for i in range(6)}
     scores = random_scores(params, jax.random.PRNGKey(7))

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.core import topk_search
-from sparsejax.core._tree import split_rows
+from sparsejax.core._tree import leaves_or_stack, split_rows
 from sparsejax.core.topk_sampled import sampled_topk
 from sparsejax.core.topk_search import (
     SAMPLE_SIZE,
@@ -346,6 +346,8 @@ def _topk_groups(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Array 
         for c, m in zip(cuts, moved, strict=True)])
     if not joint:
         new_hints = new_hints[np.argsort(np.concatenate(groups), kind="stable")]
+        found = [leaves_or_stack(f, g, [jnp.shape(leaf) for leaf in leaves])
+                 for f, g in zip(found, groups, strict=True)]
     return found, new_hints
 
 

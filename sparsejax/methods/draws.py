@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.core._tree import split_rows
+from sparsejax.core._tree import leaves_or_stack, split_rows
 
 __all__ = ["NormalDraw", "ScaledDraw", "UniformDraw", "computed_once", "draw_each", "draw_flat",
            "draw_rows", "draw_split", "draws_per_leaf", "threefry2x32"]
@@ -394,10 +394,13 @@ def _by_size(shapes: Sequence[tuple[int, ...]], include: list[bool] | None
 def _draw_stacks(draw: Any, keys: jax.Array, shapes: Sequence[tuple[int, ...]],
                  include: list[bool] | None, once: bool) -> list[jax.Array]:
     """``draw(keys[i], shapes[i])`` for every leaf ``i`` (``include[i]`` True, or all),
-    flattened, the leaves of one size as the rows of one :func:`draw_rows` entry."""
+    the leaves of one size as the rows of one :func:`draw_rows` entry, returned as
+    :func:`~sparsejax.core._tree.leaves_or_stack` returns them."""
     groups = _by_size(shapes, include)
-    return draw_rows(draw, [keys[np.asarray(ids)] for ids in groups],
+    rows = draw_rows(draw, [keys[np.asarray(ids)] for ids in groups],
                      [math.prod(shapes[ids[0]]) for ids in groups], once=once)
+    return [leaves_or_stack(r, ids, [tuple(s) for s in shapes])
+            for r, ids in zip(rows, groups, strict=True)]
 
 
 def _draw_leaves(draw: Any, keys: jax.Array, shapes: Sequence[tuple[int, ...]],
