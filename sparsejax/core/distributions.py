@@ -305,6 +305,14 @@ def warn_empty_layers(density: float, paths: list[str]) -> None:
         "a density of their own with overrides", EmptyLayersWarning, stacklevel=3)
 
 
+def _all_true(leaf: Any) -> jax.Array:
+    """An all-``True`` mask of ``leaf``'s shape: made on the host eagerly (``jnp.ones``
+    there compiles a program per shape, 17 of them on ResNet-18), a broadcast traced."""
+    if isinstance(leaf, jax.core.Tracer):
+        return jnp.ones(np.shape(leaf), bool)
+    return jnp.asarray(np.ones(np.shape(leaf), bool))
+
+
 def select_masks(
     scores: Any,
     density: float,
@@ -353,8 +361,9 @@ def select_masks(
     counts = kept_counts(scores, density, distribution, prunable=prunable,
                          overrides=overrides)
     leaves, treedef = jax.tree_util.tree_flatten(scores)
-    masks: list[Any] = [jnp.ones(np.shape(leaf), bool) for leaf in leaves]
     ranked = [i for i, count in enumerate(counts.per_leaf) if count is not None]
+    masks: list[Any] = [None if i in ranked else _all_true(leaf)
+                        for i, leaf in enumerate(leaves)]
     if ranked:  # one search for every leaf (one program, not one per leaf)
         chosen = topk_mask([leaves[i] for i in ranked],
                            count=[counts.per_leaf[i] for i in ranked])
