@@ -45,6 +45,11 @@ def masked_optimizer(optimizer: optax.GradientTransformation
     return optax.chain(mask_gradients(), optimizer, keep_pruned_zero())
 
 
+_zero_masked = jax.jit(zero_masked)
+""":func:`zero_masked` as one program for a tree: called eagerly (an init), ``jnp.where``
+compiles a program per leaf shape (17 on ResNet-18)."""
+
+
 def masked_weights_method(name: str, init: Any, update: Any,
                           phases: MaskPhases | None = None) -> Method:
     """A :class:`Method` that trains ``state.params`` under ``state.masks`` and keeps the
@@ -97,7 +102,7 @@ def fixed_mask(optimizer: optax.GradientTransformation, make_masks: MaskFn,
             fresh = context.init_params(jax.random.fold_in(rng, 0x66726573))
             check_same_structure(params, fresh)
             params = fresh
-        params = zero_masked(params, masks)
+        params = _zero_masked(params, masks)
         return SparseState.create(params=params, masks=masks, rng=rng,
                                   opt_state=chained.init(params), model_state=model_state)
 
