@@ -76,7 +76,7 @@ def split_rows(stacks: list[Any], rows_of: list[list[int]],
     >>> import jax.numpy as jnp
     >>> [x.tolist() for x in split_rows([jnp.arange(6).reshape(2, 3)], [[1, 0]],
     ...                                 [(3,), (1, 3)])]
-    [[[3, 4, 5]], [0, 1, 2]]
+    [[3, 4, 5], [[0, 1, 2]]]
     """
     out: list[Any] = [None] * len(shapes)
     for stack, ids in zip(stacks, rows_of, strict=True):
