@@ -394,3 +394,29 @@ def test_eager_init_never_iterates_an_array(name, options, monkeypatch):
     monkeypatch.setattr(array.ArrayImpl, "_unstack", refuse)
     state = method.init(params, jax.random.PRNGKey(1))
     assert int(state.step) == 0
+
+
+def test_traced_per_leaf_draws_are_sliced_once_per_leaf():
+    """Traced, ``draws_per_leaf`` gives each leaf its draw in a buffer of its own: XLA
+    fuses a slice of the stacked draw into every consumer (the gates' forward and
+    backward pass), kernels that differ by their offset and compile one by one (about
+    12 ms each), where consumers of buffers are one kernel per shape. Two consumers of
+    ten equal leaves' noise: ten slices in the program, not twenty; the numbers as
+    drawn eagerly."""
+    from sparsejax.methods.draws import UniformDraw, draws_per_leaf
+
+    shapes = [(16, 16)] * 10
+
+    def use(key, xs):
+        noise = draws_per_leaf(key, shapes, UniformDraw())
+        return [x * n for x, n in zip(xs, noise, strict=True)], [
+            jnp.sin(x) + n for x, n in zip(xs, noise, strict=True)]
+
+    xs = [jnp.full(s, 2.0) for s in shapes]
+    key = jax.random.PRNGKey(3)
+    text = jax.jit(use).lower(key, xs).compile().as_text()
+    assert text.count("f32[1,256]{1,0} slice(") == len(shapes)  # a leaf's row of the draw
+    products, _ = jax.jit(use)(key, xs)
+    for product, eager in zip(products, draws_per_leaf(key, shapes, UniformDraw()),
+                              strict=True):
+        np.testing.assert_array_equal(np.asarray(product), 2.0 * np.asarray(eager))
