@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.core import topk_search
-from sparsejax.core._tree import leaves_or_stack, split_rows
+from sparsejax.core._tree import SPLIT_OUTSIDE, leaves_or_stack, split_rows
 from sparsejax.core.topk_sampled import sampled_topk
 from sparsejax.core.topk_search import (
     SAMPLE_SIZE,
@@ -251,8 +251,8 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
     shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
     found, new_hints = _topk_groups(leaves, ks, hints, joint, by_magnitude, sampled_above)
     if joint:
-        sizes = [math.prod(shape) for shape in shapes]
-        masks = _split_row(found[0], sizes, shapes)
+        row, inside = found
+        masks = _split_row(row, [math.prod(shape) for shape in shapes], shapes, inside)
     else:
         masks = split_rows(found, _groups([math.prod(shape) for shape in shapes]), shapes)
     masks = [mask if sharding is None else jax.sharding.reshard(mask, sharding)
@@ -272,15 +272,25 @@ def _groups(sizes: list[int]) -> list[list[int]]:
     return list(by_size.values())
 
 
-def _split_row(row: jax.Array, sizes: list[int], shapes: list[tuple[int, ...]]
-               ) -> list[jax.Array]:
-    """The leaves of a joint search's one row of masks (``(1, sum(sizes))``): slices
-    traced, and eagerly spans taken at runtime offsets (see :func:`split_rows`)."""
+def _outside(shapes: list[tuple[int, ...]]) -> list[bool]:
+    """Which leaves of a joint search are taken from its row outside its program: those
+    whose shape :data:`~sparsejax.core._tree.SPLIT_OUTSIDE` leaves or more share (one
+    small program per shape, about 70 ms); the others are sliced in the program (about
+    12 ms each)."""
+    return [shapes.count(shape) >= SPLIT_OUTSIDE for shape in shapes]
+
+
+def _split_row(row: jax.Array, sizes: list[int], shapes: list[tuple[int, ...]],
+               inside: list[Any]) -> list[jax.Array]:
+    """The leaves of a joint search's one row of masks (``(1, sum(sizes))``), where its
+    program did not slice them already (``inside[i]``): slices traced, and eagerly spans
+    taken at runtime offsets (see :func:`~sparsejax.core._tree.split_rows`)."""
     offsets = np.cumsum([0, *sizes])
-    if isinstance(row, jax.core.Tracer):
-        return [row[0, offsets[i]:offsets[i + 1]].reshape(shape)
-                for i, shape in enumerate(shapes)]
-    return [_span(row, np.int32(offsets[i]), shape) for i, shape in enumerate(shapes)]
+    traced = isinstance(row, jax.core.Tracer)
+    return [leaf if leaf is not None
+            else row[0, offsets[i]:offsets[i + 1]].reshape(shape) if traced
+            else _span(row, np.int32(offsets[i]), shape)
+            for i, (shape, leaf) in enumerate(zip(shapes, inside, strict=True))]
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -344,11 +354,14 @@ def _topk_groups(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Array 
     new_hints = jnp.concatenate([
         jnp.stack([c, jnp.where(jnp.isfinite(m), m, 0.0)], axis=1)
         for c, m in zip(cuts, moved, strict=True)])
-    if not joint:
-        new_hints = new_hints[np.argsort(np.concatenate(groups), kind="stable")]
-        found = [leaves_or_stack(f, g, [jnp.shape(leaf) for leaf in leaves])
-                 for f, g in zip(found, groups, strict=True)]
-    return found, new_hints
+    shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
+    if joint:  # the row, and the leaves sliced here (None: taken outside)
+        offsets = np.cumsum([0, *sizes])
+        inside = [None if out else found[0][0, offsets[i]:offsets[i + 1]].reshape(shapes[i])
+                  for i, out in enumerate(_outside(shapes))]
+        return [found[0] if any(_outside(shapes)) else None, inside], new_hints
+    new_hints = new_hints[np.argsort(np.concatenate(groups), kind="stable")]
+    return [leaves_or_stack(f, g, shapes) for f, g in zip(found, groups, strict=True)], new_hints
 
 
 def topk_rows(xs: list[jax.Array], ks: list[jax.Array]) -> list[jax.Array]:
