@@ -412,8 +412,8 @@ def _draw_leaves(draw: Any, keys: jax.Array, shapes: Sequence[tuple[int, ...]],
     (:func:`computed_once`): XLA would fuse each leaf's slice into every consumer (the
     gates' forward and backward pass), two kernels per leaf that differ by their offset
     and compile one by one, where the consumers of buffers are the same kernel for
-    every leaf of a shape. The gates' step on 32 layers of 256x256: 2.2 -> 1.7 s of
-    compile, 128 layers 8.5 -> 6.3 s; its step time on LeNet-300-100 unchanged."""
+    every leaf of a shape. The gates' step on 32 layers of 256x256: 2.15 -> 1.65 s of
+    compile, 128 layers 8.6 -> 6.3 s; its step time on LeNet-300-100 unchanged."""
     groups = _by_size(shapes, include)
     shapes = [tuple(s) for s in shapes]
     stacks = _draw_stacks(draw, keys, shapes, include, once)
