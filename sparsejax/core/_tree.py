@@ -13,7 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from sparsejax.core.topk_search import vary, varying_axes
 
 KeyPath = tuple[Any, ...]
 
@@ -71,7 +74,10 @@ def split_rows(stacks: list[Any], rows_of: list[list[int]],
     shape and leaf shape: a compiled program that returned the leaves itself would slice
     each at its own offset, and XLA's CPU backend compiles every such slice as a kernel
     of its own (about 12 ms each, docs/design.md "Compile time"). Traced, the rows are
-    plain slices of the caller's program.
+    slices of the caller's program, each into a buffer of its own (:func:`computed_once`):
+    XLA would fuse a leaf's slice into each of its consumers, kernels that differ by
+    their offset and compile one by one, where consumers of buffers are one kernel per
+    shape.
 
     >>> import jax.numpy as jnp
     >>> [x.tolist() for x in split_rows([jnp.arange(6).reshape(2, 3)], [[1, 0]],
@@ -79,16 +85,29 @@ def split_rows(stacks: list[Any], rows_of: list[list[int]],
     [[3, 4, 5], [[0, 1, 2]]]
     """
     out: list[Any] = [None] * len(shapes)
-    for stack, ids in zip(stacks, rows_of, strict=True):
-        if isinstance(stack, (list, tuple)):
-            for i, leaf in zip(ids, stack, strict=True):
+    sliced = [j for j, stack in enumerate(stacks) if not isinstance(stack, (list, tuple))]
+    for j, stack in enumerate(stacks):
+        if j not in sliced:
+            for i, leaf in zip(rows_of[j], stack, strict=True):
                 out[i] = leaf
-            continue
-        traced = isinstance(stack, jax.core.Tracer)
-        for row, i in enumerate(ids):
-            shape = tuple(shapes[i])
-            out[i] = (stack[row].reshape(shape) if traced
-                      else _row(stack, np.int32(row), shape))
+    traced = [stacks[j] for j in sliced if isinstance(stacks[j], jax.core.Tracer)]
+    if traced and any(explicit_sharding(s) is not None for s in traced):
+        for j in sliced:  # a sharded stack: plain slices (computed_once reads an entry)
+            for row, i in enumerate(rows_of[j]):
+                out[i] = stacks[j][row].reshape(tuple(shapes[i]))
+        return out
+    if traced:
+        def rows(*taken: jax.Array) -> list[jax.Array]:
+            return [stack[row].reshape(tuple(shapes[i])) for j, stack in zip(
+                sliced, taken, strict=True) for row, i in enumerate(rows_of[j])]
+        leaves = iter(computed_once(rows, *[stacks[j] for j in sliced]))
+        for j in sliced:
+            for i in rows_of[j]:
+                out[i] = next(leaves)
+        return out
+    for j in sliced:
+        for row, i in enumerate(rows_of[j]):
+            out[i] = _row(stacks[j], np.int32(row), tuple(shapes[i]))
     return out
 
 
@@ -111,3 +130,53 @@ def leaves_or_stack(stack: Any, ids: list[int], shapes: list[tuple[int, ...]]) -
     if len(ids) >= SPLIT_OUTSIDE:
         return stack
     return [stack[row].reshape(shapes[i]) for row, i in enumerate(ids)]
+
+
+def computed_once(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, computed into a buffer of its own in a compiled program: run as
+    ``lax.cond(p, fn, zeros, *args)`` on a predicate ``p`` that is always true but that
+    XLA cannot fold (``(b | 1) != 0`` for a bit ``b`` of the first argument). XLA fuses a
+    cheap elementwise producer into each of its consumers; where one value (a random
+    draw, a mean over every layer) feeds a fused loop per layer, its code is copied into
+    every one of them and the program grows with the number of layers, or with its
+    square. ``jax.lax.optimization_barrier`` does not stop this on CPU (XLA removes it
+    before fusing). The result is ``fn(*args)`` bit for bit: the other branch (zeros)
+    never runs, and a compiler that folded ``p`` would keep ``fn``. (With ``fn`` in both
+    branches, as this was first written, XLA compiled ``fn`` twice.) Under ``vmap`` with
+    a batched first argument the ``cond`` becomes a select of ``fn``'s result and zeros.
+    With no non-empty array in ``args``, ``fn`` is called as it is.
+
+    >>> import jax.numpy as jnp
+    >>> float(computed_once(lambda x: x.sum(), jnp.arange(4.0)))
+    6.0
+    """
+    sized = [leaf for leaf in jax.tree_util.tree_leaves(args) if jnp.size(leaf) > 0]
+    if not sized:
+        return fn(*args)
+    first = sized[0]
+    if jax.dtypes.issubdtype(first.dtype, jax.dtypes.prng_key):
+        first = jax.random.key_data(first)
+    bit = jnp.ravel(first)[0]
+    if jnp.issubdtype(bit.dtype, jnp.floating):
+        bit = jax.lax.bitcast_convert_type(bit.astype(jnp.float32), jnp.uint32)
+    shapes = jax.eval_shape(fn, *args)
+
+    axes = varying_axes(args)
+
+    def zeros(*_: Any) -> Any:
+        # Inside shard_map the zeros vary over the mesh axes the arguments (so fn's
+        # result) vary over.
+        return jax.tree_util.tree_map(lambda s: vary(jnp.zeros(s.shape, s.dtype), axes),
+                                      shapes)
+
+    return jax.lax.cond((bit.astype(jnp.uint32) | jnp.uint32(1)) != 0, fn, zeros, *args)
+
+
+def explicit_sharding(x: Any) -> Any:
+    """The sharding in the type of ``x`` when it shards some axis explicitly (under
+    ``jit``, on an ``Explicit`` mesh), else ``None``."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(p is None for p in spec):
+        return None
+    return sharding

@@ -26,7 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.core import topk_search
-from sparsejax.core._tree import SPLIT_OUTSIDE, leaves_or_stack, split_rows
+from sparsejax.core._tree import (
+    SPLIT_OUTSIDE,
+    leaves_or_stack,
+    split_rows,
+)
+from sparsejax.core._tree import (
+    explicit_sharding as _explicit_sharding,
+)
 from sparsejax.core.topk_sampled import sampled_topk
 from sparsejax.core.topk_search import (
     SAMPLE_SIZE,
@@ -56,16 +63,6 @@ def num_kept(density: Any, size: int) -> Any:
         return int(min(size, max(0, math.floor(float(density) * size + 0.5))))
     k = jnp.floor(jnp.asarray(density, jnp.float32) * size + 0.5)
     return jnp.clip(k, 0, size).astype(jnp.int32)
-
-
-def _explicit_sharding(x: Any) -> Any:
-    """The sharding in the type of ``x`` when it shards some axis explicitly (under
-    ``jit``, on an ``Explicit`` mesh), else ``None``."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if spec is None or all(p is None for p in spec):
-        return None
-    return sharding
 
 
 def _replicated(x: Any) -> Any:
@@ -249,7 +246,12 @@ def _topk_compiled(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Arra
     the compiled search: called eagerly, no slice per leaf is compiled)."""
     shardings = [_explicit_sharding(leaf) for leaf in leaves]
     shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
-    found, new_hints = _topk_groups(leaves, ks, hints, joint, by_magnitude, sampled_above)
+    # Traced, every stack comes back whole and split_rows takes each leaf into a buffer
+    # of its own; eagerly, stacks of few leaves are sliced in the program.
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(
+        (leaves, ks, hints)))
+    found, new_hints = _topk_groups(leaves, ks, hints, joint, by_magnitude, sampled_above,
+                                    split_inside=not traced)
     if joint:
         row, inside = found
         masks = _split_row(row, [math.prod(shape) for shape in shapes], shapes, inside)
@@ -298,10 +300,11 @@ def _span(row: jax.Array, offset: jax.Array, shape: tuple[int, ...]) -> jax.Arra
     return jax.lax.dynamic_slice_in_dim(row[0], offset, math.prod(shape)).reshape(shape)
 
 
-@functools.partial(jax.jit, static_argnames=("joint", "by_magnitude", "sampled_above"))
+@functools.partial(jax.jit, static_argnames=("joint", "by_magnitude", "sampled_above",
+                                             "split_inside"))
 def _topk_groups(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Array | None,
-                 joint: bool, by_magnitude: bool,
-                 sampled_above: int) -> tuple[list[jax.Array], jax.Array]:
+                 joint: bool, by_magnitude: bool, sampled_above: int,
+                 split_inside: bool = True) -> tuple[list[jax.Array], jax.Array]:
     """Masks keeping ``ks[i]`` of each leaf (or, ``joint``, ``ks[0]`` of all leaves
     together) and the new hints, ``[cut, how far it moved]`` per group (``(groups, 2)``).
 
@@ -361,6 +364,8 @@ def _topk_groups(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Array 
                   for i, out in enumerate(_outside(shapes))]
         return [found[0] if any(_outside(shapes)) else None, inside], new_hints
     new_hints = new_hints[np.argsort(np.concatenate(groups), kind="stable")]
+    if not split_inside:
+        return found, new_hints
     return [leaves_or_stack(f, g, shapes) for f, g in zip(found, groups, strict=True)], new_hints
 
 

@@ -17,45 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.core._tree import leaves_or_stack, split_rows
+from sparsejax.core._tree import computed_once, leaves_or_stack, split_rows
 
 __all__ = ["NormalDraw", "ScaledDraw", "UniformDraw", "computed_once", "draw_each", "draw_flat",
            "draw_rows", "draw_split", "draws_per_leaf", "threefry2x32"]
-
-
-def computed_once(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)``, computed into a buffer of its own in a compiled program: run as
-    ``lax.cond(p, fn, zeros, *args)`` on a predicate ``p`` that is always true but that
-    XLA cannot fold (``(b | 1) != 0`` for a bit ``b`` of the first argument). XLA fuses a
-    cheap elementwise producer into each of its consumers; where one value (a random
-    draw, a mean over every layer) feeds a fused loop per layer, its code is copied into
-    every one of them and the program grows with the number of layers, or with its
-    square. ``jax.lax.optimization_barrier`` does not stop this on CPU (XLA removes it
-    before fusing). The result is ``fn(*args)`` bit for bit: the other branch (zeros)
-    never runs, and a compiler that folded ``p`` would keep ``fn``. (With ``fn`` in both
-    branches, as this was first written, XLA compiled ``fn`` twice.) Under ``vmap`` with
-    a batched first argument the ``cond`` becomes a select of ``fn``'s result and zeros.
-    With no non-empty array in ``args``, ``fn`` is called as it is.
-
-    >>> import jax.numpy as jnp
-    >>> float(computed_once(lambda x: x.sum(), jnp.arange(4.0)))
-    6.0
-    """
-    sized = [leaf for leaf in jax.tree_util.tree_leaves(args) if jnp.size(leaf) > 0]
-    if not sized:
-        return fn(*args)
-    first = sized[0]
-    if jax.dtypes.issubdtype(first.dtype, jax.dtypes.prng_key):
-        first = jax.random.key_data(first)
-    bit = jnp.ravel(first)[0]
-    if jnp.issubdtype(bit.dtype, jnp.floating):
-        bit = jax.lax.bitcast_convert_type(bit.astype(jnp.float32), jnp.uint32)
-    shapes = jax.eval_shape(fn, *args)
-
-    def zeros(*_: Any) -> Any:
-        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-    return jax.lax.cond((bit.astype(jnp.uint32) | jnp.uint32(1)) != 0, fn, zeros, *args)
 
 
 def draw_flat(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], key: jax.Array,
@@ -406,17 +371,10 @@ def _draw_stacks(draw: Any, keys: jax.Array, shapes: Sequence[tuple[int, ...]],
 def _draw_leaves(draw: Any, keys: jax.Array, shapes: Sequence[tuple[int, ...]],
                  include: list[bool] | None, once: bool) -> list[Any]:
     """``draw(keys[i], shapes[i])`` for every leaf ``i`` (``None`` where ``include[i]``
-    is False), the leaves of one size as the rows of one :func:`draw_rows` entry.
-
-    Traced, the leaves are taken from their stacks into buffers of their own
-    (:func:`computed_once`): XLA would fuse each leaf's slice into every consumer (the
-    gates' forward and backward pass), two kernels per leaf that differ by their offset
-    and compile one by one, where the consumers of buffers are the same kernel for
-    every leaf of a shape. The gates' step on 32 layers of 256x256: 2.15 -> 1.65 s of
-    compile, 128 layers 8.6 -> 6.3 s; its step time on LeNet-300-100 unchanged."""
-    groups = _by_size(shapes, include)
+    is False), the leaves of one size as the rows of one :func:`draw_rows` entry, taken
+    out by :func:`~sparsejax.core._tree.split_rows` (traced: each into a buffer of its
+    own, which took the gates' step on 32 layers of 256x256 from 2.15 to 1.65 s of
+    compile, 128 layers 8.6 -> 6.3 s, its step time on LeNet-300-100 unchanged)."""
     shapes = [tuple(s) for s in shapes]
-    stacks = _draw_stacks(draw, keys, shapes, include, once)
-    if not any(isinstance(s, jax.core.Tracer) for s in jax.tree_util.tree_leaves(stacks)):
-        return split_rows(stacks, groups, shapes)
-    return computed_once(lambda *stacks: split_rows(list(stacks), groups, shapes), *stacks)
+    return split_rows(_draw_stacks(draw, keys, shapes, include, once),
+                      _by_size(shapes, include), shapes)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.core._tree import split_rows
 from sparsejax.methods.draws import UniformDraw, draw_rows, draws_per_leaf
 
 __all__ = [
@@ -81,11 +82,8 @@ class Signals(NamedTuple):
                 shapes: list[tuple[int, ...]]) -> list[jax.Array]:
         """Per-leaf arrays of ``shapes`` (leaf order) from the rows of grouped
         ``entries`` (one per entry of these grouped signals)."""
-        leaves: list[Any] = [None] * len(shapes)
-        for ids, group in zip(self.rows, entries, strict=True):
-            for row, i in enumerate(ids):
-                leaves[i] = group[row].reshape(shapes[i])
-        return leaves
+        return split_rows(list(entries), [list(ids) for ids in self.rows],
+                          [tuple(s) for s in shapes])
 
     def per_entry(self, vector: jax.Array) -> list[jax.Array]:
         """A leaf-order vector split as the entries: one value per entry, or, grouped, a
