@@ -420,3 +420,29 @@ def test_traced_per_leaf_draws_are_sliced_once_per_leaf():
     for product, eager in zip(products, draws_per_leaf(key, shapes, UniformDraw()),
                               strict=True):
         np.testing.assert_array_equal(np.asarray(product), 2.0 * np.asarray(eager))
+
+
+def test_the_regrow_engine_takes_each_new_mask_out_of_its_stack_once():
+    """The prune-and-regrow engine decides on stacked rows and ungroups the new masks
+    through ``split_rows``: traced, one slice per leaf into a buffer of its own, not a
+    slice fused into each of the mask's consumers (RigL's step on 128 layers compiled
+    in 8.7 s that way, 6.7 s now)."""
+    from sparsejax.methods.dst_rules import Signals
+
+    shapes = [(16, 16)] * 10
+    signals = Signals([jnp.ones(s) for s in shapes], None, None, None, None,
+                      rows=(tuple(range(10)),))
+
+    def use(stacked, xs):
+        masks = signals.ungroup([stacked > 0.5], shapes)
+        return [jnp.where(m, x, 0.0) for m, x in zip(masks, xs, strict=True)], [
+            m & (x > 1) for m, x in zip(masks, xs, strict=True)]
+
+    stacked = jax.random.uniform(jax.random.PRNGKey(0), (10, 256))
+    xs = [jnp.full(s, 2.0) for s in shapes]
+    text = jax.jit(use).lower(stacked, xs).compile().as_text()
+    assert text.count("pred[1,256]{1,0} slice(") == len(shapes)
+    kept, _ = jax.jit(use)(stacked, xs)
+    for row, leaf in enumerate(kept):
+        np.testing.assert_array_equal(np.asarray(leaf).ravel(),
+                                      np.where(np.asarray(stacked[row]) > 0.5, 2.0, 0.0))
