@@ -402,10 +402,10 @@ def test_traced_per_leaf_draws_are_sliced_once_per_leaf():
     backward pass), kernels that differ by their offset and compile one by one (about
     12 ms each), where consumers of buffers are one kernel per shape. Two consumers of
     ten equal leaves' noise: ten slices in the program, not twenty; the numbers as
-    drawn eagerly."""
+    drawn eagerly. A size of few leaves (3) too: those are not sliced in the draw."""
     from sparsejax.methods.draws import UniformDraw, draws_per_leaf
 
-    shapes = [(16, 16)] * 10
+    shapes = [(16, 16)] * 10 + [(8, 8)] * 3
 
     def use(key, xs):
         noise = draws_per_leaf(key, shapes, UniformDraw())
@@ -415,7 +415,8 @@ def test_traced_per_leaf_draws_are_sliced_once_per_leaf():
     xs = [jnp.full(s, 2.0) for s in shapes]
     key = jax.random.PRNGKey(3)
     text = jax.jit(use).lower(key, xs).compile().as_text()
-    assert text.count("f32[1,256]{1,0} slice(") == len(shapes)  # a leaf's row of the draw
+    assert text.count("f32[1,256]{1,0} slice(") == 10  # a leaf's row of the draw
+    assert text.count("f32[1,64]{1,0} slice(") == 3
     products, _ = jax.jit(use)(key, xs)
     for product, eager in zip(products, draws_per_leaf(key, shapes, UniformDraw()),
                               strict=True):

@@ -85,29 +85,28 @@ def split_rows(stacks: list[Any], rows_of: list[list[int]],
     [[3, 4, 5], [[0, 1, 2]]]
     """
     out: list[Any] = [None] * len(shapes)
-    sliced = [j for j, stack in enumerate(stacks) if not isinstance(stack, (list, tuple))]
-    for j, stack in enumerate(stacks):
-        if j not in sliced:
-            for i, leaf in zip(rows_of[j], stack, strict=True):
+    whole = []  # the stacks still to split, with their leaves' ids
+    for stack, ids in zip(stacks, rows_of, strict=True):
+        if isinstance(stack, (list, tuple)):
+            for i, leaf in zip(ids, stack, strict=True):
                 out[i] = leaf
-    traced = [stacks[j] for j in sliced if isinstance(stacks[j], jax.core.Tracer)]
-    if traced and any(explicit_sharding(s) is not None for s in traced):
-        for j in sliced:  # a sharded stack: plain slices (computed_once reads an entry)
-            for row, i in enumerate(rows_of[j]):
-                out[i] = stacks[j][row].reshape(tuple(shapes[i]))
-        return out
-    if traced:
-        def rows(*taken: jax.Array) -> list[jax.Array]:
-            return [stack[row].reshape(tuple(shapes[i])) for j, stack in zip(
-                sliced, taken, strict=True) for row, i in enumerate(rows_of[j])]
-        leaves = iter(computed_once(rows, *[stacks[j] for j in sliced]))
-        for j in sliced:
-            for i in rows_of[j]:
-                out[i] = next(leaves)
-        return out
-    for j in sliced:
-        for row, i in enumerate(rows_of[j]):
-            out[i] = _row(stacks[j], np.int32(row), tuple(shapes[i]))
+        else:
+            whole.append((stack, ids))
+
+    def rows(*taken: jax.Array) -> list[jax.Array]:
+        return [stack[row].reshape(tuple(shapes[i])) for stack, (_, ids) in zip(
+            taken, whole, strict=True) for row, i in enumerate(ids)]
+
+    taken = [stack for stack, _ in whole]
+    if not any(isinstance(stack, jax.core.Tracer) for stack in taken):
+        leaves = [_row(stack, np.int32(row), tuple(shapes[i]))
+                  for stack, ids in whole for row, i in enumerate(ids)]
+    elif any(explicit_sharding(stack) is not None for stack in taken):
+        leaves = rows(*taken)  # computed_once reads an entry, which a sharded type refuses
+    else:
+        leaves = computed_once(rows, *taken)
+    for i, leaf in zip([i for _, ids in whole for i in ids], leaves, strict=True):
+        out[i] = leaf
     return out
 
 

@@ -362,8 +362,8 @@ def select_masks(
                          overrides=overrides)
     leaves, treedef = jax.tree_util.tree_flatten(scores)
     ranked = [i for i, count in enumerate(counts.per_leaf) if count is not None]
-    masks: list[Any] = [None if i in ranked else _all_true(leaf)
-                        for i, leaf in enumerate(leaves)]
+    masks: list[Any] = [None if count is not None else _all_true(leaf)
+                        for leaf, count in zip(leaves, counts.per_leaf, strict=True)]
     if ranked:  # one search for every leaf (one program, not one per leaf)
         chosen = topk_mask([leaves[i] for i in ranked],
                            count=[counts.per_leaf[i] for i in ranked])

@@ -359,10 +359,10 @@ def _topk_groups(leaves: list[jax.Array], ks: list[jax.Array], hints: jax.Array 
         for c, m in zip(cuts, moved, strict=True)])
     shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
     if joint:  # the row, and the leaves sliced here (None: taken outside)
-        offsets = np.cumsum([0, *sizes])
+        offsets, outside = np.cumsum([0, *sizes]), _outside(shapes)
         inside = [None if out else found[0][0, offsets[i]:offsets[i + 1]].reshape(shapes[i])
-                  for i, out in enumerate(_outside(shapes))]
-        return [found[0] if any(_outside(shapes)) else None, inside], new_hints
+                  for i, out in enumerate(outside)]
+        return [found[0] if any(outside) else None, inside], new_hints
     new_hints = new_hints[np.argsort(np.concatenate(groups), kind="stable")]
     if not split_inside:
         return found, new_hints

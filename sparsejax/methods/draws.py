@@ -277,17 +277,14 @@ def draws_per_leaf(key: jax.Array, shapes: list[tuple[int, ...]],
     keys = jax.random.split(key, max(len(shapes), 1))
     if hasattr(draw, "from_bits"):
         return _draw_leaves(draw, keys, shapes, include, once=False)
-    draws: list[jax.Array | None] = [None] * len(shapes)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, shape in enumerate(shapes):
         if include is None or include[i]:
             by_shape.setdefault(tuple(shape), []).append(i)
-    for shape, ids in by_shape.items():
-        drawn = computed_once(lambda ks, shape=shape: jax.vmap(
-            lambda k: draw_flat(draw, k, shape))(ks), keys[jnp.array(ids)])
-        for row, i in enumerate(ids):
-            draws[i] = drawn[row]
-    return draws
+    drawn = [computed_once(lambda ks, shape=shape: jax.vmap(
+        lambda k: draw_flat(draw, k, shape))(ks), keys[jnp.array(ids)])
+        for shape, ids in by_shape.items()]
+    return split_rows(drawn, list(by_shape.values()), [tuple(s) for s in shapes])
 
 
 def draw_each(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array],
@@ -336,14 +333,15 @@ def _draw_each(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], keys: ja
     shapes: called eagerly (a method's init), its ``lax.cond`` would otherwise be traced
     and compiled again every call. The leaves are split from the rows outside
     (:func:`~sparsejax.core._tree.split_rows`: no slice per leaf is compiled)."""
-    return _draw_stacks(draw, keys, shapes, None, once=True)
+    return _draw_stacks(draw, keys, shapes, None, once=True, split_inside=True)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _draw_split(draw: Callable[[jax.Array, tuple[int, ...]], jax.Array], key: jax.Array,
                 shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
     """The rows of :func:`draw_split` (as :func:`_draw_each`)."""
-    return _draw_stacks(draw, jax.random.split(key, len(shapes)), shapes, None, once=True)
+    return _draw_stacks(draw, jax.random.split(key, len(shapes)), shapes, None, once=True,
+                        split_inside=True)
 
 
 def _by_size(shapes: Sequence[tuple[int, ...]], include: list[bool] | None
@@ -357,13 +355,17 @@ def _by_size(shapes: Sequence[tuple[int, ...]], include: list[bool] | None
 
 
 def _draw_stacks(draw: Any, keys: jax.Array, shapes: Sequence[tuple[int, ...]],
-                 include: list[bool] | None, once: bool) -> list[jax.Array]:
+                 include: list[bool] | None, once: bool,
+                 split_inside: bool = False) -> list[Any]:
     """``draw(keys[i], shapes[i])`` for every leaf ``i`` (``include[i]`` True, or all),
-    the leaves of one size as the rows of one :func:`draw_rows` entry, returned as
+    the leaves of one size as the rows of one :func:`draw_rows` entry; with
+    ``split_inside`` (a program called eagerly) returned as
     :func:`~sparsejax.core._tree.leaves_or_stack` returns them."""
     groups = _by_size(shapes, include)
     rows = draw_rows(draw, [keys[np.asarray(ids)] for ids in groups],
                      [math.prod(shapes[ids[0]]) for ids in groups], once=once)
+    if not split_inside:
+        return rows
     return [leaves_or_stack(r, ids, [tuple(s) for s in shapes])
             for r, ids in zip(rows, groups, strict=True)]
 
